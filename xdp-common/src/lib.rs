@@ -1,0 +1,288 @@
+//! The map ABI shared by the xdplb eBPF programs and userspace, and the flow
+//! hash both sides must agree on.
+//!
+//! Every type here is `#[repr(C)]` with explicit padding fields and derives
+//! bytemuck's `Pod`, so the compiler rejects any implicit padding: the kernel
+//! side and the user side see the same bytes. Addresses and ports are stored
+//! in network byte order, exactly as they appear in packets.
+#![no_std]
+
+pub mod hash;
+
+use bytemuck::{Pod, Zeroable};
+
+pub use hash::flow_hash;
+
+/// Address family tag used in keys and backend entries.
+pub const FAMILY_V4: u8 = 4;
+/// Address family tag used in keys and backend entries.
+pub const FAMILY_V6: u8 = 6;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// XDP action codes, as the kernel defines them (`enum xdp_action`).
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+
+/// A ring slot holding this value has no backend: packets are dropped and
+/// counted as `NO_BACKEND`.
+pub const NO_BACKEND: u32 = u32::MAX;
+
+/// Key of the VIPS map: what a packet must match to be balanced.
+///
+/// IPv4 addresses occupy the first four bytes of `addr`, the rest is zero.
+/// `port` is zero for a port-less VIP (all ports of the address and protocol).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct VipKey {
+    pub addr: [u8; 16],
+    /// Destination port, network byte order; 0 means any port.
+    pub port: u16,
+    pub proto: u8,
+    pub family: u8,
+}
+
+/// Per-VIP flag: hash on the client's source address only, so every
+/// connection of a client lands on the same backend.
+pub const VIP_F_SOURCE_HASH: u32 = 1;
+
+/// How packets of a VIP reach its backends.
+pub mod fwd {
+    /// Encapsulate in an outer IP header whose family is the backend's:
+    /// IPv4-in-IPv4 (IPIP), IPv6-in-IPv6 or IPv4-in-IPv6.
+    pub const ENCAP: u32 = 0;
+    /// Layer-2 direct server return: only the destination MAC is rewritten
+    /// to the backend's; the backend must share the segment and own the VIP.
+    pub const L2_DSR: u32 = 1;
+}
+
+/// Value of the VIPS map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct VipMeta {
+    /// Index of the VIP's ring pair in RINGS and of its VIP_STATS slot.
+    pub vip_id: u32,
+    /// `VIP_F_*` bits.
+    pub flags: u32,
+    /// One of `fwd::*`.
+    pub mode: u32,
+    /// Which half of the VIP's ring pair is live (0 or 1). The controller
+    /// fills the other half and then rewrites this value: one map write.
+    pub active_ring: u32,
+}
+
+/// Liveness of a backend, as the dataplane acts on it.
+pub mod backend_state {
+    /// Slot not allocated: never forwarded to.
+    pub const UNUSED: u32 = 0;
+    /// Healthy: receives new flows and keeps existing ones.
+    pub const UP: u32 = 1;
+    /// Failed: its flows are re-selected through the ring.
+    pub const DOWN: u32 = 2;
+    /// Draining: keeps existing flows, receives no new ones.
+    pub const DRAINING: u32 = 3;
+}
+
+/// Entry of the BACKENDS array, indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Backend {
+    /// Tunnel endpoint (encapsulation) address; IPv4 in the first 4 bytes.
+    pub addr: [u8; 16],
+    /// MAC used in L2 DSR mode.
+    pub mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// `FAMILY_V4` or `FAMILY_V6`, widened so the struct has no padding.
+    pub family: u32,
+    /// One of `backend_state::*`.
+    pub state: u32,
+}
+
+/// Key of the FLOWS conntrack table, in the client-to-VIP direction.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct FlowKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the FLOWS conntrack table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct FlowState {
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
+/// Packet, byte and new-flow counters of one VIP or one backend (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+/// Global per-reason counters (STATS map indexes).
+///
+/// The first `ACTION_COUNT` reasons are exclusive: every packet the balancer
+/// sees is counted in exactly one of them, so they add up to the packets
+/// received. The rest count events on the way.
+pub mod reason {
+    /// Not addressed to a VIP (including non-IP): `XDP_PASS`, untouched.
+    pub const PASS_NOT_VIP: u32 = 0;
+    /// IP traffic the balancer does not handle (a second VLAN tag, IPv6
+    /// extension headers other than Fragment): `XDP_PASS`, untouched.
+    pub const PASS_UNSUPPORTED: u32 = 1;
+    /// Truncated or inconsistent headers: `Config::malformed_action`.
+    pub const MALFORMED: u32 = 2;
+    /// IPv4 or IPv6 fragment (cannot be balanced by port): `Config::fragment_action`.
+    pub const FRAGMENT: u32 = 3;
+    /// VIP matched but no usable backend: dropped.
+    pub const NO_BACKEND: u32 = 4;
+    /// Encapsulated and transmitted to a backend.
+    pub const TX_ENCAP: u32 = 5;
+    /// Destination MAC rewritten and transmitted to a backend.
+    pub const TX_L2_DSR: u32 = 6;
+    /// ICMP frag-needed / ICMPv6 packet-too-big quoting a VIP flow,
+    /// transmitted to the flow's backend.
+    pub const TX_ICMP: u32 = 7;
+    /// No headroom to encapsulate: dropped.
+    pub const ENCAP_FAILED: u32 = 8;
+    /// Number of exclusive action reasons (indexes `0..ACTION_COUNT`).
+    pub const ACTION_COUNT: u32 = 9;
+
+    /// Conntrack miss: a backend was chosen through the ring.
+    pub const FLOW_NEW: u32 = 9;
+    /// Conntrack hit on a usable backend.
+    pub const FLOW_HIT: u32 = 10;
+    /// Conntrack hit on a down backend: re-selected through the ring.
+    pub const FLOW_RESELECTED: u32 = 11;
+    /// The conntrack insert failed (the packet was still forwarded).
+    pub const FLOW_INSERT_FAILED: u32 = 12;
+    /// Packets that carried one 802.1Q tag.
+    pub const VLAN: u32 = 13;
+    /// Number of STATS entries.
+    pub const COUNT: u32 = 14;
+
+    /// Operator-facing names, indexed by reason.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "pass_not_vip",
+        "pass_unsupported",
+        "malformed",
+        "fragment",
+        "no_backend",
+        "tx_encap",
+        "tx_l2_dsr",
+        "tx_icmp",
+        "encap_failed",
+        "flow_new",
+        "flow_hit",
+        "flow_reselected",
+        "flow_insert_failed",
+        "vlan",
+    ];
+}
+
+/// The single entry of the CONFIG map: runtime policy of the balancer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Pod, Zeroable)]
+pub struct Config {
+    /// Destination MAC of encapsulated packets (the next hop to backends).
+    pub gateway_mac: [u8; 6],
+    pub _pad: [u8; 2],
+    /// Outer IPv4 source: these bits, with the host bits from the flow hash.
+    pub source_v4: [u8; 4],
+    /// Host-bit mask (host byte order) applied to the flow hash for IPv4.
+    pub source_v4_host_mask: u32,
+    /// Outer IPv6 source prefix; the flow hash fills the host bits of its
+    /// last 32 bits.
+    pub source_v6: [u8; 16],
+    /// Host-bit mask (host byte order) for the last 32 bits of the IPv6 source.
+    pub source_v6_host_mask: u32,
+    /// `XDP_PASS` or `XDP_DROP` for fragments.
+    pub fragment_action: u32,
+    /// `XDP_PASS` or `XDP_DROP` for malformed packets.
+    pub malformed_action: u32,
+    /// TTL / hop limit of outer headers.
+    pub outer_ttl: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            gateway_mac: [0; 6],
+            _pad: [0; 2],
+            source_v4: [0; 4],
+            source_v4_host_mask: 0,
+            source_v6: [0; 16],
+            source_v6_host_mask: 0,
+            fragment_action: XDP_PASS,
+            malformed_action: XDP_PASS,
+            outer_ttl: 64,
+        }
+    }
+}
+
+/// Key of the decap program's DECAP_VIPS map: an inner destination address
+/// that the backend serves.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+pub struct DecapKey {
+    pub addr: [u8; 16],
+    pub family: u32,
+}
+
+/// Decap program counters (DECAP_STATS indexes).
+pub mod decap_reason {
+    /// Decapsulated and passed to the stack.
+    pub const DECAPSULATED: u32 = 0;
+    /// Not an IPIP/IP6IP6/4in6 packet for a configured VIP: passed untouched.
+    pub const PASS: u32 = 1;
+    /// Truncated tunnel packet: passed untouched (the stack drops it).
+    pub const MALFORMED: u32 = 2;
+    pub const COUNT: u32 = 3;
+    pub const NAMES: [&str; COUNT as usize] = ["decapsulated", "pass", "malformed"];
+}
+
+/// Map names, so the loader and the program cannot disagree.
+pub mod map_names {
+    pub const VIPS: &str = "VIPS";
+    pub const RINGS: &str = "RINGS";
+    pub const BACKENDS: &str = "BACKENDS";
+    pub const FLOWS: &str = "FLOWS";
+    pub const STATS: &str = "STATS";
+    pub const VIP_STATS: &str = "VIP_STATS";
+    pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const CONFIG: &str = "CONFIG";
+    pub const DECAP_VIPS: &str = "DECAP_VIPS";
+    pub const DECAP_STATS: &str = "DECAP_STATS";
+    /// Read-only global holding the ring size, set at load time.
+    pub const RING_SIZE_GLOBAL: &str = "RING_SIZE";
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    // SAFETY (all impls): the types are `#[repr(C)]`, `Copy`, and derive
+    // bytemuck::Pod, which proves they have no padding and every bit pattern
+    // is valid.
+    unsafe impl aya::Pod for VipKey {}
+    unsafe impl aya::Pod for VipMeta {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for FlowKey {}
+    unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for Config {}
+    unsafe impl aya::Pod for DecapKey {}
+}

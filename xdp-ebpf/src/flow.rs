@@ -1,0 +1,105 @@
+//! Conntrack lookup/insert, ring selection and backend liveness.
+
+use xdp_common::{
+    backend_state, flow_hash, reason, Backend, FlowKey, FlowState, VipMeta, NO_BACKEND,
+    VIP_F_SOURCE_HASH,
+};
+
+use crate::{
+    maps::{ring_size, BACKENDS, FLOWS, RINGS},
+    stats::count,
+};
+
+/// The backend a packet goes to.
+pub struct Choice {
+    pub backend_id: u32,
+    pub backend: Backend,
+    /// The flow was (re)assigned by this packet.
+    pub new_flow: bool,
+}
+
+/// A backend that keeps the flows it already has: up or draining.
+#[inline(always)]
+fn keeps_flows(b: &Backend) -> bool {
+    b.state == backend_state::UP || b.state == backend_state::DRAINING
+}
+
+/// The backend the VIP's live ring holds for `flow`, if it may take new
+/// flows (up).
+#[inline(always)]
+fn from_ring(flow: &FlowKey, vip: &VipMeta) -> Option<(u32, Backend)> {
+    let size = ring_size();
+    if size == 0 {
+        return None;
+    }
+    let hash = flow_hash(flow, vip.flags & VIP_F_SOURCE_HASH != 0);
+    let half = vip.vip_id.wrapping_mul(2).wrapping_add(vip.active_ring & 1);
+    let slot = half.wrapping_mul(size).wrapping_add(hash % size);
+    let id = *RINGS.get(slot)?;
+    if id == NO_BACKEND {
+        return None;
+    }
+    let backend = *BACKENDS.get(id)?;
+    if backend.state != backend_state::UP {
+        return None;
+    }
+    Some((id, backend))
+}
+
+/// The conntrack entry of `flow`, if its backend still keeps flows.
+#[inline(always)]
+fn tracked(flow: &FlowKey) -> Result<(u32, Backend), bool> {
+    // SAFETY: the value is copied out at once; an LRU entry recycled under
+    // us yields at worst a stale backend id, which is still bounds-checked.
+    let Some(state) = (unsafe { FLOWS.get(flow) }).copied() else {
+        return Err(false);
+    };
+    match BACKENDS.get(state.backend_id) {
+        Some(b) if keeps_flows(b) => Ok((state.backend_id, *b)),
+        // Tracked, but its backend went down or was removed.
+        _ => Err(true),
+    }
+}
+
+/// Choose the backend for a packet of `flow` to `vip` and keep conntrack in
+/// step: a hit on a live backend is followed; a miss, or a hit on a backend
+/// that is down, goes through the ring and is (re)written.
+#[inline(always)]
+pub fn select(flow: &FlowKey, vip: &VipMeta) -> Option<Choice> {
+    let was_tracked = match tracked(flow) {
+        Ok((backend_id, backend)) => {
+            count(reason::FLOW_HIT);
+            return Some(Choice {
+                backend_id,
+                backend,
+                new_flow: false,
+            });
+        }
+        Err(was_tracked) => was_tracked,
+    };
+    let (backend_id, backend) = from_ring(flow, vip)?;
+    let state = FlowState {
+        backend_id,
+        _pad: 0,
+    };
+    if FLOWS.insert(flow, &state, 0).is_err() {
+        count(reason::FLOW_INSERT_FAILED);
+    }
+    count(if was_tracked {
+        reason::FLOW_RESELECTED
+    } else {
+        reason::FLOW_NEW
+    });
+    Some(Choice {
+        backend_id,
+        backend,
+        new_flow: true,
+    })
+}
+
+/// The backend that owns `flow` without creating state: used for ICMP errors
+/// quoting a flow, which must not open conntrack entries.
+#[inline(always)]
+pub fn owner(flow: &FlowKey, vip: &VipMeta) -> Option<(u32, Backend)> {
+    tracked(flow).ok().or_else(|| from_ring(flow, vip))
+}

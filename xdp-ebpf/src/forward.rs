@@ -1,0 +1,215 @@
+//! Sending a packet on to its backend: IPIP / IPv6-in-IPv6 / IPv4-in-IPv6
+//! encapsulation with a rebuilt Ethernet header, or L2 direct server return.
+
+use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
+use xdp_common::{Backend, Config, FAMILY_V4};
+
+use crate::parse::{
+    ptr_at_mut, read, Malformed, ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6,
+    IPV4_HDR_LEN, IPV6_HDR_LEN, VLAN_HDR_LEN,
+};
+
+/// Encapsulation could not be done (no headroom, or the outer packet would
+/// exceed 64 KiB).
+pub struct NoRoom;
+
+/// One's-complement sum of an IPv4 header, folded: its checksum.
+#[inline(always)]
+pub fn ipv4_checksum(hdr: &[u8; IPV4_HDR_LEN]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut i = 0;
+    while i < IPV4_HDR_LEN {
+        sum += u32::from(u16::from_be_bytes([hdr[i], hdr[i + 1]]));
+        i += 2;
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+/// What is kept of the original L2 header across encapsulation.
+#[derive(Clone, Copy)]
+pub struct L2Header {
+    /// Original destination: the receiving interface's MAC.
+    pub dst: [u8; 6],
+    pub src: [u8; 6],
+    /// 802.1Q tag (TPID and TCI) if the packet carried one.
+    pub vlan: Option<[u8; 4]>,
+}
+
+impl L2Header {
+    #[inline(always)]
+    pub fn read(ctx: &XdpContext, l3_off: usize) -> Result<Self, Malformed> {
+        let vlan = if l3_off == ETH_HDR_LEN + VLAN_HDR_LEN {
+            Some(read::<[u8; 4]>(ctx, 12)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            dst: read(ctx, 0)?,
+            src: read(ctx, 6)?,
+            vlan,
+        })
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        if self.vlan.is_some() {
+            ETH_HDR_LEN + VLAN_HDR_LEN
+        } else {
+            ETH_HDR_LEN
+        }
+    }
+}
+
+/// Write an Ethernet header (with the kept VLAN tag) at the packet start.
+/// Encapsulated packets leave from the receiving interface's MAC.
+#[inline(always)]
+fn write_l2(
+    ctx: &XdpContext,
+    l2: &L2Header,
+    dst: &[u8; 6],
+    src: &[u8; 6],
+    ethertype: u16,
+) -> Result<(), Malformed> {
+    // SAFETY: every pointer comes from ptr_at_mut, which checked the bounds.
+    unsafe {
+        *ptr_at_mut::<[u8; 6]>(ctx, 0)? = *dst;
+        *ptr_at_mut::<[u8; 6]>(ctx, 6)? = *src;
+        let type_off = match l2.vlan {
+            Some(tag) => {
+                *ptr_at_mut::<[u8; 4]>(ctx, 12)? = tag;
+                ETH_HDR_LEN + VLAN_HDR_LEN - 2
+            }
+            None => ETH_HDR_LEN - 2,
+        };
+        *ptr_at_mut::<[u8; 2]>(ctx, type_off)? = ethertype.to_be_bytes();
+    }
+    Ok(())
+}
+
+/// L2 direct server return: the packet goes out unchanged but for its MACs.
+#[inline(always)]
+pub fn l2_dsr(ctx: &XdpContext, backend: &Backend) -> Result<(), Malformed> {
+    let own_mac: [u8; 6] = read(ctx, 0)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        *ptr_at_mut::<[u8; 6]>(ctx, 0)? = backend.mac;
+        *ptr_at_mut::<[u8; 6]>(ctx, 6)? = own_mac;
+    }
+    Ok(())
+}
+
+/// The inner packet being encapsulated.
+pub struct Inner {
+    pub family: u8,
+    /// Declared length of the inner IP packet.
+    pub ip_len: usize,
+    pub tos: u8,
+    /// Flow hash: picks the outer source's host bits and the IPv6 flow label.
+    pub hash: u32,
+}
+
+/// Outer IPv4 source: the configured prefix with the host bits from the hash.
+#[inline(always)]
+fn outer_source_v4(cfg: &Config, hash: u32) -> [u8; 4] {
+    let mask = cfg.source_v4_host_mask;
+    ((u32::from_be_bytes(cfg.source_v4) & !mask) | (hash & mask)).to_be_bytes()
+}
+
+/// Outer IPv6 source: the configured prefix with the host bits of its last
+/// 32 bits from the hash.
+#[inline(always)]
+fn outer_source_v6(cfg: &Config, hash: u32) -> [u8; 16] {
+    let mut src = cfg.source_v6;
+    let mask = cfg.source_v6_host_mask;
+    let low = u32::from_be_bytes([src[12], src[13], src[14], src[15]]);
+    src[12..].copy_from_slice(&((low & !mask) | (hash & mask)).to_be_bytes());
+    src
+}
+
+#[inline(always)]
+fn inner_proto(inner: &Inner) -> u8 {
+    if inner.family == FAMILY_V4 {
+        IPPROTO_IPIP
+    } else {
+        IPPROTO_IPV6
+    }
+}
+
+/// Prepend an outer IPv4 or IPv6 header addressed to `backend` (its family
+/// picks which) and a fresh Ethernet header to the configured next hop.
+///
+/// Must be the last packet access of the caller: it moves the packet start.
+#[inline(always)]
+pub fn encapsulate(
+    ctx: &XdpContext,
+    l2: &L2Header,
+    inner: &Inner,
+    backend: &Backend,
+    cfg: &Config,
+) -> Result<Result<(), NoRoom>, Malformed> {
+    let outer_v4 = backend.family == u32::from(FAMILY_V4);
+    let outer_len = if outer_v4 { IPV4_HDR_LEN } else { IPV6_HDR_LEN };
+    if inner.ip_len + outer_len > usize::from(u16::MAX) {
+        return Ok(Err(NoRoom));
+    }
+    // SAFETY: the helper only moves ctx's data pointer; every later access
+    // is bounds-checked against the new start and end.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, -(outer_len as i32)) } != 0 {
+        return Ok(Err(NoRoom));
+    }
+    let l3_off = l2.len();
+    let ttl = cfg.outer_ttl as u8;
+    if outer_v4 {
+        write_l2(ctx, l2, &cfg.gateway_mac, &l2.dst, ETH_P_IP)?;
+        let tot_len = ((outer_len + inner.ip_len) as u16).to_be_bytes();
+        let src = outer_source_v4(cfg, inner.hash);
+        let mut hdr = [0u8; IPV4_HDR_LEN];
+        hdr[0] = 0x45;
+        hdr[1] = inner.tos;
+        hdr[2] = tot_len[0];
+        hdr[3] = tot_len[1];
+        hdr[8] = ttl;
+        hdr[9] = inner_proto(inner);
+        hdr[12..16].copy_from_slice(&src);
+        hdr[16..20].copy_from_slice(&backend.addr[..4]);
+        let csum = ipv4_checksum(&hdr).to_be_bytes();
+        hdr[10] = csum[0];
+        hdr[11] = csum[1];
+        // SAFETY: bounds checked by ptr_at_mut.
+        unsafe { *ptr_at_mut::<[u8; IPV4_HDR_LEN]>(ctx, l3_off)? = hdr };
+    } else {
+        write_l2(ctx, l2, &cfg.gateway_mac, &l2.dst, ETH_P_IPV6)?;
+        let payload_len = (inner.ip_len as u16).to_be_bytes();
+        let first = (6u32 << 28) | (u32::from(inner.tos) << 20) | (inner.hash & 0x000f_ffff);
+        let mut hdr = [0u8; IPV6_HDR_LEN];
+        hdr[..4].copy_from_slice(&first.to_be_bytes());
+        hdr[4] = payload_len[0];
+        hdr[5] = payload_len[1];
+        hdr[6] = inner_proto(inner);
+        hdr[7] = ttl;
+        hdr[8..24].copy_from_slice(&outer_source_v6(cfg, inner.hash));
+        hdr[24..40].copy_from_slice(&backend.addr);
+        // SAFETY: bounds checked by ptr_at_mut.
+        unsafe { *ptr_at_mut::<[u8; IPV6_HDR_LEN]>(ctx, l3_off)? = hdr };
+    }
+    Ok(Ok(()))
+}
+
+/// Strip an outer header of `outer_len` bytes behind the L2 header `l2`,
+/// keeping its addresses and tag, with the inner packet's ethertype.
+#[inline(always)]
+pub fn decapsulate(
+    ctx: &XdpContext,
+    l2: &L2Header,
+    outer_len: usize,
+    inner_ethertype: u16,
+) -> Result<Result<(), NoRoom>, Malformed> {
+    // SAFETY: as in `encapsulate`.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, outer_len as i32) } != 0 {
+        return Ok(Err(NoRoom));
+    }
+    write_l2(ctx, l2, &l2.dst, &l2.src, inner_ethertype)?;
+    Ok(Ok(()))
+}

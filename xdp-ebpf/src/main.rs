@@ -1,0 +1,265 @@
+//! xdplb's XDP programs: `xdp_lb`, the balancer on the LB host's NIC, and
+//! `decap`, the tunnel terminator for backends without ipip/ip6tnl devices.
+//!
+//! Odd-packet policy, each counted under its `xdp_common::reason`:
+//! - not IP, or not addressed to a VIP: `XDP_PASS`, untouched;
+//! - a second VLAN tag or an IPv6 extension header other than Fragment:
+//!   `XDP_PASS`, untouched (not balanced);
+//! - an IPv4 or IPv6 fragment, whatever its destination:
+//!   `Config::fragment_action` (pass by default);
+//! - truncated or inconsistent headers: `Config::malformed_action` (pass by
+//!   default, so the kernel's own checks see them);
+//! - a VIP with no usable backend: `XDP_DROP`;
+//! - no headroom to encapsulate: `XDP_DROP`.
+//!
+//! `XDP_ABORTED` is never returned.
+#![no_std]
+#![no_main]
+
+mod flow;
+mod forward;
+mod maps;
+mod parse;
+mod stats;
+
+use aya_ebpf::{macros::xdp, programs::XdpContext};
+use xdp_common::{
+    decap_reason, fwd, reason, Config, DecapKey, FlowKey, VipKey, VipMeta, FAMILY_V4, PROTO_TCP,
+    PROTO_UDP, XDP_DROP, XDP_PASS, XDP_TX,
+};
+
+use crate::{
+    forward::{Inner, L2Header},
+    maps::{CONFIG, DECAP_VIPS, VIPS},
+    parse::{Malformed, L2, L3},
+    stats::{count, count_decap},
+};
+
+/// The balancer.
+#[xdp]
+pub fn xdp_lb(ctx: XdpContext) -> u32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        // Unreachable for an array map with one entry; pass rather than guess.
+        return XDP_PASS;
+    };
+    match try_lb(&ctx, cfg) {
+        Ok(action) => action,
+        Err(Malformed) => {
+            count(reason::MALFORMED);
+            action_or_pass(cfg.malformed_action)
+        }
+    }
+}
+
+/// The configured action, if it is one the policy allows.
+#[inline(always)]
+fn action_or_pass(action: u32) -> u32 {
+    if action == XDP_DROP {
+        XDP_DROP
+    } else {
+        XDP_PASS
+    }
+}
+
+#[inline(always)]
+fn pass(why: u32) -> Result<u32, Malformed> {
+    count(why);
+    Ok(XDP_PASS)
+}
+
+#[inline(always)]
+fn try_lb(ctx: &XdpContext, cfg: &Config) -> Result<u32, Malformed> {
+    let (family, l3_off) = match parse::ethernet(ctx)? {
+        L2::Ip { family, l3_off } => (family, l3_off),
+        L2::Other => return pass(reason::PASS_NOT_VIP),
+        L2::Unsupported => return pass(reason::PASS_UNSUPPORTED),
+    };
+    let l3 = parse::ip(ctx, family, l3_off)?;
+    if l3.fragment {
+        count(reason::FRAGMENT);
+        return Ok(action_or_pass(cfg.fragment_action));
+    }
+    if l3.extension {
+        return pass(reason::PASS_UNSUPPORTED);
+    }
+    if l3_off != parse::ETH_HDR_LEN {
+        count(reason::VLAN);
+    }
+    match l3.proto {
+        PROTO_TCP | PROTO_UDP => balance(ctx, cfg, l3_off, &l3),
+        parse::IPPROTO_ICMP if family == FAMILY_V4 => icmp_error(ctx, cfg, l3_off, &l3),
+        parse::IPPROTO_ICMPV6 if family != FAMILY_V4 => icmp_error(ctx, cfg, l3_off, &l3),
+        _ => pass(reason::PASS_NOT_VIP),
+    }
+}
+
+/// The VIP for (address, port, protocol), falling back to a port-less VIP.
+#[inline(always)]
+fn vip_lookup(addr: [u8; 16], port: u16, proto: u8, family: u8) -> Option<VipMeta> {
+    let mut key = VipKey {
+        addr,
+        port,
+        proto,
+        family,
+    };
+    // SAFETY: copied out at once; VIPS is only replaced whole by userspace.
+    if let Some(meta) = unsafe { VIPS.get(&key) } {
+        return Some(*meta);
+    }
+    key.port = 0;
+    unsafe { VIPS.get(&key) }.copied()
+}
+
+/// A TCP or UDP packet: balance it if it is for a VIP.
+#[inline(always)]
+fn balance(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<u32, Malformed> {
+    let (sport, dport) = parse::ports(ctx, l3.proto, l3.l4_off, l3.end_off)?;
+    let Some(vip) = vip_lookup(l3.dst, dport, l3.proto, l3.family) else {
+        return pass(reason::PASS_NOT_VIP);
+    };
+    let flow = FlowKey {
+        src: l3.src,
+        dst: l3.dst,
+        sport,
+        dport,
+        proto: l3.proto,
+        family: l3.family,
+        _pad: [0; 2],
+    };
+    let Some(choice) = flow::select(&flow, &vip) else {
+        count(reason::NO_BACKEND);
+        return Ok(XDP_DROP);
+    };
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let action = transmit(ctx, cfg, l3_off, l3, &flow, &vip, &choice.backend)?;
+    if action == XDP_TX {
+        stats::count_forwarded(vip.vip_id, choice.backend_id, bytes, choice.new_flow);
+        count(if vip.mode == fwd::L2_DSR {
+            reason::TX_L2_DSR
+        } else {
+            reason::TX_ENCAP
+        });
+    }
+    Ok(action)
+}
+
+/// ICMP "fragmentation needed" / ICMPv6 "packet too big" quoting a VIP flow
+/// goes to the backend that owns the flow, so its path MTU follows.
+#[inline(always)]
+fn icmp_error(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<u32, Malformed> {
+    let Some(quoted) = parse::icmp_quoted(ctx, l3)? else {
+        return pass(reason::PASS_NOT_VIP);
+    };
+    let Some(vip) = vip_lookup(quoted.vip, quoted.vip_port, quoted.proto, l3.family) else {
+        return pass(reason::PASS_NOT_VIP);
+    };
+    let flow = FlowKey {
+        src: quoted.client,
+        dst: quoted.vip,
+        sport: quoted.client_port,
+        dport: quoted.vip_port,
+        proto: quoted.proto,
+        family: l3.family,
+        _pad: [0; 2],
+    };
+    let Some((backend_id, backend)) = flow::owner(&flow, &vip) else {
+        count(reason::NO_BACKEND);
+        return Ok(XDP_DROP);
+    };
+    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    let action = transmit(ctx, cfg, l3_off, l3, &flow, &vip, &backend)?;
+    if action == XDP_TX {
+        stats::count_forwarded(vip.vip_id, backend_id, bytes, false);
+        count(reason::TX_ICMP);
+    }
+    Ok(action)
+}
+
+/// Send the packet to `backend` in the VIP's forwarding mode.
+#[inline(always)]
+fn transmit(
+    ctx: &XdpContext,
+    cfg: &Config,
+    l3_off: usize,
+    l3: &L3,
+    flow: &FlowKey,
+    vip: &VipMeta,
+    backend: &xdp_common::Backend,
+) -> Result<u32, Malformed> {
+    if vip.mode == fwd::L2_DSR {
+        forward::l2_dsr(ctx, backend)?;
+        return Ok(XDP_TX);
+    }
+    let l2 = L2Header::read(ctx, l3_off)?;
+    let inner = Inner {
+        family: l3.family,
+        ip_len: l3.ip_len,
+        tos: l3.tos,
+        hash: xdp_common::flow_hash(flow, false),
+    };
+    match forward::encapsulate(ctx, &l2, &inner, backend, cfg)? {
+        Ok(()) => Ok(XDP_TX),
+        Err(forward::NoRoom) => {
+            count(reason::ENCAP_FAILED);
+            Ok(XDP_DROP)
+        }
+    }
+}
+
+/// The backend-side decapsulator: IPv4-in-IPv4, IPv6-in-IPv6 and
+/// IPv4-in-IPv6 packets whose inner destination is a configured VIP lose
+/// their outer header and go to the stack; everything else passes untouched.
+#[xdp]
+pub fn decap(ctx: XdpContext) -> u32 {
+    match try_decap(&ctx) {
+        Ok(reason) => count_decap(reason),
+        Err(Malformed) => count_decap(decap_reason::MALFORMED),
+    }
+    XDP_PASS
+}
+
+#[inline(always)]
+fn try_decap(ctx: &XdpContext) -> Result<u32, Malformed> {
+    let L2::Ip { family, l3_off } = parse::ethernet(ctx)? else {
+        return Ok(decap_reason::PASS);
+    };
+    let outer = parse::ip(ctx, family, l3_off)?;
+    if outer.fragment {
+        return Ok(decap_reason::PASS);
+    }
+    let (inner_family, ethertype, dst_off) = match outer.proto {
+        parse::IPPROTO_IPIP => (FAMILY_V4, parse::ETH_P_IP, 16),
+        parse::IPPROTO_IPV6 => (xdp_common::FAMILY_V6, parse::ETH_P_IPV6, 24),
+        _ => return Ok(decap_reason::PASS),
+    };
+    let mut key = DecapKey {
+        family: u32::from(inner_family),
+        ..DecapKey::default()
+    };
+    if inner_family == FAMILY_V4 {
+        key.addr[..4].copy_from_slice(&parse::read::<[u8; 4]>(ctx, outer.l4_off + dst_off)?);
+    } else {
+        key.addr = parse::read(ctx, outer.l4_off + dst_off)?;
+    }
+    // SAFETY: only presence is tested.
+    if unsafe { DECAP_VIPS.get(&key) }.is_none() {
+        return Ok(decap_reason::PASS);
+    }
+    let l2 = L2Header::read(ctx, l3_off)?;
+    match forward::decapsulate(ctx, &l2, outer.l4_off - l3_off, ethertype)? {
+        Ok(()) => Ok(decap_reason::DECAPSULATED),
+        Err(forward::NoRoom) => Err(Malformed),
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach this loop, so a
+    // panic path that survives optimisation fails at load, not at run time.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

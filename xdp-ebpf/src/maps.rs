@@ -1,0 +1,76 @@
+//! Every map of the xdplb programs. Sizes declared here are placeholders:
+//! the loader (`xdp-user/src/dataplane.rs`) sets each one from the config
+//! before the object is loaded, so no size is fixed in two places.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+};
+use xdp_common::{
+    decap_reason, reason, Backend, Config, Counters, DecapKey, FlowKey, FlowState, VipKey, VipMeta,
+};
+
+/// Placeholder size of maps the loader resizes.
+const SIZED_AT_LOAD: u32 = 1;
+
+/// Flag of LRU hash maps: one LRU list per CPU, so CPUs never contend on
+/// eviction.
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+/// VIPs by (address, port, protocol); written by the controller.
+#[map]
+pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(SIZED_AT_LOAD, 0);
+
+/// Maglev rings: two halves of RING_SIZE backend ids per VIP, at
+/// `(vip_id * 2 + half) * RING_SIZE`; written by the controller.
+#[map]
+pub static RINGS: Array<u32> = Array::with_max_entries(SIZED_AT_LOAD, 0);
+
+/// Backends by id: tunnel address, MAC, state; written by the controller.
+#[map]
+pub static BACKENDS: Array<Backend> = Array::with_max_entries(SIZED_AT_LOAD, 0);
+
+/// Conntrack: flow (client to VIP) -> backend; written by the program,
+/// per-CPU LRU lists.
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, FlowState> =
+    LruHashMap::with_max_entries(SIZED_AT_LOAD, BPF_F_NO_COMMON_LRU);
+
+/// Global per-reason packet counters (`xdp_common::reason`), per CPU.
+#[map]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT, 0);
+
+/// Per-VIP packets, bytes, new flows, indexed by vip_id, per CPU.
+#[map]
+pub static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(SIZED_AT_LOAD, 0);
+
+/// Per-backend packets, bytes, new flows, indexed by backend id, per CPU.
+#[map]
+pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(SIZED_AT_LOAD, 0);
+
+/// Runtime policy (one entry): next hop, outer source, odd-packet actions;
+/// written by the controller.
+#[map]
+pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+
+/// Inner destinations the decap program strips tunnels for; written by the
+/// backend-side loader.
+#[map]
+pub static DECAP_VIPS: HashMap<DecapKey, u32> = HashMap::with_max_entries(SIZED_AT_LOAD, 0);
+
+/// Decap program counters (`xdp_common::decap_reason`), per CPU.
+#[map]
+pub static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(decap_reason::COUNT, 0);
+
+/// Size of each ring half; a read-only global set at load time.
+#[unsafe(no_mangle)]
+static RING_SIZE: u32 = 1;
+
+/// The ring size of this load. Read through a volatile load so the compiler
+/// does not fold the placeholder value in.
+#[inline(always)]
+pub fn ring_size() -> u32 {
+    // SAFETY: RING_SIZE is a plain static; the loader rewrites it in
+    // .rodata before load, after which it is never written.
+    unsafe { core::ptr::read_volatile(&RING_SIZE) }
+}

@@ -1,0 +1,45 @@
+//! Per-CPU counters. Each CPU writes only its own slot, so increments are
+//! plain adds: no atomics, no contention.
+
+use xdp_common::Counters;
+
+use crate::maps::{BACKEND_STATS, DECAP_STATS, STATS, VIP_STATS};
+
+/// Count one event under a global reason (`xdp_common::reason`).
+#[inline(always)]
+pub fn count(reason: u32) {
+    if let Some(c) = STATS.get_ptr_mut(reason) {
+        // SAFETY: per-CPU slot, valid for the program's run.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Count one event of the decap program (`xdp_common::decap_reason`).
+#[inline(always)]
+pub fn count_decap(reason: u32) {
+    if let Some(c) = DECAP_STATS.get_ptr_mut(reason) {
+        // SAFETY: per-CPU slot, valid for the program's run.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn add(c: Option<*mut Counters>, bytes: u64, new_flow: bool) {
+    if let Some(c) = c {
+        // SAFETY: per-CPU slot, valid for the program's run.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += bytes;
+            if new_flow {
+                (*c).new_flows += 1;
+            }
+        }
+    }
+}
+
+/// Count a forwarded packet for its VIP and its backend.
+#[inline(always)]
+pub fn count_forwarded(vip_id: u32, backend_id: u32, bytes: u64, new_flow: bool) {
+    add(VIP_STATS.get_ptr_mut(vip_id), bytes, new_flow);
+    add(BACKEND_STATS.get_ptr_mut(backend_id), bytes, new_flow);
+}

@@ -1,0 +1,505 @@
+//! The only module that touches aya: loads the eBPF object with its map sizes,
+//! attaches the programs, and reads and writes their maps through typed
+//! functions in the operator's vocabulary (VIP, backend, ring, flow).
+
+use std::net::IpAddr;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    maps::{Array, HashMap, MapData, PerCpuArray},
+    programs::{Xdp, XdpMode},
+    Ebpf, EbpfLoader,
+};
+use xdp_common::{
+    backend_state, decap_reason, map_names as names, reason, Backend, Config, Counters, DecapKey,
+    FlowKey, FlowState, VipKey, VipMeta, FAMILY_V4, FAMILY_V6,
+};
+
+/// The eBPF object built by `build.rs` (empty when built with AYA_BUILD_SKIP).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/xdp-ebpf"));
+
+/// Name of the balancer program in the object.
+pub const LB_PROGRAM: &str = "xdp_lb";
+/// Name of the backend-side decapsulation program in the object.
+pub const DECAP_PROGRAM: &str = "decap";
+
+/// Table sizes, fixed when the dataplane is loaded. Each comes from one
+/// config value; nothing else states them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sizes {
+    /// Most VIPs at once.
+    pub max_vips: u32,
+    /// Most backends at once (backend ids are `0..max_backends`).
+    pub max_backends: u32,
+    /// Slots of each Maglev ring; prime.
+    pub ring_size: u32,
+    /// Conntrack entries (LRU).
+    pub max_flows: u32,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Self {
+            max_vips: 64,
+            max_backends: 4096,
+            ring_size: 65537,
+            max_flows: 1 << 20,
+        }
+    }
+}
+
+impl Sizes {
+    /// Entries of the RINGS array: two halves per VIP.
+    pub fn ring_entries(&self) -> Result<u32> {
+        self.max_vips
+            .checked_mul(2)
+            .and_then(|n| n.checked_mul(self.ring_size))
+            .ok_or_else(|| {
+                anyhow!(
+                    "max_vips ({}) x 2 x ring_size ({}) exceeds 2^32 ring slots",
+                    self.max_vips,
+                    self.ring_size
+                )
+            })
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (name, value) in [
+            ("max_vips", self.max_vips),
+            ("max_backends", self.max_backends),
+            ("ring_size", self.ring_size),
+            ("max_flows", self.max_flows),
+        ] {
+            if value == 0 {
+                bail!("{name} must be at least 1");
+            }
+        }
+        if self.max_backends == xdp_common::NO_BACKEND {
+            bail!("max_backends must be below {}", xdp_common::NO_BACKEND);
+        }
+        self.ring_entries().map(drop)
+    }
+}
+
+/// How the program is attached to the interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttachMode {
+    /// In the driver, before any skb exists: the fast path.
+    #[default]
+    Native,
+    /// In the stack after skb allocation: works on every device, slower.
+    Generic,
+    /// On the NIC itself, where the hardware supports it.
+    Offload,
+}
+
+impl AttachMode {
+    fn xdp_mode(self) -> XdpMode {
+        match self {
+            Self::Native => XdpMode::Driver,
+            Self::Generic => XdpMode::Skb,
+            Self::Offload => XdpMode::Hardware,
+        }
+    }
+}
+
+impl std::str::FromStr for AttachMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "native" => Ok(Self::Native),
+            "generic" => Ok(Self::Generic),
+            "offload" => Ok(Self::Offload),
+            _ => bail!("unknown XDP mode {s:?}: expected native, generic or offload"),
+        }
+    }
+}
+
+fn object() -> Result<&'static [u8]> {
+    if EBPF_OBJECT.is_empty() {
+        bail!("this binary was built with AYA_BUILD_SKIP=1 and carries no eBPF object; rebuild without it");
+    }
+    Ok(EBPF_OBJECT)
+}
+
+/// Load one XDP program of `ebpf` into the kernel (the verifier runs here).
+fn load_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("{name} is not an XDP program"))?;
+    program
+        .load()
+        .with_context(|| format!("the kernel rejected program {name}"))?;
+    Ok(program)
+}
+
+fn attach_program(ebpf: &mut Ebpf, name: &str, iface: &str, mode: AttachMode) -> Result<()> {
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+        .try_into()?;
+    program.attach(iface, mode.xdp_mode()).with_context(|| {
+        format!(
+            "attaching {name} to {iface} in {mode:?} mode failed \
+             (does the interface exist, and does its driver support this mode? try generic)"
+        )
+    })?;
+    Ok(())
+}
+
+/// An address as the maps store it: IPv4 in the first four bytes.
+pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
+    match addr {
+        IpAddr::V4(v4) => {
+            let mut out = [0u8; 16];
+            out[..4].copy_from_slice(&v4.octets());
+            (out, FAMILY_V4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+    }
+}
+
+/// Read a per-CPU array slot summed over all CPUs.
+fn sum_per_cpu<T: aya::Pod + Copy>(
+    map: &PerCpuArray<&MapData, T>,
+    index: u32,
+    add: impl Fn(T, T) -> T,
+    zero: T,
+) -> Result<T> {
+    let values = map
+        .get(&index, 0)
+        .with_context(|| format!("reading counter slot {index}"))?;
+    Ok(values.iter().copied().fold(zero, add))
+}
+
+fn add_counters(a: Counters, b: Counters) -> Counters {
+    Counters {
+        packets: a.packets + b.packets,
+        bytes: a.bytes + b.bytes,
+        new_flows: a.new_flows + b.new_flows,
+    }
+}
+
+/// The balancer's dataplane: the loaded `xdp_lb` program and its maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    sizes: Sizes,
+}
+
+impl Dataplane {
+    /// Load the balancer with `sizes`. The verifier runs here: an error names
+    /// the program the kernel rejected.
+    pub fn load(sizes: Sizes) -> Result<Self> {
+        sizes.validate().context("invalid dataplane sizes")?;
+        let ring_entries = sizes.ring_entries()?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::VIPS, sizes.max_vips)
+            .map_max_entries(names::VIP_STATS, sizes.max_vips)
+            .map_max_entries(names::RINGS, ring_entries)
+            .map_max_entries(names::BACKENDS, sizes.max_backends)
+            .map_max_entries(names::BACKEND_STATS, sizes.max_backends)
+            .map_max_entries(names::FLOWS, sizes.max_flows)
+            .override_global(names::RING_SIZE_GLOBAL, &sizes.ring_size, true)
+            .load(object()?)
+            .context("loading the eBPF object (map creation)")?;
+        load_program(&mut ebpf, LB_PROGRAM)?;
+        let mut dataplane = Self { ebpf, sizes };
+        dataplane.set_config(&Config::default())?;
+        Ok(dataplane)
+    }
+
+    pub fn sizes(&self) -> Sizes {
+        self.sizes
+    }
+
+    /// Attach the balancer to `iface`.
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+        attach_program(&mut self.ebpf, LB_PROGRAM, iface, mode)
+    }
+
+    /// The loaded balancer program (for BPF_PROG_TEST_RUN).
+    pub fn program(&self) -> Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program(LB_PROGRAM)
+            .ok_or_else(|| anyhow!("program {LB_PROGRAM} missing"))?
+            .try_into()?)
+    }
+
+    fn map(&self, name: &str) -> Result<&aya::maps::Map> {
+        self.ebpf
+            .map(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    }
+
+    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
+        self.ebpf
+            .map_mut(name)
+            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    }
+
+    /// Replace the runtime policy (next hop, outer source, odd-packet actions).
+    pub fn set_config(&mut self, config: &Config) -> Result<()> {
+        let mut map: Array<_, Config> = Array::try_from(self.map_mut(names::CONFIG)?)?;
+        map.set(0, config, 0).context("writing CONFIG")?;
+        Ok(())
+    }
+
+    fn check_vip_id(&self, vip_id: u32) -> Result<()> {
+        if vip_id >= self.sizes.max_vips {
+            bail!(
+                "vip id {vip_id} out of range: max_vips is {}",
+                self.sizes.max_vips
+            );
+        }
+        Ok(())
+    }
+
+    fn check_backend_id(&self, backend_id: u32) -> Result<()> {
+        if backend_id >= self.sizes.max_backends {
+            bail!(
+                "backend id {backend_id} out of range: max_backends is {}",
+                self.sizes.max_backends
+            );
+        }
+        Ok(())
+    }
+
+    /// The VIP entry for `key`, if present.
+    pub fn vip(&self, key: &VipKey) -> Result<Option<VipMeta>> {
+        let map: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.map(names::VIPS)?)?;
+        match map.get(key, 0) {
+            Ok(meta) => Ok(Some(meta)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading VIPS"),
+        }
+    }
+
+    /// Add a VIP, or update the flags and mode of an existing one (its live
+    /// ring half is kept). A new VIP starts on ring half 0, which should be
+    /// written with [`Dataplane::write_ring`] first: until then it has no
+    /// backends and its packets are dropped as `no_backend`.
+    pub fn add_vip(&mut self, key: &VipKey, vip_id: u32, flags: u32, mode: u32) -> Result<()> {
+        self.check_vip_id(vip_id)?;
+        let active_ring = self.vip(key)?.map_or(0, |m| m.active_ring);
+        let meta = VipMeta {
+            vip_id,
+            flags,
+            mode,
+            active_ring,
+        };
+        let mut map: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.map_mut(names::VIPS)?)?;
+        map.insert(key, meta, 0)
+            .with_context(|| format!("writing VIP {key:?} (is VIPS full?)"))?;
+        Ok(())
+    }
+
+    /// Remove a VIP: its traffic passes to the stack from now on.
+    pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        let mut map: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.map_mut(names::VIPS)?)?;
+        map.remove(key)
+            .with_context(|| format!("removing VIP {key:?}"))?;
+        Ok(())
+    }
+
+    /// Write `ring` (one backend id per slot, `ring_size` slots) into the
+    /// VIP's inactive half, then flip the VIP to it in one map write, so no
+    /// packet ever sees a half-written ring.
+    pub fn write_ring(&mut self, key: &VipKey, ring: &[u32]) -> Result<()> {
+        let size = self.sizes.ring_size;
+        if ring.len() != size as usize {
+            bail!(
+                "ring has {} slots, the dataplane's ring_size is {size}",
+                ring.len()
+            );
+        }
+        let Some(mut meta) = self.vip(key)? else {
+            bail!("no VIP {key:?} to write a ring for");
+        };
+        if let Some(bad) = ring
+            .iter()
+            .find(|&&id| id != xdp_common::NO_BACKEND && id >= self.sizes.max_backends)
+        {
+            bail!(
+                "ring names backend id {bad}, beyond max_backends {}",
+                self.sizes.max_backends
+            );
+        }
+        let inactive = (meta.active_ring & 1) ^ 1;
+        let base = (meta.vip_id * 2 + inactive) * size;
+        {
+            let mut rings: Array<_, u32> = Array::try_from(self.map_mut(names::RINGS)?)?;
+            for (slot, id) in (base..).zip(ring) {
+                rings
+                    .set(slot, id, 0)
+                    .with_context(|| format!("writing ring slot {slot}"))?;
+            }
+        }
+        meta.active_ring = inactive;
+        let mut map: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.map_mut(names::VIPS)?)?;
+        map.insert(key, meta, 0)
+            .context("flipping the VIP's ring")?;
+        Ok(())
+    }
+
+    /// The live ring of a VIP, as the dataplane reads it.
+    pub fn ring(&self, key: &VipKey) -> Result<Vec<u32>> {
+        let Some(meta) = self.vip(key)? else {
+            bail!("no VIP {key:?}");
+        };
+        let size = self.sizes.ring_size;
+        let base = (meta.vip_id * 2 + (meta.active_ring & 1)) * size;
+        let rings: Array<_, u32> = Array::try_from(self.map(names::RINGS)?)?;
+        (base..base + size)
+            .map(|slot| rings.get(&slot, 0).context("reading RINGS"))
+            .collect()
+    }
+
+    /// Add or replace backend `backend_id`.
+    pub fn set_backend(&mut self, backend_id: u32, backend: &Backend) -> Result<()> {
+        self.check_backend_id(backend_id)?;
+        let mut map: Array<_, Backend> = Array::try_from(self.map_mut(names::BACKENDS)?)?;
+        map.set(backend_id, backend, 0)
+            .with_context(|| format!("writing backend {backend_id}"))?;
+        Ok(())
+    }
+
+    pub fn backend(&self, backend_id: u32) -> Result<Backend> {
+        self.check_backend_id(backend_id)?;
+        let map: Array<_, Backend> = Array::try_from(self.map(names::BACKENDS)?)?;
+        map.get(&backend_id, 0)
+            .with_context(|| format!("reading backend {backend_id}"))
+    }
+
+    /// Remove backend `backend_id`: its slot becomes unused, and flows still
+    /// tracked to it are re-selected on their next packet.
+    pub fn remove_backend(&mut self, backend_id: u32) -> Result<()> {
+        self.set_backend(backend_id, &Backend::default())
+    }
+
+    /// Set a backend's state (`backend_state::UP`, `DOWN`, `DRAINING`).
+    pub fn set_backend_state(&mut self, backend_id: u32, state: u32) -> Result<()> {
+        if ![
+            backend_state::UP,
+            backend_state::DOWN,
+            backend_state::DRAINING,
+        ]
+        .contains(&state)
+        {
+            bail!("invalid backend state {state}");
+        }
+        let mut backend = self.backend(backend_id)?;
+        if backend.state == backend_state::UNUSED {
+            bail!("backend {backend_id} is not configured");
+        }
+        backend.state = state;
+        self.set_backend(backend_id, &backend)
+    }
+
+    /// The conntrack entry of a flow, if tracked.
+    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowState>> {
+        let map: HashMap<_, FlowKey, FlowState> = HashMap::try_from(self.map(names::FLOWS)?)?;
+        match map.get(key, 0) {
+            Ok(state) => Ok(Some(state)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("reading FLOWS"),
+        }
+    }
+
+    /// Number of tracked flows (walks the table: for status, not hot paths).
+    pub fn flow_count(&self) -> Result<usize> {
+        let map: HashMap<_, FlowKey, FlowState> = HashMap::try_from(self.map(names::FLOWS)?)?;
+        Ok(map.keys().filter(Result::is_ok).count())
+    }
+
+    /// Global per-reason counters, summed over CPUs, indexed by
+    /// `xdp_common::reason`.
+    pub fn stats(&self) -> Result<[u64; reason::COUNT as usize]> {
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(names::STATS)?)?;
+        let mut out = [0u64; reason::COUNT as usize];
+        for (i, slot) in (0..).zip(out.iter_mut()) {
+            *slot = sum_per_cpu(&map, i, |a, b| a + b, 0)?;
+        }
+        Ok(out)
+    }
+
+    /// Counters of one VIP, summed over CPUs.
+    pub fn vip_stats(&self, vip_id: u32) -> Result<Counters> {
+        self.check_vip_id(vip_id)?;
+        let map: PerCpuArray<_, Counters> = PerCpuArray::try_from(self.map(names::VIP_STATS)?)?;
+        sum_per_cpu(&map, vip_id, add_counters, Counters::default())
+    }
+
+    /// Counters of one backend, summed over CPUs.
+    pub fn backend_stats(&self, backend_id: u32) -> Result<Counters> {
+        self.check_backend_id(backend_id)?;
+        let map: PerCpuArray<_, Counters> = PerCpuArray::try_from(self.map(names::BACKEND_STATS)?)?;
+        sum_per_cpu(&map, backend_id, add_counters, Counters::default())
+    }
+}
+
+/// The backend-side decapsulator: the `decap` program and its VIP set.
+pub struct Decap {
+    ebpf: Ebpf,
+}
+
+impl Decap {
+    /// Load `decap` for up to `max_vips` VIP addresses. The balancer's maps
+    /// in the same object are created at their minimum size.
+    pub fn load(max_vips: u32) -> Result<Self> {
+        if max_vips == 0 {
+            bail!("max_vips must be at least 1");
+        }
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(names::DECAP_VIPS, max_vips)
+            .load(object()?)
+            .context("loading the eBPF object (map creation)")?;
+        load_program(&mut ebpf, DECAP_PROGRAM)?;
+        Ok(Self { ebpf })
+    }
+
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+        attach_program(&mut self.ebpf, DECAP_PROGRAM, iface, mode)
+    }
+
+    pub fn program(&self) -> Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program(DECAP_PROGRAM)
+            .ok_or_else(|| anyhow!("program {DECAP_PROGRAM} missing"))?
+            .try_into()?)
+    }
+
+    /// Decapsulate tunnel packets whose inner destination is `vip`.
+    pub fn add_vip(&mut self, vip: IpAddr) -> Result<()> {
+        let (addr, family) = addr_bytes(vip);
+        let key = DecapKey {
+            addr,
+            family: u32::from(family),
+        };
+        let map = self
+            .ebpf
+            .map_mut(names::DECAP_VIPS)
+            .ok_or_else(|| anyhow!("map {} missing", names::DECAP_VIPS))?;
+        let mut map: HashMap<_, DecapKey, u32> = HashMap::try_from(map)?;
+        map.insert(key, 1, 0)
+            .with_context(|| format!("adding decap VIP {vip}"))?;
+        Ok(())
+    }
+
+    /// Counters indexed by `xdp_common::decap_reason`, summed over CPUs.
+    pub fn stats(&self) -> Result<[u64; decap_reason::COUNT as usize]> {
+        let map = self
+            .ebpf
+            .map(names::DECAP_STATS)
+            .ok_or_else(|| anyhow!("map {} missing", names::DECAP_STATS))?;
+        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
+        let mut out = [0u64; decap_reason::COUNT as usize];
+        for (i, slot) in (0..).zip(out.iter_mut()) {
+            *slot = sum_per_cpu(&map, i, |a, b| a + b, 0)?;
+        }
+        Ok(out)
+    }
+}

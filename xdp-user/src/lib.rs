@@ -1,0 +1,4 @@
+//! xdplb: an XDP layer-4 load balancer. This library holds the dataplane
+//! loader; the daemon, health checks and CLI build on it.
+
+pub mod dataplane;
