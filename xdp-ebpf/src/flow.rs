@@ -82,7 +82,7 @@ pub fn select(flow: &FlowKey, vip: &VipMeta) -> Option<Choice> {
         backend_id,
         _pad: 0,
     };
-    if FLOWS.insert(flow, &state, 0).is_err() {
+    if FLOWS.insert(flow, state, 0).is_err() {
         count(reason::FLOW_INSERT_FAILED);
     }
     count(if was_tracked {

@@ -103,11 +103,11 @@ fn vip_lookup(addr: [u8; 16], port: u16, proto: u8, family: u8) -> Option<VipMet
         family,
     };
     // SAFETY: copied out at once; VIPS is only replaced whole by userspace.
-    if let Some(meta) = unsafe { VIPS.get(&key) } {
+    if let Some(meta) = unsafe { VIPS.get(key) } {
         return Some(*meta);
     }
     key.port = 0;
-    unsafe { VIPS.get(&key) }.copied()
+    unsafe { VIPS.get(key) }.copied()
 }
 
 /// A TCP or UDP packet: balance it if it is for a VIP.
@@ -242,7 +242,7 @@ fn try_decap(ctx: &XdpContext) -> Result<u32, Malformed> {
         key.addr = parse::read(ctx, outer.l4_off + dst_off)?;
     }
     // SAFETY: only presence is tested.
-    if unsafe { DECAP_VIPS.get(&key) }.is_none() {
+    if unsafe { DECAP_VIPS.get(key) }.is_none() {
         return Ok(decap_reason::PASS);
     }
     let l2 = L2Header::read(ctx, l3_off)?;

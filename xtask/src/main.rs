@@ -1,1 +1,415 @@
-fn main() {}
+//! Project tasks: `cargo xtask setup` installs what the build and tests need;
+//! `cargo xtask test` runs every check CI runs.
+
+use std::{
+    env,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+    time::Instant,
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+
+/// bpf-linker release the eBPF build is known to work with.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Debian packages the privileged tests use (the command each provides).
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[("iproute2", "ip")];
+
+#[derive(Parser)]
+#[command(about = "xdplb project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing: rust-src, bpf-linker (against the
+    /// toolchain's own LLVM), Debian packages the tests use.
+    Setup,
+    /// Setup, then fmt, clippy (workspace and eBPF crate), unit tests and the
+    /// privileged tests. Needs root.
+    Test {
+        /// Skip fmt and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Only run privileged tests whose name contains this.
+        filter: Option<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup().map(|_| ()),
+        Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    // xtask/ sits directly under the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// Run a command that must succeed, with its output shown.
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Output of a command, if it ran and succeeded.
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The toolchain that builds the eBPF object (the same choice `xdp-user/build.rs`
+/// makes): nightly where installed, else stable with RUSTC_BOOTSTRAP=1.
+struct EbpfToolchain {
+    name: String,
+    bootstrap: bool,
+}
+
+impl EbpfToolchain {
+    fn detect() -> Result<Self> {
+        if let Ok(name) = env::var("XDPLB_EBPF_TOOLCHAIN") {
+            let bootstrap = name != "nightly";
+            return Ok(Self { name, bootstrap });
+        }
+        if output(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])).is_some() {
+            return Ok(Self {
+                name: "nightly".into(),
+                bootstrap: false,
+            });
+        }
+        output(Command::new("rustup").args(["run", "stable", "rustc", "--version"]))
+            .ok_or_else(|| anyhow!("neither a nightly nor a stable toolchain is installed with rustup; install one: rustup toolchain install nightly"))?;
+        Ok(Self {
+            name: "stable".into(),
+            bootstrap: true,
+        })
+    }
+
+    fn cargo(&self) -> Command {
+        let mut cmd = Command::new("rustup");
+        cmd.args(["run", &self.name, "cargo"]);
+        if self.bootstrap {
+            cmd.env("RUSTC_BOOTSTRAP", "1");
+        }
+        cmd
+    }
+
+    fn rustc_output(&self, args: &[&str]) -> Result<String> {
+        output(
+            Command::new("rustup")
+                .args(["run", &self.name, "rustc"])
+                .args(args),
+        )
+        .ok_or_else(|| anyhow!("rustc {args:?} failed on toolchain {}", self.name))
+    }
+}
+
+/// What setup found or did, for its report.
+struct Report {
+    installed: Vec<String>,
+}
+
+fn setup() -> Result<EbpfToolchain> {
+    let started = Instant::now();
+    let toolchain = EbpfToolchain::detect()?;
+    let mut report = Report {
+        installed: Vec::new(),
+    };
+    println!(
+        "setup: eBPF toolchain: {}{}",
+        toolchain.name,
+        if toolchain.bootstrap {
+            " (with RUSTC_BOOTSTRAP=1)"
+        } else {
+            ""
+        }
+    );
+    ensure_components(&toolchain, &mut report)?;
+    ensure_bpf_linker(&toolchain, &mut report)?;
+    ensure_debian_packages(&mut report)?;
+    if report.installed.is_empty() {
+        println!(
+            "setup: everything already in place ({:.1}s)",
+            started.elapsed().as_secs_f64()
+        );
+    } else {
+        println!(
+            "setup: installed {} ({:.1}s)",
+            report.installed.join(", "),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(toolchain)
+}
+
+/// rust-src (for `-Z build-std=core`) and clippy (for the eBPF crate's lint)
+/// on the eBPF toolchain.
+fn ensure_components(toolchain: &EbpfToolchain, report: &mut Report) -> Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        &toolchain.name,
+    ]))
+    .unwrap_or_default();
+    for component in ["rust-src", "clippy"] {
+        if installed.lines().any(|l| l.starts_with(component)) {
+            continue;
+        }
+        println!("setup: installing {component} for {}", toolchain.name);
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            component,
+            "--toolchain",
+            &toolchain.name,
+        ]))
+        .with_context(|| {
+            format!("installing {component} failed; check network access to static.rust-lang.org")
+        })?;
+        report
+            .installed
+            .push(format!("{component} ({})", toolchain.name));
+    }
+    Ok(())
+}
+
+fn bpf_linker_ok() -> bool {
+    output(Command::new("bpf-linker").arg("--version"))
+        .is_some_and(|v| v.split_whitespace().any(|w| w == BPF_LINKER_VERSION))
+}
+
+/// bpf-linker must use the LLVM rustc uses. No such LLVM is packaged, so it
+/// is built against the toolchain's own libLLVM, exposed through a prefix
+/// directory of symlinks that stays in place (the binary links to it).
+fn ensure_bpf_linker(toolchain: &EbpfToolchain, report: &mut Report) -> Result<()> {
+    if bpf_linker_ok() {
+        return Ok(());
+    }
+    let verbose = toolchain.rustc_output(&["-vV"])?;
+    let llvm_major = verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .ok_or_else(|| anyhow!("rustc -vV does not name its LLVM version"))?
+        .to_owned();
+    let sysroot = PathBuf::from(toolchain.rustc_output(&["--print", "sysroot"])?.trim());
+    let libdir = sysroot.join("lib");
+    let lib_name = std::fs::read_dir(&libdir)
+        .with_context(|| format!("reading {}", libdir.display()))?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .ok_or_else(|| {
+            anyhow!(
+                "no libLLVM.so.* in {}: the toolchain ships no shared LLVM",
+                libdir.display()
+            )
+        })?;
+    let cargo_home = env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .ok_or_else(|| anyhow!("neither CARGO_HOME nor HOME is set"))?;
+    let prefix = cargo_home.join("xdplb-llvm").join(&lib_name);
+    let prefix_lib = prefix.join("lib");
+    std::fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
+    for link in ["libLLVM.so", lib_name.as_str()] {
+        let path = prefix_lib.join(link);
+        let _ = std::fs::remove_file(&path);
+        std::os::unix::fs::symlink(libdir.join(&lib_name), &path)
+            .with_context(|| format!("linking {}", path.display()))?;
+    }
+    println!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against {lib_name} (LLVM {llvm_major}); about a minute"
+    );
+    run(toolchain
+        .cargo()
+        .args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--force",
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{llvm_major}"),
+        ])
+        .env("LLVM_PREFIX", &prefix))
+    .context("building bpf-linker failed (see cargo's output above); it needs network access to crates.io and a C toolchain")?;
+    if !bpf_linker_ok() {
+        bail!("bpf-linker was installed but `bpf-linker --version` does not run; is ~/.cargo/bin on PATH?");
+    }
+    report
+        .installed
+        .push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+    Ok(())
+}
+
+fn ensure_debian_packages(report: &mut Report) -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(_, command)| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {command}")])
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .map(|(package, _)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "Debian packages missing: {}; install them as root (apt-get install {})",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    println!("setup: installing Debian packages {}", missing.join(" "));
+    run(Command::new("apt-get")
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("apt-get update failed")?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .context("apt-get install failed")?;
+    report
+        .installed
+        .extend(missing.iter().map(|p| p.to_string()));
+    Ok(())
+}
+
+/// One step of `cargo xtask test` and how it went.
+struct Step {
+    name: &'static str,
+    ok: bool,
+    seconds: f64,
+}
+
+fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
+    if !is_root() {
+        bail!("cargo xtask test runs BPF programs and network namespaces and needs root; run it as root (sudo -E cargo xtask test)");
+    }
+    let root = workspace_root();
+    let toolchain = setup()?;
+    let cargo = || {
+        let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        cmd.current_dir(&root);
+        cmd
+    };
+    let mut steps: Vec<(&'static str, Command)> = Vec::new();
+    if !no_lint {
+        let mut fmt = cargo();
+        fmt.args(["fmt", "--all", "--check"]);
+        steps.push(("cargo fmt --check", fmt));
+        let mut clippy = cargo();
+        clippy.args([
+            "clippy",
+            "--workspace",
+            "--exclude",
+            "xdp-ebpf",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]);
+        steps.push(("clippy (workspace)", clippy));
+        let mut clippy_ebpf = toolchain.cargo();
+        clippy_ebpf.current_dir(&root).args([
+            "clippy",
+            "--package",
+            "xdp-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ]);
+        steps.push(("clippy (eBPF crate)", clippy_ebpf));
+    }
+    let mut unit = cargo();
+    unit.args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "xdp-ebpf",
+        "--exclude",
+        "integration-tests",
+    ]);
+    steps.push(("unit tests", unit));
+    // Privileged tests share kernel state (bpffs, namespaces): one at a time.
+    let mut privileged = cargo();
+    privileged.args(["test", "--package", "integration-tests", "--"]);
+    if let Some(filter) = filter {
+        privileged.arg(filter);
+    }
+    privileged.arg("--test-threads=1");
+    steps.push(("privileged tests", privileged));
+
+    let mut results = Vec::new();
+    for (name, mut cmd) in steps {
+        println!("\n==> {name}");
+        let started = Instant::now();
+        let ok = cmd.status().map(|s| s.success()).unwrap_or(false);
+        results.push(Step {
+            name,
+            ok,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+        if !ok {
+            break;
+        }
+    }
+    println!("\nsummary:");
+    for step in &results {
+        println!(
+            "  {:<22} {:>4}  {:>6.1}s",
+            step.name,
+            if step.ok { "ok" } else { "FAIL" },
+            step.seconds
+        );
+    }
+    match results.iter().find(|s| !s.ok) {
+        Some(failed) => Err(anyhow!("{} failed", failed.name)),
+        None => Ok(()),
+    }
+}
