@@ -1,6 +1,8 @@
 //! Shared helpers of the privileged tests: running XDP programs through
 //! BPF_PROG_TEST_RUN and building packets.
 
+pub mod packet;
+
 use anyhow::{Context as _, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 
@@ -39,4 +41,103 @@ pub fn require_root() -> bool {
         eprintln!("skipped: needs root (CAP_BPF, CAP_NET_ADMIN); run `cargo xtask test`");
     }
     root
+}
+
+pub mod lab;
+
+use xdp_common::reason;
+
+/// One row of a dataplane table test.
+pub struct Case {
+    pub name: String,
+    pub input: Vec<u8>,
+    pub action: u32,
+    pub output: Vec<u8>,
+    /// Global counters expected to move, and by how much; every other
+    /// counter must stay put.
+    pub counters: Vec<(u32, u64)>,
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes
+        .chunks(16)
+        .map(|line| {
+            line.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n    ")
+}
+
+fn action_name(action: u32) -> &'static str {
+    match action {
+        0 => "XDP_ABORTED",
+        1 => "XDP_DROP",
+        2 => "XDP_PASS",
+        3 => "XDP_TX",
+        4 => "XDP_REDIRECT",
+        _ => "?",
+    }
+}
+
+/// Run one case on `lab`'s balancer; on mismatch, a report with the input,
+/// the expectation and what happened.
+pub fn check(lab: &lab::Lab, case: &Case) -> Result<(), String> {
+    let before = lab.stats();
+    let result = run(lab.dp.program().map_err(|e| e.to_string())?, &case.input)
+        .map_err(|e| format!("{}: {e:#}", case.name))?;
+    let after = lab.stats();
+    let mut problems = Vec::new();
+    if result.action != case.action {
+        problems.push(format!(
+            "action: expected {}, got {}",
+            action_name(case.action),
+            action_name(result.action)
+        ));
+    }
+    if result.output != case.output {
+        problems.push(format!(
+            "output bytes differ\n  expected:\n    {}\n  actual:\n    {}",
+            hex(&case.output),
+            hex(&result.output)
+        ));
+    }
+    for (i, name) in reason::NAMES.iter().enumerate() {
+        let moved = after[i] - before[i];
+        let expected = case
+            .counters
+            .iter()
+            .find(|(r, _)| *r as usize == i)
+            .map_or(0, |(_, n)| *n);
+        if moved != expected {
+            problems.push(format!(
+                "counter {name}: expected +{expected}, got +{moved}"
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "case {:?}:\n  input:\n    {}\n  {}",
+            case.name,
+            hex(&case.input),
+            problems.join("\n  ")
+        ))
+    }
+}
+
+/// Run every case, in order, and fail with all mismatches at once.
+pub fn check_all(lab: &lab::Lab, cases: &[Case]) {
+    let failures: Vec<String> = cases.iter().filter_map(|c| check(lab, c).err()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n\n")
+    );
+    println!("{} cases passed", cases.len());
 }

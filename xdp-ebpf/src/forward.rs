@@ -106,6 +106,9 @@ pub struct Inner {
     /// Declared length of the inner IP packet.
     pub ip_len: usize,
     pub tos: u8,
+    /// Copied to the outer IPv4 header, so path-MTU discovery works through
+    /// the tunnel.
+    pub dont_fragment: bool,
     /// Flow hash: picks the outer source's host bits and the IPv6 flow label.
     pub hash: u32,
 }
@@ -170,6 +173,9 @@ pub fn encapsulate(
         hdr[1] = inner.tos;
         hdr[2] = tot_len[0];
         hdr[3] = tot_len[1];
+        if inner.dont_fragment {
+            hdr[6] = 0x40;
+        }
         hdr[8] = ttl;
         hdr[9] = inner_proto(inner);
         hdr[12..16].copy_from_slice(&src);

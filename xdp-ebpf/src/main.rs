@@ -195,6 +195,7 @@ fn transmit(
         family: l3.family,
         ip_len: l3.ip_len,
         tos: l3.tos,
+        dont_fragment: l3.dont_fragment,
         hash: xdp_common::flow_hash(flow, false),
     };
     match forward::encapsulate(ctx, &l2, &inner, backend, cfg)? {

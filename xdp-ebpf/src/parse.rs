@@ -122,6 +122,8 @@ pub struct L3 {
     pub tos: u8,
     /// IPv4 MF set or offset non-zero, or an IPv6 Fragment header.
     pub fragment: bool,
+    /// IPv4 DF set; always for IPv6, which routers never fragment.
+    pub dont_fragment: bool,
     /// IPv6 extension header other than Fragment (not balanced).
     pub extension: bool,
 }
@@ -164,6 +166,7 @@ pub fn ipv4(ctx: &XdpContext, off: usize) -> Result<L3, Malformed> {
         tos: hdr[1],
         // MF flag or a non-zero fragment offset.
         fragment: frag & 0x3fff != 0,
+        dont_fragment: frag & 0x4000 != 0,
         extension: false,
     })
 }
@@ -194,6 +197,7 @@ pub fn ipv6(ctx: &XdpContext, off: usize) -> Result<L3, Malformed> {
         ip_len,
         tos: (hdr[0] << 4) | (hdr[1] >> 4),
         fragment: proto == IPPROTO_FRAGMENT,
+        dont_fragment: true,
         extension: matches!(proto, IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS),
     })
 }

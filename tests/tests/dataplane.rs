@@ -1,0 +1,756 @@
+//! The balancer through BPF_PROG_TEST_RUN: a table of packets, each with the
+//! action, output bytes and counter changes it must produce, then the
+//! conntrack / ring / backend-state behaviours that need several packets.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use integration_tests::{
+    check_all,
+    lab::{self, *},
+    packet::{self, L3},
+    require_root, run, Case,
+};
+use xdp_common::{
+    backend_state, reason::*, FlowKey, PROTO_TCP, PROTO_UDP, XDP_DROP, XDP_PASS, XDP_TX,
+};
+
+const VLAN_L3: usize = L3 + 4;
+
+fn ip4(vip: &LabVip) -> Ipv4Addr {
+    match vip.addr {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(_) => panic!("not an IPv4 VIP"),
+    }
+}
+
+fn ip6(vip: &LabVip) -> Ipv6Addr {
+    match vip.addr {
+        IpAddr::V6(a) => a,
+        IpAddr::V4(_) => panic!("not an IPv6 VIP"),
+    }
+}
+
+/// A packet of flow `key` to `vip`, sent by the LB to the backend its ring
+/// predicts; `flow_reason` is FLOW_NEW or FLOW_HIT.
+fn forwarded(
+    name: &str,
+    vip: &LabVip,
+    frame: Vec<u8>,
+    l3: usize,
+    key: FlowKey,
+    flow_reason: u32,
+) -> Case {
+    let backend = predicted_backend(vip, &ring_of(vip.backends), &key);
+    let output = expected_forward(vip, &frame, l3, &key, backend);
+    let tx = if vip.mode == xdp_common::fwd::L2_DSR {
+        TX_L2_DSR
+    } else {
+        TX_ENCAP
+    };
+    let mut counters = vec![(tx, 1), (flow_reason, 1)];
+    if l3 != L3 {
+        counters.push((VLAN, 1));
+    }
+    Case {
+        name: name.into(),
+        input: frame,
+        action: XDP_TX,
+        output,
+        counters,
+    }
+}
+
+fn passed(name: &str, frame: Vec<u8>, why: u32) -> Case {
+    Case {
+        name: name.into(),
+        output: frame.clone(),
+        input: frame,
+        action: XDP_PASS,
+        counters: vec![(why, 1)],
+    }
+}
+
+fn client_tcp4(vip: &LabVip, sport: u16) -> (Vec<u8>, FlowKey) {
+    let frame = packet::tcp4(
+        CLIENT4,
+        ip4(vip),
+        sport,
+        vip.port,
+        b"GET / HTTP/1.1\r\n\r\n",
+    );
+    let key = flow(CLIENT4.into(), vip.addr, sport, vip.port, PROTO_TCP);
+    (frame, key)
+}
+
+fn client_tcp6(vip: &LabVip, sport: u16) -> (Vec<u8>, FlowKey) {
+    let frame = packet::tcp6(CLIENT6, ip6(vip), sport, vip.port, b"hello");
+    let key = flow(CLIENT6.into(), vip.addr, sport, vip.port, PROTO_TCP);
+    (frame, key)
+}
+
+/// Cut a frame to `len` bytes.
+fn cut(frame: &[u8], len: usize) -> Vec<u8> {
+    frame[..len].to_vec()
+}
+
+/// Set the IPv4 total length (and fix the checksum).
+fn with_tot_len(frame: &[u8], tot_len: u16) -> Vec<u8> {
+    let mut f = frame.to_vec();
+    f[L3 + 2..L3 + 4].copy_from_slice(&tot_len.to_be_bytes());
+    packet::fix_ipv4_checksum(&mut f, L3);
+    f
+}
+
+fn table() -> Vec<Case> {
+    let mut cases = Vec::new();
+
+    // Every VIP kind and forwarding mode, new flows.
+    let (f, k) = client_tcp4(&WEB4, 40001);
+    cases.push(forwarded(
+        "ipv4 tcp vip, new flow: IPIP to the ring's backend",
+        &WEB4,
+        f.clone(),
+        L3,
+        k,
+        FLOW_NEW,
+    ));
+    cases.push(forwarded(
+        "ipv4 tcp vip, same flow again: conntrack hit",
+        &WEB4,
+        f,
+        L3,
+        k,
+        FLOW_HIT,
+    ));
+    for sport in [40002, 40003, 40004, 40005] {
+        let (f, k) = client_tcp4(&WEB4, sport);
+        cases.push(forwarded(
+            &format!("ipv4 tcp vip, client port {sport}"),
+            &WEB4,
+            f,
+            L3,
+            k,
+            FLOW_NEW,
+        ));
+    }
+    for dport in [5353u16, 53] {
+        let f = packet::udp4(CLIENT4, ip4(&DNS4), 41000, dport, b"query");
+        let k = flow(CLIENT4.into(), DNS4.addr, 41000, dport, PROTO_UDP);
+        cases.push(forwarded(
+            &format!("ipv4 udp to a port-less vip, port {dport}"),
+            &DNS4,
+            f,
+            L3,
+            k,
+            FLOW_NEW,
+        ));
+    }
+    let (f, k) = client_tcp6(&WEB6, 40001);
+    cases.push(forwarded(
+        "ipv6 tcp vip: IPv6-in-IPv6",
+        &WEB6,
+        f,
+        L3,
+        k,
+        FLOW_NEW,
+    ));
+    let f = packet::udp6(CLIENT6, ip6(&DNS6), 41000, 53, b"query");
+    let k = flow(CLIENT6.into(), DNS6.addr, 41000, 53, PROTO_UDP);
+    cases.push(forwarded(
+        "ipv6 udp vip: IPv6-in-IPv6",
+        &DNS6,
+        f,
+        L3,
+        k,
+        FLOW_NEW,
+    ));
+    let (f, k) = client_tcp4(&MIXED, 40001);
+    cases.push(forwarded(
+        "ipv4 vip with ipv6 backends: IPv4-in-IPv6",
+        &MIXED,
+        f,
+        L3,
+        k,
+        FLOW_NEW,
+    ));
+    let (f, k) = client_tcp4(&DSR, 40001);
+    cases.push(forwarded(
+        "L2 DSR: only the MAC addresses change",
+        &DSR,
+        f,
+        L3,
+        k,
+        FLOW_NEW,
+    ));
+    for sport in [1000, 2000, 3000] {
+        let (f, k) = client_tcp4(&STICKY, sport);
+        cases.push(forwarded(
+            &format!("source-hash vip, client port {sport}: the client's backend"),
+            &STICKY,
+            f,
+            L3,
+            k,
+            FLOW_NEW,
+        ));
+    }
+
+    // Ethernet padding: a bare ACK is padded to the 60-byte minimum frame;
+    // the outer length covers only the IP packet.
+    let (f, k) = {
+        let mut f = packet::tcp4(CLIENT4, ip4(&WEB4), 40010, 80, b"");
+        f.resize(60, 0);
+        (f, flow(CLIENT4.into(), WEB4.addr, 40010, 80, PROTO_TCP))
+    };
+    cases.push(forwarded(
+        "ipv4 tcp ack with ethernet padding",
+        &WEB4,
+        f,
+        L3,
+        k,
+        FLOW_NEW,
+    ));
+
+    // VLAN tags and IPv4 options.
+    let (f, k) = client_tcp4(&WEB4, 40020);
+    cases.push(forwarded(
+        "802.1Q tagged ipv4: encapsulated, tag kept",
+        &WEB4,
+        packet::with_vlan(&f, 0x8100, 100),
+        VLAN_L3,
+        k,
+        FLOW_NEW,
+    ));
+    let (f, k) = client_tcp6(&WEB6, 40020);
+    cases.push(forwarded(
+        "802.1ad tagged ipv6: encapsulated, tag kept",
+        &WEB6,
+        packet::with_vlan(&f, 0x88a8, 7),
+        VLAN_L3,
+        k,
+        FLOW_NEW,
+    ));
+    for words in [1, 3, 10] {
+        let (f, k) = client_tcp4(&WEB4, 40030 + words as u16);
+        cases.push(forwarded(
+            &format!("ipv4 with {words} words of options: found the ports past them"),
+            &WEB4,
+            packet::with_ipv4_options(&f, words),
+            L3,
+            k,
+            FLOW_NEW,
+        ));
+    }
+
+    // Fragments and headers the balancer does not handle.
+    let (f, _) = client_tcp4(&WEB4, 40040);
+    cases.push(passed(
+        "ipv4 first fragment (MF) to a vip",
+        packet::as_ipv4_fragment(&f, true, 0),
+        FRAGMENT,
+    ));
+    cases.push(passed(
+        "ipv4 last fragment (offset 100) to a vip",
+        packet::as_ipv4_fragment(&f, false, 100),
+        FRAGMENT,
+    ));
+    let (f6, _) = client_tcp6(&WEB6, 40040);
+    cases.push(passed(
+        "ipv6 fragment header to a vip",
+        packet::with_ipv6_extension(&f6, 44),
+        FRAGMENT,
+    ));
+    cases.push(passed(
+        "ipv6 hop-by-hop header to a vip",
+        packet::with_ipv6_extension(&f6, 0),
+        PASS_UNSUPPORTED,
+    ));
+    cases.push(passed(
+        "ipv6 routing header to a vip",
+        packet::with_ipv6_extension(&f6, 43),
+        PASS_UNSUPPORTED,
+    ));
+    cases.push(passed(
+        "two VLAN tags (QinQ)",
+        packet::with_vlan(&packet::with_vlan(&f, 0x8100, 5), 0x88a8, 6),
+        PASS_UNSUPPORTED,
+    ));
+
+    // ICMP errors quoting a VIP flow go to the flow's backend; conntrack
+    // already has WEB4 port 40001 and WEB6 port 40001 from above.
+    let router4 = Ipv4Addr::new(198, 18, 200, 1);
+    let reply = packet::tcp4(ip4(&WEB4), CLIENT4, 80, 40001, b"HTTP/1.1 200 OK\r\n");
+    let icmp = packet::icmp4_frag_needed(router4, ip4(&WEB4), &reply);
+    let k = flow(CLIENT4.into(), WEB4.addr, 40001, 80, PROTO_TCP);
+    let backend = predicted_backend(&WEB4, &ring_of(WEB4.backends), &k);
+    cases.push(Case {
+        name: "icmp frag-needed quoting a tracked ipv4 vip flow".into(),
+        output: expected_forward(&WEB4, &icmp, L3, &k, backend),
+        input: icmp,
+        action: XDP_TX,
+        counters: vec![(TX_ICMP, 1)],
+    });
+    let reply = packet::tcp4(ip4(&WEB4), CLIENT4, 80, 49999, b"HTTP/1.1 200 OK\r\n");
+    let icmp = packet::icmp4_frag_needed(router4, ip4(&WEB4), &reply);
+    let k = flow(CLIENT4.into(), WEB4.addr, 49999, 80, PROTO_TCP);
+    let backend = predicted_backend(&WEB4, &ring_of(WEB4.backends), &k);
+    cases.push(Case {
+        name: "icmp frag-needed quoting an untracked flow: the ring's owner, no state".into(),
+        output: expected_forward(&WEB4, &icmp, L3, &k, backend),
+        input: icmp,
+        action: XDP_TX,
+        counters: vec![(TX_ICMP, 1)],
+    });
+    let router6 = Ipv6Addr::new(0x2001, 0xdb8, 0x200, 0, 0, 0, 0, 1);
+    let reply6 = packet::tcp6(ip6(&WEB6), CLIENT6, 443, 40001, b"reply");
+    let icmp6 = packet::icmp6_too_big(router6, ip6(&WEB6), &reply6);
+    let k = flow(CLIENT6.into(), WEB6.addr, 40001, 443, PROTO_TCP);
+    let backend = predicted_backend(&WEB6, &ring_of(WEB6.backends), &k);
+    cases.push(Case {
+        name: "icmpv6 packet-too-big quoting an ipv6 vip flow".into(),
+        output: expected_forward(&WEB6, &icmp6, L3, &k, backend),
+        input: icmp6,
+        action: XDP_TX,
+        counters: vec![(TX_ICMP, 1)],
+    });
+    let other = packet::tcp4(Ipv4Addr::new(198, 18, 9, 9), CLIENT4, 80, 40001, b"x");
+    cases.push(passed(
+        "icmp frag-needed quoting a non-vip flow",
+        packet::icmp4_frag_needed(router4, Ipv4Addr::new(198, 18, 9, 9), &other),
+        PASS_NOT_VIP,
+    ));
+    cases.push(passed(
+        "icmp echo to a vip address",
+        packet::icmp4_echo(CLIENT4, ip4(&WEB4)),
+        PASS_NOT_VIP,
+    ));
+
+    // Not for a VIP.
+    cases.push(passed(
+        "tcp to a non-vip address",
+        packet::tcp4(CLIENT4, Ipv4Addr::new(198, 18, 0, 99), 40000, 80, b"x"),
+        PASS_NOT_VIP,
+    ));
+    cases.push(passed(
+        "tcp to a vip address, other port",
+        packet::tcp4(CLIENT4, ip4(&WEB4), 40000, 8080, b"x"),
+        PASS_NOT_VIP,
+    ));
+    cases.push(passed(
+        "udp to a tcp vip's port",
+        packet::udp4(CLIENT4, ip4(&WEB4), 40000, 80, b"x"),
+        PASS_NOT_VIP,
+    ));
+    cases.push(passed(
+        "tcp to a udp port-less vip",
+        packet::tcp4(CLIENT4, ip4(&DNS4), 40000, 53, b"x"),
+        PASS_NOT_VIP,
+    ));
+    cases.push(passed(
+        "ipv6 tcp to a non-vip address",
+        packet::tcp6(
+            CLIENT6,
+            Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x99),
+            1,
+            443,
+            b"x",
+        ),
+        PASS_NOT_VIP,
+    ));
+    cases.push(passed("arp", packet::arp(), PASS_NOT_VIP));
+
+    // No backend.
+    let (f, _) = client_tcp4(&EMPTY, 40001);
+    cases.push(Case {
+        name: "vip with an empty ring: dropped".into(),
+        output: f.clone(),
+        input: f,
+        action: XDP_DROP,
+        counters: vec![(NO_BACKEND, 1)],
+    });
+
+    // Truncated or inconsistent headers, at every layer.
+    let (f, _) = client_tcp4(&WEB4, 40050);
+    let (f6, _) = client_tcp6(&WEB6, 40050);
+    let udp = packet::udp4(CLIENT4, ip4(&DNS4), 41000, 53, b"query");
+    let tagged = packet::with_vlan(&f, 0x8100, 100);
+    let mut bad_version = f.clone();
+    bad_version[L3] = 0x55;
+    let mut ihl4 = f.clone();
+    ihl4[L3] = 0x44;
+    packet::fix_ipv4_checksum(&mut ihl4, L3);
+    let mut ihl15 = f.clone();
+    ihl15[L3] = 0x4f;
+    let mut v6_bad_version = f6.clone();
+    v6_bad_version[L3] = 0x45;
+    let mut v6_long = f6.clone();
+    v6_long[L3 + 4..L3 + 6].copy_from_slice(&2000u16.to_be_bytes());
+    let reply = packet::tcp4(ip4(&WEB4), CLIENT4, 80, 40001, b"");
+    let reply6 = packet::tcp6(ip6(&WEB6), CLIENT6, 443, 40001, b"");
+    for (name, frame) in [
+        ("vlan tag cut short", cut(&tagged, 16)),
+        ("ipv4 header cut short", cut(&f, L3 + 10)),
+        ("ipv4 version field is 5", bad_version),
+        ("ipv4 IHL 4 (below the minimum)", ihl4),
+        ("ipv4 IHL 15 beyond the packet's total length", ihl15),
+        ("ipv4 total length beyond the frame", with_tot_len(&f, 1500)),
+        (
+            "ipv4 total length below the header length",
+            with_tot_len(&f, 16),
+        ),
+        (
+            "tcp header cut short inside the ip packet",
+            with_tot_len(&cut(&f, L3 + 30), 30),
+        ),
+        (
+            "udp header cut short inside the ip packet",
+            with_tot_len(&cut(&udp, L3 + 24), 24),
+        ),
+        (
+            "tcp header cut short with the ip length intact",
+            cut(&f, L3 + 30),
+        ),
+        ("ipv6 header cut short", cut(&f6, L3 + 30)),
+        ("ipv6 version field is 4", v6_bad_version),
+        ("ipv6 payload length beyond the frame", v6_long),
+        (
+            "icmp frag-needed with its quote cut short",
+            packet::icmp4_frag_needed(router4, ip4(&WEB4), &reply[..L3 + 10]),
+        ),
+        (
+            "icmpv6 too-big with its quote cut short",
+            packet::icmp6_too_big(router6, ip6(&WEB6), &reply6[..L3 + 30]),
+        ),
+        (
+            "icmp frag-needed quoting only the ip header",
+            packet::icmp4_frag_needed(router4, ip4(&WEB4), &reply[..L3 + 20]),
+        ),
+    ] {
+        cases.push(passed(&format!("malformed: {name}"), frame, MALFORMED));
+    }
+    cases
+}
+
+#[test]
+fn every_path_matches_the_table() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new().expect("loading the lab");
+    check_all(&lab, &table());
+}
+
+#[test]
+fn fragment_and_malformed_actions_follow_config() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = Lab::new().expect("loading the lab");
+    let (f, _) = client_tcp4(&WEB4, 40060);
+    let fragment = packet::as_ipv4_fragment(&f, true, 0);
+    let malformed = cut(&f, L3 + 10);
+    let drop = |name: &str, frame: &Vec<u8>, why| Case {
+        name: name.into(),
+        input: frame.clone(),
+        output: frame.clone(),
+        action: XDP_DROP,
+        counters: vec![(why, 1)],
+    };
+    let mut config = lab_config();
+    config.fragment_action = XDP_DROP;
+    lab.dp.set_config(&config).unwrap();
+    check_all(
+        &lab,
+        &[
+            drop("fragment, fragment_action=drop", &fragment, FRAGMENT),
+            passed(
+                "malformed, malformed_action=pass",
+                malformed.clone(),
+                MALFORMED,
+            ),
+        ],
+    );
+    config.fragment_action = XDP_PASS;
+    config.malformed_action = XDP_DROP;
+    lab.dp.set_config(&config).unwrap();
+    check_all(
+        &lab,
+        &[
+            passed("fragment, fragment_action=pass", fragment, FRAGMENT),
+            drop("malformed, malformed_action=drop", &malformed, MALFORMED),
+        ],
+    );
+    // An action outside pass/drop is never taken (TX of garbage, ABORTED).
+    config.malformed_action = 77;
+    lab.dp.set_config(&config).unwrap();
+    check_all(
+        &lab,
+        &[passed(
+            "malformed, nonsense action: pass",
+            malformed,
+            MALFORMED,
+        )],
+    );
+}
+
+/// The backend a test run sent `frame` to, read from the conntrack table.
+fn tracked_backend(lab: &Lab, key: &FlowKey) -> Option<u32> {
+    lab.dp
+        .flow(key)
+        .expect("reading FLOWS")
+        .map(|s| s.backend_id)
+}
+
+fn send(lab: &Lab, frame: &[u8]) -> u32 {
+    run(lab.dp.program().unwrap(), frame)
+        .expect("test run")
+        .action
+}
+
+/// A client port of WEB4 whose flow the standard ring sends to `backend`.
+fn port_for(backend: u32, from: u16) -> u16 {
+    (from..)
+        .find(|&p| {
+            let k = flow(CLIENT4.into(), WEB4.addr, p, 80, PROTO_TCP);
+            predicted_backend(&WEB4, &ring_of(WEB4.backends), &k) == backend
+        })
+        .expect("some port maps to every backend")
+}
+
+#[test]
+fn conntrack_keeps_flows_across_a_ring_change() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let key = WEB4.key();
+    // Three flows, one per backend.
+    let ports: Vec<u16> = (0..3)
+        .map(|b| port_for(b, 30000 + b as u16 * 1000))
+        .collect();
+    for (b, &p) in ports.iter().enumerate() {
+        let (f, k) = client_tcp4(&WEB4, p);
+        assert_eq!(send(&lab, &f), XDP_TX);
+        assert_eq!(
+            tracked_backend(&lab, &k),
+            Some(b as u32),
+            "flow {p} tracked to its ring backend"
+        );
+    }
+    let before = lab.dp.vip(&key).unwrap().unwrap().active_ring;
+    // The new ring sends everything to backend 2.
+    let new_ring = ring_of(&[2]);
+    lab.dp.write_ring(&key, &new_ring).unwrap();
+    assert_ne!(
+        lab.dp.vip(&key).unwrap().unwrap().active_ring,
+        before,
+        "the write flipped the live half"
+    );
+    assert_eq!(lab.dp.ring(&key).unwrap(), new_ring);
+    let stats = lab.stats();
+    for (b, &p) in ports.iter().enumerate() {
+        let (f, k) = client_tcp4(&WEB4, p);
+        let r = run(lab.dp.program().unwrap(), &f).unwrap();
+        assert_eq!(r.action, XDP_TX);
+        assert_eq!(
+            r.output,
+            expected_forward(&WEB4, &f, L3, &k, b as u32),
+            "established flow {p} stays on backend {b}"
+        );
+    }
+    assert_eq!(lab.stats()[FLOW_HIT as usize] - stats[FLOW_HIT as usize], 3);
+    // A new flow follows the new ring.
+    let (f, k) = client_tcp4(&WEB4, port_for(0, 50000));
+    let r = run(lab.dp.program().unwrap(), &f).unwrap();
+    assert_eq!(r.output, expected_forward(&WEB4, &f, L3, &k, 2));
+    assert_eq!(tracked_backend(&lab, &k), Some(2));
+}
+
+#[test]
+fn flows_of_a_down_backend_are_reselected() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let p = port_for(1, 30000);
+    let (f, k) = client_tcp4(&WEB4, p);
+    assert_eq!(send(&lab, &f), XDP_TX);
+    assert_eq!(tracked_backend(&lab, &k), Some(1));
+
+    // Marked down but still in the ring: not forwarded to a dead backend.
+    lab.dp.set_backend_state(1, backend_state::DOWN).unwrap();
+    let stats = lab.stats();
+    assert_eq!(send(&lab, &f), XDP_DROP);
+    assert_eq!(
+        lab.stats()[NO_BACKEND as usize] - stats[NO_BACKEND as usize],
+        1
+    );
+
+    // Ring rebuilt without it: the flow moves and conntrack follows.
+    let ring = ring_of(&[0, 2]);
+    lab.dp.write_ring(&WEB4.key(), &ring).unwrap();
+    let expected = predicted_backend(&WEB4, &ring, &k);
+    let stats = lab.stats();
+    let new_flows = lab.dp.backend_stats(expected).unwrap().new_flows;
+    let r = run(lab.dp.program().unwrap(), &f).unwrap();
+    assert_eq!(r.action, XDP_TX);
+    assert_eq!(r.output, expected_forward(&WEB4, &f, L3, &k, expected));
+    assert_eq!(tracked_backend(&lab, &k), Some(expected));
+    assert_eq!(
+        lab.stats()[FLOW_RESELECTED as usize] - stats[FLOW_RESELECTED as usize],
+        1
+    );
+    assert_eq!(
+        lab.dp.backend_stats(expected).unwrap().new_flows,
+        new_flows + 1
+    );
+
+    // Removed outright: same.
+    let p = port_for(0, 40000);
+    let (f, k) = client_tcp4(&WEB4, p);
+    lab.dp
+        .write_ring(&WEB4.key(), &ring_of(WEB4.backends))
+        .unwrap();
+    lab.dp.set_backend_state(1, backend_state::UP).unwrap();
+    assert_eq!(send(&lab, &f), XDP_TX);
+    assert_eq!(tracked_backend(&lab, &k), Some(0));
+    lab.dp.remove_backend(0).unwrap();
+    lab.dp.write_ring(&WEB4.key(), &ring_of(&[1, 2])).unwrap();
+    assert_eq!(send(&lab, &f), XDP_TX);
+    assert_ne!(
+        tracked_backend(&lab, &k),
+        Some(0),
+        "a removed backend's flow moved"
+    );
+}
+
+#[test]
+fn a_draining_backend_keeps_its_flows_and_gets_no_new_ones() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let p = port_for(1, 30000);
+    let (f, k) = client_tcp4(&WEB4, p);
+    assert_eq!(send(&lab, &f), XDP_TX);
+    lab.dp
+        .set_backend_state(1, backend_state::DRAINING)
+        .unwrap();
+    lab.dp.write_ring(&WEB4.key(), &ring_of(&[0, 2])).unwrap();
+    for _ in 0..3 {
+        let r = run(lab.dp.program().unwrap(), &f).unwrap();
+        assert_eq!(
+            r.output,
+            expected_forward(&WEB4, &f, L3, &k, 1),
+            "existing flow stays on the draining backend"
+        );
+    }
+    // A new flow the old ring would have given backend 1 goes elsewhere.
+    let p2 = port_for(1, p + 1);
+    let (f2, k2) = client_tcp4(&WEB4, p2);
+    assert_eq!(send(&lab, &f2), XDP_TX);
+    let got = tracked_backend(&lab, &k2).unwrap();
+    assert_ne!(got, 1);
+    assert_eq!(got, predicted_backend(&WEB4, &ring_of(&[0, 2]), &k2));
+}
+
+#[test]
+fn vip_and_backend_counters_add_up() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let mut bytes = 0u64;
+    let mut per_backend = [0u64; 3];
+    let flows = 20u16;
+    for p in 0..flows {
+        let (f, k) = client_tcp4(&WEB4, 20000 + p);
+        let b = predicted_backend(&WEB4, &ring_of(WEB4.backends), &k);
+        for _ in 0..3 {
+            assert_eq!(send(&lab, &f), XDP_TX);
+            bytes += f.len() as u64;
+            per_backend[b as usize] += 1;
+        }
+    }
+    let vip = lab.dp.vip_stats(WEB4.vip_id).unwrap();
+    assert_eq!(vip.packets, 3 * u64::from(flows));
+    assert_eq!(vip.bytes, bytes);
+    assert_eq!(vip.new_flows, u64::from(flows));
+    for (b, &n) in per_backend.iter().enumerate() {
+        assert_eq!(
+            lab.dp.backend_stats(b as u32).unwrap().packets,
+            n,
+            "backend {b}"
+        );
+    }
+    assert_eq!(lab.dp.vip_stats(DNS4.vip_id).unwrap().packets, 0);
+}
+
+#[test]
+fn bad_dataplane_requests_are_refused_and_change_nothing() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let key = WEB4.key();
+    let ring = lab.dp.ring(&key).unwrap();
+    assert!(lab.dp.write_ring(&key, &ring[..5]).is_err(), "short ring");
+    let mut bad = ring.clone();
+    bad[3] = lab::SIZES.max_backends;
+    assert!(
+        lab.dp.write_ring(&key, &bad).is_err(),
+        "ring naming an out-of-range backend"
+    );
+    assert_eq!(lab.dp.ring(&key).unwrap(), ring);
+    assert!(
+        lab.dp.add_vip(&key, lab::SIZES.max_vips, 0, 0).is_err(),
+        "vip id out of range"
+    );
+    assert_eq!(lab.dp.vip(&key).unwrap().unwrap().vip_id, WEB4.vip_id);
+    assert!(
+        lab.dp.set_backend_state(9, backend_state::UP).is_err(),
+        "unconfigured backend"
+    );
+    assert!(lab.dp.set_backend_state(0, 42).is_err(), "unknown state");
+    assert_eq!(lab.dp.backend(0).unwrap().state, backend_state::UP);
+    assert!(
+        xdp_user::dataplane::Dataplane::load(xdp_user::dataplane::Sizes {
+            ring_size: 0,
+            ..lab::SIZES
+        })
+        .is_err()
+    );
+    assert!(
+        xdp_user::dataplane::Dataplane::load(xdp_user::dataplane::Sizes {
+            max_vips: 1 << 20,
+            ring_size: 65537,
+            ..lab::SIZES
+        })
+        .is_err(),
+        "ring entries beyond 2^32"
+    );
+}
+
+#[test]
+fn source_hash_vip_pins_a_client_to_one_backend() {
+    if !require_root() {
+        return;
+    }
+    let lab = Lab::new().unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for p in 0..50 {
+        let (f, k) = client_tcp4(&STICKY, 10000 + p);
+        assert_eq!(send(&lab, &f), XDP_TX);
+        seen.insert(tracked_backend(&lab, &k).unwrap());
+    }
+    assert_eq!(seen.len(), 1, "one client, one backend: {seen:?}");
+    // Different clients do spread.
+    let mut clients = std::collections::BTreeSet::new();
+    for c in 1..=50u8 {
+        let src = Ipv4Addr::new(198, 18, 101, c);
+        let f = packet::tcp4(src, ip4(&STICKY), 5000, 80, b"x");
+        assert_eq!(send(&lab, &f), XDP_TX);
+        let k = flow(src.into(), STICKY.addr, 5000, 80, PROTO_TCP);
+        clients.insert(tracked_backend(&lab, &k).unwrap());
+    }
+    assert_eq!(clients.len(), 3, "50 clients reach all three backends");
+}
