@@ -754,3 +754,25 @@ fn source_hash_vip_pins_a_client_to_one_backend() {
     }
     assert_eq!(clients.len(), 3, "50 clients reach all three backends");
 }
+
+#[test]
+fn a_default_size_ring_round_trips() {
+    if !require_root() {
+        return;
+    }
+    let sizes = xdp_user::dataplane::Sizes {
+        max_vips: 2,
+        ..xdp_user::dataplane::Sizes::default()
+    };
+    let mut dp = xdp_user::dataplane::Dataplane::load(sizes).unwrap();
+    let key = WEB4.key();
+    dp.add_vip(&key, 1, 0, xdp_common::fwd::ENCAP).unwrap();
+    for round in 0..3u32 {
+        let ring: Vec<u32> = (0..sizes.ring_size).map(|i| (i * 7 + round) % 1000).collect();
+        let started = std::time::Instant::now();
+        dp.write_ring(&key, &ring).unwrap();
+        let took = started.elapsed();
+        assert_eq!(dp.ring(&key).unwrap(), ring, "round {round}");
+        println!("ring of {} slots written in {took:?}", sizes.ring_size);
+    }
+}

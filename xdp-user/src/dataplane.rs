@@ -161,6 +161,63 @@ pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
     }
 }
 
+/// `BPF_MAP_UPDATE_BATCH`: write `keys[i] -> values[i]` in as few syscalls
+/// as the kernel allows (one, for an array), rather than one per entry.
+fn update_batch<K: aya::Pod, V: aya::Pod>(map: &MapData, keys: &[K], values: &[V]) -> Result<()> {
+    use std::os::fd::{AsFd as _, AsRawFd as _};
+
+    /// `union bpf_attr`, the `batch` member.
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+
+    if keys.len() != values.len() {
+        bail!("{} keys for {} values", keys.len(), values.len());
+    }
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut done = 0usize;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: u32::try_from(keys.len() - done).context("batch too large")?,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        // SAFETY: attr points at live key and value arrays of `count`
+        // entries each, laid out as the map's key and value types.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_UPDATE_BATCH,
+                &mut attr as *mut BatchAttr,
+                std::mem::size_of::<BatchAttr>(),
+            )
+        };
+        // The kernel reports how many entries it wrote, also on failure.
+        done += attr.count as usize;
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINTR) && err.raw_os_error() != Some(libc::EAGAIN) {
+                return Err(err).context(format!("BPF_MAP_UPDATE_BATCH after {done} entries"));
+            }
+        } else if attr.count == 0 {
+            bail!("BPF_MAP_UPDATE_BATCH made no progress at entry {done}");
+        }
+    }
+    Ok(())
+}
+
 /// Read a per-CPU array slot summed over all CPUs.
 fn sum_per_cpu<T: aya::Pod + Copy>(
     map: &PerCpuArray<&MapData, T>,
@@ -329,14 +386,11 @@ impl Dataplane {
         }
         let inactive = (meta.active_ring & 1) ^ 1;
         let base = (meta.vip_id * 2 + inactive) * size;
-        {
-            let mut rings: Array<_, u32> = Array::try_from(self.map_mut(names::RINGS)?)?;
-            for (slot, id) in (base..).zip(ring) {
-                rings
-                    .set(slot, id, 0)
-                    .with_context(|| format!("writing ring slot {slot}"))?;
-            }
-        }
+        let slots: Vec<u32> = (base..base + size).collect();
+        let aya::maps::Map::Array(rings) = self.map(names::RINGS)? else {
+            bail!("map {} is not an array", names::RINGS);
+        };
+        update_batch(rings, &slots, ring).context("writing the VIP's inactive ring half")?;
         meta.active_ring = inactive;
         let mut map: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.map_mut(names::VIPS)?)?;
         map.insert(key, meta, 0)
