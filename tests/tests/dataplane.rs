@@ -768,7 +768,9 @@ fn a_default_size_ring_round_trips() {
     let key = WEB4.key();
     dp.add_vip(&key, 1, 0, xdp_common::fwd::ENCAP).unwrap();
     for round in 0..3u32 {
-        let ring: Vec<u32> = (0..sizes.ring_size).map(|i| (i * 7 + round) % 1000).collect();
+        let ring: Vec<u32> = (0..sizes.ring_size)
+            .map(|i| (i * 7 + round) % 1000)
+            .collect();
         let started = std::time::Instant::now();
         dp.write_ring(&key, &ring).unwrap();
         let took = started.elapsed();
