@@ -2,3 +2,4 @@
 //! loader; the daemon, health checks and CLI build on it.
 
 pub mod dataplane;
+pub mod maglev;
