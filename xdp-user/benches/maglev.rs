@@ -29,7 +29,10 @@ fn time(mut f: impl FnMut() -> Vec<u32>) -> Duration {
 
 fn main() {
     println!("maglev population, {SLOTS} slots, median of {RUNS} runs");
-    println!("{:>9} {:>14} {:>16} {:>7}", "backends", "maglev", "round-robin", "ratio");
+    println!(
+        "{:>9} {:>14} {:>16} {:>7}",
+        "backends", "maglev", "round-robin", "ratio"
+    );
     for n in [10u32, 100, 1000] {
         let backends: Vec<RingBackend> = (0..n)
             .map(|i| RingBackend {

@@ -1,5 +1,6 @@
 //! xdplb: an XDP layer-4 load balancer. This library holds the dataplane
 //! loader; the daemon, health checks and CLI build on it.
 
+pub mod config;
 pub mod dataplane;
 pub mod maglev;

@@ -1,0 +1,981 @@
+//! The desired state: one TOML file. Parsing, validation with every problem
+//! reported at its location, and atomic write-back. Pure but for the file
+//! read/write at the edges.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt,
+    fs::{self, File},
+    io::Write as _,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    dataplane::{AttachMode, Sizes},
+    maglev::is_prime,
+};
+
+/// Largest backend weight.
+pub const MAX_WEIGHT: u32 = 65535;
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Interface the balancer attaches to.
+    pub interface: String,
+    #[serde(default)]
+    pub xdp_mode: XdpModeName,
+    #[serde(default)]
+    pub tables: Tables,
+    #[serde(default)]
+    pub forwarding: Forwarding,
+    #[serde(default)]
+    pub api: Api,
+    #[serde(default)]
+    pub daemon: Daemon,
+    #[serde(default, rename = "vip", skip_serializing_if = "Vec::is_empty")]
+    pub vips: Vec<Vip>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpModeName {
+    #[default]
+    Native,
+    Generic,
+    Offload,
+}
+
+impl From<XdpModeName> for AttachMode {
+    fn from(m: XdpModeName) -> Self {
+        match m {
+            XdpModeName::Native => AttachMode::Native,
+            XdpModeName::Generic => AttachMode::Generic,
+            XdpModeName::Offload => AttachMode::Offload,
+        }
+    }
+}
+
+/// Table sizes; fixed for the life of a pinned dataplane.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tables {
+    pub max_vips: u32,
+    pub max_backends: u32,
+    pub ring_size: u32,
+    pub max_flows: u32,
+}
+
+impl Default for Tables {
+    fn default() -> Self {
+        let s = Sizes::default();
+        Self {
+            max_vips: s.max_vips,
+            max_backends: s.max_backends,
+            ring_size: s.ring_size,
+            max_flows: s.max_flows,
+        }
+    }
+}
+
+impl Tables {
+    pub fn sizes(&self) -> Sizes {
+        Sizes {
+            max_vips: self.max_vips,
+            max_backends: self.max_backends,
+            ring_size: self.ring_size,
+            max_flows: self.max_flows,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PacketAction {
+    #[default]
+    Pass,
+    Drop,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Forwarding {
+    /// MAC of the next hop towards the backends (encapsulating VIPs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway_mac: Option<String>,
+    /// Outer IPv4 source prefix; the flow hash fills the host bits.
+    pub source_v4: String,
+    /// Outer IPv6 source prefix (length ≥ 96); the flow hash fills the host bits.
+    pub source_v6: String,
+    pub fragments: PacketAction,
+    pub malformed: PacketAction,
+    pub outer_ttl: u8,
+}
+
+impl Default for Forwarding {
+    fn default() -> Self {
+        Self {
+            gateway_mac: None,
+            source_v4: "198.19.0.0/16".into(),
+            source_v6: "2001:db8:ffff::/112".into(),
+            fragments: PacketAction::Pass,
+            malformed: PacketAction::Pass,
+            outer_ttl: 64,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Api {
+    /// Admin API Unix socket (mode 0600).
+    pub socket: PathBuf,
+    /// Read-only metrics and health listener.
+    pub metrics: SocketAddr,
+}
+
+impl Default for Api {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from("/run/xdplb/admin.sock"),
+            metrics: SocketAddr::from(([127, 0, 0, 1], 9477)),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Human,
+    Json,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Daemon {
+    /// Where maps and the XDP link are pinned (on a bpffs).
+    pub pin_dir: PathBuf,
+    pub log_format: LogFormat,
+}
+
+impl Default for Daemon {
+    fn default() -> Self {
+        Self {
+            pin_dir: PathBuf::from("/sys/fs/bpf/xdplb"),
+            log_format: LogFormat::Human,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => xdp_common::PROTO_TCP,
+            Self::Udp => xdp_common::PROTO_UDP,
+        }
+    }
+}
+
+/// How a VIP's packets reach its backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardingMode {
+    /// IPv4 in IPv4 (IPv4 VIP, IPv4 backends).
+    Ipip,
+    /// IPv6 in IPv6 (IPv6 VIP, IPv6 backends).
+    Ip6ip6,
+    /// IPv4 in IPv6 (IPv4 VIP, IPv6 backends).
+    Ip4ip6,
+    /// L2 direct server return (backends on the segment, MAC required).
+    L2dsr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vip {
+    pub name: String,
+    pub address: IpAddr,
+    /// Omitted: every port of the address and protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub protocol: Protocol,
+    pub forwarding: ForwardingMode,
+    /// Hash on the client address only (client stickiness).
+    #[serde(default)]
+    pub source_hash: bool,
+    #[serde(default)]
+    pub health: HealthCheck,
+    #[serde(default, rename = "backend", skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitialState {
+    /// In the ring from the start; checks take it out after `fall` failures.
+    #[default]
+    Up,
+    /// Out of the ring until `rise` checks pass.
+    Down,
+    /// Keeps existing flows, receives no new ones.
+    Drain,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Tunnel endpoint, and what health checks connect to.
+    pub address: IpAddr,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Required for L2 DSR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default)]
+    pub state: InitialState,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// TCP connect.
+    #[default]
+    Tcp,
+    /// HTTP GET, expecting a status.
+    Http,
+    /// UDP request, expecting a reply.
+    Udp,
+    /// No check: the backend keeps its configured state.
+    None,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    /// Port to check on the backend; default: the VIP's port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive successes that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    pub fall: u32,
+    /// Random extra delay (0..jitter) per check, so checks do not synchronise.
+    pub jitter_ms: u64,
+    /// HTTP: path to GET.
+    pub path: String,
+    /// HTTP: expected status.
+    pub expect_status: u16,
+    /// HTTP: Host header; default: the backend address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// UDP: request payload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send: Option<String>,
+    /// UDP: the reply must start with this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expect: Option<String>,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            kind: CheckKind::Tcp,
+            port: None,
+            interval_ms: 1000,
+            timeout_ms: 500,
+            rise: 2,
+            fall: 3,
+            jitter_ms: 100,
+            path: "/".into(),
+            expect_status: 200,
+            host: None,
+            send: None,
+            expect: None,
+        }
+    }
+}
+
+/// One problem found in a config: where, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub location: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.location, self.reason)
+    }
+}
+
+/// Every problem of a config, or of the file holding it.
+#[derive(Debug)]
+pub struct Invalid(pub Vec<Problem>);
+
+impl fmt::Display for Invalid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0.len();
+        writeln!(
+            f,
+            "{n} problem{} in the config:",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for p in &self.0 {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Invalid {}
+
+/// Parse a MAC address `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return None;
+    }
+    let mut mac = [0u8; 6];
+    for (byte, part) in mac.iter_mut().zip(parts) {
+        if part.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    Some(mac)
+}
+
+/// Parse `address/len`.
+pub fn parse_prefix(s: &str) -> Option<(IpAddr, u8)> {
+    let (addr, len) = s.split_once('/')?;
+    let addr: IpAddr = addr.parse().ok()?;
+    let len: u8 = len.parse().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    (len <= max).then_some((addr, len))
+}
+
+impl Vip {
+    /// `name (address:port/proto)` for messages.
+    pub fn label(&self) -> String {
+        format!("{} ({})", self.name, self.endpoint())
+    }
+
+    /// `address:port/proto`, `*` for a port-less VIP.
+    pub fn endpoint(&self) -> String {
+        let port = self.port.map_or("*".to_owned(), |p| p.to_string());
+        let proto = match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        match self.address {
+            IpAddr::V4(a) => format!("{a}:{port}/{proto}"),
+            IpAddr::V6(a) => format!("[{a}]:{port}/{proto}"),
+        }
+    }
+
+    /// The port health checks connect to, if any can be determined.
+    pub fn check_port(&self) -> Option<u16> {
+        self.health.port.or(self.port)
+    }
+}
+
+impl Config {
+    /// Parse TOML text; syntax and type errors carry line and column.
+    pub fn parse(text: &str) -> std::result::Result<Self, Invalid> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let location = match e.span() {
+                Some(span) => {
+                    let line = text[..span.start].matches('\n').count() + 1;
+                    let col = span.start - text[..span.start].rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!("line {line}, column {col}")
+                }
+                None => "file".into(),
+            };
+            Invalid(vec![Problem {
+                location,
+                reason: e.message().to_owned(),
+            }])
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Read and validate a config file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        Self::parse(&text)
+            .map_err(|e| anyhow::Error::new(e).context(format!("config {}", path.display())))
+    }
+
+    /// Write the config to `path` atomically: a temporary file beside it,
+    /// fsynced, renamed over it, and the directory fsynced, so a crash
+    /// leaves either the old file or the new one.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let text = toml::to_string_pretty(self).context("serialising the config")?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .context("config path has no file name")?
+            .to_string_lossy();
+        let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+        let result = (|| {
+            let mut f =
+                File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, path).with_context(|| format!("renaming over {}", path.display()))?;
+            File::open(dir)?.sync_all()?;
+            Ok(())
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Every problem, each with its location.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        let mut problem = |location: String, reason: String| out.push(Problem { location, reason });
+
+        if self.interface.trim().is_empty() {
+            problem("interface".into(), "must name a network interface".into());
+        }
+        let t = &self.tables;
+        for (name, v) in [
+            ("max_vips", t.max_vips),
+            ("max_backends", t.max_backends),
+            ("ring_size", t.ring_size),
+            ("max_flows", t.max_flows),
+        ] {
+            if v == 0 {
+                problem(format!("tables.{name}"), "must be at least 1".into());
+            }
+        }
+        if t.ring_size > 0 && !is_prime(t.ring_size) {
+            problem(
+                "tables.ring_size".into(),
+                format!(
+                    "{} is not prime (Maglev needs a prime; the default is 65537)",
+                    t.ring_size
+                ),
+            );
+        }
+        if t.max_backends >= xdp_common::NO_BACKEND {
+            problem(
+                "tables.max_backends".into(),
+                format!("must be below {}", xdp_common::NO_BACKEND),
+            );
+        }
+        if t.max_vips
+            .checked_mul(2)
+            .and_then(|n| n.checked_mul(t.ring_size))
+            .is_none()
+        {
+            problem(
+                "tables".into(),
+                format!(
+                    "max_vips ({}) x 2 x ring_size ({}) exceeds 2^32 ring slots",
+                    t.max_vips, t.ring_size
+                ),
+            );
+        }
+
+        let f = &self.forwarding;
+        let encapsulating = self
+            .vips
+            .iter()
+            .any(|v| v.forwarding != ForwardingMode::L2dsr);
+        match &f.gateway_mac {
+            Some(mac) if parse_mac(mac).is_none() => problem(
+                "forwarding.gateway_mac".into(),
+                format!("{mac:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"),
+            ),
+            None if encapsulating => problem(
+                "forwarding.gateway_mac".into(),
+                "required: encapsulated packets are sent to this next hop".into(),
+            ),
+            _ => {}
+        }
+        match parse_prefix(&f.source_v4) {
+            Some((IpAddr::V4(_), _)) => {}
+            _ => problem(
+                "forwarding.source_v4".into(),
+                format!("{:?} is not an IPv4 prefix (a.b.c.d/len)", f.source_v4),
+            ),
+        }
+        match parse_prefix(&f.source_v6) {
+            Some((IpAddr::V6(_), len)) if len >= 96 => {}
+            Some((IpAddr::V6(_), len)) => problem(
+                "forwarding.source_v6".into(),
+                format!("prefix length {len} too short: the flow hash fills at most the last 32 bits, so use /96 or longer"),
+            ),
+            _ => problem("forwarding.source_v6".into(), format!("{:?} is not an IPv6 prefix (x::/len)", f.source_v6)),
+        }
+        if f.outer_ttl == 0 {
+            problem("forwarding.outer_ttl".into(), "must be at least 1".into());
+        }
+
+        if self.vips.len() > t.max_vips as usize {
+            problem(
+                "vip".into(),
+                format!(
+                    "{} VIPs, but tables.max_vips is {}",
+                    self.vips.len(),
+                    t.max_vips
+                ),
+            );
+        }
+        let pairs: usize = self.vips.iter().map(|v| v.backends.len()).sum();
+        if pairs > t.max_backends as usize {
+            problem(
+                "vip.backend".into(),
+                format!("{pairs} backends across all VIPs (each VIP's backends count separately), but tables.max_backends is {}", t.max_backends),
+            );
+        }
+        let mut names = HashSet::new();
+        let mut endpoints = BTreeMap::new();
+        for (i, vip) in self.vips.iter().enumerate() {
+            let at = format!("vip[{i}] {}", vip.label());
+            if vip.name.trim().is_empty() {
+                problem(format!("vip[{i}]"), "name must not be empty".into());
+            } else if !names.insert(vip.name.as_str()) {
+                problem(at.clone(), format!("duplicate VIP name {:?}", vip.name));
+            }
+            if let Some(first) = endpoints.insert((vip.address, vip.port, vip.protocol), i) {
+                problem(
+                    at.clone(),
+                    format!("duplicate VIP: same address, port and protocol as vip[{first}]"),
+                );
+            }
+            if vip.port == Some(0) {
+                problem(
+                    at.clone(),
+                    "port 0: omit the port for a port-less VIP".into(),
+                );
+            }
+            let (vip_v4, backend_v4) = match vip.forwarding {
+                ForwardingMode::Ipip => (Some(true), Some(true)),
+                ForwardingMode::Ip6ip6 => (Some(false), Some(false)),
+                ForwardingMode::Ip4ip6 => (Some(true), Some(false)),
+                ForwardingMode::L2dsr => (None, None),
+            };
+            if vip_v4.is_some_and(|v4| v4 != vip.address.is_ipv4()) {
+                problem(
+                    at.clone(),
+                    format!(
+                        "forwarding {:?} needs an IPv{} VIP address",
+                        vip.forwarding,
+                        if vip_v4 == Some(true) { 4 } else { 6 }
+                    ),
+                );
+            }
+            self.health_problems(&at, vip, &mut problem);
+            let mut seen = HashSet::new();
+            for (j, b) in vip.backends.iter().enumerate() {
+                let bat = format!("{at}.backend[{j}] ({})", b.address);
+                if !seen.insert(b.address) {
+                    problem(bat.clone(), "duplicate backend address in this VIP".into());
+                }
+                if b.weight > MAX_WEIGHT {
+                    problem(
+                        bat.clone(),
+                        format!("weight {} out of range 0..={MAX_WEIGHT}", b.weight),
+                    );
+                }
+                if backend_v4.is_some_and(|v4| v4 != b.address.is_ipv4()) {
+                    problem(
+                        bat.clone(),
+                        format!(
+                            "forwarding {:?} needs an IPv{} backend address",
+                            vip.forwarding,
+                            if backend_v4 == Some(true) { 4 } else { 6 }
+                        ),
+                    );
+                }
+                match (&b.mac, vip.forwarding) {
+                    (Some(mac), _) if parse_mac(mac).is_none() => {
+                        problem(bat.clone(), format!("mac {mac:?} is not a MAC address"))
+                    }
+                    (None, ForwardingMode::L2dsr) => problem(
+                        bat.clone(),
+                        "l2dsr forwarding needs the backend's mac".into(),
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+
+    fn health_problems(&self, at: &str, vip: &Vip, problem: &mut impl FnMut(String, String)) {
+        let h = &vip.health;
+        let hat = format!("{at}.health");
+        if h.kind == CheckKind::None {
+            return;
+        }
+        if vip.check_port().is_none() {
+            problem(hat.clone(), "a port-less VIP needs health.port".into());
+        }
+        if h.kind == CheckKind::Tcp && vip.protocol == Protocol::Udp && h.port.is_none() {
+            problem(
+                hat.clone(),
+                "a TCP check of a UDP VIP needs health.port (or use kind = \"udp\")".into(),
+            );
+        }
+        if h.interval_ms == 0 {
+            problem(hat.clone(), "interval_ms must be at least 1".into());
+        }
+        if h.timeout_ms == 0 || h.timeout_ms > h.interval_ms {
+            problem(
+                hat.clone(),
+                format!(
+                    "timeout_ms {} must be between 1 and interval_ms ({})",
+                    h.timeout_ms, h.interval_ms
+                ),
+            );
+        }
+        if h.jitter_ms >= h.interval_ms.max(1) {
+            problem(
+                hat.clone(),
+                format!(
+                    "jitter_ms {} must be below interval_ms ({})",
+                    h.jitter_ms, h.interval_ms
+                ),
+            );
+        }
+        if h.rise == 0 || h.fall == 0 {
+            problem(hat.clone(), "rise and fall must be at least 1".into());
+        }
+        match h.kind {
+            CheckKind::Http => {
+                if !h.path.starts_with('/') {
+                    problem(hat.clone(), format!("path {:?} must start with /", h.path));
+                }
+                if !(100..=599).contains(&h.expect_status) {
+                    problem(
+                        hat.clone(),
+                        format!("expect_status {} is not an HTTP status", h.expect_status),
+                    );
+                }
+            }
+            CheckKind::Udp => {
+                if h.send.as_deref().unwrap_or("").is_empty() {
+                    problem(
+                        hat.clone(),
+                        "a UDP check needs a request payload (send)".into(),
+                    );
+                }
+            }
+            CheckKind::Tcp | CheckKind::None => {}
+        }
+    }
+
+    pub fn validate(&self) -> std::result::Result<(), Invalid> {
+        let problems = self.problems();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Invalid(problems))
+        }
+    }
+
+    pub fn vip(&self, name: &str) -> Option<&Vip> {
+        self.vips.iter().find(|v| v.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+interface = "eth0"
+
+[forwarding]
+gateway_mac = "02:00:00:00:00:fe"
+
+[[vip]]
+name = "web"
+address = "198.18.0.10"
+port = 80
+protocol = "tcp"
+forwarding = "ipip"
+health = { kind = "http", path = "/healthz" }
+
+[[vip.backend]]
+address = "198.18.1.1"
+
+[[vip.backend]]
+address = "198.18.1.2"
+weight = 50
+
+[[vip]]
+name = "dns6"
+address = "2001:db8::53"
+protocol = "udp"
+forwarding = "ip6ip6"
+health = { kind = "udp", port = 53, send = "ping", expect = "pong" }
+
+[[vip.backend]]
+address = "2001:db8:1::1"
+"#;
+
+    fn problems_of(text: &str) -> Vec<String> {
+        match Config::parse(text) {
+            Ok(_) => vec![],
+            Err(Invalid(p)) => p.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    fn with(replace: &str, by: &str) -> String {
+        assert!(GOOD.contains(replace), "{replace:?} not in the sample");
+        GOOD.replacen(replace, by, 1)
+    }
+
+    fn assert_problem(text: &str, location: &str, reason: &str) {
+        let problems = problems_of(text);
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.contains(location) && p.contains(reason)),
+            "expected a problem at {location:?} about {reason:?}, got {problems:#?}"
+        );
+    }
+
+    #[test]
+    fn good_config_parses_with_defaults() {
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(c.tables.ring_size, 65537);
+        assert_eq!(c.vips[0].backends[0].weight, 100);
+        assert_eq!(c.vips[0].health.fall, 3);
+        assert_eq!(c.vips[1].port, None);
+        assert_eq!(c.api.metrics.to_string(), "127.0.0.1:9477");
+    }
+
+    #[test]
+    fn save_round_trips() {
+        let c = Config::parse(GOOD).unwrap();
+        let dir = std::env::temp_dir().join(format!("xdplb-config-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("xdplb.toml");
+        c.save(&path).unwrap();
+        assert_eq!(Config::load(&path).unwrap(), c);
+        assert_eq!(
+            fs::read_dir(&dir).unwrap().count(),
+            1,
+            "no temporary file left"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn syntax_and_type_errors_have_line_and_column() {
+        assert_problem(
+            &with("port = 80", "port = \"eighty\""),
+            "line 10",
+            "invalid type",
+        );
+        assert_problem(
+            &with("address = \"198.18.0.10\"", "address = \"198.18.0.300\""),
+            "line 9",
+            "invalid IP address",
+        );
+        assert_problem(
+            &with("forwarding = \"ipip\"", "forwarding = \"gre\""),
+            "line 12",
+            "unknown variant",
+        );
+        assert_problem(
+            &with("interface = \"eth0\"", "interface = \"eth0\"\nbogus = 1"),
+            "line 3",
+            "unknown field",
+        );
+        assert_problem("interface = ", "line 1", "");
+    }
+
+    #[test]
+    fn every_validation_error_kind() {
+        let cases: &[(&str, &str, &str, &str)] = &[
+            (
+                "interface = \"eth0\"",
+                "interface = \" \"",
+                "interface",
+                "network interface",
+            ),
+            (
+                "[forwarding]",
+                "[tables]\nring_size = 65536\n[forwarding]",
+                "tables.ring_size",
+                "not prime",
+            ),
+            (
+                "[forwarding]",
+                "[tables]\nmax_flows = 0\n[forwarding]",
+                "tables.max_flows",
+                "at least 1",
+            ),
+            (
+                "[forwarding]",
+                "[tables]\nmax_vips = 1\n[forwarding]",
+                "vip",
+                "max_vips is 1",
+            ),
+            (
+                "[forwarding]",
+                "[tables]\nmax_backends = 2\n[forwarding]",
+                "vip.backend",
+                "max_backends is 2",
+            ),
+            (
+                "[forwarding]",
+                "[tables]\nmax_vips = 40000\n[forwarding]",
+                "tables",
+                "exceeds 2^32",
+            ),
+            (
+                "gateway_mac = \"02:00:00:00:00:fe\"",
+                "gateway_mac = \"02:00:00:00:fe\"",
+                "forwarding.gateway_mac",
+                "not a MAC",
+            ),
+            (
+                "gateway_mac = \"02:00:00:00:00:fe\"",
+                "",
+                "forwarding.gateway_mac",
+                "required",
+            ),
+            (
+                "gateway_mac = \"02:00:00:00:00:fe\"",
+                "gateway_mac = \"02:00:00:00:00:fe\"\nsource_v6 = \"2001:db8::/64\"",
+                "forwarding.source_v6",
+                "too short",
+            ),
+            (
+                "gateway_mac = \"02:00:00:00:00:fe\"",
+                "gateway_mac = \"02:00:00:00:00:fe\"\nsource_v4 = \"2001:db8::/120\"",
+                "forwarding.source_v4",
+                "not an IPv4 prefix",
+            ),
+            (
+                "name = \"dns6\"",
+                "name = \"web\"",
+                "vip[1]",
+                "duplicate VIP name",
+            ),
+            (
+                "address = \"2001:db8::53\"\nprotocol = \"udp\"",
+                "address = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"",
+                "vip[1]",
+                "duplicate VIP: same address",
+            ),
+            ("port = 80", "port = 0", "vip[0]", "port 0"),
+            (
+                "forwarding = \"ip6ip6\"",
+                "forwarding = \"ipip\"",
+                "vip[1] dns6",
+                "needs an IPv4 VIP",
+            ),
+            (
+                "address = \"198.18.1.2\"",
+                "address = \"198.18.1.1\"",
+                "vip[0] web (198.18.0.10:80/tcp).backend[1]",
+                "duplicate backend",
+            ),
+            (
+                "weight = 50",
+                "weight = 70000",
+                "backend[1] (198.18.1.2)",
+                "weight 70000 out of range",
+            ),
+            (
+                "address = \"2001:db8:1::1\"",
+                "address = \"198.18.1.9\"",
+                "vip[1] dns6 ([2001:db8::53]:*/udp).backend[0]",
+                "IPv6 backend",
+            ),
+            (
+                "forwarding = \"ipip\"",
+                "forwarding = \"l2dsr\"",
+                "backend[0]",
+                "needs the backend's mac",
+            ),
+            (
+                "weight = 50",
+                "weight = 50\nmac = \"zz:00:00:00:00:01\"",
+                "backend[1]",
+                "not a MAC",
+            ),
+            (
+                "kind = \"udp\", port = 53,",
+                "kind = \"udp\",",
+                "dns6 ([2001:db8::53]:*/udp).health",
+                "port-less VIP needs health.port",
+            ),
+            (
+                "path = \"/healthz\"",
+                "path = \"healthz\"",
+                "web (198.18.0.10:80/tcp).health",
+                "must start with /",
+            ),
+            (
+                "path = \"/healthz\"",
+                "path = \"/\", expect_status = 700",
+                "health",
+                "not an HTTP status",
+            ),
+            (
+                "path = \"/healthz\"",
+                "path = \"/\", timeout_ms = 2000",
+                "health",
+                "timeout_ms 2000",
+            ),
+            (
+                "path = \"/healthz\"",
+                "path = \"/\", jitter_ms = 1000",
+                "health",
+                "jitter_ms 1000",
+            ),
+            (
+                "path = \"/healthz\"",
+                "path = \"/\", rise = 0",
+                "health",
+                "rise and fall",
+            ),
+            ("send = \"ping\", ", "", "health", "request payload"),
+        ];
+        for (replace, by, location, reason) in cases {
+            assert_problem(&with(replace, by), location, reason);
+        }
+    }
+
+    #[test]
+    fn all_problems_are_reported_at_once() {
+        let text = with("port = 80", "port = 0").replace("weight = 50", "weight = 90000");
+        let problems = problems_of(&text);
+        assert!(problems.len() >= 2, "{problems:#?}");
+    }
+}
