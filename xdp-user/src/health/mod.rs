@@ -1,0 +1,11 @@
+//! Backend health: the checkers (TCP connect, HTTP GET, UDP request/reply),
+//! the rise/fall state machine, and the scheduler that runs every check as a
+//! task on one tokio runtime.
+
+pub mod check;
+pub mod schedule;
+pub mod state;
+
+pub use check::{run_check, CheckSpec};
+pub use schedule::{CheckKey, CheckResult, Checks};
+pub use state::{Health, Tracker, Transition};

@@ -1,0 +1,179 @@
+//! Runs every backend's check as a task on the current tokio runtime: no
+//! thread per backend, so thousands of backends cost thousands of small
+//! futures. Results go to the controller over a channel.
+
+use std::{
+    collections::HashMap,
+    hash::{Hash as _, Hasher as _},
+    net::IpAddr,
+    time::Duration,
+};
+
+use tokio::{sync::mpsc, task::JoinHandle, time::sleep};
+
+use super::check::{run_check, CheckSpec};
+
+/// Which check: a backend of a VIP (health is per VIP: ports and checks differ).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CheckKey {
+    pub vip: String,
+    pub backend: IpAddr,
+}
+
+#[derive(Debug)]
+pub struct CheckResult {
+    pub key: CheckKey,
+    /// Latency, or why the check failed.
+    pub result: Result<Duration, String>,
+}
+
+/// The running checks.
+pub struct Checks {
+    tasks: HashMap<CheckKey, (CheckSpec, JoinHandle<()>)>,
+    results: mpsc::Sender<CheckResult>,
+}
+
+/// xorshift64: jitter only needs to desynchronise checks, not be secure.
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}
+
+fn jitter(state: &mut u64, max: Duration) -> Duration {
+    let max_ns = max.as_nanos() as u64;
+    if max_ns == 0 {
+        return Duration::ZERO;
+    }
+    Duration::from_nanos(next_random(state) % max_ns)
+}
+
+fn spawn(key: CheckKey, spec: CheckSpec, results: mpsc::Sender<CheckResult>) -> JoinHandle<()> {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut hasher);
+    let mut rng = hasher.finish()
+        ^ std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+        | 1;
+    tokio::spawn(async move {
+        // Spread the first checks over one interval so a restart with
+        // thousands of backends does not fire them all at once.
+        sleep(jitter(
+            &mut rng,
+            spec.interval.min(spec.jitter.max(spec.interval / 4)),
+        ))
+        .await;
+        loop {
+            let result = run_check(&spec).await;
+            if results
+                .send(CheckResult {
+                    key: key.clone(),
+                    result,
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            sleep(spec.interval + jitter(&mut rng, spec.jitter)).await;
+        }
+    })
+}
+
+impl Checks {
+    pub fn new(results: mpsc::Sender<CheckResult>) -> Self {
+        Self {
+            tasks: HashMap::new(),
+            results,
+        }
+    }
+
+    /// Run exactly the `wanted` checks: start new ones, restart changed
+    /// ones, stop the rest.
+    pub fn sync(&mut self, mut wanted: HashMap<CheckKey, CheckSpec>) {
+        self.tasks
+            .retain(|key, (spec, task)| match wanted.get(key) {
+                Some(w) if w == spec => {
+                    wanted.remove(key);
+                    true
+                }
+                _ => {
+                    task.abort();
+                    false
+                }
+            });
+        for (key, spec) in wanted {
+            let task = spawn(key.clone(), spec.clone(), self.results.clone());
+            self.tasks.insert(key, (spec, task));
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.tasks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tasks.is_empty()
+    }
+}
+
+impl Drop for Checks {
+    fn drop(&mut self) {
+        for (_, task) in self.tasks.values() {
+            task.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CheckKind, HealthCheck};
+
+    fn spec(port: u16, interval_ms: u64) -> CheckSpec {
+        let h = HealthCheck {
+            kind: CheckKind::Tcp,
+            interval_ms,
+            timeout_ms: interval_ms,
+            jitter_ms: 0,
+            ..HealthCheck::default()
+        };
+        CheckSpec::new(&h, ([127, 0, 0, 1], port).into())
+    }
+
+    #[tokio::test]
+    async fn thousands_of_checks_on_one_runtime() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move { while listener.accept().await.is_ok() {} });
+        let (tx, mut rx) = mpsc::channel(4096);
+        let mut checks = Checks::new(tx);
+        let wanted: HashMap<_, _> = (0..2000u32)
+            .map(|i| {
+                let key = CheckKey {
+                    vip: format!("vip{}", i % 10),
+                    backend: IpAddr::from([198, 18, (i >> 8) as u8, i as u8]),
+                };
+                (key, spec(port, 2000))
+            })
+            .collect();
+        checks.sync(wanted.clone());
+        assert_eq!(checks.len(), 2000);
+        let mut seen = std::collections::HashSet::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while seen.len() < 2000 {
+            let r = tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .expect("every check reports within 10 s")
+                .unwrap();
+            assert!(r.result.is_ok(), "{:?}", r.result);
+            seen.insert(r.key);
+        }
+        // Shrinking stops the others.
+        let keep: HashMap<_, _> = wanted.into_iter().take(5).collect();
+        checks.sync(keep);
+        assert_eq!(checks.len(), 5);
+    }
+}
