@@ -182,6 +182,7 @@ impl Lab {
                     _pad: [0; 2],
                     family: u32::from(family),
                     state: backend_state::UP,
+                    vip_id: 0,
                 },
             )?;
         }
@@ -255,4 +256,25 @@ pub fn family(addr: IpAddr) -> u8 {
 /// A pass-through expectation: same bytes out.
 pub fn unchanged(input: &[u8]) -> (u32, Vec<u8>) {
     (XDP_PASS, input.to_vec())
+}
+
+/// A TCP packet of the lab client to WEB4 from `sport`, and its flow key.
+pub fn client_flow_frame(sport: u16) -> (Vec<u8>, FlowKey) {
+    let IpAddr::V4(vip) = WEB4.addr else {
+        unreachable!("WEB4 is IPv4")
+    };
+    (
+        packet::tcp4(CLIENT4, vip, sport, WEB4.port, b"GET /"),
+        flow_to(&WEB4, sport),
+    )
+}
+
+/// The flow key of the lab client's TCP flow from `sport` to `vip`.
+pub fn flow_to(vip: &LabVip, sport: u16) -> FlowKey {
+    let client = if vip.addr.is_ipv4() {
+        IpAddr::V4(CLIENT4)
+    } else {
+        IpAddr::V6(CLIENT6)
+    };
+    flow(client, vip.addr, sport, vip.port, vip.proto)
 }

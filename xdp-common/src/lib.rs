@@ -99,6 +99,10 @@ pub struct Backend {
     pub family: u32,
     /// One of `backend_state::*`.
     pub state: u32,
+    /// The VIP this entry serves (health is per VIP, so a backend address
+    /// in two VIPs has two entries); lets a restarted daemon map pinned
+    /// entries back to its config.
+    pub vip_id: u32,
 }
 
 /// Key of the FLOWS conntrack table, in the client-to-VIP direction.

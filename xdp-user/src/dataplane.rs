@@ -2,12 +2,18 @@
 //! attaches the programs, and reads and writes their maps through typed
 //! functions in the operator's vocabulary (VIP, backend, ring, flow).
 
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{Array, HashMap, MapData, PerCpuArray},
-    programs::{Xdp, XdpMode},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    programs::{
+        links::{FdLink, PinnedLink},
+        Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use xdp_common::{
@@ -239,32 +245,186 @@ fn add_counters(a: Counters, b: Counters) -> Counters {
     }
 }
 
+/// Maps of the balancer, all pinned by a daemon.
+const LB_MAPS: [&str; 8] = [
+    names::VIPS,
+    names::RINGS,
+    names::BACKENDS,
+    names::FLOWS,
+    names::STATS,
+    names::VIP_STATS,
+    names::BACKEND_STATS,
+    names::CONFIG,
+];
+
+/// File name of the pinned XDP link in the pin directory.
+pub const LINK_PIN: &str = "link";
+
+fn map_data(map: &Map) -> Result<&MapData> {
+    match map {
+        Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) => Ok(d),
+        other => bail!("unexpected map type {other:?}"),
+    }
+}
+
+fn array_data(map: &Map) -> Result<&MapData> {
+    match map {
+        Map::Array(d) => Ok(d),
+        other => bail!("expected an array map, found {other:?}"),
+    }
+}
+
+/// bpffs magic number (`statfs.f_type`).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+fn is_bpffs(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt as _;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: statfs writes into the zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0) && st.f_type as i64 == BPF_FS_MAGIC
+}
+
+/// Make sure `pin_dir` exists on a bpffs, mounting one at /sys/fs/bpf if
+/// none is mounted there (as systemd normally does).
+fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if pin_dir.starts_with(root) && !is_bpffs(root) {
+        let (src, target, fstype) = (c"bpf", c"/sys/fs/bpf", c"bpf");
+        // SAFETY: constant NUL-terminated strings; no data argument.
+        let rc = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            bail!(
+                "/sys/fs/bpf is not a bpffs and mounting one failed: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    std::fs::create_dir_all(pin_dir)
+        .with_context(|| format!("creating the pin directory {}", pin_dir.display()))?;
+    if !is_bpffs(pin_dir) {
+        bail!(
+            "{} is not on a bpffs (mount -t bpf bpf <dir>)",
+            pin_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Remove a pinned dataplane: unpinning the link detaches the program
+/// (nothing else holds it), unpinning the maps frees them with their state.
+/// Returns whether anything was there.
+pub fn detach(pin_dir: &Path) -> Result<bool> {
+    if !pin_dir.exists() {
+        return Ok(false);
+    }
+    let mut removed = false;
+    for name in std::iter::once(LINK_PIN).chain(LB_MAPS) {
+        let path = pin_dir.join(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed = true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("removing {}", path.display())),
+        }
+    }
+    std::fs::remove_dir(pin_dir)
+        .with_context(|| format!("removing {} (does it hold other files?)", pin_dir.display()))?;
+    Ok(removed)
+}
+
 /// The balancer's dataplane: the loaded `xdp_lb` program and its maps.
 pub struct Dataplane {
     ebpf: Ebpf,
     sizes: Sizes,
+    adopted: bool,
 }
 
 impl Dataplane {
-    /// Load the balancer with `sizes`. The verifier runs here: an error names
-    /// the program the kernel rejected.
+    /// Load the balancer with `sizes`, maps private to this process (tests,
+    /// benchmarks). The verifier runs here: an error names the program the
+    /// kernel rejected.
     pub fn load(sizes: Sizes) -> Result<Self> {
+        Self::load_with(sizes, None)
+    }
+
+    /// Load the balancer with its maps pinned under `pin_dir` (on a bpffs).
+    /// Maps already pinned there by an earlier run are adopted, with their
+    /// contents (VIPs, rings, backends, conntrack, counters): a restarted
+    /// or upgraded daemon keeps every flow. Their sizes must match `sizes`.
+    pub fn open(sizes: Sizes, pin_dir: &Path) -> Result<Self> {
+        ensure_bpffs(pin_dir)?;
+        Self::load_with(sizes, Some(pin_dir))
+    }
+
+    fn load_with(sizes: Sizes, pin_dir: Option<&Path>) -> Result<Self> {
         sizes.validate().context("invalid dataplane sizes")?;
         let ring_entries = sizes.ring_entries()?;
-        let mut ebpf = EbpfLoader::new()
+        let adopted = pin_dir.is_some_and(|d| d.join(names::VIPS).exists());
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(names::VIPS, sizes.max_vips)
             .map_max_entries(names::VIP_STATS, sizes.max_vips)
             .map_max_entries(names::RINGS, ring_entries)
             .map_max_entries(names::BACKENDS, sizes.max_backends)
             .map_max_entries(names::BACKEND_STATS, sizes.max_backends)
             .map_max_entries(names::FLOWS, sizes.max_flows)
-            .override_global(names::RING_SIZE_GLOBAL, &sizes.ring_size, true)
+            .override_global(names::RING_SIZE_GLOBAL, &sizes.ring_size, true);
+        let pins: Vec<(&str, PathBuf)> = match pin_dir {
+            Some(dir) => LB_MAPS.iter().map(|&n| (n, dir.join(n))).collect(),
+            None => Vec::new(),
+        };
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .load(object()?)
             .context("loading the eBPF object (map creation)")?;
+        let dataplane_sizes = [
+            (names::VIPS, sizes.max_vips),
+            (names::VIP_STATS, sizes.max_vips),
+            (names::RINGS, ring_entries),
+            (names::BACKENDS, sizes.max_backends),
+            (names::BACKEND_STATS, sizes.max_backends),
+            (names::FLOWS, sizes.max_flows),
+        ];
+        for (name, want) in dataplane_sizes {
+            let map = ebpf
+                .map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+            let have = map_data(map)?.info()?.max_entries();
+            if have != want {
+                bail!(
+                    "the pinned dataplane's {name} holds {have} entries but the config asks for {want}: \
+                     table sizes cannot change under a running dataplane; \
+                     run `xdplb detach` (this drops conntrack) or restore the old sizes"
+                );
+            }
+        }
         load_program(&mut ebpf, LB_PROGRAM)?;
-        let mut dataplane = Self { ebpf, sizes };
-        dataplane.set_config(&Config::default())?;
+        let mut dataplane = Self {
+            ebpf,
+            sizes,
+            adopted,
+        };
+        if !adopted {
+            dataplane.set_config(&Config::default())?;
+        }
         Ok(dataplane)
+    }
+
+    /// Whether the maps were adopted from an earlier run.
+    pub fn adopted(&self) -> bool {
+        self.adopted
     }
 
     pub fn sizes(&self) -> Sizes {
@@ -274,6 +434,42 @@ impl Dataplane {
     /// Attach the balancer to `iface`.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
         attach_program(&mut self.ebpf, LB_PROGRAM, iface, mode)
+    }
+
+    /// Attach through a link pinned at `pin_dir/link`: if a previous run left
+    /// one, this program replaces the old one in it atomically (no packet
+    /// sees no program); otherwise a new link is created and pinned. Either
+    /// way the program stays attached when this process exits.
+    pub fn attach_pinned(&mut self, iface: &str, mode: AttachMode, pin_dir: &Path) -> Result<bool> {
+        let link_path = pin_dir.join(LINK_PIN);
+        let program: &mut Xdp = self
+            .ebpf
+            .program_mut(LB_PROGRAM)
+            .ok_or_else(|| anyhow!("program {LB_PROGRAM} missing"))?
+            .try_into()?;
+        if link_path.exists() {
+            let pinned = PinnedLink::from_pin(&link_path)
+                .with_context(|| format!("opening the pinned link {}", link_path.display()))?;
+            let link = aya::programs::xdp::XdpLink::try_from(FdLink::from(pinned))
+                .context("the pinned link is not an XDP link")?;
+            program
+                .attach_to_link(link)
+                .context("replacing the program in the pinned XDP link")?;
+            return Ok(true);
+        }
+        let id = program.attach(iface, mode.xdp_mode()).with_context(|| {
+            format!(
+                "attaching {LB_PROGRAM} to {iface} in {mode:?} mode failed \
+                 (does the interface exist, and does its driver support this mode? try generic)"
+            )
+        })?;
+        let link = program.take_link(id)?;
+        let fd_link = FdLink::try_from(link)
+            .context("the kernel attached XDP without a bpf_link, which cannot be pinned (needs Linux >= 5.9)")?;
+        fd_link
+            .pin(&link_path)
+            .with_context(|| format!("pinning the XDP link at {}", link_path.display()))?;
+        Ok(false)
     }
 
     /// The loaded balancer program (for BPF_PROG_TEST_RUN).
@@ -340,7 +536,20 @@ impl Dataplane {
     /// backends and its packets are dropped as `no_backend`.
     pub fn add_vip(&mut self, key: &VipKey, vip_id: u32, flags: u32, mode: u32) -> Result<()> {
         self.check_vip_id(vip_id)?;
-        let active_ring = self.vip(key)?.map_or(0, |m| m.active_ring);
+        let existing = self.vip(key)?;
+        if existing.is_none() {
+            // A new VIP goes live on half 0: make it empty first, so its
+            // first packets are dropped as no_backend rather than sent to
+            // whatever backend ids an earlier VIP left in that half.
+            let size = self.sizes.ring_size;
+            let base = vip_id * 2 * size;
+            let slots: Vec<u32> = (base..base + size).collect();
+            let empty = vec![xdp_common::NO_BACKEND; size as usize];
+            update_batch(array_data(self.map(names::RINGS)?)?, &slots, &empty)
+                .context("clearing the new VIP's ring")?;
+            self.reset_counters(names::VIP_STATS, vip_id)?;
+        }
+        let active_ring = existing.map_or(0, |m| m.active_ring);
         let meta = VipMeta {
             vip_id,
             flags,
@@ -387,10 +596,8 @@ impl Dataplane {
         let inactive = (meta.active_ring & 1) ^ 1;
         let base = (meta.vip_id * 2 + inactive) * size;
         let slots: Vec<u32> = (base..base + size).collect();
-        let aya::maps::Map::Array(rings) = self.map(names::RINGS)? else {
-            bail!("map {} is not an array", names::RINGS);
-        };
-        update_batch(rings, &slots, ring).context("writing the VIP's inactive ring half")?;
+        update_batch(array_data(self.map(names::RINGS)?)?, &slots, ring)
+            .context("writing the VIP's inactive ring half")?;
         meta.active_ring = inactive;
         let mut map: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.map_mut(names::VIPS)?)?;
         map.insert(key, meta, 0)
@@ -411,9 +618,31 @@ impl Dataplane {
             .collect()
     }
 
-    /// Add or replace backend `backend_id`.
+    /// Zero one slot of a per-CPU counter map (a reused VIP or backend id).
+    fn reset_counters(&mut self, map: &str, index: u32) -> Result<()> {
+        let mut counters: PerCpuArray<_, Counters> = PerCpuArray::try_from(self.map_mut(map)?)?;
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("counting CPUs")?;
+        counters
+            .set(
+                index,
+                PerCpuValues::try_from(vec![Counters::default(); cpus])?,
+                0,
+            )
+            .with_context(|| format!("resetting {map}[{index}]"))?;
+        Ok(())
+    }
+
+    /// Add or replace backend `backend_id`. A slot that was unused gets
+    /// fresh counters.
     pub fn set_backend(&mut self, backend_id: u32, backend: &Backend) -> Result<()> {
         self.check_backend_id(backend_id)?;
+        if backend.state != backend_state::UNUSED
+            && self.backend(backend_id)?.state == backend_state::UNUSED
+        {
+            self.reset_counters(names::BACKEND_STATS, backend_id)?;
+        }
         let mut map: Array<_, Backend> = Array::try_from(self.map_mut(names::BACKENDS)?)?;
         map.set(backend_id, backend, 0)
             .with_context(|| format!("writing backend {backend_id}"))?;
@@ -450,6 +679,27 @@ impl Dataplane {
         }
         backend.state = state;
         self.set_backend(backend_id, &backend)
+    }
+
+    /// Every VIP in the map (adoption after a restart).
+    pub fn vips(&self) -> Result<Vec<(VipKey, VipMeta)>> {
+        let map: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.map(names::VIPS)?)?;
+        map.iter()
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .context("reading VIPS")
+    }
+
+    /// Every configured backend slot, with its id (adoption after a restart).
+    pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
+        let map: Array<_, Backend> = Array::try_from(self.map(names::BACKENDS)?)?;
+        let mut out = Vec::new();
+        for (id, entry) in (0..).zip(map.iter()) {
+            let backend = entry.context("reading BACKENDS")?;
+            if backend.state != backend_state::UNUSED {
+                out.push((id, backend));
+            }
+        }
+        Ok(out)
     }
 
     /// The conntrack entry of a flow, if tracked.

@@ -1,0 +1,132 @@
+//! A pinned dataplane outlives its process: a new load adopts the maps (VIPs,
+//! rings, conntrack), swaps its program into the pinned link, and `detach`
+//! removes everything.
+
+use std::path::PathBuf;
+
+use integration_tests::{
+    lab::{backend_addr, client_flow_frame, lab_config, ring_of, SIZES, WEB4},
+    netns::Netns,
+    require_root, run,
+};
+use xdp_common::{backend_state, Backend, XDP_TX};
+use xdp_user::dataplane::{self, addr_bytes, AttachMode, Dataplane};
+
+/// A unique pin directory, removed on drop.
+struct PinDir(PathBuf);
+
+impl PinDir {
+    fn new() -> Self {
+        Self(PathBuf::from(format!(
+            "/sys/fs/bpf/xdplb-test-{}",
+            std::process::id()
+        )))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = dataplane::detach(&self.0);
+    }
+}
+
+fn xdp_prog_id(ns: &Netns, dev: &str) -> Option<String> {
+    let out = ns.ip(&["-d", "link", "show", dev]).ok()?;
+    let line = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("prog/xdp"))?;
+    line.split_whitespace()
+        .skip_while(|w| *w != "id")
+        .nth(1)
+        .map(str::to_owned)
+}
+
+#[test]
+fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
+    if !require_root() {
+        return;
+    }
+    let pins = PinDir::new();
+    let ns = Netns::new("pin").unwrap();
+    ns.ip(&["link", "add", "lb0", "type", "veth", "peer", "name", "lb1"])
+        .unwrap();
+    ns.ip(&["link", "set", "lb0", "up"]).unwrap();
+    let _inside = ns.enter().unwrap();
+
+    let (frame, key) = client_flow_frame(40001);
+    let first_prog;
+    {
+        let mut dp = Dataplane::open(SIZES, &pins.0).unwrap();
+        assert!(!dp.adopted());
+        assert!(
+            !dp.attach_pinned("lb0", AttachMode::Native, &pins.0)
+                .unwrap(),
+            "new link"
+        );
+        dp.set_config(&lab_config()).unwrap();
+        for id in 0..3 {
+            let (addr, family) = addr_bytes(backend_addr(id));
+            dp.set_backend(
+                id,
+                &Backend {
+                    addr,
+                    family: u32::from(family),
+                    state: backend_state::UP,
+                    vip_id: 0,
+                    ..Backend::default()
+                },
+            )
+            .unwrap();
+        }
+        dp.add_vip(&WEB4.key(), 0, 0, 0).unwrap();
+        dp.write_ring(&WEB4.key(), &ring_of(&[0, 1, 2])).unwrap();
+        assert_eq!(run(dp.program().unwrap(), &frame).unwrap().action, XDP_TX);
+        assert!(dp.flow(&key).unwrap().is_some());
+        first_prog = xdp_prog_id(&ns, "lb0").expect("attached");
+    }
+    // The process's handles are gone; the program is still attached.
+    assert_eq!(
+        xdp_prog_id(&ns, "lb0").as_deref(),
+        Some(first_prog.as_str()),
+        "still attached after drop"
+    );
+
+    {
+        let mut dp = Dataplane::open(SIZES, &pins.0).unwrap();
+        assert!(dp.adopted());
+        assert!(
+            dp.attach_pinned("lb0", AttachMode::Native, &pins.0)
+                .unwrap(),
+            "adopted the link"
+        );
+        let now = xdp_prog_id(&ns, "lb0").expect("still attached");
+        assert_ne!(
+            now, first_prog,
+            "the new program replaced the old one in the link"
+        );
+        assert!(dp.flow(&key).unwrap().is_some(), "conntrack survived");
+        assert_eq!(dp.vips().unwrap().len(), 1);
+        assert_eq!(dp.backends().unwrap().len(), 3);
+        assert_eq!(dp.ring(&WEB4.key()).unwrap(), ring_of(&[0, 1, 2]));
+        // The flow's packets keep going to the same backend.
+        let before = dp.flow(&key).unwrap().unwrap().backend_id;
+        assert_eq!(run(dp.program().unwrap(), &frame).unwrap().action, XDP_TX);
+        assert_eq!(dp.flow(&key).unwrap().unwrap().backend_id, before);
+    }
+
+    // Sizes cannot change under a pinned dataplane.
+    let err = Dataplane::open(
+        xdp_user::dataplane::Sizes {
+            max_flows: 2048,
+            ..SIZES
+        },
+        &pins.0,
+    )
+    .err()
+    .expect("size mismatch refused");
+    assert!(format!("{err:#}").contains("FLOWS"), "{err:#}");
+
+    assert!(dataplane::detach(&pins.0).unwrap());
+    assert_eq!(xdp_prog_id(&ns, "lb0"), None, "detach removed the program");
+    assert!(!pins.0.exists());
+}
