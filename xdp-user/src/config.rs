@@ -484,7 +484,7 @@ impl Config {
                 ),
             );
         }
-        if t.max_backends >= xdp_common::NO_BACKEND {
+        if t.max_backends == xdp_common::NO_BACKEND {
             problem(
                 "tables.max_backends".into(),
                 format!("must be below {}", xdp_common::NO_BACKEND),
