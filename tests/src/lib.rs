@@ -142,3 +142,22 @@ pub fn check_all(lab: &lab::Lab, cases: &[Case]) {
     );
     println!("{} cases passed", cases.len());
 }
+
+/// A unique directory on bpffs for a test's pins; whatever is pinned there
+/// is detached and removed on drop, also when the test panics.
+pub struct PinDir(pub std::path::PathBuf);
+
+impl PinDir {
+    pub fn new(tag: &str) -> Self {
+        Self(std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/xdplb-test-{tag}-{}",
+            std::process::id()
+        )))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = xdp_user::dataplane::detach(&self.0);
+    }
+}

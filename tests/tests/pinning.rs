@@ -2,33 +2,13 @@
 //! rings, conntrack), swaps its program into the pinned link, and `detach`
 //! removes everything.
 
-use std::path::PathBuf;
-
 use integration_tests::{
     lab::{backend_addr, client_flow_frame, lab_config, ring_of, SIZES, WEB4},
     netns::Netns,
-    require_root, run,
+    require_root, run, PinDir,
 };
 use xdp_common::{backend_state, Backend, XDP_TX};
 use xdp_user::dataplane::{self, addr_bytes, AttachMode, Dataplane};
-
-/// A unique pin directory, removed on drop.
-struct PinDir(PathBuf);
-
-impl PinDir {
-    fn new() -> Self {
-        Self(PathBuf::from(format!(
-            "/sys/fs/bpf/xdplb-test-{}",
-            std::process::id()
-        )))
-    }
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = dataplane::detach(&self.0);
-    }
-}
 
 fn xdp_prog_id(ns: &Netns, dev: &str) -> Option<String> {
     let out = ns.ip(&["-d", "link", "show", dev]).ok()?;
@@ -46,7 +26,7 @@ fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
     if !require_root() {
         return;
     }
-    let pins = PinDir::new();
+    let pins = PinDir::new("pin");
     let ns = Netns::new("pin").unwrap();
     ns.ip(&["link", "add", "lb0", "type", "veth", "peer", "name", "lb1"])
         .unwrap();

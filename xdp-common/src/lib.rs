@@ -36,7 +36,7 @@ pub const NO_BACKEND: u32 = u32::MAX;
 /// IPv4 addresses occupy the first four bytes of `addr`, the rest is zero.
 /// `port` is zero for a port-less VIP (all ports of the address and protocol).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Pod, Zeroable)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
 pub struct VipKey {
     pub addr: [u8; 16],
     /// Destination port, network byte order; 0 means any port.

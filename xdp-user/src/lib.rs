@@ -2,6 +2,7 @@
 //! loader; the daemon, health checks and CLI build on it.
 
 pub mod config;
+pub mod controller;
 pub mod dataplane;
 pub mod health;
 pub mod maglev;
