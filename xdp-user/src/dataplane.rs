@@ -481,6 +481,13 @@ impl Dataplane {
             .try_into()?)
     }
 
+    /// Total run time and run count of the balancer program, as the kernel
+    /// counts them while `kernel.bpf_stats_enabled` is 1 (zero otherwise).
+    pub fn program_stats(&self) -> Result<(std::time::Duration, u64)> {
+        let info = self.program()?.info().context("reading program info")?;
+        Ok((info.run_time(), info.run_count()))
+    }
+
     fn map(&self, name: &str) -> Result<&aya::maps::Map> {
         self.ebpf
             .map(name)

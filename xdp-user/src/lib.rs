@@ -1,8 +1,11 @@
 //! xdplb: an XDP layer-4 load balancer. This library holds the dataplane
 //! loader; the daemon, health checks and CLI build on it.
 
+pub mod api;
+pub mod cli;
 pub mod config;
 pub mod controller;
+pub mod daemon;
 pub mod dataplane;
 pub mod health;
 pub mod maglev;

@@ -1,0 +1,553 @@
+//! The `xdplb` command line: `run` starts the daemon; everything else is a
+//! thin client of its admin API (or, for `check-config` and `detach`, works
+//! on files directly).
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::{
+    api::{self, Request, Response, Stats},
+    config::{
+        BackendConfig, CheckKind, Config, ForwardingMode, HealthCheck, InitialState, Protocol, Vip,
+    },
+};
+
+const DEFAULT_SOCKET: &str = "/run/xdplb/admin.sock";
+const DEFAULT_CONFIG: &str = "/etc/xdplb/xdplb.toml";
+
+#[derive(Parser)]
+#[command(name = "xdplb", version, about = "XDP layer-4 load balancer")]
+pub struct Cli {
+    /// Admin socket of the running daemon.
+    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon: attach (or adopt) the dataplane, health-check, serve the API.
+    Run {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Validate a config file and list every problem.
+    CheckConfig { file: PathBuf },
+    /// Remove the pinned dataplane: the program is detached, maps and conntrack freed.
+    Detach {
+        /// Read the pin directory from this config.
+        #[arg(long, conflicts_with = "pin_dir")]
+        config: Option<PathBuf>,
+        /// Pin directory (default /sys/fs/bpf/xdplb).
+        #[arg(long)]
+        pin_dir: Option<PathBuf>,
+    },
+    /// Re-read the config file (same as SIGHUP).
+    Reload,
+    /// VIPs, backends, health, weights, flows in use.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Counters; with --watch, rates per VIP and backend.
+    Stats {
+        #[arg(long)]
+        watch: bool,
+        /// Seconds between samples.
+        #[arg(long, default_value_t = 1.0)]
+        interval: f64,
+        /// Stop after this many samples (default: until interrupted).
+        #[arg(long)]
+        count: Option<u64>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Nagios-style check: exit 0 OK, 1 WARNING, 2 CRITICAL, one summary line.
+    Check,
+    #[command(subcommand)]
+    Vip(VipCommand),
+    #[command(subcommand)]
+    Backend(BackendCommand),
+}
+
+#[derive(Subcommand)]
+enum VipCommand {
+    List,
+    Add(VipAdd),
+    Del { name: String },
+}
+
+#[derive(Args)]
+struct VipAdd {
+    #[arg(long)]
+    name: String,
+    #[arg(long)]
+    address: IpAddr,
+    /// Omit for a port-less VIP.
+    #[arg(long)]
+    port: Option<u16>,
+    #[arg(long, value_parser = parse_protocol)]
+    protocol: Protocol,
+    #[arg(long, value_parser = parse_forwarding)]
+    forwarding: ForwardingMode,
+    #[arg(long)]
+    source_hash: bool,
+    /// tcp, http, udp or none.
+    #[arg(long, value_parser = parse_check, default_value = "tcp")]
+    check: CheckKind,
+    #[arg(long)]
+    check_port: Option<u16>,
+    #[arg(long)]
+    check_path: Option<String>,
+    #[arg(long)]
+    expect_status: Option<u16>,
+    #[arg(long)]
+    interval_ms: Option<u64>,
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    #[arg(long)]
+    rise: Option<u32>,
+    #[arg(long)]
+    fall: Option<u32>,
+    #[arg(long)]
+    send: Option<String>,
+    #[arg(long)]
+    expect: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum BackendCommand {
+    Add {
+        vip: String,
+        address: IpAddr,
+        #[arg(long, default_value_t = 100)]
+        weight: u32,
+        #[arg(long)]
+        mac: Option<String>,
+        /// up, down or drain.
+        #[arg(long, value_parser = parse_state, default_value = "up")]
+        state: InitialState,
+    },
+    Del {
+        vip: String,
+        address: IpAddr,
+    },
+    Drain {
+        vip: String,
+        address: IpAddr,
+    },
+    Undrain {
+        vip: String,
+        address: IpAddr,
+    },
+    Weight {
+        vip: String,
+        address: IpAddr,
+        weight: u32,
+    },
+}
+
+fn parse_enum<T: serde::de::DeserializeOwned>(
+    s: &str,
+    what: &str,
+    choices: &str,
+) -> Result<T, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| format!("unknown {what} {s:?}: expected {choices}"))
+}
+
+fn parse_protocol(s: &str) -> Result<Protocol, String> {
+    parse_enum(s, "protocol", "tcp or udp")
+}
+fn parse_forwarding(s: &str) -> Result<ForwardingMode, String> {
+    parse_enum(s, "forwarding mode", "ipip, ip6ip6, ip4ip6 or l2dsr")
+}
+fn parse_check(s: &str) -> Result<CheckKind, String> {
+    parse_enum(s, "check", "tcp, http, udp or none")
+}
+fn parse_state(s: &str) -> Result<InitialState, String> {
+    parse_enum(s, "state", "up, down or drain")
+}
+
+fn request(socket: &Path, req: &Request) -> Result<Option<serde_json::Value>> {
+    let Response { ok, error, data } = api::call(socket, req)?;
+    if ok {
+        Ok(data)
+    } else {
+        bail!(
+            "{}",
+            error.unwrap_or_else(|| "the daemon refused the request".into())
+        )
+    }
+}
+
+fn data<T: serde::de::DeserializeOwned>(value: Option<serde_json::Value>) -> Result<T> {
+    serde_json::from_value(value.ok_or_else(|| anyhow!("the daemon sent no data"))?)
+        .context("unexpected response from the daemon")
+}
+
+fn human_bytes(n: f64) -> String {
+    let units = ["B", "KB", "MB", "GB", "TB"];
+    let mut v = n;
+    let mut u = 0;
+    while v >= 1000.0 && u < units.len() - 1 {
+        v /= 1000.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}
+
+fn print_status(s: &serde_json::Value) -> Result<()> {
+    let status: StatusView = serde_json::from_value(s.clone()).context("unexpected status")?;
+    println!(
+        "xdplb on {}: dataplane {}{}; flows {}/{}",
+        status.interface,
+        if status.in_sync {
+            "in sync"
+        } else {
+            "OUT OF SYNC"
+        },
+        if status.adopted { " (adopted)" } else { "" },
+        status.flows,
+        status.max_flows
+    );
+    if let Some(e) = &status.last_error {
+        println!("  last error: {e}");
+    }
+    for v in &status.vips {
+        println!(
+            "VIP {} {} {:?}{} check {:?}: {} packets, {}, {} flows",
+            v.name,
+            v.endpoint,
+            v.forwarding,
+            if v.source_hash { " source-hash" } else { "" },
+            v.check,
+            v.counters.packets,
+            human_bytes(v.counters.bytes as f64),
+            v.counters.new_flows
+        );
+        for b in &v.backends {
+            println!(
+                "  {:<40} weight {:>5}  {:<8} health {:<5} check {:>8}  {} packets, {} flows{}",
+                b.address.to_string(),
+                b.weight,
+                b.dataplane_state,
+                b.health.as_deref().unwrap_or("-"),
+                b.last_check_ms
+                    .map_or("-".into(), |ms| format!("{ms:.1} ms")),
+                b.counters.packets,
+                b.counters.new_flows,
+                b.last_error
+                    .as_deref()
+                    .map_or(String::new(), |e| format!("  (last failure: {e})"))
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The parts of `Status` the CLI prints (owned strings, so it deserialises).
+#[derive(serde::Deserialize)]
+struct StatusView {
+    interface: String,
+    adopted: bool,
+    in_sync: bool,
+    last_error: Option<String>,
+    flows: usize,
+    max_flows: u32,
+    vips: Vec<VipView>,
+}
+
+#[derive(serde::Deserialize)]
+struct VipView {
+    name: String,
+    endpoint: String,
+    forwarding: ForwardingMode,
+    source_hash: bool,
+    check: CheckKind,
+    counters: crate::controller::Traffic,
+    backends: Vec<BackendView>,
+}
+
+#[derive(serde::Deserialize)]
+struct BackendView {
+    address: IpAddr,
+    weight: u32,
+    dataplane_state: String,
+    health: Option<String>,
+    last_check_ms: Option<f64>,
+    last_error: Option<String>,
+    counters: crate::controller::Traffic,
+}
+
+fn watch_stats(socket: &Path, interval: f64, count: Option<u64>) -> Result<()> {
+    if !interval.is_finite() || interval <= 0.0 {
+        bail!("--interval must be positive");
+    }
+    let mut prev: Stats = data(request(socket, &Request::Stats)?)?;
+    let mut at = Instant::now();
+    let mut n = 0u64;
+    loop {
+        std::thread::sleep(Duration::from_secs_f64(interval));
+        let now: Stats = data(request(socket, &Request::Stats)?)?;
+        let dt = at.elapsed().as_secs_f64();
+        at = Instant::now();
+        println!("--- rates over {dt:.1} s");
+        for ((name, c), (_, p)) in now.vips.iter().zip(&prev.vips) {
+            println!(
+                "VIP {name:<20} {:>12.0} pps {:>14}/s {:>10.0} new flows/s",
+                (c.packets.saturating_sub(p.packets)) as f64 / dt,
+                human_bytes((c.bytes.saturating_sub(p.bytes)) as f64 / dt),
+                (c.new_flows.saturating_sub(p.new_flows)) as f64 / dt
+            );
+        }
+        for ((vip, addr, c), (_, _, p)) in now.backends.iter().zip(&prev.backends) {
+            println!(
+                "  {vip:<12} {:<40} {:>12.0} pps {:>14}/s",
+                addr.to_string(),
+                (c.packets.saturating_sub(p.packets)) as f64 / dt,
+                human_bytes((c.bytes.saturating_sub(p.bytes)) as f64 / dt)
+            );
+        }
+        for (name, v) in &now.reasons {
+            let before = prev.reasons.get(name).copied().unwrap_or(0);
+            if v > &before {
+                println!("  {name:<20} {:>12.0} /s", (v - before) as f64 / dt);
+            }
+        }
+        prev = now;
+        n += 1;
+        if count.is_some_and(|c| n >= c) {
+            return Ok(());
+        }
+    }
+}
+
+/// Nagios plugin semantics.
+fn nagios(socket: &Path) -> ExitCode {
+    let status = match request(socket, &Request::Status).and_then(data::<serde_json::Value>) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("XDPLB CRITICAL - daemon unreachable: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let Ok(status) = serde_json::from_value::<StatusView>(status) else {
+        println!("XDPLB UNKNOWN - unexpected status from the daemon");
+        return ExitCode::from(3);
+    };
+    let backends: usize = status.vips.iter().map(|v| v.backends.len()).sum();
+    let down: usize = status
+        .vips
+        .iter()
+        .flat_map(|v| &v.backends)
+        .filter(|b| b.health.as_deref() == Some("down"))
+        .count();
+    let empty: Vec<&str> = status
+        .vips
+        .iter()
+        .filter(|v| !v.backends.iter().any(|b| b.dataplane_state == "up"))
+        .map(|v| v.name.as_str())
+        .collect();
+    let summary = format!(
+        "{} VIPs, {backends} backends, {down} down, {} flows",
+        status.vips.len(),
+        status.flows
+    );
+    if !status.in_sync {
+        println!(
+            "XDPLB CRITICAL - dataplane out of sync: {}",
+            status.last_error.unwrap_or_default()
+        );
+        ExitCode::from(2)
+    } else if !empty.is_empty() {
+        println!(
+            "XDPLB CRITICAL - no usable backend for {}; {summary}",
+            empty.join(", ")
+        );
+        ExitCode::from(2)
+    } else if down > 0 {
+        println!("XDPLB WARNING - {summary}");
+        ExitCode::from(1)
+    } else {
+        println!("XDPLB OK - {summary}");
+        ExitCode::SUCCESS
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Command::Check = cli.command {
+        return nagios(&cli.socket);
+    }
+    match execute(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xdplb: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn execute(cli: Cli) -> Result<()> {
+    let socket = cli.socket.as_path();
+    match cli.command {
+        Command::Run { config } => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the tokio runtime")?
+            .block_on(crate::daemon::run(config)),
+        Command::CheckConfig { file } => {
+            let config = Config::load(&file)?;
+            let backends: usize = config.vips.iter().map(|v| v.backends.len()).sum();
+            println!(
+                "{}: ok ({} VIPs, {backends} backends)",
+                file.display(),
+                config.vips.len()
+            );
+            Ok(())
+        }
+        Command::Detach { config, pin_dir } => {
+            let dir = match (config, pin_dir) {
+                (Some(c), _) => Config::load(&c)?.daemon.pin_dir,
+                (None, Some(d)) => d,
+                (None, None) => crate::config::Daemon::default().pin_dir,
+            };
+            if crate::dataplane::detach(&dir)? {
+                println!(
+                    "detached: removed the pinned dataplane at {}",
+                    dir.display()
+                );
+            } else {
+                println!("nothing pinned at {}", dir.display());
+            }
+            Ok(())
+        }
+        Command::Reload => request(socket, &Request::Reload).map(|_| println!("reloaded")),
+        Command::Status { json } => {
+            let status = request(socket, &Request::Status)?.ok_or_else(|| anyhow!("no status"))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+                Ok(())
+            } else {
+                print_status(&status)
+            }
+        }
+        Command::Stats {
+            watch,
+            interval,
+            count,
+            json,
+        } => {
+            if watch {
+                return watch_stats(socket, interval, count);
+            }
+            let stats: Stats = data(request(socket, &Request::Stats)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+                return Ok(());
+            }
+            for (name, v) in &stats.reasons {
+                println!("{name:<20} {v}");
+            }
+            for (name, c) in &stats.vips {
+                println!(
+                    "VIP {name:<20} {} packets {} bytes {} flows",
+                    c.packets, c.bytes, c.new_flows
+                );
+            }
+            for (vip, addr, c) in &stats.backends {
+                println!(
+                    "  {vip:<12} {addr:<40} {} packets {} bytes {} flows",
+                    c.packets, c.bytes, c.new_flows
+                );
+            }
+            Ok(())
+        }
+        Command::Check => unreachable!("handled before"),
+        Command::Vip(VipCommand::List) => {
+            let vips: Vec<Vip> = data(request(socket, &Request::VipList)?)?;
+            for v in vips {
+                println!(
+                    "{} {} {:?} ({} backends)",
+                    v.name,
+                    v.endpoint(),
+                    v.forwarding,
+                    v.backends.len()
+                );
+            }
+            Ok(())
+        }
+        Command::Vip(VipCommand::Add(a)) => {
+            let defaults = HealthCheck::default();
+            let vip = Vip {
+                name: a.name,
+                address: a.address,
+                port: a.port,
+                protocol: a.protocol,
+                forwarding: a.forwarding,
+                source_hash: a.source_hash,
+                health: HealthCheck {
+                    kind: a.check,
+                    port: a.check_port,
+                    path: a.check_path.unwrap_or(defaults.path.clone()),
+                    expect_status: a.expect_status.unwrap_or(defaults.expect_status),
+                    interval_ms: a.interval_ms.unwrap_or(defaults.interval_ms),
+                    timeout_ms: a.timeout_ms.unwrap_or(defaults.timeout_ms),
+                    rise: a.rise.unwrap_or(defaults.rise),
+                    fall: a.fall.unwrap_or(defaults.fall),
+                    send: a.send,
+                    expect: a.expect,
+                    ..defaults
+                },
+                backends: Vec::new(),
+            };
+            request(socket, &Request::VipAdd { vip }).map(|_| println!("added"))
+        }
+        Command::Vip(VipCommand::Del { name }) => {
+            request(socket, &Request::VipDel { name }).map(|_| println!("deleted"))
+        }
+        Command::Backend(cmd) => {
+            let req = match cmd {
+                BackendCommand::Add {
+                    vip,
+                    address,
+                    weight,
+                    mac,
+                    state,
+                } => Request::BackendAdd {
+                    vip,
+                    backend: BackendConfig {
+                        address,
+                        weight,
+                        mac,
+                        state,
+                    },
+                },
+                BackendCommand::Del { vip, address } => Request::BackendDel { vip, address },
+                BackendCommand::Drain { vip, address } => Request::BackendDrain { vip, address },
+                BackendCommand::Undrain { vip, address } => {
+                    Request::BackendUndrain { vip, address }
+                }
+                BackendCommand::Weight {
+                    vip,
+                    address,
+                    weight,
+                } => Request::BackendWeight {
+                    vip,
+                    address,
+                    weight,
+                },
+            };
+            request(socket, &req).map(|_| println!("ok"))
+        }
+    }
+}
