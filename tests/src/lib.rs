@@ -1,6 +1,7 @@
 //! Shared helpers of the privileged tests: running XDP programs through
 //! BPF_PROG_TEST_RUN and building packets.
 
+pub mod daemon;
 pub mod netns;
 pub mod packet;
 

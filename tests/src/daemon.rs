@@ -1,0 +1,266 @@
+//! Running the real `xdplb` binary in a test namespace, and the backend
+//! servers (HTTP, UDP) it health-checks.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpListener, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, OnceLock,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::netns::Netns;
+
+/// The `xdplb` binary, built once per test process.
+pub fn xdplb_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .to_owned();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(&root)
+            .args([
+                "build",
+                "--quiet",
+                "--package",
+                "xdp-user",
+                "--bin",
+                "xdplb",
+            ])
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "building xdplb failed");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        target.join("debug").join("xdplb")
+    })
+}
+
+/// Run `xdplb ARGS` (a client command) and return its output.
+pub fn xdplb(socket: &Path, args: &[&str]) -> Output {
+    Command::new(xdplb_bin())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("running xdplb")
+}
+
+/// An `xdplb` command that will run in `ns` (network namespace only; see
+/// [`Daemon::start`]). Keep the returned file open until the command starts.
+pub fn in_netns(ns: &Netns) -> Result<(Command, std::fs::File)> {
+    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+    let netns = std::fs::File::open(format!("/run/netns/{}", ns.name))?;
+    let netns_fd = netns.as_raw_fd();
+    let mut cmd = Command::new(xdplb_bin());
+    // SAFETY: setns is async-signal-safe; the fd stays open until exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok((cmd, netns))
+}
+
+/// Run `xdplb ARGS` in `ns` to completion, killed after `limit`.
+pub fn run_in(ns: &Netns, args: &[&str], limit: Duration) -> Result<Output> {
+    let (mut cmd, netns) = in_netns(ns)?;
+    let mut child = cmd
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    drop(netns);
+    let deadline = Instant::now() + limit;
+    while child.try_wait()?.is_none() {
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("xdplb {args:?} still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child.wait_with_output()?)
+}
+
+/// A running `xdplb run` inside a namespace; stopped (SIGTERM) on drop.
+pub struct Daemon {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Start `xdplb run` in `ns`. Only the network namespace is entered:
+    /// `ip netns exec` would also give the daemon a private mount namespace
+    /// with its own /sys, hence its own bpffs, and its pins would be
+    /// invisible to the host and lost on restart.
+    pub fn start(ns: &Netns, config: &Path, socket: &Path, log: PathBuf) -> Result<Self> {
+        let log_file = std::fs::File::create(&log)?;
+        let (mut cmd, netns) = in_netns(ns)?;
+        let child = cmd
+            .arg("--socket")
+            .arg(socket)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .context("starting xdplb run")?;
+        drop(netns);
+        let mut daemon = Self { child, log };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!("xdplb run exited early ({status}):\n{}", daemon.log_text());
+            }
+            if xdplb(socket, &["status", "--json"]).status.success() {
+                return Ok(daemon);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "xdplb run did not answer within 20 s:\n{}",
+            daemon.log_text()
+        )
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait; the daemon must exit cleanly.
+    pub fn stop(mut self) -> Result<()> {
+        self.terminate()
+    }
+
+    fn terminate(&mut self) -> Result<()> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                if !status.success() {
+                    bail!("xdplb exited with {status}:\n{}", self.log_text());
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        bail!("xdplb ignored SIGTERM for 10 s")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.terminate();
+        }
+    }
+}
+
+/// A server thread that can be stopped (the backend "dies") and whose
+/// socket is closed when it stops.
+pub struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    /// An HTTP/1.0 server answering every request with `200 OK` and a body
+    /// naming `addr` (so clients can tell which backend answered). The
+    /// calling thread must be in the namespace the socket belongs to.
+    pub fn http(addr: SocketAddr) -> Result<Self> {
+        let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        let _ = s.set_nonblocking(false);
+                        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                        let mut buf = [0u8; 2048];
+                        let _ = s.read(&mut buf);
+                        let body = format!("backend {addr}\n");
+                        let _ = write!(
+                            s,
+                            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            addr,
+        })
+    }
+
+    /// A UDP responder: `ping` gets `pong from <addr>`.
+    pub fn udp(addr: SocketAddr) -> Result<Self> {
+        let socket = UdpSocket::bind(addr).with_context(|| format!("binding {addr}"))?;
+        socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = socket.recv_from(&mut buf) {
+                    if buf[..n].starts_with(b"ping") {
+                        let _ = socket.send_to(format!("pong from {addr}").as_bytes(), from);
+                    }
+                }
+            }
+        });
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            addr,
+        })
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Poll `f` every 50 ms until it returns Some or `limit` passes.
+pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
