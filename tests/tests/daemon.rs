@@ -458,13 +458,6 @@ fn daemon_follows_health_and_serves_every_cli_command() {
 
     // Reload: a good file is applied, a broken one refused with its location.
     std::fs::write(&config_path, saved.replace("weight = 50", "weight = 75")).unwrap();
-    // SIGHUP re-reads the file too.
-    std::fs::write(&config_path, saved.replace("weight = 50", "weight = 80")).unwrap();
-    daemon.signal(libc::SIGHUP);
-    wait_for(Duration::from_secs(5), || {
-        (backend(&status(&socket), "web", "198.18.1.1").unwrap()["weight"] == 80).then_some(())
-    })
-    .expect("SIGHUP applied the new weight");
     ok(&xdplb(&socket, &["reload"]));
     assert_eq!(
         backend(&status(&socket), "web", "198.18.1.1").unwrap()["weight"],
@@ -481,7 +474,13 @@ fn daemon_follows_health_and_serves_every_cli_command() {
         75
     );
     assert_eq!(status(&socket)["in_sync"], true);
-    std::fs::write(&config_path, saved.replace("weight = 50", "weight = 75")).unwrap();
+    // SIGHUP re-reads the file too.
+    std::fs::write(&config_path, saved.replace("weight = 50", "weight = 80")).unwrap();
+    daemon.signal(libc::SIGHUP);
+    wait_for(Duration::from_secs(5), || {
+        (backend(&status(&socket), "web", "198.18.1.1").unwrap()["weight"] == 80).then_some(())
+    })
+    .expect("SIGHUP applied the new weight");
 
     // check-config lists every problem of a bad file.
     let bad = scratch.0.join("bad.toml");
