@@ -777,6 +777,21 @@ address = "2001:db8:1::1"
     }
 
     #[test]
+    fn the_documented_example_is_valid() {
+        let text = include_str!("../../examples/xdplb.toml");
+        let c = Config::parse(text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.vips.len(), 2);
+        // Every default the example states is the real default.
+        assert_eq!(c.tables, Tables::default());
+        assert_eq!(c.api, Api::default());
+        assert_eq!(c.daemon, Daemon::default());
+        assert_eq!(
+            c.vips[0].health.interval_ms,
+            HealthCheck::default().interval_ms
+        );
+    }
+
+    #[test]
     fn save_round_trips() {
         let c = Config::parse(GOOD).unwrap();
         let dir = std::env::temp_dir().join(format!("xdplb-config-{}", std::process::id()));
