@@ -190,31 +190,89 @@ pub struct Server {
 }
 
 impl Server {
-    /// An HTTP/1.0 server answering every request with `200 OK` and a body
-    /// naming `addr` (so clients can tell which backend answered). The
-    /// calling thread must be in the namespace the socket belongs to.
+    /// An HTTP/1.0 server answering every request with `200 OK` and the
+    /// body `backend <name>` (so clients can tell who answered). The calling
+    /// thread must be in the namespace the socket belongs to.
     pub fn http(addr: SocketAddr) -> Result<Self> {
+        Self::http_named(addr, &addr.to_string())
+    }
+
+    pub fn http_named(addr: SocketAddr, name: &str) -> Result<Self> {
+        let body = format!("backend {name}\n");
+        Self::tcp(
+            addr,
+            move |mut s: std::net::TcpStream, _stop: &AtomicBool| {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut buf = [0u8; 2048];
+                let _ = s.read(&mut buf);
+                let _ = write!(
+                    s,
+                    "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+            },
+        )
+    }
+
+    /// A line server for long-lived connections: every line in gets
+    /// `<name>\n` back, until the client closes or the server stops (which
+    /// closes every connection, as a dead backend would).
+    pub fn echo(addr: SocketAddr, name: &str) -> Result<Self> {
+        let reply = format!("{name}\n");
+        Self::tcp(
+            addr,
+            move |mut s: std::net::TcpStream, stop: &AtomicBool| {
+                let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+                let mut buf = [0u8; 4096];
+                while !stop.load(Ordering::Relaxed) {
+                    match s.read(&mut buf) {
+                        Ok(0) => return,
+                        Ok(n) => {
+                            for _ in buf[..n].iter().filter(|&&b| b == b'\n') {
+                                if s.write_all(reply.as_bytes()).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) => {}
+                        Err(_) => return,
+                    }
+                }
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            },
+        )
+    }
+
+    /// A TCP server running `serve` on a thread per connection.
+    fn tcp<F>(addr: SocketAddr, serve: F) -> Result<Self>
+    where
+        F: Fn(std::net::TcpStream, &AtomicBool) + Send + Sync + 'static,
+    {
         let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let serve = Arc::new(serve);
         let thread = std::thread::spawn(move || {
+            let mut connections = Vec::new();
             while !flag.load(Ordering::Relaxed) {
                 match listener.accept() {
-                    Ok((mut s, _)) => {
+                    Ok((s, _)) => {
                         let _ = s.set_nonblocking(false);
-                        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                        let mut buf = [0u8; 2048];
-                        let _ = s.read(&mut buf);
-                        let body = format!("backend {addr}\n");
-                        let _ = write!(
-                            s,
-                            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
-                            body.len()
-                        );
+                        let (serve, flag) = (serve.clone(), flag.clone());
+                        connections.push(std::thread::spawn(move || serve(s, &flag)));
+                        connections.retain(|c: &JoinHandle<()>| !c.is_finished());
                     }
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                    Err(_) => std::thread::sleep(Duration::from_millis(2)),
                 }
+            }
+            drop(listener);
+            for c in connections {
+                let _ = c.join();
             }
         });
         Ok(Self {

@@ -2,8 +2,10 @@
 //! BPF_PROG_TEST_RUN and building packets.
 
 pub mod daemon;
+pub mod e2e;
 pub mod netns;
 pub mod packet;
+pub mod topology;
 
 use anyhow::{Context as _, Result};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
@@ -160,5 +162,23 @@ impl PinDir {
 impl Drop for PinDir {
     fn drop(&mut self) {
         let _ = xdp_user::dataplane::detach(&self.0);
+    }
+}
+
+/// A scratch directory (configs, sockets, logs), removed on drop.
+pub struct Scratch(pub std::path::PathBuf);
+
+impl Scratch {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("xdplb-test-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("creating a scratch directory");
+        Self(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -1,5 +1,6 @@
-//! xdplb's XDP programs: `xdp_lb`, the balancer on the LB host's NIC, and
-//! `decap`, the tunnel terminator for backends without ipip/ip6tnl devices.
+//! xdplb's XDP programs: `xdp_lb`, the balancer on the LB host's NIC,
+//! `decap`, the tunnel terminator for backends without ipip/ip6tnl devices,
+//! and `xdp_pass`, an empty program (benchmark baseline, veth peers).
 //!
 //! Odd-packet policy, each counted under its `xdp_common::reason`:
 //! - not IP, or not addressed to a VIP: `XDP_PASS`, untouched;
@@ -251,6 +252,14 @@ fn try_decap(ctx: &XdpContext) -> Result<u32, Malformed> {
         Ok(()) => Ok(decap_reason::DECAPSULATED),
         Err(forward::NoRoom) => Err(Malformed),
     }
+}
+
+/// Passes every packet untouched. The baseline that benchmarks measure
+/// beside `xdp_lb`, and what a veth needs attached for XDP_TX frames from
+/// its peer to arrive (the test networks' router).
+#[xdp]
+pub fn xdp_pass(_ctx: XdpContext) -> u32 {
+    XDP_PASS
 }
 
 #[cfg(not(test))]

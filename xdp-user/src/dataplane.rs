@@ -751,6 +751,37 @@ impl Dataplane {
     }
 }
 
+/// Name of the empty program in the object.
+pub const PASS_PROGRAM: &str = "xdp_pass";
+
+/// The empty `xdp_pass` program: a benchmark baseline, and what a veth
+/// peer needs attached for XDP_TX frames to arrive.
+pub struct PassProgram {
+    ebpf: Ebpf,
+}
+
+impl PassProgram {
+    pub fn load() -> Result<Self> {
+        let mut ebpf = EbpfLoader::new()
+            .load(object()?)
+            .context("loading the eBPF object (map creation)")?;
+        load_program(&mut ebpf, PASS_PROGRAM)?;
+        Ok(Self { ebpf })
+    }
+
+    pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+        attach_program(&mut self.ebpf, PASS_PROGRAM, iface, mode)
+    }
+
+    pub fn program(&self) -> Result<&Xdp> {
+        Ok(self
+            .ebpf
+            .program(PASS_PROGRAM)
+            .ok_or_else(|| anyhow!("program {PASS_PROGRAM} missing"))?
+            .try_into()?)
+    }
+}
+
 /// The backend-side decapsulator: the `decap` program and its VIP set.
 pub struct Decap {
     ebpf: Ebpf,

@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the privileged tests use (the command each provides).
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[("iproute2", "ip")];
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[("iproute2", "ip"), ("ethtool", "ethtool")];
 
 #[derive(Parser)]
 #[command(about = "xdplb project tasks")]

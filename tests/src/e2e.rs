@@ -1,0 +1,256 @@
+//! A whole system for end-to-end tests and the demo: the topology, one
+//! `xdplb run` per LB host, and HTTP (port 80) and line-echo (port 7)
+//! servers on every backend, answering with the backend's name.
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+use crate::{
+    daemon::{wait_for, Daemon, Server},
+    topology::{in_ns, Spec, Topology},
+    PinDir, Scratch,
+};
+
+/// Health check used by the end-to-end runs: HTTP every 200 ms, down after
+/// 3 failures, up after 2 successes.
+pub const HEALTH: &str = r#"{ kind = "http", path = "/", interval_ms = 200, timeout_ms = 150, jitter_ms = 20, rise = 2, fall = 3 }"#;
+pub const CHECK_INTERVAL: Duration = Duration::from_millis(200);
+pub const CHECK_FALL: u32 = 3;
+
+pub struct System {
+    // Drop order: daemons, servers, then the network, then pins and files.
+    pub daemons: Vec<Option<Daemon>>,
+    pub servers: Vec<Vec<Server>>,
+    pub topo: Topology,
+    pub pins: Vec<PinDir>,
+    pub configs: Vec<PathBuf>,
+    pub sockets: Vec<PathBuf>,
+    pub scratch: Scratch,
+}
+
+/// Name of backend `i` in replies.
+pub fn backend_name(i: usize) -> String {
+    format!("b{i}")
+}
+
+impl System {
+    pub fn start(
+        tag: &str,
+        lbs: usize,
+        backends: usize,
+        vips: Vec<IpAddr>,
+        weights: &[u32],
+    ) -> Result<Self> {
+        let topo = Topology::build(&Spec {
+            tag: tag.into(),
+            lbs,
+            backends,
+            clients: 1,
+            vips,
+        })?;
+        let scratch = Scratch::new(tag);
+        let mut sys = Self {
+            daemons: Vec::new(),
+            servers: Vec::new(),
+            pins: (0..lbs)
+                .map(|j| PinDir::new(&format!("{tag}-lb{j}")))
+                .collect(),
+            configs: Vec::new(),
+            sockets: Vec::new(),
+            topo,
+            scratch,
+        };
+        for i in 0..backends {
+            let servers = sys.serve(i)?;
+            sys.servers.push(servers);
+        }
+        for j in 0..lbs {
+            let socket = sys.scratch.0.join(format!("lb{j}.sock"));
+            let config = sys.scratch.0.join(format!("lb{j}.toml"));
+            std::fs::write(
+                &config,
+                sys.topo
+                    .lb_config(j, &sys.pins[j].0, &socket, HEALTH, weights),
+            )?;
+            sys.configs.push(config);
+            sys.sockets.push(socket);
+            sys.daemons.push(None);
+            sys.start_daemon(j)?;
+        }
+        Ok(sys)
+    }
+
+    fn serve(&self, i: usize) -> Result<Vec<Server>> {
+        let name = backend_name(i);
+        in_ns(&self.topo.backends[i].ns, || -> Result<Vec<Server>> {
+            // [::] with v6only off: the VIPs and the backend's own address
+            // (health checks), IPv4 and IPv6.
+            Ok(vec![
+                Server::http_named(SocketAddr::from(([0u16; 8], 80)), &name)?,
+                Server::echo(SocketAddr::from(([0u16; 8], 7)), &name)?,
+            ])
+        })?
+    }
+
+    /// Stop backend `i`'s servers: its checks fail, its connections close.
+    pub fn kill_backend(&mut self, i: usize) {
+        self.servers[i].clear();
+    }
+
+    pub fn revive_backend(&mut self, i: usize) -> Result<()> {
+        self.servers[i] = self.serve(i)?;
+        Ok(())
+    }
+
+    pub fn start_daemon(&mut self, j: usize) -> Result<()> {
+        let log = self
+            .scratch
+            .0
+            .join(format!("lb{j}-{}.log", self.daemons.len()));
+        let d = Daemon::start(
+            &self.topo.lbs[j].ns,
+            &self.configs[j],
+            &self.sockets[j],
+            log,
+        )?;
+        self.daemons[j] = Some(d);
+        Ok(())
+    }
+
+    pub fn stop_daemon(&mut self, j: usize) -> Result<()> {
+        match self.daemons[j].take() {
+            Some(d) => d.stop(),
+            None => Ok(()),
+        }
+    }
+
+    /// The daemon's status of LB `j`.
+    pub fn status(&self, j: usize) -> Result<serde_json::Value> {
+        let r = xdp_user::api::call(&self.sockets[j], &xdp_user::api::Request::Status)?;
+        r.data.ok_or_else(|| anyhow!("no status: {:?}", r.error))
+    }
+
+    /// Dataplane state of backend `i` for every VIP of LB `j`.
+    pub fn backend_states(&self, j: usize, i: usize) -> Result<Vec<String>> {
+        let s = self.status(j)?;
+        let b = &self.topo.backends[i];
+        let mut out = Vec::new();
+        for vip in s["vips"].as_array().context("vips")? {
+            for be in vip["backends"].as_array().context("backends")? {
+                let addr: IpAddr = be["address"].as_str().unwrap_or("").parse()?;
+                if addr == IpAddr::V4(b.v4) || addr == IpAddr::V6(b.v6) {
+                    out.push(be["dataplane_state"].as_str().unwrap_or("?").to_owned());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Wait until backend `i` is `state` for every VIP on LB `j`.
+    pub fn wait_backend(
+        &self,
+        j: usize,
+        i: usize,
+        state: &str,
+        limit: Duration,
+    ) -> Result<Duration> {
+        let started = std::time::Instant::now();
+        wait_for(limit, || {
+            self.backend_states(j, i)
+                .ok()
+                .filter(|s| !s.is_empty() && s.iter().all(|x| x == state))
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "backend {i} not {state} on LB {j} within {limit:?}: {:?}",
+                self.backend_states(j, i)
+            )
+        })?;
+        Ok(started.elapsed())
+    }
+
+    /// Wait until every backend has passed a real check on every LB.
+    pub fn wait_checked(&self, limit: Duration) -> Result<()> {
+        for j in 0..self.daemons.len() {
+            wait_for(limit, || {
+                let s = self.status(j).ok()?;
+                s["vips"]
+                    .as_array()?
+                    .iter()
+                    .all(|v| {
+                        v["backends"].as_array().is_some_and(|bs| {
+                            bs.iter().all(|b| {
+                                b["last_check_ms"].as_f64().is_some()
+                                    && b["dataplane_state"] == "up"
+                            })
+                        })
+                    })
+                    .then_some(())
+            })
+            .ok_or_else(|| anyhow!("LB {j}: not every backend checked and up within {limit:?}"))?;
+        }
+        Ok(())
+    }
+
+    /// Run `f` in client `c`'s namespace.
+    pub fn from_client<T: Send>(&self, c: usize, f: impl FnOnce() -> T + Send) -> Result<T> {
+        in_ns(&self.topo.clients[c].ns, f)
+    }
+}
+
+/// One HTTP request on a new connection; the answering backend's name.
+pub fn http_get(vip: IpAddr) -> Result<String> {
+    let addr = SocketAddr::new(vip, 80);
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        .with_context(|| format!("connect {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    body.trim()
+        .strip_prefix("backend ")
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("unexpected reply {text:?}"))
+}
+
+/// A long-lived connection to the echo service behind a VIP. Create it
+/// inside the client's namespace; use it from anywhere.
+pub struct Conn {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    /// The backend that answered the first line.
+    pub backend: String,
+}
+
+impl Conn {
+    pub fn open(vip: IpAddr) -> Result<Self> {
+        let addr = SocketAddr::new(vip, 7);
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+            .with_context(|| format!("connect {addr}"))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut c = Self {
+            reader: BufReader::new(s.try_clone()?),
+            writer: s,
+            backend: String::new(),
+        };
+        c.backend = c.ask()?;
+        Ok(c)
+    }
+
+    /// Send a line; the name of the backend that answered.
+    pub fn ask(&mut self) -> Result<String> {
+        self.writer.write_all(b"ping\n")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("connection closed");
+        }
+        Ok(line.trim().to_owned())
+    }
+}

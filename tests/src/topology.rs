@@ -1,0 +1,315 @@
+//! A test network built only of namespaces: one router, LB hosts, backends
+//! and clients, each host on its own link to the router.
+//!
+//! ```text
+//!   client i  198.18.(10+i).2 ─┐
+//!   LB j      198.18.(40+j).2 ─┼─ router (forwards; VIP routes -> an LB)
+//!   backend i 198.18.(64+i).2 ─┘
+//! ```
+//!
+//! IPv6 mirrors it in 2001:db8:<third octet in hex>::/64. VIPs (198.18.0.0/24,
+//! 2001:db8::/64) live on the backends' loopback; the backends run the
+//! `decap` program on their link, so the LB's tunnels end there, and they
+//! answer clients directly through the router (DSR). The router side of each
+//! LB link runs `xdp_pass`, which veth needs for the LB's XDP_TX frames to
+//! arrive. Links between router, LBs and backends have MTU 1600 so a full
+//! 1500-byte client packet still fits once encapsulated.
+//!
+//! Every namespace is uniquely named and deleted on drop, also on panic.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    thread,
+};
+
+use anyhow::{Context as _, Result};
+use xdp_user::dataplane::{AttachMode, Decap, PassProgram};
+
+use crate::netns::Netns;
+
+/// MTU of the links that carry tunnels.
+pub const TUNNEL_MTU: u32 = 1600;
+
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub tag: String,
+    pub lbs: usize,
+    pub backends: usize,
+    pub clients: usize,
+    pub vips: Vec<IpAddr>,
+}
+
+/// One host: its namespace and its link to the router.
+pub struct Host {
+    pub ns: Netns,
+    pub v4: Ipv4Addr,
+    pub v6: Ipv6Addr,
+    pub mac: [u8; 6],
+    /// The router's interface on this host's link.
+    pub router_if: String,
+    pub router_v4: Ipv4Addr,
+    pub router_v6: Ipv6Addr,
+    pub router_mac: [u8; 6],
+}
+
+pub struct Topology {
+    // Programs go first: fields drop in order, and they must detach while
+    // their namespaces still exist.
+    _decaps: Vec<Decap>,
+    _passes: Vec<PassProgram>,
+    pub lbs: Vec<Host>,
+    pub backends: Vec<Host>,
+    pub clients: Vec<Host>,
+    pub vips: Vec<IpAddr>,
+    pub router: Netns,
+}
+
+fn mac_of(ns: &Netns, dev: &str) -> Result<[u8; 6]> {
+    let out = ns.ip(&["-j", "link", "show", "dev", dev])?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let text = v[0]["address"].as_str().context("no MAC in ip -j output")?;
+    xdp_user::config::parse_mac(text).with_context(|| format!("bad MAC {text}"))
+}
+
+fn sysctls(ns: &Netns, pairs: &[&str]) -> Result<()> {
+    let mut argv = vec!["sysctl", "-q", "-w"];
+    argv.extend_from_slice(pairs);
+    ns.exec(&argv).map(drop)
+}
+
+/// Run `f` on a thread inside `ns` (setns affects only the calling thread).
+pub fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> Result<T> {
+    thread::scope(|s| {
+        s.spawn(|| -> Result<T> {
+            let _inside = ns.enter()?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {} panicked", ns.name))?
+    })
+}
+
+impl Topology {
+    pub fn build(spec: &Spec) -> Result<Self> {
+        let router = Netns::new(&format!("{}-r", spec.tag))?;
+        sysctls(
+            &router,
+            &[
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.default.rp_filter=0",
+            ],
+        )?;
+        let link = |kind: &str, index: usize, third: u8, mtu: u32| -> Result<Host> {
+            let ns = Netns::new(&format!("{}-{kind}{index}", spec.tag))?;
+            sysctls(
+                &ns,
+                &[
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                ],
+            )?;
+            let rif = format!("r{kind}{index}");
+            let mtu = mtu.to_string();
+            router.ip(&[
+                "link", "add", &rif, "mtu", &mtu, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns.name, "mtu", &mtu,
+            ])?;
+            let (rv4, hv4) = (
+                Ipv4Addr::new(198, 18, third, 1),
+                Ipv4Addr::new(198, 18, third, 2),
+            );
+            let (rv6, hv6) = (
+                Ipv6Addr::new(0x2001, 0xdb8, u16::from(third), 0, 0, 0, 0, 1),
+                Ipv6Addr::new(0x2001, 0xdb8, u16::from(third), 0, 0, 0, 0, 2),
+            );
+            router.ip(&["addr", "add", &format!("{rv4}/24"), "dev", &rif])?;
+            router.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{rv6}/64"),
+                "dev",
+                &rif,
+                "nodad",
+            ])?;
+            router.ip(&["link", "set", &rif, "up"])?;
+            ns.ip(&["addr", "add", &format!("{hv4}/24"), "dev", "eth0"])?;
+            ns.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{hv6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+            ns.ip(&["link", "set", "eth0", "up"])?;
+            ns.ip(&["route", "add", "default", "via", &rv4.to_string()])?;
+            ns.ip(&["-6", "route", "add", "default", "via", &rv6.to_string()])?;
+            Ok(Host {
+                mac: mac_of(&ns, "eth0")?,
+                router_mac: mac_of(&router, &rif)?,
+                ns,
+                v4: hv4,
+                v6: hv6,
+                router_if: rif,
+                router_v4: rv4,
+                router_v6: rv6,
+            })
+        };
+        let clients = (0..spec.clients)
+            .map(|i| link("c", i, 10 + i as u8, 1500))
+            .collect::<Result<Vec<_>>>()?;
+        // veth leaves TX checksums to "hardware", which here is nobody:
+        // packets reach the LB with only the pseudo-header sum, and XDP
+        // forwards bytes as they are. A real client's NIC fills the checksum
+        // in on the wire; make the clients' veths do the same.
+        for c in &clients {
+            c.ns.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
+        }
+        let lbs = (0..spec.lbs)
+            .map(|j| link("l", j, 40 + j as u8, TUNNEL_MTU))
+            .collect::<Result<Vec<_>>>()?;
+        let backends = (0..spec.backends)
+            .map(|i| link("b", i, 64 + i as u8, TUNNEL_MTU))
+            .collect::<Result<Vec<_>>>()?;
+
+        // Backends: VIPs on loopback, tunnels ended by `decap`.
+        let mut decaps = Vec::new();
+        for b in &backends {
+            for vip in &spec.vips {
+                match vip {
+                    IpAddr::V4(v) => b.ns.ip(&["addr", "add", &format!("{v}/32"), "dev", "lo"])?,
+                    IpAddr::V6(v) => b.ns.ip(&[
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{v}/128"),
+                        "dev",
+                        "lo",
+                        "nodad",
+                    ])?,
+                };
+            }
+            let decap = in_ns(&b.ns, || -> Result<Decap> {
+                let mut d = Decap::load(spec.vips.len().max(1) as u32)?;
+                for vip in &spec.vips {
+                    d.add_vip(*vip)?;
+                }
+                d.attach("eth0", AttachMode::Native)?;
+                Ok(d)
+            })??;
+            decaps.push(decap);
+        }
+        // Router side of the LB links: XDP_TX from the LB must arrive.
+        let passes = in_ns(&router, || -> Result<Vec<PassProgram>> {
+            lbs.iter()
+                .map(|lb| {
+                    let mut p = PassProgram::load()?;
+                    p.attach(&lb.router_if, AttachMode::Native)?;
+                    Ok(p)
+                })
+                .collect()
+        })??;
+        let topo = Self {
+            _decaps: decaps,
+            _passes: passes,
+            lbs,
+            backends,
+            clients,
+            vips: spec.vips.clone(),
+            router,
+        };
+        topo.route_vips_via(0)?;
+        Ok(topo)
+    }
+
+    /// Send all VIP traffic to LB `j`.
+    pub fn route_vips_via(&self, j: usize) -> Result<()> {
+        let lb = &self.lbs[j];
+        for vip in &self.vips {
+            match vip {
+                IpAddr::V4(v) => self.router.ip(&[
+                    "route",
+                    "replace",
+                    &format!("{v}/32"),
+                    "via",
+                    &lb.v4.to_string(),
+                ])?,
+                IpAddr::V6(v) => self.router.ip(&[
+                    "-6",
+                    "route",
+                    "replace",
+                    &format!("{v}/128"),
+                    "via",
+                    &lb.v6.to_string(),
+                ])?,
+            };
+        }
+        Ok(())
+    }
+
+    /// A config for LB `j`: every VIP served by every backend (HTTP check on
+    /// port 80), with the given extra TOML per VIP and weights per backend.
+    pub fn lb_config(
+        &self,
+        j: usize,
+        pin_dir: &std::path::Path,
+        socket: &std::path::Path,
+        health: &str,
+        weights: &[u32],
+    ) -> String {
+        let lb = &self.lbs[j];
+        let m = lb.router_mac;
+        let mut out = format!(
+            r#"interface = "eth0"
+xdp_mode = "native"
+
+[tables]
+max_vips = 8
+max_backends = 64
+ring_size = 4093
+max_flows = 65536
+
+[forwarding]
+gateway_mac = "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}"
+
+[api]
+socket = "{}"
+metrics = "127.0.0.1:9477"
+
+[daemon]
+pin_dir = "{}"
+"#,
+            m[0],
+            m[1],
+            m[2],
+            m[3],
+            m[4],
+            m[5],
+            socket.display(),
+            pin_dir.display()
+        );
+        for (k, vip) in self.vips.iter().enumerate() {
+            let (forwarding, name) = match vip {
+                IpAddr::V4(_) => ("ipip", format!("web{k}")),
+                IpAddr::V6(_) => ("ip6ip6", format!("web{k}v6")),
+            };
+            out += &format!(
+                "\n[[vip]]\nname = \"{name}\"\naddress = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"{forwarding}\"\nhealth = {health}\n"
+            );
+            for (i, b) in self.backends.iter().enumerate() {
+                let addr: IpAddr = if vip.is_ipv4() {
+                    b.v4.into()
+                } else {
+                    b.v6.into()
+                };
+                let weight = weights.get(i).copied().unwrap_or(100);
+                out += &format!("\n[[vip.backend]]\naddress = \"{addr}\"\nweight = {weight}\n");
+            }
+        }
+        out
+    }
+}
