@@ -6,7 +6,7 @@ use std::{
     io::{BufRead as _, BufReader, Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
     path::PathBuf,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -19,7 +19,7 @@ use crate::{
 
 /// Health check used by the end-to-end runs: HTTP every 200 ms, down after
 /// 3 failures, up after 2 successes.
-pub const HEALTH: &str = r#"{ kind = "http", path = "/", interval_ms = 200, timeout_ms = 150, jitter_ms = 20, rise = 2, fall = 3 }"#;
+pub const HEALTH: &str = r#"{ kind = "http", port = 80, path = "/", interval_ms = 200, timeout_ms = 150, jitter_ms = 20, rise = 2, fall = 3 }"#;
 pub const CHECK_INTERVAL: Duration = Duration::from_millis(200);
 pub const CHECK_FALL: u32 = 3;
 
@@ -160,7 +160,7 @@ impl System {
         state: &str,
         limit: Duration,
     ) -> Result<Duration> {
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         wait_for(limit, || {
             self.backend_states(j, i)
                 .ok()
@@ -252,5 +252,60 @@ impl Conn {
             bail!("connection closed");
         }
         Ok(line.trim().to_owned())
+    }
+}
+
+/// Back-to-back HTTP requests on new connections from client 0, on a
+/// thread, until stopped (bounded by `limit` in any case).
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<(Instant, Result<String, String>)>>>,
+}
+
+impl Load {
+    pub fn start(sys: &System, vip: IpAddr, limit: Duration) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let ns = sys.topo.clients[0].ns.name.clone();
+        let thread = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let Ok(file) = std::fs::File::open(format!("/run/netns/{ns}")) else {
+                return out;
+            };
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: setns on this thread only, with a valid namespace fd.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return out;
+            }
+            let deadline = Instant::now() + limit;
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let at = Instant::now();
+                out.push((at, http_get(vip).map_err(|e| format!("{e:#}"))));
+            }
+            out
+        });
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stop; every request with its start time and outcome.
+    pub fn finish(mut self) -> Vec<(Instant, Result<String, String>)> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

@@ -251,8 +251,10 @@ impl Topology {
         Ok(())
     }
 
-    /// A config for LB `j`: every VIP served by every backend (HTTP check on
-    /// port 80), with the given extra TOML per VIP and weights per backend.
+    /// A config for LB `j`: every VIP (port-less: all TCP ports), each
+    /// served by the backends that
+    /// `weights` lists (all of them, weight 100, when it is empty), checked
+    /// with `health`.
     pub fn lb_config(
         &self,
         j: usize,
@@ -298,9 +300,14 @@ pin_dir = "{}"
                 IpAddr::V6(_) => ("ip6ip6", format!("web{k}v6")),
             };
             out += &format!(
-                "\n[[vip]]\nname = \"{name}\"\naddress = \"{vip}\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"{forwarding}\"\nhealth = {health}\n"
+                "\n[[vip]]\nname = \"{name}\"\naddress = \"{vip}\"\nprotocol = \"tcp\"\nforwarding = \"{forwarding}\"\nhealth = {health}\n"
             );
-            for (i, b) in self.backends.iter().enumerate() {
+            let serving = if weights.is_empty() {
+                self.backends.len()
+            } else {
+                weights.len()
+            };
+            for (i, b) in self.backends.iter().enumerate().take(serving) {
                 let addr: IpAddr = if vip.is_ipv4() {
                     b.v4.into()
                 } else {

@@ -10,7 +10,7 @@ use std::{
 
 use integration_tests::{
     daemon::xdplb,
-    e2e::{backend_name, http_get, Conn, System, CHECK_FALL, CHECK_INTERVAL},
+    e2e::{backend_name, http_get, Conn, Load, System, CHECK_FALL, CHECK_INTERVAL},
     require_root,
 };
 
@@ -82,4 +82,246 @@ fn keep_system_up() {
     println!("up");
     std::thread::sleep(Duration::from_secs(120));
     drop(sys);
+}
+
+/// Open `n` long-lived connections to `vip` from client 0.
+fn conns(sys: &System, vip: IpAddr, n: usize) -> Vec<Conn> {
+    sys.from_client(0, || {
+        (0..n)
+            .map(|_| Conn::open(vip))
+            .collect::<Result<Vec<_>, _>>()
+    })
+    .unwrap()
+    .expect("opening long-lived connections")
+}
+
+fn by_backend(conns: &[Conn]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for c in conns {
+        *m.entry(c.backend.clone()).or_insert(0) += 1;
+    }
+    m
+}
+
+fn v4_of(sys: &System, i: usize) -> String {
+    sys.topo.backends[i].v4.to_string()
+}
+
+#[test]
+fn a_killed_backend_is_detected_and_nothing_else_breaks() {
+    if !require_root() {
+        return;
+    }
+    let mut sys = System::start("kill", 1, 3, vec![VIP4], &[]).unwrap();
+    sys.wait_checked(Duration::from_secs(10)).unwrap();
+    let mut long = conns(&sys, VIP4, 30);
+    let spread = by_backend(&long);
+    assert_eq!(
+        spread.len(),
+        3,
+        "long-lived connections on every backend: {spread:?}"
+    );
+
+    let load = Load::start(&sys, VIP4, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Instant::now();
+    sys.kill_backend(1);
+    let limit = CHECK_INTERVAL * CHECK_FALL + Duration::from_secs(1);
+    let detected = sys.wait_backend(0, 1, "down", limit).unwrap();
+    let detected_at = killed + detected;
+    std::thread::sleep(Duration::from_millis(500));
+    let requests = load.finish();
+
+    let failed_before: Vec<_> = requests
+        .iter()
+        .filter(|(at, r)| *at < detected_at && r.is_err())
+        .collect();
+    let after: Vec<_> = requests
+        .iter()
+        .filter(|(at, _)| *at >= detected_at)
+        .collect();
+    let failed_after = after.iter().filter(|(_, r)| r.is_err()).count();
+    println!(
+        "kill: detected in {:?} (interval {:?} x fall {CHECK_FALL}); requests during detection: {} ({} lost); after: {} ({} lost)",
+        detected,
+        CHECK_INTERVAL,
+        requests.len() - after.len(),
+        failed_before.len(),
+        after.len(),
+        failed_after
+    );
+    assert!(after.len() > 10, "traffic kept flowing after detection");
+    assert_eq!(
+        failed_after, 0,
+        "every new connection after detection succeeds"
+    );
+    assert!(
+        after.iter().all(|(_, r)| r.as_deref() != Ok("b1")),
+        "nothing goes to the dead backend"
+    );
+
+    // Long-lived connections to the other backends never broke.
+    let mut survived = 0;
+    for c in long.iter_mut().filter(|c| c.backend != "b1") {
+        let was = c.backend.clone();
+        assert_eq!(
+            c.ask()
+                .expect("long-lived connection to a live backend still works"),
+            was
+        );
+        survived += 1;
+    }
+    println!("kill: {survived} long-lived connections to live backends intact");
+
+    // It comes back.
+    sys.revive_backend(1).unwrap();
+    let back = sys
+        .wait_backend(0, 1, "up", Duration::from_secs(5))
+        .unwrap();
+    println!("kill: revived backend back in {back:?}");
+}
+
+#[test]
+fn drain_keeps_existing_connections_and_sends_new_ones_elsewhere() {
+    if !require_root() {
+        return;
+    }
+    let sys = System::start("drain", 1, 3, vec![VIP4], &[]).unwrap();
+    sys.wait_checked(Duration::from_secs(10)).unwrap();
+    let mut long = conns(&sys, VIP4, 30);
+    let on_b1 = long.iter().filter(|c| c.backend == "b1").count();
+    assert!(on_b1 > 0);
+    let out = xdplb(
+        &sys.sockets[0],
+        &["backend", "drain", "web0", &v4_of(&sys, 1)],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for c in long.iter_mut() {
+        let was = c.backend.clone();
+        assert_eq!(c.ask().expect("existing connection keeps working"), was);
+    }
+    let (counts, failed) = spread(&sys, VIP4, 200);
+    println!("drain: {on_b1} connections kept on the draining backend; 200 new ones went to {counts:?}, {failed} failed");
+    assert_eq!(failed, 0);
+    assert!(
+        !counts.contains_key("b1"),
+        "no new connection on the draining backend"
+    );
+}
+
+#[test]
+fn adding_a_backend_keeps_every_established_connection() {
+    if !require_root() {
+        return;
+    }
+    // Three backends exist; the config serves two.
+    let sys = System::start("add", 1, 3, vec![VIP4], &[100, 100]).unwrap();
+    sys.wait_checked(Duration::from_secs(10)).unwrap();
+    let mut long = conns(&sys, VIP4, 40);
+    let out = xdplb(
+        &sys.sockets[0],
+        &["backend", "add", "web0", &v4_of(&sys, 2)],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sys.wait_backend(0, 2, "up", Duration::from_secs(5))
+        .unwrap();
+    let mut moved = 0;
+    for c in long.iter_mut() {
+        let was = c.backend.clone();
+        match c.ask() {
+            Ok(now) if now == was => {}
+            _ => moved += 1,
+        }
+    }
+    let (counts, failed) = spread(&sys, VIP4, 200);
+    println!(
+        "add: {} established connections, {moved} moved or broke; new connections: {counts:?}",
+        long.len()
+    );
+    assert_eq!(
+        moved, 0,
+        "every established connection stays on its backend"
+    );
+    assert_eq!(failed, 0);
+    assert!(
+        counts.get("b2").copied().unwrap_or(0) > 20,
+        "the new backend takes new connections: {counts:?}"
+    );
+}
+
+#[test]
+fn restarting_the_daemon_under_traffic_loses_nothing() {
+    if !require_root() {
+        return;
+    }
+    let mut sys = System::start("restart", 1, 3, vec![VIP4], &[]).unwrap();
+    sys.wait_checked(Duration::from_secs(10)).unwrap();
+    let mut long = conns(&sys, VIP4, 10);
+    let load = Load::start(&sys, VIP4, Duration::from_secs(60));
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        let started = Instant::now();
+        sys.stop_daemon(0).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        sys.start_daemon(0).unwrap();
+        println!("restart {round}: daemon back in {:?}", started.elapsed());
+        for c in long.iter_mut() {
+            let was = c.backend.clone();
+            assert_eq!(
+                c.ask().expect("long-lived connection survives the restart"),
+                was
+            );
+        }
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let requests = load.finish();
+    let lost = requests.iter().filter(|(_, r)| r.is_err()).count();
+    println!("restart: 3 daemon restarts under load: {} requests, {lost} lost; {} long-lived connections intact", requests.len(), long.len());
+    assert!(requests.len() > 50);
+    assert_eq!(lost, 0, "{:?}", requests.iter().find(|(_, r)| r.is_err()));
+    assert_eq!(sys.status(0).unwrap()["adopted"], true);
+}
+
+#[test]
+fn two_lb_hosts_send_a_flow_to_the_same_backend() {
+    if !require_root() {
+        return;
+    }
+    let sys = System::start("ha", 2, 3, vec![VIP4, VIP6], &[]).unwrap();
+    sys.wait_checked(Duration::from_secs(10)).unwrap();
+    for vip in [VIP4, VIP6] {
+        sys.topo.route_vips_via(0).unwrap();
+        let mut long = conns(&sys, vip, 20);
+        let mut switches = 0;
+        for k in 1..=6 {
+            // The router moves the flows to the other LB host mid-connection.
+            sys.topo.route_vips_via(k % 2).unwrap();
+            switches += 1;
+            for c in long.iter_mut() {
+                let was = c.backend.clone();
+                assert_eq!(
+                    c.ask().expect("the flow survives the LB switch"),
+                    was,
+                    "{vip}"
+                );
+            }
+        }
+        println!("ha {vip}: {} connections kept their backend across {switches} switches between two LB hosts", long.len());
+    }
+    // Both hosts really carried traffic.
+    for j in 0..2 {
+        let s = sys.status(j).unwrap();
+        assert!(
+            s["reasons"]["tx_encap"].as_u64().unwrap() > 0,
+            "LB {j} forwarded"
+        );
+    }
 }
