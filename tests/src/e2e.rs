@@ -255,11 +255,15 @@ impl Conn {
     }
 }
 
+/// One request of a [`Load`]: when it started, and the answering backend or
+/// the error.
+pub type Outcome = (Instant, Result<String, String>);
+
 /// Back-to-back HTTP requests on new connections from client 0, on a
 /// thread, until stopped (bounded by `limit` in any case).
 pub struct Load {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<Vec<(Instant, Result<String, String>)>>>,
+    thread: Option<std::thread::JoinHandle<Vec<Outcome>>>,
 }
 
 impl Load {
@@ -292,7 +296,7 @@ impl Load {
     }
 
     /// Stop; every request with its start time and outcome.
-    pub fn finish(mut self) -> Vec<(Instant, Result<String, String>)> {
+    pub fn finish(mut self) -> Vec<Outcome> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.thread
             .take()
