@@ -348,7 +348,7 @@ pub fn metrics(ctl: &mut Controller) -> String {
             h.transitions
         );
     }
-    let _ = writeln!(o, "# HELP xdplb_flows Conntrack entries in use (refreshed every 10 s).\n# TYPE xdplb_flows gauge\nxdplb_flows {}", status.flows);
+    let _ = writeln!(o, "# HELP xdplb_flows Conntrack entries in use (refreshed at most every 2 s).\n# TYPE xdplb_flows gauge\nxdplb_flows {}", status.flows);
     let _ = writeln!(o, "# HELP xdplb_flows_max Conntrack capacity.\n# TYPE xdplb_flows_max gauge\nxdplb_flows_max {}", status.max_flows);
     let _ = writeln!(o, "# HELP xdplb_dataplane_in_sync Whether the last reconcile succeeded.\n# TYPE xdplb_dataplane_in_sync gauge\nxdplb_dataplane_in_sync {}", u8::from(status.in_sync));
     let _ = writeln!(o, "# HELP xdplb_reconcile_failures_total Failed reconciles (each is retried).\n# TYPE xdplb_reconcile_failures_total counter\nxdplb_reconcile_failures_total {}", ctl.reconcile_failures);

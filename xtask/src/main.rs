@@ -29,6 +29,13 @@ enum Task {
     /// Install what is missing: rust-src, bpf-linker (against the
     /// toolchain's own LLVM), Debian packages the tests use.
     Setup,
+    /// Setup, then the demo: a network of namespaces, `xdplb run`, real
+    /// connections, a backend killed and revived. Needs root.
+    Demo {
+        /// Leave the network and daemon up until Ctrl-C.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Setup, then fmt, clippy (workspace and eBPF crate), unit tests and the
     /// privileged tests. Needs root.
     Test {
@@ -45,6 +52,7 @@ fn main() -> ExitCode {
     let result = match cli.task {
         Task::Setup => setup().map(|_| ()),
         Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
+        Task::Demo { keep } => demo(keep),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -315,6 +323,32 @@ fn ensure_debian_packages(report: &mut Report) -> Result<()> {
     Ok(())
 }
 
+fn cargo_in_root() -> Command {
+    let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn demo(keep: bool) -> Result<()> {
+    if !is_root() {
+        bail!("the demo builds network namespaces and attaches XDP programs, which needs root; run it as root (sudo -E cargo xtask demo)");
+    }
+    setup()?;
+    let mut cmd = cargo_in_root();
+    cmd.args([
+        "run",
+        "--quiet",
+        "--package",
+        "integration-tests",
+        "--bin",
+        "xdplb-demo",
+    ]);
+    if keep {
+        cmd.args(["--", "--keep"]);
+    }
+    run(&mut cmd).context("the demo failed")
+}
+
 /// One step of `cargo xtask test` and how it went.
 struct Step {
     name: &'static str,
@@ -328,11 +362,7 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
     }
     let root = workspace_root();
     let toolchain = setup()?;
-    let cargo = || {
-        let mut cmd = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(&root);
-        cmd
-    };
+    let cargo = cargo_in_root;
     let mut steps: Vec<(&'static str, Command)> = Vec::new();
     if !no_lint {
         let mut fmt = cargo();
