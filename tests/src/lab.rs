@@ -153,7 +153,12 @@ pub fn lab_config() -> Config {
 
 /// The ring a test installs for `backends`: slot i holds backends[i % n].
 pub fn ring_of(backends: &[u32]) -> Vec<u32> {
-    (0..RING_SIZE as usize)
+    ring_of_size(backends, RING_SIZE)
+}
+
+/// [`ring_of`] for a ring of `size` slots.
+pub fn ring_of_size(backends: &[u32], size: u32) -> Vec<u32> {
+    (0..size as usize)
         .map(|i| {
             if backends.is_empty() {
                 NO_BACKEND
@@ -170,7 +175,12 @@ pub struct Lab {
 
 impl Lab {
     pub fn new() -> Result<Self> {
-        let mut dp = Dataplane::load(SIZES)?;
+        Self::with_sizes(SIZES)
+    }
+
+    /// The lab's VIPs and backends on a dataplane of any size (benchmarks).
+    pub fn with_sizes(sizes: Sizes) -> Result<Self> {
+        let mut dp = Dataplane::load(sizes)?;
         dp.set_config(&lab_config())?;
         for id in 0..=6u32 {
             let (addr, family) = addr_bytes(backend_addr(id));
@@ -188,7 +198,7 @@ impl Lab {
         }
         for vip in VIPS {
             dp.add_vip(&vip.key(), vip.vip_id, vip.flags, vip.mode)?;
-            dp.write_ring(&vip.key(), &ring_of(vip.backends))?;
+            dp.write_ring(&vip.key(), &ring_of_size(vip.backends, sizes.ring_size))?;
         }
         Ok(Self { dp })
     }
@@ -217,7 +227,7 @@ pub fn flow(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> Flow
 /// The backend the ring `ring` gives a new flow of `vip`.
 pub fn predicted_backend(vip: &LabVip, ring: &[u32], key: &FlowKey) -> u32 {
     let hash = flow_hash(key, vip.flags & VIP_F_SOURCE_HASH != 0);
-    ring[(hash % RING_SIZE) as usize]
+    ring[(hash % ring.len() as u32) as usize]
 }
 
 /// `frame` (IP header at `l3`) as the LB sends it to `backend` for flow `key`.
