@@ -36,6 +36,9 @@ enum Task {
         #[arg(long)]
         keep: bool,
     },
+    /// Setup, then the benchmarks (release build), each figure beside its
+    /// baseline. Needs root.
+    Bench,
     /// Setup, then fmt, clippy (workspace and eBPF crate), unit tests and the
     /// privileged tests. Needs root.
     Test {
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         Task::Setup => setup().map(|_| ()),
         Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
         Task::Demo { keep } => demo(keep),
+        Task::Bench => bench(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -347,6 +351,25 @@ fn demo(keep: bool) -> Result<()> {
         cmd.args(["--", "--keep"]);
     }
     run(&mut cmd).context("the demo failed")
+}
+
+fn bench() -> Result<()> {
+    if !is_root() {
+        bail!(
+            "the benchmarks load XDP programs and build namespaces, which needs root; run as root"
+        );
+    }
+    setup()?;
+    run(cargo_in_root().args([
+        "run",
+        "--quiet",
+        "--release",
+        "--package",
+        "integration-tests",
+        "--bin",
+        "xdplb-bench",
+    ]))
+    .context("the benchmarks failed")
 }
 
 /// One step of `cargo xtask test` and how it went.

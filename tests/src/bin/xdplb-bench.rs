@@ -1,0 +1,525 @@
+//! `cargo xtask bench`: every figure beside a baseline measured in the same
+//! run, on this machine.
+//!
+//! Dataplane: BPF_PROG_TEST_RUN of `xdp_lb` per path, next to the empty
+//! `xdp_pass`. Paths that leave the packet as it was run with a large
+//! `repeat` (the kernel reports the mean); paths that rewrite it run with
+//! `repeat = 1` per call, because the kernel does not restore the buffer
+//! between repeats (an encapsulating path would encapsulate its own output),
+//! and the median of the kernel-measured per-call durations is reported.
+//!
+//! Control plane: Maglev population, ring writes, detection-to-dataplane
+//! latency, and health-check CPU for 1,000 and 10,000 backends.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
+use integration_tests::{
+    lab::{client_flow_frame, Lab, CLIENT4, CLIENT6, DNS4, DSR, MIXED, WEB4, WEB6},
+    netns::Netns,
+    packet, PinDir,
+};
+use xdp_user::{
+    config::{CheckKind, Config, HealthCheck},
+    controller::Controller,
+    dataplane::{Dataplane, PassProgram, Sizes},
+    health::{CheckKey, CheckResult, CheckSpec, Checks},
+    maglev::{populate, RingBackend},
+};
+
+const SIZES: Sizes = Sizes {
+    max_vips: 8,
+    max_backends: 64,
+    ring_size: 65537,
+    max_flows: 1 << 20,
+};
+const REPEAT: u32 = 200_000;
+const RUNS: usize = 11;
+const CALLS: usize = 20_001;
+
+fn median_f(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn median_d(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Mean ns per run over `repeat` runs, median of RUNS such calls.
+fn repeated(prog: &Xdp, pkt: &[u8]) -> Result<f64> {
+    let mut out = vec![0u8; pkt.len() + 256];
+    let mut samples = Vec::new();
+    for _ in 0..RUNS {
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            repeat: REPEAT,
+            ..TestRunOptions::default()
+        })?;
+        samples.push(r.duration.as_nanos() as f64);
+    }
+    Ok(median_f(samples))
+}
+
+/// Median of kernel-measured single runs, one packet per call from `pkts`
+/// (cycled), so rewritten packets never feed back in.
+fn single(prog: &Xdp, pkts: &[Vec<u8>], want_action: u32) -> Result<f64> {
+    let mut out = vec![0u8; 2048];
+    let mut samples = Vec::with_capacity(CALLS);
+    for i in 0..CALLS {
+        let pkt = &pkts[i % pkts.len()];
+        let r = prog.test_run(TestRunOptions {
+            data_in: Some(pkt),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        })?;
+        if r.return_value != want_action {
+            bail!("expected action {want_action}, got {}", r.return_value);
+        }
+        samples.push(r.duration.as_nanos() as f64);
+    }
+    Ok(median_f(samples))
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+}
+
+fn dataplane() -> Result<()> {
+    println!("\n## Dataplane: BPF_PROG_TEST_RUN, ns per packet (median), beside the empty program");
+    let lab = Lab::with_sizes(SIZES)?;
+    let lb = lab.dp.program()?;
+    let pass = PassProgram::load()?;
+    let empty = pass.program()?;
+    let vip4 = |v: &integration_tests::lab::LabVip| match v.addr {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(_) => unreachable!(),
+    };
+    let vip6 = match WEB6.addr {
+        IpAddr::V6(a) => a,
+        IpAddr::V4(_) => unreachable!(),
+    };
+    let non_vip = packet::tcp4(
+        CLIENT4,
+        Ipv4Addr::new(198, 18, 0, 99),
+        40000,
+        80,
+        b"GET / HTTP/1.1\r\n\r\n",
+    );
+    let (established, _) = client_flow_frame(40000);
+    let new_flows: Vec<Vec<u8>> = (0..CALLS as u32)
+        .map(|i| {
+            let src = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 128, 0)) + i / 60000);
+            packet::tcp4(
+                src,
+                vip4(&WEB4),
+                1024 + (i % 60000) as u16,
+                80,
+                b"GET / HTTP/1.1\r\n\r\n",
+            )
+        })
+        .collect();
+    let udp = packet::udp4(CLIENT4, vip4(&DNS4), 41000, 53, b"query-query-query");
+    let tcp6 = packet::tcp6(CLIENT6, vip6, 40000, 443, b"GET / HTTP/1.1\r\n\r\n");
+    let mixed = packet::tcp4(CLIENT4, vip4(&MIXED), 40000, 80, b"GET / HTTP/1.1\r\n\r\n");
+    let dsr = packet::tcp4(CLIENT4, vip4(&DSR), 40000, 80, b"GET / HTTP/1.1\r\n\r\n");
+
+    println!("| path | mode | xdp_lb ns | xdp_pass ns | difference ns | xdp_lb Mpps/core | xdp_pass Mpps/core |");
+    println!("|---|---|---:|---:|---:|---:|---:|");
+    let row = |path: &str, mode: &str, lb_ns: f64, base_ns: f64| {
+        println!(
+            "| {path} | {mode} | {lb_ns:.1} | {base_ns:.1} | {:.1} | {:.2} | {:.2} |",
+            lb_ns - base_ns,
+            1e3 / lb_ns,
+            1e3 / base_ns
+        );
+    };
+    let base_repeat = repeated(empty, &non_vip)?;
+    row(
+        "not for a VIP (pass)",
+        &format!("repeat {REPEAT}"),
+        repeated(lb, &non_vip)?,
+        base_repeat,
+    );
+    let one = |p: &Vec<u8>| vec![p.clone()];
+    let base_single = single(empty, &one(&established), xdp_common::XDP_PASS)?;
+    let tx = xdp_common::XDP_TX;
+    row(
+        "not for a VIP (pass)",
+        "repeat 1",
+        single(lb, &one(&non_vip), xdp_common::XDP_PASS)?,
+        base_single,
+    );
+    row(
+        "IPv4 TCP, new flow, IPIP",
+        "repeat 1",
+        single(lb, &new_flows, tx)?,
+        base_single,
+    );
+    row(
+        "IPv4 TCP, established flow, IPIP",
+        "repeat 1",
+        single(lb, &one(&established), tx)?,
+        base_single,
+    );
+    row(
+        "IPv4 UDP, port-less VIP, IPIP",
+        "repeat 1",
+        single(lb, &one(&udp), tx)?,
+        base_single,
+    );
+    row(
+        "IPv6 TCP, established, IPv6-in-IPv6",
+        "repeat 1",
+        single(lb, &one(&tcp6), tx)?,
+        base_single,
+    );
+    row(
+        "IPv4 TCP, established, IPv4-in-IPv6",
+        "repeat 1",
+        single(lb, &one(&mixed), tx)?,
+        base_single,
+    );
+    row(
+        "IPv4 TCP, established, L2 DSR",
+        "repeat 1",
+        single(lb, &one(&dsr), tx)?,
+        base_single,
+    );
+    println!(
+        "\n`repeat 1` figures include the kernel's per-call timing overhead, which the empty program's column shows; \
+         the difference column is the balancer's own cost."
+    );
+    Ok(())
+}
+
+fn maglev() {
+    println!(
+        "\n## Maglev population, {} slots (median of {RUNS})",
+        SIZES.ring_size
+    );
+    println!("| backends | maglev ms | baseline: round-robin fill ms | ratio |");
+    println!("|---:|---:|---:|---:|");
+    for n in [10u32, 100, 1000] {
+        let backends: Vec<RingBackend> = (0..n)
+            .map(|i| RingBackend {
+                identity: vec![10, (i >> 16) as u8, (i >> 8) as u8, i as u8],
+                weight: 1 + i % 4,
+                id: i,
+            })
+            .collect();
+        let time = |f: &dyn Fn() -> Vec<u32>| {
+            median_d(
+                (0..RUNS)
+                    .map(|_| {
+                        let t = Instant::now();
+                        std::hint::black_box(f());
+                        t.elapsed()
+                    })
+                    .collect(),
+            )
+        };
+        let m = time(&|| populate(&backends, SIZES.ring_size));
+        let b = time(&|| (0..SIZES.ring_size).map(|s| s % n).collect());
+        println!(
+            "| {n} | {:.3} | {:.3} | {:.0}x |",
+            m.as_secs_f64() * 1e3,
+            b.as_secs_f64() * 1e3,
+            m.as_secs_f64() / b.as_secs_f64()
+        );
+    }
+}
+
+fn ring_write() -> Result<()> {
+    println!(
+        "\n## Writing one ring of {} slots atomically (median of {RUNS})",
+        SIZES.ring_size
+    );
+    let pins = PinDir::new("bench");
+    let mut dp = Dataplane::open(SIZES, &pins.0)?;
+    dp.add_vip(&WEB4.key(), 0, 0, xdp_common::fwd::ENCAP)?;
+    let ring: Vec<u32> = (0..SIZES.ring_size).map(|i| i % 3).collect();
+    let batch = median_d(
+        (0..RUNS)
+            .map(|_| {
+                let t = Instant::now();
+                dp.write_ring(&WEB4.key(), &ring).map(|()| t.elapsed())
+            })
+            .collect::<Result<Vec<_>>>()?,
+    );
+    // Baseline: the same slots written one map update (syscall) at a time.
+    let map = aya::maps::MapData::from_pin(pins.0.join("RINGS"))?;
+    let mut rings: aya::maps::Array<_, u32> =
+        aya::maps::Array::try_from(aya::maps::Map::Array(map))?;
+    let per_slot = median_d(
+        (0..RUNS)
+            .map(|_| {
+                let t = Instant::now();
+                for (slot, id) in (2 * SIZES.ring_size..).zip(&ring) {
+                    rings.set(slot, id, 0)?;
+                }
+                Ok(t.elapsed())
+            })
+            .collect::<Result<Vec<_>>>()?,
+    );
+    println!("| method | ms | ratio |");
+    println!("|---|---:|---:|");
+    println!(
+        "| BPF_MAP_UPDATE_BATCH + flip (xdplb) | {:.3} | 1x |",
+        batch.as_secs_f64() * 1e3
+    );
+    println!(
+        "| baseline: one update per slot | {:.3} | {:.1}x slower |",
+        per_slot.as_secs_f64() * 1e3,
+        per_slot.as_secs_f64() / batch.as_secs_f64()
+    );
+    Ok(())
+}
+
+fn detection_to_dataplane() -> Result<()> {
+    let n = 100;
+    println!(
+        "\n## Health change to dataplane: one VIP, {n} backends, {} slots (median of 21)",
+        SIZES.ring_size
+    );
+    let mut text = String::from(
+        "interface = \"lo\"\n[tables]\nmax_vips = 8\nmax_backends = 256\nring_size = 65537\nmax_flows = 1024\n\
+         [forwarding]\ngateway_mac = \"02:00:00:00:00:fe\"\n\
+         [[vip]]\nname = \"web\"\naddress = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"ipip\"\n\
+         health = { kind = \"tcp\", rise = 1, fall = 1 }\n",
+    );
+    for i in 0..n {
+        text += &format!(
+            "[[vip.backend]]\naddress = \"198.18.{}.{}\"\n",
+            64 + i / 200,
+            1 + i % 200
+        );
+    }
+    let config = Config::parse(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let dp = Dataplane::load(config.tables.sizes())?;
+    let mut ctl = Controller::new(config, None, dp)?;
+    ctl.reconcile()?;
+    let key = CheckKey {
+        vip: "web".into(),
+        backend: "198.18.64.7".parse()?,
+    };
+    let mut samples = Vec::new();
+    for i in 0..21 {
+        let result = if i % 2 == 0 {
+            Err("down".into())
+        } else {
+            Ok(Duration::from_millis(1))
+        };
+        let t = Instant::now();
+        ctl.on_check(CheckResult {
+            key: key.clone(),
+            result,
+        });
+        samples.push(t.elapsed());
+    }
+    let latency = median_d(samples);
+    let members: Vec<RingBackend> = (0..n)
+        .map(|i| RingBackend {
+            identity: vec![198, 18, 64 + (i / 200) as u8, 1 + (i % 200) as u8],
+            weight: 100,
+            id: i,
+        })
+        .collect();
+    let maglev = median_d(
+        (0..21)
+            .map(|_| {
+                let t = Instant::now();
+                std::hint::black_box(populate(&members, SIZES.ring_size));
+                t.elapsed()
+            })
+            .collect(),
+    );
+    println!("| step | ms |");
+    println!("|---|---:|");
+    println!(
+        "| check result -> ring rewritten, state written (xdplb) | {:.3} |",
+        latency.as_secs_f64() * 1e3
+    );
+    println!(
+        "| of which Maglev population alone (baseline) | {:.3} |",
+        maglev.as_secs_f64() * 1e3
+    );
+    println!(
+        "Detection itself is interval x fall of the check (e.g. 1 s x 3); this is what follows it."
+    );
+    Ok(())
+}
+
+/// CPU seconds this process has used.
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage fills the struct we own.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+const LISTENERS: u16 = 32;
+const LISTEN_BASE: u16 = 20000;
+
+/// Child process: accept and close on LISTENERS ports until killed.
+fn listen_forever() -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        for p in 0..LISTENERS {
+            let l = tokio::net::TcpListener::bind(("127.0.0.1", LISTEN_BASE + p)).await?;
+            tokio::spawn(async move {
+                while let Ok((s, _)) = l.accept().await {
+                    drop(s);
+                }
+            });
+        }
+        std::future::pending::<()>().await;
+        Ok::<_, anyhow::Error>(())
+    })
+}
+
+fn health_cpu() -> Result<()> {
+    let window = Duration::from_secs(5);
+    println!("\n## Health-check CPU, TCP checks every 1 s, over {window:?} (checker process only; servers in another process)");
+    let ns = Netns::new("bench-hc")?;
+    let exe = std::env::current_exe()?;
+    let (mut cmd, netns_file) = {
+        use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
+        let f = std::fs::File::open(format!("/run/netns/{}", ns.name))?;
+        let fd = f.as_raw_fd();
+        let mut cmd = std::process::Command::new(&exe);
+        // SAFETY: setns is async-signal-safe; the fd is open until exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        (cmd, f)
+    };
+    let mut child = cmd
+        .arg("--listen")
+        .spawn()
+        .context("starting the listener process")?;
+    drop(netns_file);
+    std::thread::sleep(Duration::from_millis(300));
+    let _inside = ns.enter()?;
+    println!("| backends | xdplb checks: CPU % of one core | checks ok/s | baseline: same timers, no I/O: CPU % |");
+    println!("|---:|---:|---:|---:|");
+    let result = (|| -> Result<()> {
+        for n in [1000usize, 10_000] {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let (checks_cpu, ok_rate) = rt.block_on(async {
+                let (tx, mut rx) = tokio::sync::mpsc::channel(65536);
+                let mut checks = Checks::new(tx);
+                let h = HealthCheck {
+                    kind: CheckKind::Tcp,
+                    interval_ms: 1000,
+                    timeout_ms: 900,
+                    jitter_ms: 100,
+                    ..HealthCheck::default()
+                };
+                let wanted: HashMap<CheckKey, CheckSpec> = (0..n)
+                    .map(|i| {
+                        let key = CheckKey {
+                            vip: format!("v{i}"),
+                            backend: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)),
+                        };
+                        let target = SocketAddr::from((
+                            [127, 0, 0, 1],
+                            LISTEN_BASE + (i % LISTENERS as usize) as u16,
+                        ));
+                        (key, CheckSpec::new(&h, target))
+                    })
+                    .collect();
+                // Warm up one interval, then measure.
+                checks.sync(wanted);
+                let warm = Instant::now() + Duration::from_millis(1200);
+                while Instant::now() < warm {
+                    let _ = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await;
+                }
+                let (c0, t0) = (cpu_time(), Instant::now());
+                let mut ok = 0u64;
+                while t0.elapsed() < window {
+                    if let Ok(Some(r)) =
+                        tokio::time::timeout(Duration::from_millis(50), rx.recv()).await
+                    {
+                        ok += u64::from(r.result.is_ok());
+                    }
+                }
+                let used = cpu_time() - c0;
+                (
+                    used.as_secs_f64() / t0.elapsed().as_secs_f64() * 100.0,
+                    ok as f64 / window.as_secs_f64(),
+                )
+            });
+            drop(rt);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let timers_cpu = rt.block_on(async {
+                let (c0, t0) = (cpu_time(), Instant::now());
+                let tasks: Vec<_> = (0..n)
+                    .map(|_| {
+                        tokio::spawn(async {
+                            loop {
+                                tokio::time::sleep(Duration::from_millis(1000)).await;
+                            }
+                        })
+                    })
+                    .collect();
+                tokio::time::sleep(window).await;
+                for t in tasks {
+                    t.abort();
+                }
+                (cpu_time() - c0).as_secs_f64() / t0.elapsed().as_secs_f64() * 100.0
+            });
+            println!("| {n} | {checks_cpu:.1} | {ok_rate:.0} | {timers_cpu:.1} |");
+        }
+        Ok(())
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+fn main() -> Result<()> {
+    if std::env::args().any(|a| a == "--listen") {
+        return listen_forever();
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmarks load XDP programs: run them as root");
+    }
+    println!("# xdplb benchmarks\n\nMachine: {}", machine());
+    dataplane()?;
+    maglev();
+    ring_write()?;
+    detection_to_dataplane()?;
+    health_cpu()?;
+    Ok(())
+}
