@@ -284,6 +284,14 @@ impl Server {
 
     /// A UDP responder: `ping` gets `pong from <addr>`.
     pub fn udp(addr: SocketAddr) -> Result<Self> {
+        Self::udp_named(addr, &addr.to_string())
+    }
+
+    /// A UDP responder: `ping` gets `pong from <name>`. Bind it to the
+    /// address replies must come from (a wildcard socket would answer from
+    /// the interface's address, not the VIP's).
+    pub fn udp_named(addr: SocketAddr, name: &str) -> Result<Self> {
+        let reply = format!("pong from {name}");
         let socket = UdpSocket::bind(addr).with_context(|| format!("binding {addr}"))?;
         socket.set_read_timeout(Some(Duration::from_millis(20)))?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -293,7 +301,7 @@ impl Server {
             while !flag.load(Ordering::Relaxed) {
                 if let Ok((n, from)) = socket.recv_from(&mut buf) {
                     if buf[..n].starts_with(b"ping") {
-                        let _ = socket.send_to(format!("pong from {addr}").as_bytes(), from);
+                        let _ = socket.send_to(reply.as_bytes(), from);
                     }
                 }
             }

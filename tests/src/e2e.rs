@@ -40,12 +40,26 @@ pub fn backend_name(i: usize) -> String {
 }
 
 impl System {
+    /// LB hosts, backends and one client; per VIP address a port-less TCP
+    /// VIP and a UDP VIP on port 53.
     pub fn start(
         tag: &str,
         lbs: usize,
         backends: usize,
         vips: Vec<IpAddr>,
         weights: &[u32],
+    ) -> Result<Self> {
+        Self::start_with(tag, lbs, backends, vips, weights, true)
+    }
+
+    /// [`System::start`], with or without the UDP VIPs.
+    pub fn start_with(
+        tag: &str,
+        lbs: usize,
+        backends: usize,
+        vips: Vec<IpAddr>,
+        weights: &[u32],
+        udp: bool,
     ) -> Result<Self> {
         let topo = Topology::build(&Spec {
             tag: tag.into(),
@@ -76,7 +90,7 @@ impl System {
             std::fs::write(
                 &config,
                 sys.topo
-                    .lb_config(j, &sys.pins[j].0, &socket, HEALTH, weights),
+                    .lb_config(j, &sys.pins[j].0, &socket, HEALTH, weights, udp),
             )?;
             sys.configs.push(config);
             sys.sockets.push(socket);
@@ -88,13 +102,21 @@ impl System {
 
     fn serve(&self, i: usize) -> Result<Vec<Server>> {
         let name = backend_name(i);
-        in_ns(&self.topo.backends[i].ns, || -> Result<Vec<Server>> {
-            // [::] with v6only off: the VIPs and the backend's own address
-            // (health checks), IPv4 and IPv6.
-            Ok(vec![
+        let b = &self.topo.backends[i];
+        let mut udp_addrs: Vec<IpAddr> = self.topo.vips.clone();
+        udp_addrs.extend([IpAddr::V4(b.v4), IpAddr::V6(b.v6)]);
+        in_ns(&b.ns, || -> Result<Vec<Server>> {
+            // TCP on [::] with v6only off: the VIPs and the backend's own
+            // address (health checks), IPv4 and IPv6. UDP per address, so
+            // replies leave from the address the query went to.
+            let mut servers = vec![
                 Server::http_named(SocketAddr::from(([0u16; 8], 80)), &name)?,
                 Server::echo(SocketAddr::from(([0u16; 8], 7)), &name)?,
-            ])
+            ];
+            for a in &udp_addrs {
+                servers.push(Server::udp_named(SocketAddr::new(*a, 53), &name)?);
+            }
+            Ok(servers)
         })?
     }
 
@@ -216,6 +238,26 @@ pub fn http_get(vip: IpAddr) -> Result<String> {
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     body.trim()
         .strip_prefix("backend ")
+        .map(str::to_owned)
+        .ok_or_else(|| anyhow!("unexpected reply {text:?}"))
+}
+
+/// One UDP query to `vip:53` from a fresh socket (new source port); the
+/// answering backend's name.
+pub fn udp_query(vip: IpAddr) -> Result<String> {
+    let bind: SocketAddr = if vip.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    };
+    let s = std::net::UdpSocket::bind(bind)?;
+    s.connect(SocketAddr::new(vip, 53))?;
+    s.set_read_timeout(Some(Duration::from_millis(500)))?;
+    s.send(b"ping")?;
+    let mut buf = [0u8; 256];
+    let n = s.recv(&mut buf).context("no UDP reply")?;
+    let text = String::from_utf8_lossy(&buf[..n]);
+    text.strip_prefix("pong from ")
         .map(str::to_owned)
         .ok_or_else(|| anyhow!("unexpected reply {text:?}"))
 }

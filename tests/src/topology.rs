@@ -251,8 +251,8 @@ impl Topology {
         Ok(())
     }
 
-    /// A config for LB `j`: every VIP (port-less: all TCP ports), each
-    /// served by the backends that
+    /// A config for LB `j`: per VIP address a port-less TCP VIP and, with
+    /// `udp`, a UDP VIP on port 53 (`<name>-dns`), each served by the backends that
     /// `weights` lists (all of them, weight 100, when it is empty), checked
     /// with `health`.
     pub fn lb_config(
@@ -262,6 +262,7 @@ impl Topology {
         socket: &std::path::Path,
         health: &str,
         weights: &[u32],
+        udp: bool,
     ) -> String {
         let lb = &self.lbs[j];
         let m = lb.router_mac;
@@ -299,23 +300,36 @@ pin_dir = "{}"
                 IpAddr::V4(_) => ("ipip", format!("web{k}")),
                 IpAddr::V6(_) => ("ip6ip6", format!("web{k}v6")),
             };
-            out += &format!(
-                "\n[[vip]]\nname = \"{name}\"\naddress = \"{vip}\"\nprotocol = \"tcp\"\nforwarding = \"{forwarding}\"\nhealth = {health}\n"
-            );
             let serving = if weights.is_empty() {
                 self.backends.len()
             } else {
                 weights.len()
             };
-            for (i, b) in self.backends.iter().enumerate().take(serving) {
-                let addr: IpAddr = if vip.is_ipv4() {
-                    b.v4.into()
-                } else {
-                    b.v6.into()
-                };
-                let weight = weights.get(i).copied().unwrap_or(100);
-                out += &format!("\n[[vip.backend]]\naddress = \"{addr}\"\nweight = {weight}\n");
+            let backends: String = self
+                .backends
+                .iter()
+                .enumerate()
+                .take(serving)
+                .map(|(i, b)| {
+                    let addr: IpAddr = if vip.is_ipv4() {
+                        b.v4.into()
+                    } else {
+                        b.v6.into()
+                    };
+                    let weight = weights.get(i).copied().unwrap_or(100);
+                    format!("\n[[vip.backend]]\naddress = \"{addr}\"\nweight = {weight}\n")
+                })
+                .collect();
+            out += &format!(
+                "\n[[vip]]\nname = \"{name}\"\naddress = \"{vip}\"\nprotocol = \"tcp\"\nforwarding = \"{forwarding}\"\nhealth = {health}\n{backends}"
+            );
+            if !udp {
+                continue;
             }
+            out += &format!(
+                "\n[[vip]]\nname = \"{name}-dns\"\naddress = \"{vip}\"\nport = 53\nprotocol = \"udp\"\nforwarding = \"{forwarding}\"\n\
+                 health = {{ kind = \"udp\", send = \"ping\", expect = \"pong\", interval_ms = 200, timeout_ms = 150, jitter_ms = 20 }}\n{backends}"
+            );
         }
         out
     }

@@ -10,7 +10,7 @@ use std::{
 
 use integration_tests::{
     daemon::xdplb,
-    e2e::{backend_name, http_get, Conn, Load, System, CHECK_FALL, CHECK_INTERVAL},
+    e2e::{backend_name, http_get, udp_query, Conn, Load, System, CHECK_FALL, CHECK_INTERVAL},
     require_root,
 };
 
@@ -76,12 +76,53 @@ fn distribution_follows_weights_over_ipv4_and_ipv6() {
 }
 
 #[test]
-#[ignore = "manual: keeps a system up for 120 s for poking"]
-fn keep_system_up() {
-    let sys = System::start("keep", 1, 2, vec![VIP4, VIP6], &[]).unwrap();
-    println!("up");
-    std::thread::sleep(Duration::from_secs(120));
-    drop(sys);
+fn udp_queries_are_balanced_over_ipv4_and_ipv6() {
+    if !require_root() {
+        return;
+    }
+    let mut sys = System::start("udp", 1, 3, vec![VIP4, VIP6], &[]).unwrap();
+    sys.wait_checked(Duration::from_secs(10)).unwrap();
+    for vip in [VIP4, VIP6] {
+        let (counts, failed) = sys
+            .from_client(0, || {
+                let mut counts = BTreeMap::new();
+                let mut failed = 0;
+                for _ in 0..300 {
+                    match udp_query(vip) {
+                        Ok(b) => *counts.entry(b).or_insert(0) += 1,
+                        Err(_) => failed += 1,
+                    }
+                    if failed >= 10 {
+                        break;
+                    }
+                }
+                (counts, failed)
+            })
+            .unwrap();
+        println!("udp {vip}: 300 queries from fresh ports: {counts:?}, {failed} unanswered");
+        assert_eq!(failed, 0);
+        assert_eq!(counts.len(), 3, "every backend answers some: {counts:?}");
+        assert!(counts.values().all(|&n| n > 50), "{counts:?}");
+    }
+    // A dead backend's UDP service is detected by its UDP check too.
+    sys.kill_backend(2);
+    sys.wait_backend(0, 2, "down", Duration::from_secs(3))
+        .unwrap();
+    let (counts, failed) = sys
+        .from_client(0, || {
+            let mut counts = BTreeMap::new();
+            let mut failed = 0;
+            for _ in 0..100 {
+                match udp_query(VIP4) {
+                    Ok(b) => *counts.entry(b).or_insert(0) += 1,
+                    Err(_) => failed += 1,
+                }
+            }
+            (counts, failed)
+        })
+        .unwrap();
+    assert_eq!(failed, 0, "{counts:?}");
+    assert!(!counts.contains_key("b2"));
 }
 
 /// Open `n` long-lived connections to `vip` from client 0.
