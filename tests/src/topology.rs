@@ -23,7 +23,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use xdp_user::dataplane::{AttachMode, Decap, PassProgram};
+use xdp_user::dataplane::{AttachMode, AuxProgram, Decap, PASS_PROGRAM};
 
 use crate::netns::Netns;
 
@@ -56,7 +56,7 @@ pub struct Topology {
     // Programs go first: fields drop in order, and they must detach while
     // their namespaces still exist.
     _decaps: Vec<Decap>,
-    _passes: Vec<PassProgram>,
+    _passes: Vec<AuxProgram>,
     pub lbs: Vec<Host>,
     pub backends: Vec<Host>,
     pub clients: Vec<Host>,
@@ -204,10 +204,10 @@ impl Topology {
             decaps.push(decap);
         }
         // Router side of the LB links: XDP_TX from the LB must arrive.
-        let passes = in_ns(&router, || -> Result<Vec<PassProgram>> {
+        let passes = in_ns(&router, || -> Result<Vec<AuxProgram>> {
             lbs.iter()
                 .map(|lb| {
-                    let mut p = PassProgram::load()?;
+                    let mut p = AuxProgram::load(PASS_PROGRAM)?;
                     p.attach(&lb.router_if, AttachMode::Native)?;
                     Ok(p)
                 })

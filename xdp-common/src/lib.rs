@@ -259,6 +259,11 @@ pub mod decap_reason {
     pub const NAMES: [&str; COUNT as usize] = ["decapsulated", "pass", "malformed"];
 }
 
+/// Bytes of the load generator's template that `xdp_gen` restores in every
+/// frame: Ethernet, IPv6 and the ports and length of UDP fit. Also the
+/// smallest frame it sends.
+pub const GEN_HEADER_LEN: usize = 64;
+
 /// Map names, so the loader and the program cannot disagree.
 pub mod map_names {
     pub const VIPS: &str = "VIPS";
@@ -271,6 +276,11 @@ pub mod map_names {
     pub const CONFIG: &str = "CONFIG";
     pub const DECAP_VIPS: &str = "DECAP_VIPS";
     pub const DECAP_STATS: &str = "DECAP_STATS";
+    pub const GEN_COUNTER: &str = "GEN_COUNTER";
+    pub const GEN_TEMPLATE: &str = "GEN_TEMPLATE";
+    pub const SINK_COUNTER: &str = "SINK_COUNTER";
+    /// Read-only global: flows the load generator cycles through.
+    pub const GEN_FLOWS_GLOBAL: &str = "GEN_FLOWS";
     /// Read-only global holding the ring size, set at load time.
     pub const RING_SIZE_GLOBAL: &str = "RING_SIZE";
 }

@@ -1,6 +1,8 @@
 //! xdplb's XDP programs: `xdp_lb`, the balancer on the LB host's NIC,
 //! `decap`, the tunnel terminator for backends without ipip/ip6tnl devices,
-//! and `xdp_pass`, an empty program (benchmark baseline, veth peers).
+//! and, for tests and benchmarks, `xdp_pass` (empty), `xdp_gen` (live-frames
+//! load generator), `xdp_sink` (counting sink) and `xdp_swap` (MAC-swap
+//! forwarder baseline).
 //!
 //! Odd-packet policy, each counted under its `xdp_common::reason`:
 //! - not IP, or not addressed to a VIP: `XDP_PASS`, untouched;
@@ -260,6 +262,88 @@ fn try_decap(ctx: &XdpContext) -> Result<u32, Malformed> {
 #[xdp]
 pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
+}
+
+/// Load generator, run with BPF_PROG_TEST_RUN live frames: each frame gets
+/// the template's headers back (GEN_TEMPLATE), then the source
+/// port, and past 60,000 flows the low source-address bits, of flow
+/// `n % GEN_FLOWS`, then leaves through the interface (XDP_TX). L4 checksums
+/// are not updated: the balancer under test does not read them.
+#[xdp]
+pub fn xdp_gen(ctx: XdpContext) -> u32 {
+    let Some(counter) = maps::GEN_COUNTER.get_ptr_mut(0) else {
+        return XDP_DROP;
+    };
+    // SAFETY: per-CPU slot.
+    let n = unsafe {
+        *counter += 1;
+        *counter
+    };
+    let flows = maps::gen_flows().max(1);
+    let flow = (n % u64::from(flows)) as u32;
+    match stamp_flow(&ctx, flow) {
+        Ok(()) => XDP_TX,
+        Err(Malformed) => XDP_DROP,
+    }
+}
+
+#[inline(always)]
+fn stamp_flow(ctx: &XdpContext, flow: u32) -> Result<(), Malformed> {
+    let template = maps::GEN_TEMPLATE.get(0).ok_or(Malformed)?;
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe { *parse::ptr_at_mut::<[u8; xdp_common::GEN_HEADER_LEN]>(ctx, 0)? = *template };
+    let L2::Ip { family, l3_off } = parse::ethernet(ctx)? else {
+        return Err(Malformed);
+    };
+    let l3 = parse::ip(ctx, family, l3_off)?;
+    let sport = (1024 + flow % 60_000) as u16;
+    let high = (flow / 60_000) as u16;
+    // Source address: the last 16 bits of IPv4 (offset 12 + 2) or IPv6
+    // (offset 8 + 14).
+    let addr_low = if family == FAMILY_V4 {
+        l3_off + 14
+    } else {
+        l3_off + 22
+    };
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe {
+        *parse::ptr_at_mut::<[u8; 2]>(ctx, l3.l4_off)? = sport.to_be_bytes();
+        if high != 0 {
+            *parse::ptr_at_mut::<[u8; 2]>(ctx, addr_low)? = high.to_be_bytes();
+        }
+    }
+    Ok(())
+}
+
+/// Packet sink for load tests: counts and drops.
+#[xdp]
+pub fn xdp_sink(_ctx: XdpContext) -> u32 {
+    if let Some(c) = maps::SINK_COUNTER.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot.
+        unsafe { *c += 1 };
+    }
+    XDP_DROP
+}
+
+/// Load-test baseline: swap the MAC addresses and send the frame back out.
+/// The least any XDP forwarder does.
+#[xdp]
+pub fn xdp_swap(ctx: XdpContext) -> u32 {
+    match swap_macs(&ctx) {
+        Ok(()) => XDP_TX,
+        Err(Malformed) => XDP_PASS,
+    }
+}
+
+#[inline(always)]
+fn swap_macs(ctx: &XdpContext) -> Result<(), Malformed> {
+    let macs: [u8; 12] = parse::read(ctx, 0)?;
+    let mut swapped = [0u8; 12];
+    swapped[..6].copy_from_slice(&macs[6..]);
+    swapped[6..].copy_from_slice(&macs[..6]);
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe { *parse::ptr_at_mut::<[u8; 12]>(ctx, 0)? = swapped };
+    Ok(())
 }
 
 #[cfg(not(test))]

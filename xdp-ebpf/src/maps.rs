@@ -62,6 +62,31 @@ pub static DECAP_VIPS: HashMap<DecapKey, u32> = HashMap::with_max_entries(SIZED_
 #[map]
 pub static DECAP_STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(decap_reason::COUNT, 0);
 
+/// Load generator: frames sent so far on this CPU (picks each frame's flow).
+#[map]
+pub static GEN_COUNTER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Load generator: the first bytes of the template frame, rewritten into
+/// every frame (live-frames pages come back with whatever the last user,
+/// e.g. an encapsulating balancer, left in them).
+#[map]
+pub static GEN_TEMPLATE: Array<[u8; xdp_common::GEN_HEADER_LEN]> = Array::with_max_entries(1, 0);
+
+/// Packet sink: frames received, per CPU.
+#[map]
+pub static SINK_COUNTER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Number of distinct flows the load generator cycles through; a read-only
+/// global set at load time.
+#[unsafe(no_mangle)]
+static GEN_FLOWS: u32 = 1;
+
+#[inline(always)]
+pub fn gen_flows() -> u32 {
+    // SAFETY: as for RING_SIZE.
+    unsafe { core::ptr::read_volatile(&GEN_FLOWS) }
+}
+
 /// Size of each ring half; a read-only global set at load time.
 #[unsafe(no_mangle)]
 static RING_SIZE: u32 = 1;

@@ -72,10 +72,51 @@ enum Command {
     },
     /// Nagios-style check: exit 0 OK, 1 WARNING, 2 CRITICAL, one summary line.
     Check,
+    /// Generate packets from an interface with BPF_PROG_TEST_RUN live frames
+    /// (load tests). Bounded by --count and --duration.
+    Loadgen(LoadgenArgs),
     #[command(subcommand)]
     Vip(VipCommand),
     #[command(subcommand)]
     Backend(BackendCommand),
+}
+
+#[derive(Args)]
+struct LoadgenArgs {
+    /// Interface to transmit from.
+    #[arg(long)]
+    interface: String,
+    /// Destination MAC (the LB's interface).
+    #[arg(long)]
+    dst_mac: String,
+    /// Source MAC (default: the interface's).
+    #[arg(long)]
+    src_mac: Option<String>,
+    #[arg(long)]
+    src: IpAddr,
+    /// Destination (a VIP).
+    #[arg(long)]
+    dst: IpAddr,
+    #[arg(long, default_value_t = 80)]
+    dport: u16,
+    #[arg(long, value_parser = parse_protocol, default_value = "udp")]
+    protocol: Protocol,
+    #[arg(long, default_value_t = 1)]
+    flows: u32,
+    /// Frame size in bytes.
+    #[arg(long, default_value_t = 64)]
+    size: usize,
+    /// Packets to send at most.
+    #[arg(long, default_value_t = 10_000_000)]
+    count: u64,
+    /// Seconds to send at most.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Packets per second (default: as fast as possible).
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long, default_value_t = 64)]
+    batch: u32,
 }
 
 #[derive(Subcommand)]
@@ -473,6 +514,45 @@ fn execute(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Check => unreachable!("handled before"),
+        Command::Loadgen(a) => {
+            if !a.duration.is_finite() || a.duration <= 0.0 || a.duration > 3600.0 {
+                bail!("--duration must be between 0 and 3600 seconds");
+            }
+            if a.rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
+                bail!("--rate must be positive");
+            }
+            let mac = |s: &str| {
+                crate::config::parse_mac(s).ok_or_else(|| anyhow!("{s:?} is not a MAC address"))
+            };
+            let spec = crate::loadgen::LoadSpec {
+                src_mac: match &a.src_mac {
+                    Some(m) => mac(m)?,
+                    None => crate::loadgen::interface_mac(&a.interface)?,
+                },
+                dst_mac: mac(&a.dst_mac)?,
+                interface: a.interface,
+                src: a.src,
+                dst: a.dst,
+                dport: a.dport,
+                protocol: a.protocol,
+                flows: a.flows,
+                size: a.size,
+                count: a.count,
+                duration: Duration::from_secs_f64(a.duration),
+                rate: a.rate,
+                batch: a.batch,
+            };
+            let report = crate::loadgen::run(&spec)?;
+            println!(
+                "sent {} packets ({} flows, {} bytes) in {:.2} s: {:.3} Mpps",
+                report.sent,
+                spec.flows,
+                spec.size,
+                report.elapsed.as_secs_f64(),
+                report.mpps()
+            );
+            Ok(())
+        }
         Command::Vip(VipCommand::List) => {
             let vips: Vec<Vip> = data(request(socket, &Request::VipList)?)?;
             for v in vips {

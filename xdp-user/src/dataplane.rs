@@ -751,34 +751,78 @@ impl Dataplane {
     }
 }
 
-/// Name of the empty program in the object.
+/// The empty program: a benchmark baseline, and what a veth peer needs
+/// attached for XDP_TX frames to arrive.
 pub const PASS_PROGRAM: &str = "xdp_pass";
+/// The live-frames load generator.
+pub const GEN_PROGRAM: &str = "xdp_gen";
+/// The counting sink of load tests.
+pub const SINK_PROGRAM: &str = "xdp_sink";
+/// The MAC-swapping forwarder, the load tests' XDP baseline.
+pub const SWAP_PROGRAM: &str = "xdp_swap";
 
-/// The empty `xdp_pass` program: a benchmark baseline, and what a veth
-/// peer needs attached for XDP_TX frames to arrive.
-pub struct PassProgram {
+/// One of the object's helper programs, loaded on its own (its maps are
+/// created at their minimum sizes).
+pub struct AuxProgram {
     ebpf: Ebpf,
+    name: &'static str,
 }
 
-impl PassProgram {
-    pub fn load() -> Result<Self> {
+impl AuxProgram {
+    pub fn load(name: &'static str) -> Result<Self> {
+        Self::load_with(name, 1)
+    }
+
+    /// The load generator, cycling through `flows` flows, restoring
+    /// `template`'s first bytes in every frame.
+    pub fn generator(flows: u32, template: &[u8]) -> Result<Self> {
+        if flows == 0 {
+            bail!("flows must be at least 1");
+        }
+        let head: [u8; xdp_common::GEN_HEADER_LEN] = template
+            .get(..xdp_common::GEN_HEADER_LEN)
+            .and_then(|h| h.try_into().ok())
+            .ok_or_else(|| anyhow!("template shorter than {} bytes", xdp_common::GEN_HEADER_LEN))?;
+        let mut gen = Self::load_with(GEN_PROGRAM, flows)?;
+        let map = gen
+            .ebpf
+            .map_mut(names::GEN_TEMPLATE)
+            .ok_or_else(|| anyhow!("map {} missing", names::GEN_TEMPLATE))?;
+        let mut map: Array<_, [u8; xdp_common::GEN_HEADER_LEN]> = Array::try_from(map)?;
+        map.set(0, head, 0)
+            .context("writing the generator's template")?;
+        Ok(gen)
+    }
+
+    fn load_with(name: &'static str, flows: u32) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
+            .override_global(names::GEN_FLOWS_GLOBAL, &flows, true)
             .load(object()?)
             .context("loading the eBPF object (map creation)")?;
-        load_program(&mut ebpf, PASS_PROGRAM)?;
-        Ok(Self { ebpf })
+        load_program(&mut ebpf, name)?;
+        Ok(Self { ebpf, name })
     }
 
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
-        attach_program(&mut self.ebpf, PASS_PROGRAM, iface, mode)
+        attach_program(&mut self.ebpf, self.name, iface, mode)
     }
 
     pub fn program(&self) -> Result<&Xdp> {
         Ok(self
             .ebpf
-            .program(PASS_PROGRAM)
-            .ok_or_else(|| anyhow!("program {PASS_PROGRAM} missing"))?
+            .program(self.name)
+            .ok_or_else(|| anyhow!("program {} missing", self.name))?
             .try_into()?)
+    }
+
+    /// A one-slot per-CPU counter (GEN_COUNTER, SINK_COUNTER), summed.
+    pub fn counter(&self, map: &str) -> Result<u64> {
+        let m = self
+            .ebpf
+            .map(map)
+            .ok_or_else(|| anyhow!("map {map} missing"))?;
+        let m: PerCpuArray<_, u64> = PerCpuArray::try_from(m)?;
+        sum_per_cpu(&m, 0, |a, b| a + b, 0)
     }
 }
 

@@ -8,4 +8,5 @@ pub mod controller;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod loadgen;
 pub mod maglev;

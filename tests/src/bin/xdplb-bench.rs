@@ -27,7 +27,7 @@ use integration_tests::{
 use xdp_user::{
     config::{CheckKind, Config, HealthCheck},
     controller::Controller,
-    dataplane::{Dataplane, PassProgram, Sizes},
+    dataplane::{AuxProgram, Dataplane, Sizes, PASS_PROGRAM},
     health::{CheckKey, CheckResult, CheckSpec, Checks},
     maglev::{populate, RingBackend},
 };
@@ -106,7 +106,7 @@ fn dataplane() -> Result<()> {
     println!("\n## Dataplane: BPF_PROG_TEST_RUN, ns per packet (median), beside the empty program");
     let lab = Lab::with_sizes(SIZES)?;
     let lb = lab.dp.program()?;
-    let pass = PassProgram::load()?;
+    let pass = AuxProgram::load(PASS_PROGRAM)?;
     let empty = pass.program()?;
     let vip4 = |v: &integration_tests::lab::LabVip| match v.addr {
         IpAddr::V4(a) => a,
