@@ -15,7 +15,12 @@ use clap::{Parser, Subcommand};
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Debian packages the privileged tests use (the command each provides).
-const DEBIAN_PACKAGES: &[(&str, &str)] = &[("iproute2", "ip"), ("ethtool", "ethtool")];
+const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("ethtool", "ethtool"),
+    // The load test's kernel-forwarding baseline.
+    ("iptables", "iptables"),
+];
 
 #[derive(Parser)]
 #[command(about = "xdplb project tasks")]
@@ -39,6 +44,9 @@ enum Task {
     /// Setup, then the benchmarks (release build), each figure beside its
     /// baseline. Needs root.
     Bench,
+    /// Setup, then the load test: live-frames generator -> LB -> sink for
+    /// 1, 1k and 1M flows, beside an XDP MAC swap and iptables DNAT. Needs root.
+    Loadtest,
     /// Setup, then fmt, clippy (workspace and eBPF crate), unit tests and the
     /// privileged tests. Needs root.
     Test {
@@ -56,7 +64,8 @@ fn main() -> ExitCode {
         Task::Setup => setup().map(|_| ()),
         Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
         Task::Demo { keep } => demo(keep),
-        Task::Bench => bench(),
+        Task::Bench => bench(&[]),
+        Task::Loadtest => bench(&["--loadtest"]),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -353,22 +362,25 @@ fn demo(keep: bool) -> Result<()> {
     run(&mut cmd).context("the demo failed")
 }
 
-fn bench() -> Result<()> {
+fn bench(args: &[&str]) -> Result<()> {
     if !is_root() {
         bail!(
             "the benchmarks load XDP programs and build namespaces, which needs root; run as root"
         );
     }
     setup()?;
-    run(cargo_in_root().args([
-        "run",
-        "--quiet",
-        "--release",
-        "--package",
-        "integration-tests",
-        "--bin",
-        "xdplb-bench",
-    ]))
+    run(cargo_in_root()
+        .args([
+            "run",
+            "--quiet",
+            "--release",
+            "--package",
+            "integration-tests",
+            "--bin",
+            "xdplb-bench",
+            "--",
+        ])
+        .args(args))
     .context("the benchmarks failed")
 }
 

@@ -507,9 +507,273 @@ fn health_cpu() -> Result<()> {
     result
 }
 
+/// One load-test configuration of the LB host.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Forwarder {
+    Xdplb,
+    MacSwap,
+    IptablesDnat,
+}
+
+impl Forwarder {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Xdplb => "xdplb (xdp_lb, IPIP)",
+            Self::MacSwap => "baseline: XDP MAC swap + XDP_TX",
+            Self::IptablesDnat => "baseline: kernel forwarding, iptables DNAT",
+        }
+    }
+}
+
+const LT_VIP: &str = "198.18.0.10";
+const LT_BACKENDS: [&str; 3] = ["198.18.99.1", "198.18.99.2", "198.18.99.3"];
+
+/// Generator -> LB host -> sink, two namespaces joined by one veth pair:
+/// the LB's output goes back over the same link to a counting sink on the
+/// generator's side (its MAC is the LB's next hop).
+fn loadtest() -> Result<()> {
+    use xdp_user::{
+        dataplane::{AttachMode, SINK_PROGRAM},
+        loadgen::{interface_mac, Generator, LoadSpec},
+    };
+    let window = Duration::from_secs(3);
+    println!(
+        "\n## Load test: live-frames generator -> LB host (native XDP on veth) -> counting sink"
+    );
+    println!(
+        "64-byte UDP frames to {LT_VIP}:53, {window:?} per cell after a warm-up; generator, LB and sink share the \
+         CPU that runs the generator (veth processes XDP_TX in the sender's softirq), so Mpps is per core."
+    );
+    let gen = Netns::new("lt-gen")?;
+    let lb = Netns::new("lt-lb")?;
+    gen.ip(&[
+        "link", "add", "gen0", "type", "veth", "peer", "name", "eth0", "netns", &lb.name,
+    ])?;
+    gen.ip(&["addr", "add", "198.18.50.1/24", "dev", "gen0"])?;
+    gen.ip(&["link", "set", "gen0", "up"])?;
+    lb.ip(&["addr", "add", "198.18.50.2/24", "dev", "eth0"])?;
+    lb.ip(&["link", "set", "eth0", "up"])?;
+    lb.ip(&["route", "add", "198.18.99.0/24", "via", "198.18.50.1"])?;
+    let gen_mac = integration_tests::topology::in_ns(&gen, || interface_mac("gen0"))??;
+    let lb_mac = integration_tests::topology::in_ns(&lb, || interface_mac("eth0"))??;
+    // The kernel path answers ARP for the backends' next hop from here.
+    gen.ip(&[
+        "neigh",
+        "replace",
+        "198.18.50.2",
+        "lladdr",
+        &fmt_mac(lb_mac),
+        "dev",
+        "gen0",
+    ])?;
+    lb.ip(&[
+        "neigh",
+        "replace",
+        "198.18.50.1",
+        "lladdr",
+        &fmt_mac(gen_mac),
+        "dev",
+        "eth0",
+    ])?;
+    let sink = integration_tests::topology::in_ns(&gen, || {
+        let mut s = AuxProgram::load(SINK_PROGRAM)?;
+        s.attach("gen0", AttachMode::Native)?;
+        anyhow::Ok(s)
+    })??;
+
+    println!("\n| flows | forwarder | sent Mpps | forwarded Mpps | dropped | vs xdplb |");
+    println!("|---:|---|---:|---:|---:|---:|");
+    for flows in [1u32, 1000, 1_000_000] {
+        let spec = LoadSpec {
+            interface: "gen0".into(),
+            src_mac: gen_mac,
+            dst_mac: lb_mac,
+            src: "198.18.50.1".parse()?,
+            dst: LT_VIP.parse()?,
+            dport: 53,
+            protocol: xdp_user::config::Protocol::Udp,
+            flows,
+            size: 64,
+            count: u64::MAX,
+            duration: window,
+            rate: None,
+            batch: 64,
+        };
+        let mut xdplb_mpps = None;
+        for fwd in [
+            Forwarder::Xdplb,
+            Forwarder::MacSwap,
+            Forwarder::IptablesDnat,
+        ] {
+            let setup = integration_tests::topology::in_ns(&lb, || lt_setup(&lb, fwd, gen_mac))??;
+            let generator = integration_tests::topology::in_ns(&gen, || Generator::new(&spec))??;
+            // Warm-up: every flow seen once (conntrack filled), capped.
+            let warm = (2 * u64::from(flows)).clamp(100_000, 2_500_000);
+            integration_tests::topology::in_ns(&gen, || {
+                generator.send(warm, Duration::from_secs(10), None)
+            })??;
+            let before = sink.counter(xdp_common::map_names::SINK_COUNTER)?;
+            let report = integration_tests::topology::in_ns(&gen, || {
+                generator.send(u64::MAX, window, None)
+            })??;
+            let after = sink.counter(xdp_common::map_names::SINK_COUNTER)?;
+            drop(setup);
+            if fwd == Forwarder::IptablesDnat {
+                lt_teardown_dnat(&lb)?;
+            }
+            let forwarded = after - before;
+            let mpps = forwarded as f64 / report.elapsed.as_secs_f64() / 1e6;
+            let ratio = match xdplb_mpps {
+                None => {
+                    xdplb_mpps = Some(mpps);
+                    "1x".to_owned()
+                }
+                Some(x) => format!("{:.2}x", mpps / x),
+            };
+            println!(
+                "| {flows} | {} | {:.2} | {mpps:.2} | {:.1}% | {ratio} |",
+                fwd.label(),
+                report.mpps(),
+                100.0 * (report.sent.saturating_sub(forwarded)) as f64 / report.sent.max(1) as f64
+            );
+        }
+    }
+    drop(sink);
+    Ok(())
+}
+
+fn fmt_mac(m: [u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+/// What keeps a forwarder attached on the LB's eth0 (dropped: detached).
+enum LtSetup {
+    Xdplb { _attached: Dataplane },
+    Swap { _attached: AuxProgram },
+    Dnat,
+}
+
+fn lt_setup(lb: &Netns, fwd: Forwarder, gen_mac: [u8; 6]) -> Result<LtSetup> {
+    use xdp_user::dataplane::{addr_bytes, AttachMode, SWAP_PROGRAM};
+    Ok(match fwd {
+        Forwarder::Xdplb => {
+            let sizes = Sizes {
+                max_vips: 4,
+                max_backends: 16,
+                ring_size: 65537,
+                max_flows: 2 << 20,
+            };
+            let mut dp = Dataplane::load(sizes)?;
+            dp.set_config(&xdp_common::Config {
+                gateway_mac: gen_mac,
+                ..xdp_common::Config::default()
+            })?;
+            let mut ids = Vec::new();
+            for (id, b) in (0u32..).zip(LT_BACKENDS) {
+                let (addr, family) = addr_bytes(b.parse::<IpAddr>()?);
+                dp.set_backend(
+                    id,
+                    &xdp_common::Backend {
+                        addr,
+                        family: u32::from(family),
+                        state: xdp_common::backend_state::UP,
+                        ..Default::default()
+                    },
+                )?;
+                ids.push(RingBackend {
+                    identity: addr[..4].to_vec(),
+                    weight: 1,
+                    id,
+                });
+            }
+            let (vaddr, vfamily) = addr_bytes(LT_VIP.parse::<IpAddr>()?);
+            let key = xdp_common::VipKey {
+                addr: vaddr,
+                port: 53u16.to_be(),
+                proto: 17,
+                family: vfamily,
+            };
+            dp.add_vip(&key, 0, 0, xdp_common::fwd::ENCAP)?;
+            dp.write_ring(&key, &populate(&ids, sizes.ring_size))?;
+            dp.attach("eth0", AttachMode::Native)?;
+            LtSetup::Xdplb { _attached: dp }
+        }
+        Forwarder::MacSwap => {
+            let mut s = AuxProgram::load(SWAP_PROGRAM)?;
+            s.attach("eth0", AttachMode::Native)?;
+            LtSetup::Swap { _attached: s }
+        }
+        Forwarder::IptablesDnat => {
+            // No XDP program on eth0: GRO keeps veth's NAPI on, so the
+            // generator's XDP_TX frames are received.
+            lb.exec(&["ethtool", "-K", "eth0", "gro", "on"])?;
+            lb.exec(&[
+                "sysctl",
+                "-q",
+                "-w",
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.eth0.rp_filter=0",
+            ])?;
+            // Round-robin over three backends per new flow (conntrack keeps
+            // the rest of each flow on its backend): the rule set users
+            // write without XDP.
+            let n = LT_BACKENDS.len();
+            for (i, b) in LT_BACKENDS.iter().enumerate() {
+                let mut rule = vec![
+                    "iptables",
+                    "-t",
+                    "nat",
+                    "-A",
+                    "PREROUTING",
+                    "-d",
+                    LT_VIP,
+                    "-p",
+                    "udp",
+                    "--dport",
+                    "53",
+                ];
+                let every = (n - i).to_string();
+                if i + 1 < n {
+                    rule.extend([
+                        "-m",
+                        "statistic",
+                        "--mode",
+                        "nth",
+                        "--every",
+                        &every,
+                        "--packet",
+                        "0",
+                    ]);
+                }
+                rule.extend(["-j", "DNAT", "--to-destination", b]);
+                lb.exec(&rule)?;
+            }
+            LtSetup::Dnat
+        }
+    })
+}
+
+fn lt_teardown_dnat(lb: &Netns) -> Result<()> {
+    lb.exec(&["iptables", "-t", "nat", "-F"])?;
+    lb.exec(&["ethtool", "-K", "eth0", "gro", "off"])?;
+    Ok(())
+}
+
 fn main() -> Result<()> {
     if std::env::args().any(|a| a == "--listen") {
         return listen_forever();
+    }
+    if std::env::args().any(|a| a == "--loadtest") {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("the load test builds namespaces and attaches XDP programs: run it as root");
+        }
+        println!("# xdplb load test\n\nMachine: {}", machine());
+        return loadtest();
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
