@@ -57,23 +57,9 @@ pub fn xdplb(socket: &Path, args: &[&str]) -> Output {
         .expect("running xdplb")
 }
 
-/// An `xdplb` command that will run in `ns` (network namespace only; see
-/// [`Daemon::start`]). Keep the returned file open until the command starts.
+/// An `xdplb` command that will run in `ns` (see [`Netns::command`]).
 pub fn in_netns(ns: &Netns) -> Result<(Command, std::fs::File)> {
-    use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
-    let netns = std::fs::File::open(format!("/run/netns/{}", ns.name))?;
-    let netns_fd = netns.as_raw_fd();
-    let mut cmd = Command::new(xdplb_bin());
-    // SAFETY: setns is async-signal-safe; the fd stays open until exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(netns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Ok((cmd, netns))
+    ns.command(xdplb_bin())
 }
 
 /// Run `xdplb ARGS` in `ns` to completion, killed after `limit`.

@@ -316,14 +316,9 @@ impl Load {
         let ns = sys.topo.clients[0].ns.name.clone();
         let thread = std::thread::spawn(move || {
             let mut out = Vec::new();
-            let Ok(file) = std::fs::File::open(format!("/run/netns/{ns}")) else {
+            let Ok(_inside) = crate::netns::enter(&ns) else {
                 return out;
             };
-            use std::os::fd::AsRawFd as _;
-            // SAFETY: setns on this thread only, with a valid namespace fd.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return out;
-            }
             let deadline = Instant::now() + limit;
             while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
                 let at = Instant::now();

@@ -58,19 +58,43 @@ impl Netns {
 
     /// Move the calling thread into the namespace until the guard drops.
     pub fn enter(&self) -> Result<NsGuard> {
-        let original = File::open("/proc/thread-self/ns/net").context("opening own netns")?;
-        let target = File::open(format!("/run/netns/{}", self.name))
-            .with_context(|| format!("opening netns {}", self.name))?;
-        // SAFETY: setns on a valid namespace fd affects only this thread.
-        if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            bail!(
-                "setns into {}: {}",
-                self.name,
-                std::io::Error::last_os_error()
-            );
-        }
-        Ok(NsGuard { original })
+        enter(&self.name)
     }
+
+    /// A command that will run in this namespace (network namespace only:
+    /// `ip netns exec` would also give it a private mount namespace with its
+    /// own /sys, hence its own bpffs). Keep the returned file open until the
+    /// command has started.
+    pub fn command(&self, program: &std::path::Path) -> Result<(Command, File)> {
+        use std::os::unix::process::CommandExt as _;
+        let netns = File::open(format!("/run/netns/{}", self.name))
+            .with_context(|| format!("opening netns {}", self.name))?;
+        let fd = netns.as_raw_fd();
+        let mut cmd = Command::new(program);
+        // SAFETY: setns is async-signal-safe; the fd stays open until exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok((cmd, netns))
+    }
+}
+
+/// Move the calling thread into the namespace named `name` until the guard
+/// drops (for threads that only know the name).
+pub fn enter(name: &str) -> Result<NsGuard> {
+    let original = File::open("/proc/thread-self/ns/net").context("opening own netns")?;
+    let target = File::open(format!("/run/netns/{name}"))
+        .with_context(|| format!("opening netns {name}"))?;
+    // SAFETY: setns on a valid namespace fd affects only this thread.
+    if unsafe { libc::setns(target.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        bail!("setns into {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(NsGuard { original })
 }
 
 impl Drop for Netns {

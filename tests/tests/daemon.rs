@@ -7,14 +7,14 @@ use std::{
     io::{BufRead as _, Read as _, Write as _},
     net::{IpAddr, SocketAddr, TcpStream},
     os::unix::net::UnixStream,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
 use integration_tests::{
     daemon::{run_in, wait_for, xdplb, Daemon, Server},
     netns::Netns,
-    packet, require_root, run, PinDir,
+    packet, require_root, run, PinDir, Scratch,
 };
 use serde_json::Value;
 use xdp_common::XDP_TX;
@@ -27,24 +27,6 @@ use xdp_user::{
 
 const WEB: [&str; 3] = ["198.18.1.1", "198.18.1.2", "198.18.1.3"];
 const DNS_BACKEND: &str = "2001:db8:1::1";
-
-/// A scratch directory for config, socket and log, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("xdplb-test-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Self(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn config_text(pins: &Path, socket: &Path, health: &str) -> String {
     format!(

@@ -14,6 +14,18 @@ use xdp_user::{
 fn pair() -> (Netns, Netns) {
     let gen = Netns::new("gen").unwrap();
     let lb = Netns::new("genlb").unwrap();
+    // The sink counts every frame on the link: no IPv6 router
+    // solicitations or DAD probes from the kernel to count besides ours.
+    for ns in [&gen, &lb] {
+        ns.exec(&[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ])
+        .unwrap();
+    }
     gen.ip(&[
         "link", "add", "gen0", "type", "veth", "peer", "name", "eth0", "netns", &lb.name,
     ])

@@ -146,13 +146,22 @@ fn attach_program(ebpf: &mut Ebpf, name: &str, iface: &str, mode: AttachMode) ->
         .program_mut(name)
         .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
         .try_into()?;
+    attach_xdp(program, name, iface, mode).map(drop)
+}
+
+/// Attach `program` (named `name`) to `iface`, explaining a refusal.
+fn attach_xdp(
+    program: &mut Xdp,
+    name: &str,
+    iface: &str,
+    mode: AttachMode,
+) -> Result<aya::programs::xdp::XdpLinkId> {
     program.attach(iface, mode.xdp_mode()).with_context(|| {
         format!(
             "attaching {name} to {iface} in {mode:?} mode failed \
              (does the interface exist, and does its driver support this mode? try generic)"
         )
-    })?;
-    Ok(())
+    })
 }
 
 /// An address as the maps store it: IPv4 in the first four bytes.
@@ -457,12 +466,7 @@ impl Dataplane {
                 .context("replacing the program in the pinned XDP link")?;
             return Ok(true);
         }
-        let id = program.attach(iface, mode.xdp_mode()).with_context(|| {
-            format!(
-                "attaching {LB_PROGRAM} to {iface} in {mode:?} mode failed \
-                 (does the interface exist, and does its driver support this mode? try generic)"
-            )
-        })?;
+        let id = attach_xdp(program, LB_PROGRAM, iface, mode)?;
         let link = program.take_link(id)?;
         let fd_link = FdLink::try_from(link)
             .context("the kernel attached XDP without a bpf_link, which cannot be pinned (needs Linux >= 5.9)")?;

@@ -403,22 +403,7 @@ fn health_cpu() -> Result<()> {
     println!("\n## Health-check CPU, TCP checks every 1 s, over {window:?} (checker process only; servers in another process)");
     let ns = Netns::new("bench-hc")?;
     let exe = std::env::current_exe()?;
-    let (mut cmd, netns_file) = {
-        use std::os::{fd::AsRawFd as _, unix::process::CommandExt as _};
-        let f = std::fs::File::open(format!("/run/netns/{}", ns.name))?;
-        let fd = f.as_raw_fd();
-        let mut cmd = std::process::Command::new(&exe);
-        // SAFETY: setns is async-signal-safe; the fd is open until exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        (cmd, f)
-    };
+    let (mut cmd, netns_file) = ns.command(&exe)?;
     let mut child = cmd
         .arg("--listen")
         .spawn()
@@ -546,6 +531,17 @@ fn loadtest() -> Result<()> {
     );
     let gen = Netns::new("lt-gen")?;
     let lb = Netns::new("lt-lb")?;
+    // The sink counts every frame on the link: keep the kernel's own IPv6
+    // chatter off it.
+    for ns in [&gen, &lb] {
+        ns.exec(&[
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv6.conf.all.disable_ipv6=1",
+            "net.ipv6.conf.default.disable_ipv6=1",
+        ])?;
+    }
     gen.ip(&[
         "link", "add", "gen0", "type", "veth", "peer", "name", "eth0", "netns", &lb.name,
     ])?;
