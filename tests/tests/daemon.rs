@@ -497,9 +497,10 @@ fn daemon_restart_keeps_pins_state_and_flows() {
     std::fs::write(&config_path, config_text(&pins.0, &socket, r#"{ kind = "none" }"#).replace(
         "health = { kind = \"udp\", send = \"ping\", expect = \"pong\", interval_ms = 100, timeout_ms = 80, jitter_ms = 10, rise = 2, fall = 2 }",
         "health = { kind = \"none\" }",
-    ))
+    ).replace(&format!("pin_dir = \"{}\"", pins.0.display()), &format!("pin_dir = \"{}\"\nlog_format = \"json\"", pins.0.display())))
     .unwrap();
     let config = Config::load(&config_path).unwrap();
+    assert_eq!(config.daemon.log_format, xdp_user::config::LogFormat::Json);
     let ns = topology("restart");
     let prog_id = || {
         let out = ns.ip(&["-d", "link", "show", "lb0"]).unwrap();
@@ -613,10 +614,15 @@ fn daemon_restart_keeps_pins_state_and_flows() {
             "conntrack kept"
         );
     }
+    // JSON logs: every line is an object; the adoption is reported.
+    let log = daemon.log_text();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
     assert!(
-        daemon.log_text().contains("adopted"),
-        "{}",
-        daemon.log_text()
+        lines.iter().any(|l| l["fields"]["adopted_link"] == true),
+        "{log}"
     );
     daemon.stop().unwrap();
 
