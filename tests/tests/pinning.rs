@@ -94,6 +94,16 @@ fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
         assert_eq!(dp.flow(&key).unwrap().unwrap().backend_id, before);
     }
 
+    // Nor can the interface: the pinned link stays where it is.
+    ns.ip(&["link", "add", "lb2", "type", "veth", "peer", "name", "lb3"])
+        .unwrap();
+    let err = Dataplane::open(SIZES, &pins.0)
+        .unwrap()
+        .attach_pinned("lb2", AttachMode::Native, &pins.0)
+        .expect_err("moving a pinned dataplane to another interface is refused");
+    assert!(format!("{err:#}").contains("not to lb2"), "{err:#}");
+    assert!(xdp_prog_id(&ns, "lb2").is_none());
+
     // Sizes cannot change under a pinned dataplane.
     let err = Dataplane::open(
         xdp_user::dataplane::Sizes {

@@ -283,6 +283,86 @@ fn array_data(map: &Map) -> Result<&MapData> {
     }
 }
 
+/// The index of an interface in the caller's network namespace.
+pub fn ifindex(iface: &str) -> Result<u32> {
+    let name = std::ffi::CString::new(iface).context("interface name")?;
+    // SAFETY: a valid NUL-terminated name.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        bail!("no interface {iface} in this network namespace");
+    }
+    Ok(index)
+}
+
+/// The interface a pinned XDP link is attached to (`bpf_link_info.xdp`).
+fn pinned_link_ifindex(path: &Path) -> Result<u32> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_XDP: u32 = 6;
+    /// `union bpf_attr`, the `BPF_OBJ_*` member.
+    #[repr(C)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    /// `union bpf_attr`, the `info` member.
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).context("pin path")?;
+    let mut get = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: the attr points at a NUL-terminated path that outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &mut get as *mut ObjAttr,
+            std::mem::size_of::<ObjAttr>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("opening the pinned link {}", path.display()));
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // struct bpf_link_info: type, id, prog_id, then a union aligned to 8
+    // whose `xdp` member starts with the ifindex.
+    let mut info = [0u8; 64];
+    let mut attr = InfoAttr {
+        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: the attr points at a buffer of info_len bytes we own.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &mut attr as *mut InfoAttr,
+            std::mem::size_of::<InfoAttr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error()).context("reading the pinned link's info");
+    }
+    let word =
+        |off: usize| u32::from_ne_bytes([info[off], info[off + 1], info[off + 2], info[off + 3]]);
+    if word(0) != BPF_LINK_TYPE_XDP {
+        bail!("{} is not an XDP link (type {})", path.display(), word(0));
+    }
+    Ok(word(16))
+}
+
 /// bpffs magic number (`statfs.f_type`).
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -457,6 +537,16 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("program {LB_PROGRAM} missing"))?
             .try_into()?;
         if link_path.exists() {
+            let pinned_ifindex = pinned_link_ifindex(&link_path)?;
+            let want = ifindex(iface)?;
+            if pinned_ifindex != want {
+                bail!(
+                    "the pinned dataplane at {} is attached to interface index {pinned_ifindex}, \
+                     not to {iface} (index {want}): run `xdplb detach` first to move it \
+                     (this drops conntrack)",
+                    pin_dir.display()
+                );
+            }
             let pinned = PinnedLink::from_pin(&link_path)
                 .with_context(|| format!("opening the pinned link {}", link_path.display()))?;
             let link = aya::programs::xdp::XdpLink::try_from(FdLink::from(pinned))

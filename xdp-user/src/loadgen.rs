@@ -14,7 +14,7 @@ use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
 
 use crate::{
     config::Protocol,
-    dataplane::{AuxProgram, GEN_PROGRAM},
+    dataplane::{ifindex, AuxProgram, GEN_PROGRAM},
 };
 
 /// Frames per BPF_PROG_TEST_RUN call: small enough to check the clock and
@@ -172,16 +172,6 @@ pub fn interface_mac(iface: &str) -> Result<[u8; 6]> {
         *m = d as u8;
     }
     Ok(mac)
-}
-
-fn ifindex(iface: &str) -> Result<u32> {
-    let name = std::ffi::CString::new(iface)?;
-    // SAFETY: a valid NUL-terminated name.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        bail!("no interface {iface} in this network namespace");
-    }
-    Ok(index)
 }
 
 /// A loaded generator for one spec; [`Generator::send`] can be called
