@@ -70,3 +70,117 @@ fn attaches_natively_and_generically_and_explains_refusals() {
     );
     assert!(xdp_prog_on(&ns, "lb1").is_empty(), "lb1 detached");
 }
+
+#[test]
+fn decap_cli_attaches_pinned_updates_and_detaches() {
+    use integration_tests::{daemon::run_in, lab::Lab, packet, run, PinDir};
+    if !require_root() {
+        return;
+    }
+    let pins = PinDir::new("decapcli");
+    let pin_arg = pins.0.to_str().unwrap().to_owned();
+    let ns = Netns::new("decapcli").unwrap();
+    ns.ip(&["link", "add", "be0", "type", "veth", "peer", "name", "be1"])
+        .unwrap();
+    ns.ip(&["link", "set", "be0", "up"]).unwrap();
+    let cli = |args: &[&str]| run_in(&ns, args, std::time::Duration::from_secs(20)).unwrap();
+
+    let out = cli(&[
+        "decap",
+        "attach",
+        "--interface",
+        "be0",
+        "--vip",
+        "198.18.0.99",
+        "--pin-dir",
+        &pin_arg,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("attached"));
+    assert!(
+        xdp_prog_on(&ns, "be0").contains("decap"),
+        "{}",
+        xdp_prog_on(&ns, "be0")
+    );
+
+    // A second run replaces the VIP set in place.
+    let out = cli(&[
+        "decap",
+        "attach",
+        "--interface",
+        "be0",
+        "--vip",
+        "198.18.0.10",
+        "--vip",
+        "2001:db8::10",
+        "--pin-dir",
+        &pin_arg,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("updated"));
+
+    // The pinned VIP set is live: a tunnel packet for 198.18.0.10 is ended,
+    // one for the dropped 198.18.0.99 is not.
+    let lab = Lab::new().unwrap();
+    let frame = packet::tcp4(
+        integration_tests::lab::CLIENT4,
+        "198.18.0.10".parse().unwrap(),
+        40000,
+        80,
+        b"x",
+    );
+    let enc = run(lab.dp.program().unwrap(), &frame).unwrap().output;
+    let decap = xdp_user::dataplane::Decap::open(64, &pins.0).unwrap();
+    let before = decap.stats().unwrap()[xdp_common::decap_reason::DECAPSULATED as usize];
+    let r = run(decap.program().unwrap(), &enc).unwrap();
+    assert_eq!(
+        &r.output[12..],
+        &frame[12..],
+        "decapsulated by the pinned VIP set"
+    );
+    assert_eq!(
+        decap.stats().unwrap()[xdp_common::decap_reason::DECAPSULATED as usize],
+        before + 1
+    );
+    drop(decap);
+
+    // Bad input, precise errors.
+    let out = cli(&[
+        "decap",
+        "attach",
+        "--interface",
+        "be0",
+        "--vip",
+        "not-an-ip",
+        "--pin-dir",
+        &pin_arg,
+    ]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not-an-ip"));
+    let out = cli(&[
+        "decap",
+        "attach",
+        "--interface",
+        "be1",
+        "--vip",
+        "198.18.0.10",
+        "--pin-dir",
+        &pin_arg,
+    ]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not to be1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let out = cli(&["decap", "detach", "--pin-dir", &pin_arg]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("detached"));
+    assert!(xdp_prog_on(&ns, "be0").is_empty(), "detached");
+}

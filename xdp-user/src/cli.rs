@@ -75,6 +75,10 @@ enum Command {
     /// Generate packets from an interface with BPF_PROG_TEST_RUN live frames
     /// (load tests). Bounded by --count and --duration.
     Loadgen(LoadgenArgs),
+    /// Backend side: end IPIP / IPv6-in-IPv6 / IPv4-in-IPv6 tunnels in XDP on
+    /// hosts without ipip/ip6tnl devices (pinned: stays after the command).
+    #[command(subcommand)]
+    Decap(DecapCommand),
     #[command(subcommand)]
     Vip(VipCommand),
     #[command(subcommand)]
@@ -117,6 +121,32 @@ struct LoadgenArgs {
     rate: Option<f64>,
     #[arg(long, default_value_t = 64)]
     batch: u32,
+}
+
+const DEFAULT_DECAP_PIN_DIR: &str = "/sys/fs/bpf/xdplb-decap";
+
+#[derive(Subcommand)]
+enum DecapCommand {
+    /// Attach (or update) the decapsulator for these VIPs.
+    Attach {
+        #[arg(long)]
+        interface: String,
+        /// A VIP this backend serves (repeat for several).
+        #[arg(long = "vip", required = true)]
+        vips: Vec<IpAddr>,
+        /// native, generic or offload.
+        #[arg(long, default_value = "native")]
+        mode: crate::dataplane::AttachMode,
+        #[arg(long, default_value = DEFAULT_DECAP_PIN_DIR)]
+        pin_dir: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        max_vips: u32,
+    },
+    /// Remove it.
+    Detach {
+        #[arg(long, default_value = DEFAULT_DECAP_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -514,6 +544,32 @@ fn execute(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Check => unreachable!("handled before"),
+        Command::Decap(DecapCommand::Attach {
+            interface,
+            vips,
+            mode,
+            pin_dir,
+            max_vips,
+        }) => {
+            let mut decap = crate::dataplane::Decap::open(max_vips, &pin_dir)?;
+            decap.set_vips(&vips)?;
+            let adopted = decap.attach_pinned(&interface, mode, &pin_dir)?;
+            println!(
+                "decap {} on {interface} for {} VIPs (pinned at {})",
+                if adopted { "updated" } else { "attached" },
+                vips.len(),
+                pin_dir.display()
+            );
+            Ok(())
+        }
+        Command::Decap(DecapCommand::Detach { pin_dir }) => {
+            if crate::dataplane::detach(&pin_dir)? {
+                println!("decap detached");
+            } else {
+                println!("nothing pinned at {}", pin_dir.display());
+            }
+            Ok(())
+        }
         Command::Loadgen(a) => {
             if !a.duration.is_finite() || a.duration <= 0.0 || a.duration > 3600.0 {
                 bail!("--duration must be between 0 and 3600 seconds");

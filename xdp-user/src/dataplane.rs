@@ -266,6 +266,9 @@ const LB_MAPS: [&str; 8] = [
     names::CONFIG,
 ];
 
+/// Maps of the decap program, pinned by `xdplb decap`.
+const DECAP_MAPS: [&str; 2] = [names::DECAP_VIPS, names::DECAP_STATS];
+
 /// File name of the pinned XDP link in the pin directory.
 pub const LINK_PIN: &str = "link";
 
@@ -281,6 +284,50 @@ fn array_data(map: &Map) -> Result<&MapData> {
         Map::Array(d) => Ok(d),
         other => bail!("expected an array map, found {other:?}"),
     }
+}
+
+/// Attach program `name` of `ebpf` through the link pinned at
+/// `pin_dir/link` (see [`Dataplane::attach_pinned`]).
+fn attach_pinned(
+    ebpf: &mut Ebpf,
+    name: &str,
+    iface: &str,
+    mode: AttachMode,
+    pin_dir: &Path,
+) -> Result<bool> {
+    let link_path = pin_dir.join(LINK_PIN);
+    let program: &mut Xdp = ebpf
+        .program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing"))?
+        .try_into()?;
+    if link_path.exists() {
+        let pinned_ifindex = pinned_link_ifindex(&link_path)?;
+        let want = ifindex(iface)?;
+        if pinned_ifindex != want {
+            bail!(
+                "the program pinned at {} is attached to interface index {pinned_ifindex}, \
+                 not to {iface} (index {want}): detach it first to move it",
+                pin_dir.display()
+            );
+        }
+        let pinned = PinnedLink::from_pin(&link_path)
+            .with_context(|| format!("opening the pinned link {}", link_path.display()))?;
+        let link = aya::programs::xdp::XdpLink::try_from(FdLink::from(pinned))
+            .context("the pinned link is not an XDP link")?;
+        program
+            .attach_to_link(link)
+            .context("replacing the program in the pinned XDP link")?;
+        return Ok(true);
+    }
+    let id = attach_xdp(program, name, iface, mode)?;
+    let link = program.take_link(id)?;
+    let fd_link = FdLink::try_from(link).context(
+        "the kernel attached XDP without a bpf_link, which cannot be pinned (needs Linux >= 5.9)",
+    )?;
+    fd_link
+        .pin(&link_path)
+        .with_context(|| format!("pinning the XDP link at {}", link_path.display()))?;
+    Ok(false)
 }
 
 /// The index of an interface in the caller's network namespace.
@@ -410,7 +457,7 @@ fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Remove a pinned dataplane: unpinning the link detaches the program
+/// Remove a pinned dataplane (balancer or decap): unpinning the link detaches the program
 /// (nothing else holds it), unpinning the maps frees them with their state.
 /// Returns whether anything was there.
 pub fn detach(pin_dir: &Path) -> Result<bool> {
@@ -418,7 +465,7 @@ pub fn detach(pin_dir: &Path) -> Result<bool> {
         return Ok(false);
     }
     let mut removed = false;
-    for name in std::iter::once(LINK_PIN).chain(LB_MAPS) {
+    for name in std::iter::once(LINK_PIN).chain(LB_MAPS).chain(DECAP_MAPS) {
         let path = pin_dir.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => removed = true,
@@ -528,42 +575,10 @@ impl Dataplane {
     /// Attach through a link pinned at `pin_dir/link`: if a previous run left
     /// one, this program replaces the old one in it atomically (no packet
     /// sees no program); otherwise a new link is created and pinned. Either
-    /// way the program stays attached when this process exits.
+    /// way the program stays attached when this process exits. Returns
+    /// whether a pinned link was adopted.
     pub fn attach_pinned(&mut self, iface: &str, mode: AttachMode, pin_dir: &Path) -> Result<bool> {
-        let link_path = pin_dir.join(LINK_PIN);
-        let program: &mut Xdp = self
-            .ebpf
-            .program_mut(LB_PROGRAM)
-            .ok_or_else(|| anyhow!("program {LB_PROGRAM} missing"))?
-            .try_into()?;
-        if link_path.exists() {
-            let pinned_ifindex = pinned_link_ifindex(&link_path)?;
-            let want = ifindex(iface)?;
-            if pinned_ifindex != want {
-                bail!(
-                    "the pinned dataplane at {} is attached to interface index {pinned_ifindex}, \
-                     not to {iface} (index {want}): run `xdplb detach` first to move it \
-                     (this drops conntrack)",
-                    pin_dir.display()
-                );
-            }
-            let pinned = PinnedLink::from_pin(&link_path)
-                .with_context(|| format!("opening the pinned link {}", link_path.display()))?;
-            let link = aya::programs::xdp::XdpLink::try_from(FdLink::from(pinned))
-                .context("the pinned link is not an XDP link")?;
-            program
-                .attach_to_link(link)
-                .context("replacing the program in the pinned XDP link")?;
-            return Ok(true);
-        }
-        let id = attach_xdp(program, LB_PROGRAM, iface, mode)?;
-        let link = program.take_link(id)?;
-        let fd_link = FdLink::try_from(link)
-            .context("the kernel attached XDP without a bpf_link, which cannot be pinned (needs Linux >= 5.9)")?;
-        fd_link
-            .pin(&link_path)
-            .with_context(|| format!("pinning the XDP link at {}", link_path.display()))?;
-        Ok(false)
+        attach_pinned(&mut self.ebpf, LB_PROGRAM, iface, mode, pin_dir)
     }
 
     /// The loaded balancer program (for BPF_PROG_TEST_RUN).
@@ -929,15 +944,38 @@ impl Decap {
     /// Load `decap` for up to `max_vips` VIP addresses. The balancer's maps
     /// in the same object are created at their minimum size.
     pub fn load(max_vips: u32) -> Result<Self> {
+        Self::load_with(max_vips, None)
+    }
+
+    /// Load `decap` with its VIP set and counters pinned under `pin_dir`
+    /// (adopted if an earlier run left them), for [`Decap::attach_pinned`].
+    pub fn open(max_vips: u32, pin_dir: &Path) -> Result<Self> {
+        ensure_bpffs(pin_dir)?;
+        Self::load_with(max_vips, Some(pin_dir))
+    }
+
+    fn load_with(max_vips: u32, pin_dir: Option<&Path>) -> Result<Self> {
         if max_vips == 0 {
             bail!("max_vips must be at least 1");
         }
-        let mut ebpf = EbpfLoader::new()
-            .map_max_entries(names::DECAP_VIPS, max_vips)
+        let mut loader = EbpfLoader::new();
+        loader.map_max_entries(names::DECAP_VIPS, max_vips);
+        let pins: Vec<(&str, PathBuf)> = pin_dir
+            .map(|d| DECAP_MAPS.iter().map(|&n| (n, d.join(n))).collect())
+            .unwrap_or_default();
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader
             .load(object()?)
             .context("loading the eBPF object (map creation)")?;
         load_program(&mut ebpf, DECAP_PROGRAM)?;
         Ok(Self { ebpf })
+    }
+
+    /// Attach through a pinned link, so it stays after this process exits.
+    pub fn attach_pinned(&mut self, iface: &str, mode: AttachMode, pin_dir: &Path) -> Result<bool> {
+        attach_pinned(&mut self.ebpf, DECAP_PROGRAM, iface, mode, pin_dir)
     }
 
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
@@ -966,6 +1004,39 @@ impl Decap {
         let mut map: HashMap<_, DecapKey, u32> = HashMap::try_from(map)?;
         map.insert(key, 1, 0)
             .with_context(|| format!("adding decap VIP {vip}"))?;
+        Ok(())
+    }
+
+    /// Decapsulate for exactly `vips`: others left from an earlier run are
+    /// removed.
+    pub fn set_vips(&mut self, vips: &[IpAddr]) -> Result<()> {
+        let wanted: Vec<DecapKey> = vips
+            .iter()
+            .map(|v| {
+                let (addr, family) = addr_bytes(*v);
+                DecapKey {
+                    addr,
+                    family: u32::from(family),
+                }
+            })
+            .collect();
+        let map = self
+            .ebpf
+            .map_mut(names::DECAP_VIPS)
+            .ok_or_else(|| anyhow!("map {} missing", names::DECAP_VIPS))?;
+        let mut map: HashMap<_, DecapKey, u32> = HashMap::try_from(map)?;
+        let stale: Vec<DecapKey> = map
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| !wanted.contains(k))
+            .collect();
+        for key in stale {
+            map.remove(&key).context("removing a decap VIP")?;
+        }
+        for key in wanted {
+            map.insert(key, 1, 0)
+                .context("adding a decap VIP (is max_vips too small?)")?;
+        }
         Ok(())
     }
 
