@@ -315,3 +315,47 @@ fn a_new_controller_adopts_ids_and_health_from_pinned_maps() {
     // The restart rewrote the ring once (same content), flipping halves.
     assert_ne!(active_half(&second, "web"), half);
 }
+
+#[test]
+fn a_failed_reconcile_is_reported_and_the_next_one_recovers() {
+    if !require_root() {
+        return;
+    }
+    // A dataplane with room for 3 backends under a config that wants 4:
+    // the fourth id cannot be allocated.
+    let c = config();
+    let small = xdp_user::dataplane::Sizes {
+        max_backends: 3,
+        ..c.tables.sizes()
+    };
+    let dp = Dataplane::load(small).unwrap();
+    let mut ctl = Controller::new(c.clone(), None, dp).unwrap();
+    let err = ctl.reconcile().expect_err("no id for the fourth backend");
+    assert!(format!("{err:#}").contains("no free backend id"), "{err:#}");
+    assert!(!ctl.in_sync());
+    assert!(ctl
+        .last_error
+        .as_deref()
+        .unwrap_or("")
+        .contains("no free backend id"));
+    assert_eq!(ctl.reconcile_failures, 1);
+    let (healthy, text) = xdp_user::api::healthz(&ctl);
+    assert!(!healthy && text.contains("out of sync"), "{text}");
+    // Retrying changes nothing while the cause remains...
+    assert!(ctl.reconcile().is_err());
+    // ...and once it is gone (the dns VIP removed), the next reconcile
+    // completes and the web VIP's ring is whole.
+    let mut fixed = c.clone();
+    fixed.vips.truncate(1);
+    ctl.apply(fixed, false).unwrap();
+    assert!(ctl.in_sync());
+    assert_eq!(
+        live_ring(&ctl, "web"),
+        expected_ring(&[
+            ("198.18.1.1", 100),
+            ("198.18.1.2", 100),
+            ("198.18.1.3", 200)
+        ])
+    );
+    assert!(xdp_user::api::healthz(&ctl).0);
+}
