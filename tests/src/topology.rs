@@ -77,6 +77,29 @@ fn sysctls(ns: &Netns, pairs: &[&str]) -> Result<()> {
     ns.exec(&argv).map(drop)
 }
 
+/// Two namespaces joined by one veth pair (`a_if` in the first, `b_if` in
+/// the second), both ends up, IPv6 off so that nothing but the test's own
+/// frames cross the link (for counting sinks).
+pub fn veth_pair(a_tag: &str, a_if: &str, b_tag: &str, b_if: &str) -> Result<(Netns, Netns)> {
+    let a = Netns::new(a_tag)?;
+    let b = Netns::new(b_tag)?;
+    for ns in [&a, &b] {
+        sysctls(
+            ns,
+            &[
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+            ],
+        )?;
+    }
+    a.ip(&[
+        "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &b.name,
+    ])?;
+    a.ip(&["link", "set", a_if, "up"])?;
+    b.ip(&["link", "set", b_if, "up"])?;
+    Ok((a, b))
+}
+
 /// Run `f` on a thread inside `ns` (setns affects only the calling thread).
 pub fn in_ns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> Result<T> {
     thread::scope(|s| {

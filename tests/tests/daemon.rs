@@ -28,6 +28,27 @@ use xdp_user::{
 const WEB: [&str; 3] = ["198.18.1.1", "198.18.1.2", "198.18.1.3"];
 const DNS_BACKEND: &str = "2001:db8:1::1";
 
+/// Where a test daemon keeps its config, socket, log and pins; all removed
+/// on drop.
+struct Files {
+    scratch: Scratch,
+    pins: PinDir,
+    socket: std::path::PathBuf,
+    config_path: std::path::PathBuf,
+}
+
+impl Files {
+    fn new(tag: &str) -> Self {
+        let scratch = Scratch::new(tag);
+        Self {
+            pins: PinDir::new(tag),
+            socket: scratch.0.join("admin.sock"),
+            config_path: scratch.0.join("xdplb.toml"),
+            scratch,
+        }
+    }
+}
+
 fn config_text(pins: &Path, socket: &Path, health: &str) -> String {
     format!(
         r#"
@@ -201,10 +222,12 @@ fn daemon_follows_health_and_serves_every_cli_command() {
     if !require_root() {
         return;
     }
-    let scratch = Scratch::new("daemon");
-    let pins = PinDir::new("daemon");
-    let socket = scratch.0.join("admin.sock");
-    let config_path = scratch.0.join("xdplb.toml");
+    let Files {
+        scratch,
+        pins,
+        socket,
+        config_path,
+    } = Files::new("daemon");
     std::fs::write(&config_path, config_text(&pins.0, &socket, HTTP_CHECK)).unwrap();
     let config = Config::load(&config_path).unwrap();
     let ns = topology("daemon");
@@ -490,10 +513,12 @@ fn daemon_restart_keeps_pins_state_and_flows() {
     if !require_root() {
         return;
     }
-    let scratch = Scratch::new("restart");
-    let pins = PinDir::new("restart");
-    let socket = scratch.0.join("admin.sock");
-    let config_path = scratch.0.join("xdplb.toml");
+    let Files {
+        scratch,
+        pins,
+        socket,
+        config_path,
+    } = Files::new("restart");
     std::fs::write(&config_path, config_text(&pins.0, &socket, r#"{ kind = "none" }"#).replace(
         "health = { kind = \"udp\", send = \"ping\", expect = \"pong\", interval_ms = 100, timeout_ms = 80, jitter_ms = 10, rise = 2, fall = 2 }",
         "health = { kind = \"none\" }",

@@ -3,7 +3,12 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use integration_tests::{daemon::run_in, netns::Netns, require_root, topology::in_ns};
+use integration_tests::{
+    daemon::run_in,
+    netns::Netns,
+    require_root,
+    topology::{in_ns, veth_pair},
+};
 use xdp_common::{map_names, reason};
 use xdp_user::{
     config::Protocol,
@@ -12,27 +17,7 @@ use xdp_user::{
 };
 
 fn pair() -> (Netns, Netns) {
-    let gen = Netns::new("gen").unwrap();
-    let lb = Netns::new("genlb").unwrap();
-    // The sink counts every frame on the link: no IPv6 router
-    // solicitations or DAD probes from the kernel to count besides ours.
-    for ns in [&gen, &lb] {
-        ns.exec(&[
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ])
-        .unwrap();
-    }
-    gen.ip(&[
-        "link", "add", "gen0", "type", "veth", "peer", "name", "eth0", "netns", &lb.name,
-    ])
-    .unwrap();
-    gen.ip(&["link", "set", "gen0", "up"]).unwrap();
-    lb.ip(&["link", "set", "eth0", "up"]).unwrap();
-    (gen, lb)
+    veth_pair("gen", "gen0", "genlb", "eth0").unwrap()
 }
 
 fn spec(gen_mac: [u8; 6], lb_mac: [u8; 6], count: u64, flows: u32) -> LoadSpec {

@@ -108,6 +108,39 @@ pub fn populate(backends: &[RingBackend], size: u32) -> Vec<u32> {
     ring
 }
 
+/// Median time to populate a `size`-slot ring for `n` backends (weights
+/// 1..=4), and the median time to fill the same table round-robin (the floor
+/// of touching every slot), over `runs` runs each. What `cargo bench` and
+/// `cargo xtask bench` report.
+pub fn measure_population(
+    n: u32,
+    size: u32,
+    runs: usize,
+) -> (std::time::Duration, std::time::Duration) {
+    let backends: Vec<RingBackend> = (0..n)
+        .map(|i| RingBackend {
+            identity: vec![10, (i >> 16) as u8, (i >> 8) as u8, i as u8],
+            weight: 1 + i % 4,
+            id: i,
+        })
+        .collect();
+    let median = |f: &dyn Fn() -> Vec<u32>| {
+        let mut samples: Vec<std::time::Duration> = (0..runs.max(1))
+            .map(|_| {
+                let started = std::time::Instant::now();
+                std::hint::black_box(f());
+                started.elapsed()
+            })
+            .collect();
+        samples.sort();
+        samples[samples.len() / 2]
+    };
+    (
+        median(&|| populate(&backends, size)),
+        median(&|| (0..size).map(|s| s % n.max(1)).collect()),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

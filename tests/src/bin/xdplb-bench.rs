@@ -29,7 +29,7 @@ use xdp_user::{
     controller::Controller,
     dataplane::{AuxProgram, Dataplane, Sizes, PASS_PROGRAM},
     health::{CheckKey, CheckResult, CheckSpec, Checks},
-    maglev::{populate, RingBackend},
+    maglev::{measure_population, populate, RingBackend},
 };
 
 const SIZES: Sizes = Sizes {
@@ -218,26 +218,7 @@ fn maglev() {
     println!("| backends | maglev ms | baseline: round-robin fill ms | ratio |");
     println!("|---:|---:|---:|---:|");
     for n in [10u32, 100, 1000] {
-        let backends: Vec<RingBackend> = (0..n)
-            .map(|i| RingBackend {
-                identity: vec![10, (i >> 16) as u8, (i >> 8) as u8, i as u8],
-                weight: 1 + i % 4,
-                id: i,
-            })
-            .collect();
-        let time = |f: &dyn Fn() -> Vec<u32>| {
-            median_d(
-                (0..RUNS)
-                    .map(|_| {
-                        let t = Instant::now();
-                        std::hint::black_box(f());
-                        t.elapsed()
-                    })
-                    .collect(),
-            )
-        };
-        let m = time(&|| populate(&backends, SIZES.ring_size));
-        let b = time(&|| (0..SIZES.ring_size).map(|s| s % n).collect());
+        let (m, b) = measure_population(n, SIZES.ring_size, RUNS);
         println!(
             "| {n} | {:.3} | {:.3} | {:.0}x |",
             m.as_secs_f64() * 1e3,
@@ -529,26 +510,9 @@ fn loadtest() -> Result<()> {
         "64-byte UDP frames to {LT_VIP}:53, {window:?} per cell after a warm-up; generator, LB and sink share the \
          CPU that runs the generator (veth processes XDP_TX in the sender's softirq), so Mpps is per core."
     );
-    let gen = Netns::new("lt-gen")?;
-    let lb = Netns::new("lt-lb")?;
-    // The sink counts every frame on the link: keep the kernel's own IPv6
-    // chatter off it.
-    for ns in [&gen, &lb] {
-        ns.exec(&[
-            "sysctl",
-            "-q",
-            "-w",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ])?;
-    }
-    gen.ip(&[
-        "link", "add", "gen0", "type", "veth", "peer", "name", "eth0", "netns", &lb.name,
-    ])?;
+    let (gen, lb) = integration_tests::topology::veth_pair("lt-gen", "gen0", "lt-lb", "eth0")?;
     gen.ip(&["addr", "add", "198.18.50.1/24", "dev", "gen0"])?;
-    gen.ip(&["link", "set", "gen0", "up"])?;
     lb.ip(&["addr", "add", "198.18.50.2/24", "dev", "eth0"])?;
-    lb.ip(&["link", "set", "eth0", "up"])?;
     lb.ip(&["route", "add", "198.18.99.0/24", "via", "198.18.50.1"])?;
     let gen_mac = integration_tests::topology::in_ns(&gen, || interface_mac("gen0"))??;
     let lb_mac = integration_tests::topology::in_ns(&lb, || interface_mac("eth0"))??;
