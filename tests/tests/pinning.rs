@@ -104,6 +104,30 @@ fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
     assert!(format!("{err:#}").contains("not to lb2"), "{err:#}");
     assert!(xdp_prog_id(&ns, "lb2").is_none());
 
+    // A map left by an incompatible build (here: STATS pinned as CONFIG,
+    // 8-byte values where CONFIG has 48) is refused, not adopted.
+    {
+        let config_pin = pins.0.join("CONFIG");
+        // Hold the real map by fd while its pin is swapped (bpffs has no
+        // rename).
+        let real = aya::maps::MapData::from_pin(&config_pin).unwrap();
+        std::fs::remove_file(&config_pin).unwrap();
+        aya::maps::MapData::from_pin(pins.0.join("STATS"))
+            .unwrap()
+            .pin(&config_pin)
+            .unwrap();
+        let err = Dataplane::open(SIZES, &pins.0)
+            .err()
+            .expect("incompatible map refused");
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("CONFIG") && msg.contains("incompatible"),
+            "{msg}"
+        );
+        std::fs::remove_file(&config_pin).unwrap();
+        real.pin(&config_pin).unwrap();
+    }
+
     // Sizes cannot change under a pinned dataplane.
     let err = Dataplane::open(
         xdp_user::dataplane::Sizes {

@@ -266,6 +266,31 @@ const LB_MAPS: [&str; 8] = [
     names::CONFIG,
 ];
 
+/// Key and value size of every balancer map: the ABI a pinned map must
+/// match to be adopted.
+fn map_layouts() -> [(&'static str, u32, u32); 8] {
+    use std::mem::size_of;
+    let sz = |n: usize| n as u32;
+    [
+        (
+            names::VIPS,
+            sz(size_of::<VipKey>()),
+            sz(size_of::<VipMeta>()),
+        ),
+        (names::RINGS, 4, 4),
+        (names::BACKENDS, 4, sz(size_of::<Backend>())),
+        (
+            names::FLOWS,
+            sz(size_of::<FlowKey>()),
+            sz(size_of::<FlowState>()),
+        ),
+        (names::STATS, 4, 8),
+        (names::VIP_STATS, 4, sz(size_of::<Counters>())),
+        (names::BACKEND_STATS, 4, sz(size_of::<Counters>())),
+        (names::CONFIG, 4, sz(size_of::<Config>())),
+    ]
+}
+
 /// Maps of the decap program, pinned by `xdplb decap`.
 const DECAP_MAPS: [&str; 2] = [names::DECAP_VIPS, names::DECAP_STATS];
 
@@ -533,6 +558,22 @@ impl Dataplane {
             (names::BACKEND_STATS, sizes.max_backends),
             (names::FLOWS, sizes.max_flows),
         ];
+        // An adopted map keeps the layout of the build that created it: a
+        // build whose entries differ in size must not read or write it.
+        for (name, key, value) in map_layouts() {
+            let map = ebpf
+                .map(name)
+                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
+            let info = map_data(map)?.info()?;
+            if (info.key_size(), info.value_size()) != (key, value) {
+                bail!(
+                    "the pinned map {name} has {}-byte keys and {}-byte values, this build uses {key} and {value}: \
+                     it was made by an incompatible xdplb version; run `xdplb detach` (this drops conntrack)",
+                    info.key_size(),
+                    info.value_size()
+                );
+            }
+        }
         for (name, want) in dataplane_sizes {
             let map = ebpf
                 .map(name)
