@@ -57,6 +57,8 @@ pub const WEB4: LabVip = LabVip {
     mode: fwd::ENCAP,
     backends: &[0, 1, 2],
 };
+/// Served by the same three hosts as WEB4, through entries of its own (one
+/// backend entry per VIP and address, as the controller makes them).
 pub const DNS4: LabVip = LabVip {
     addr: IpAddr::V4(Ipv4Addr::new(198, 18, 0, 11)),
     port: 0,
@@ -64,7 +66,7 @@ pub const DNS4: LabVip = LabVip {
     vip_id: 1,
     flags: 0,
     mode: fwd::ENCAP,
-    backends: &[0, 1, 2],
+    backends: &[7, 8, 9],
 };
 pub const WEB6: LabVip = LabVip {
     addr: IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10)),
@@ -101,7 +103,7 @@ pub const STICKY: LabVip = LabVip {
     vip_id: 5,
     flags: VIP_F_SOURCE_HASH,
     mode: fwd::ENCAP,
-    backends: &[0, 1, 2],
+    backends: &[10, 11, 12],
 };
 /// A VIP whose ring is empty.
 pub const EMPTY: LabVip = LabVip {
@@ -120,21 +122,32 @@ pub const DNS6: LabVip = LabVip {
     vip_id: 7,
     flags: 0,
     mode: fwd::ENCAP,
-    backends: &[3, 4],
+    backends: &[13, 14],
 };
 
 pub const VIPS: [&LabVip; 8] = [&WEB4, &DNS4, &WEB6, &MIXED, &DSR, &STICKY, &EMPTY, &DNS6];
 
+/// The host behind backend entry `id` (entries 7.. are other VIPs' entries
+/// for the hosts 0..=4).
+fn host_of(id: u32) -> u32 {
+    match id {
+        7..=9 => id - 7,
+        10..=12 => id - 10,
+        13..=14 => id - 10,
+        _ => id,
+    }
+}
+
 /// Backend `id`'s tunnel address.
 pub fn backend_addr(id: u32) -> IpAddr {
-    match id {
+    match host_of(id) {
         0..=2 | 6 => IpAddr::V4(Ipv4Addr::new(198, 18, 1, 1 + id as u8)),
         _ => IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1 + id as u16)),
     }
 }
 
 pub fn backend_mac(id: u32) -> [u8; 6] {
-    [0x02, 0, 0, 0, 1, id as u8]
+    [0x02, 0, 0, 0, 1, host_of(id) as u8]
 }
 
 pub const SOURCE_V4: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 0);
@@ -182,19 +195,21 @@ impl Lab {
     pub fn with_sizes(sizes: Sizes) -> Result<Self> {
         let mut dp = Dataplane::load(sizes)?;
         dp.set_config(&lab_config())?;
-        for id in 0..=6u32 {
-            let (addr, family) = addr_bytes(backend_addr(id));
-            dp.set_backend(
-                id,
-                &Backend {
-                    addr,
-                    mac: backend_mac(id),
-                    _pad: [0; 2],
-                    family: u32::from(family),
-                    state: backend_state::UP,
-                    vip_id: 0,
-                },
-            )?;
+        for vip in VIPS {
+            for &id in vip.backends {
+                let (addr, family) = addr_bytes(backend_addr(id));
+                dp.set_backend(
+                    id,
+                    &Backend {
+                        addr,
+                        mac: backend_mac(id),
+                        _pad: [0; 2],
+                        family: u32::from(family),
+                        state: backend_state::UP,
+                        vip_id: vip.vip_id,
+                    },
+                )?;
+            }
         }
         for vip in VIPS {
             dp.add_vip(&vip.key(), vip.vip_id, vip.flags, vip.mode)?;

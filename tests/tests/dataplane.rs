@@ -707,7 +707,7 @@ fn bad_dataplane_requests_are_refused_and_change_nothing() {
     );
     assert_eq!(lab.dp.vip(&key).unwrap().unwrap().vip_id, WEB4.vip_id);
     assert!(
-        lab.dp.set_backend_state(9, backend_state::UP).is_err(),
+        lab.dp.set_backend_state(15, backend_state::UP).is_err(),
         "unconfigured backend"
     );
     assert!(lab.dp.set_backend_state(0, 42).is_err(), "unknown state");
@@ -777,4 +777,35 @@ fn a_default_size_ring_round_trips() {
         assert_eq!(dp.ring(&key).unwrap(), ring, "round {round}");
         println!("ring of {} slots written in {took:?}", sizes.ring_size);
     }
+}
+
+#[test]
+fn a_reused_backend_id_never_carries_another_vips_flows() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let p = port_for(1, 30000);
+    let (f, k) = client_tcp4(&WEB4, p);
+    assert_eq!(send(&lab, &f), XDP_TX);
+    assert_eq!(tracked_backend(&lab, &k), Some(1));
+    // Backend 1 leaves WEB4 and its id is handed to another VIP's backend,
+    // up and healthy, while WEB4's ring moves on without it.
+    lab.dp.write_ring(&WEB4.key(), &ring_of(&[0, 2])).unwrap();
+    let mut other = lab.dp.backend(1).unwrap();
+    other.vip_id = DNS4.vip_id;
+    lab.dp.set_backend(1, &other).unwrap();
+    let stats = lab.stats();
+    let r = run(lab.dp.program().unwrap(), &f).unwrap();
+    let moved_to = predicted_backend(&WEB4, &ring_of(&[0, 2]), &k);
+    assert_eq!(
+        r.output,
+        expected_forward(&WEB4, &f, L3, &k, moved_to),
+        "re-selected within WEB4"
+    );
+    assert_eq!(tracked_backend(&lab, &k), Some(moved_to));
+    assert_eq!(
+        lab.stats()[FLOW_RESELECTED as usize] - stats[FLOW_RESELECTED as usize],
+        1
+    );
 }

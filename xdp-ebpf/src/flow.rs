@@ -46,17 +46,20 @@ fn from_ring(flow: &FlowKey, vip: &VipMeta) -> Option<(u32, Backend)> {
     Some((id, backend))
 }
 
-/// The conntrack entry of `flow`, if its backend still keeps flows.
+/// The conntrack entry of `flow`, if its backend still keeps flows and
+/// still serves this VIP (backend ids are reused: an id freed by one VIP
+/// may now belong to another's backend).
 #[inline(always)]
-fn tracked(flow: &FlowKey) -> Result<(u32, Backend), bool> {
+fn tracked(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), bool> {
     // SAFETY: the value is copied out at once; an LRU entry recycled under
     // us yields at worst a stale backend id, which is still bounds-checked.
     let Some(state) = (unsafe { FLOWS.get(flow) }).copied() else {
         return Err(false);
     };
     match BACKENDS.get(state.backend_id) {
-        Some(b) if keeps_flows(b) => Ok((state.backend_id, *b)),
-        // Tracked, but its backend went down or was removed.
+        Some(b) if keeps_flows(b) && b.vip_id == vip.vip_id => Ok((state.backend_id, *b)),
+        // Tracked, but its backend went down, was removed, or its id now
+        // serves another VIP.
         _ => Err(true),
     }
 }
@@ -66,7 +69,7 @@ fn tracked(flow: &FlowKey) -> Result<(u32, Backend), bool> {
 /// that is down, goes through the ring and is (re)written.
 #[inline(always)]
 pub fn select(flow: &FlowKey, vip: &VipMeta) -> Option<Choice> {
-    let was_tracked = match tracked(flow) {
+    let was_tracked = match tracked(flow, vip) {
         Ok((backend_id, backend)) => {
             count(reason::FLOW_HIT);
             return Some(Choice {
@@ -101,5 +104,5 @@ pub fn select(flow: &FlowKey, vip: &VipMeta) -> Option<Choice> {
 /// quoting a flow, which must not open conntrack entries.
 #[inline(always)]
 pub fn owner(flow: &FlowKey, vip: &VipMeta) -> Option<(u32, Backend)> {
-    tracked(flow).ok().or_else(|| from_ring(flow, vip))
+    tracked(flow, vip).ok().or_else(|| from_ring(flow, vip))
 }
