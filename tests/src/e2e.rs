@@ -226,6 +226,26 @@ impl System {
     }
 }
 
+/// Answers per backend name and failures of `n` calls of `query`, stopping
+/// after 10 failures (a broken path fails fast, not after n timeouts).
+pub fn tally(
+    n: usize,
+    mut query: impl FnMut() -> Result<String>,
+) -> (std::collections::BTreeMap<String, usize>, usize) {
+    let mut counts = std::collections::BTreeMap::new();
+    let mut failed = 0;
+    for _ in 0..n {
+        match query() {
+            Ok(b) => *counts.entry(b).or_insert(0) += 1,
+            Err(_) => failed += 1,
+        }
+        if failed >= 10 {
+            break;
+        }
+    }
+    (counts, failed)
+}
+
 /// One HTTP request on a new connection; the answering backend's name.
 pub fn http_get(vip: IpAddr) -> Result<String> {
     let addr = SocketAddr::new(vip, 80);

@@ -218,9 +218,7 @@ impl Topology {
             }
             let decap = in_ns(&b.ns, || -> Result<Decap> {
                 let mut d = Decap::load(spec.vips.len().max(1) as u32)?;
-                for vip in &spec.vips {
-                    d.add_vip(*vip)?;
-                }
+                d.set_vips(&spec.vips)?;
                 d.attach("eth0", AttachMode::Native)?;
                 Ok(d)
             })??;

@@ -36,9 +36,7 @@ fn decap_restores_the_inner_packet() {
     }
     let lab = Lab::new().unwrap();
     let mut decap = Decap::load(8).expect("decap loads");
-    for vip in [&WEB4, &WEB6, &MIXED] {
-        decap.add_vip(vip.addr).unwrap();
-    }
+    decap.set_vips(&[WEB4.addr, WEB6.addr, MIXED.addr]).unwrap();
     let web4 = ip4(WEB4.addr);
     let web6 = match WEB6.addr {
         IpAddr::V6(a) => a,
@@ -100,7 +98,7 @@ fn decap_leaves_other_traffic_alone() {
     }
     let lab = Lab::new().unwrap();
     let mut decap = Decap::load(8).unwrap();
-    decap.add_vip(WEB4.addr).unwrap();
+    decap.set_vips(&[WEB4.addr]).unwrap();
     let not_configured = encapsulated(
         &lab,
         &packet::udp4(CLIENT4, ip4(DNS4.addr), 41000, 53, b"q"),

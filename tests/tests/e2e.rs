@@ -10,7 +10,9 @@ use std::{
 
 use integration_tests::{
     daemon::xdplb,
-    e2e::{backend_name, http_get, udp_query, Conn, Load, System, CHECK_FALL, CHECK_INTERVAL},
+    e2e::{
+        backend_name, http_get, tally, udp_query, Conn, Load, System, CHECK_FALL, CHECK_INTERVAL,
+    },
     require_root,
 };
 
@@ -19,29 +21,7 @@ const VIP6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10
 
 /// `n` new connections to `vip`; replies per backend, and failures.
 fn spread(sys: &System, vip: IpAddr, n: usize) -> (BTreeMap<String, usize>, usize) {
-    sys.from_client(0, || {
-        let mut counts = BTreeMap::new();
-        let mut failed = 0;
-        let mut in_a_row = 0;
-        for _ in 0..n {
-            match http_get(vip) {
-                Ok(b) => {
-                    *counts.entry(b).or_insert(0) += 1;
-                    in_a_row = 0;
-                }
-                Err(_) => {
-                    failed += 1;
-                    in_a_row += 1;
-                    // Bounded: a broken path fails fast, not n timeouts.
-                    if in_a_row == 10 {
-                        break;
-                    }
-                }
-            }
-        }
-        (counts, failed)
-    })
-    .unwrap()
+    sys.from_client(0, || tally(n, || http_get(vip))).unwrap()
 }
 
 #[test]
@@ -84,20 +64,7 @@ fn udp_queries_are_balanced_over_ipv4_and_ipv6() {
     sys.wait_checked(Duration::from_secs(10)).unwrap();
     for vip in [VIP4, VIP6] {
         let (counts, failed) = sys
-            .from_client(0, || {
-                let mut counts = BTreeMap::new();
-                let mut failed = 0;
-                for _ in 0..300 {
-                    match udp_query(vip) {
-                        Ok(b) => *counts.entry(b).or_insert(0) += 1,
-                        Err(_) => failed += 1,
-                    }
-                    if failed >= 10 {
-                        break;
-                    }
-                }
-                (counts, failed)
-            })
+            .from_client(0, || tally(300, || udp_query(vip)))
             .unwrap();
         println!("udp {vip}: 300 queries from fresh ports: {counts:?}, {failed} unanswered");
         assert_eq!(failed, 0);
@@ -109,17 +76,7 @@ fn udp_queries_are_balanced_over_ipv4_and_ipv6() {
     sys.wait_backend(0, 2, "down", Duration::from_secs(3))
         .unwrap();
     let (counts, failed) = sys
-        .from_client(0, || {
-            let mut counts = BTreeMap::new();
-            let mut failed = 0;
-            for _ in 0..100 {
-                match udp_query(VIP4) {
-                    Ok(b) => *counts.entry(b).or_insert(0) += 1,
-                    Err(_) => failed += 1,
-                }
-            }
-            (counts, failed)
-        })
+        .from_client(0, || tally(100, || udp_query(VIP4)))
         .unwrap();
     assert_eq!(failed, 0, "{counts:?}");
     assert!(!counts.contains_key("b2"));

@@ -130,11 +130,7 @@ fn object() -> Result<&'static [u8]> {
 
 /// Load one XDP program of `ebpf` into the kernel (the verifier runs here).
 fn load_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
-    let program: &mut Xdp = ebpf
-        .program_mut(name)
-        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-        .try_into()
-        .with_context(|| format!("{name} is not an XDP program"))?;
+    let program = xdp_program_mut(ebpf, name)?;
     program
         .load()
         .with_context(|| format!("the kernel rejected program {name}"))?;
@@ -142,11 +138,7 @@ fn load_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
 }
 
 fn attach_program(ebpf: &mut Ebpf, name: &str, iface: &str, mode: AttachMode) -> Result<()> {
-    let program: &mut Xdp = ebpf
-        .program_mut(name)
-        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
-        .try_into()?;
-    attach_xdp(program, name, iface, mode).map(drop)
+    attach_xdp(xdp_program_mut(ebpf, name)?, name, iface, mode).map(drop)
 }
 
 /// Attach `program` (named `name`) to `iface`, explaining a refusal.
@@ -231,6 +223,42 @@ fn update_batch<K: aya::Pod, V: aya::Pod>(map: &MapData, keys: &[K], values: &[V
         }
     }
     Ok(())
+}
+
+/// An XDP program of `ebpf` by name, for loading or attaching.
+fn xdp_program_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Xdp> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+        .try_into()
+        .with_context(|| format!("{name} is not an XDP program"))
+}
+
+/// A loaded XDP program of `ebpf` by name.
+fn xdp_program<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a Xdp> {
+    Ok(ebpf
+        .program(name)
+        .ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))?
+        .try_into()?)
+}
+
+fn find_map<'a>(ebpf: &'a Ebpf, name: &str) -> Result<&'a Map> {
+    ebpf.map(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+fn find_map_mut<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut Map> {
+    ebpf.map_mut(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+/// The first `N` slots of a per-CPU `u64` counter array, summed over CPUs.
+fn sum_counters<const N: usize>(map: &Map) -> Result<[u64; N]> {
+    let map: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
+    let mut out = [0u64; N];
+    for (i, slot) in (0..).zip(out.iter_mut()) {
+        *slot = sum_per_cpu(&map, i, |a, b| a + b, 0)?;
+    }
+    Ok(out)
 }
 
 /// Read a per-CPU array slot summed over all CPUs.
@@ -321,10 +349,7 @@ fn attach_pinned(
     pin_dir: &Path,
 ) -> Result<bool> {
     let link_path = pin_dir.join(LINK_PIN);
-    let program: &mut Xdp = ebpf
-        .program_mut(name)
-        .ok_or_else(|| anyhow!("program {name} missing"))?
-        .try_into()?;
+    let program = xdp_program_mut(ebpf, name)?;
     if link_path.exists() {
         let pinned_ifindex = pinned_link_ifindex(&link_path)?;
         let want = ifindex(iface)?;
@@ -558,13 +583,11 @@ impl Dataplane {
             (names::BACKEND_STATS, sizes.max_backends),
             (names::FLOWS, sizes.max_flows),
         ];
-        // An adopted map keeps the layout of the build that created it: a
-        // build whose entries differ in size must not read or write it.
+        // An adopted map keeps the layout and size of the run that created
+        // it: a build whose entries differ must not read or write it, and
+        // table sizes cannot change under it.
         for (name, key, value) in map_layouts() {
-            let map = ebpf
-                .map(name)
-                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
-            let info = map_data(map)?.info()?;
+            let info = map_data(find_map(&ebpf, name)?)?.info()?;
             if (info.key_size(), info.value_size()) != (key, value) {
                 bail!(
                     "the pinned map {name} has {}-byte keys and {}-byte values, this build uses {key} and {value}: \
@@ -573,12 +596,10 @@ impl Dataplane {
                     info.value_size()
                 );
             }
-        }
-        for (name, want) in dataplane_sizes {
-            let map = ebpf
-                .map(name)
-                .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))?;
-            let have = map_data(map)?.info()?.max_entries();
+            let Some(&(_, want)) = dataplane_sizes.iter().find(|(n, _)| *n == name) else {
+                continue;
+            };
+            let have = info.max_entries();
             if have != want {
                 bail!(
                     "the pinned dataplane's {name} holds {have} entries but the config asks for {want}: \
@@ -624,11 +645,7 @@ impl Dataplane {
 
     /// The loaded balancer program (for BPF_PROG_TEST_RUN).
     pub fn program(&self) -> Result<&Xdp> {
-        Ok(self
-            .ebpf
-            .program(LB_PROGRAM)
-            .ok_or_else(|| anyhow!("program {LB_PROGRAM} missing"))?
-            .try_into()?)
+        xdp_program(&self.ebpf, LB_PROGRAM)
     }
 
     /// Total run time and run count of the balancer program, as the kernel
@@ -638,16 +655,12 @@ impl Dataplane {
         Ok((info.run_time(), info.run_count()))
     }
 
-    fn map(&self, name: &str) -> Result<&aya::maps::Map> {
-        self.ebpf
-            .map(name)
-            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    fn map(&self, name: &str) -> Result<&Map> {
+        find_map(&self.ebpf, name)
     }
 
-    fn map_mut(&mut self, name: &str) -> Result<&mut aya::maps::Map> {
-        self.ebpf
-            .map_mut(name)
-            .ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+    fn map_mut(&mut self, name: &str) -> Result<&mut Map> {
+        find_map_mut(&mut self.ebpf, name)
     }
 
     /// Replace the runtime policy (next hop, outer source, odd-packet actions).
@@ -878,12 +891,7 @@ impl Dataplane {
     /// Global per-reason counters, summed over CPUs, indexed by
     /// `xdp_common::reason`.
     pub fn stats(&self) -> Result<[u64; reason::COUNT as usize]> {
-        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(self.map(names::STATS)?)?;
-        let mut out = [0u64; reason::COUNT as usize];
-        for (i, slot) in (0..).zip(out.iter_mut()) {
-            *slot = sum_per_cpu(&map, i, |a, b| a + b, 0)?;
-        }
-        Ok(out)
+        sum_counters(self.map(names::STATS)?)
     }
 
     /// Counters of one VIP, summed over CPUs.
@@ -934,11 +942,8 @@ impl AuxProgram {
             .and_then(|h| h.try_into().ok())
             .ok_or_else(|| anyhow!("template shorter than {} bytes", xdp_common::GEN_HEADER_LEN))?;
         let mut gen = Self::load_with(GEN_PROGRAM, flows)?;
-        let map = gen
-            .ebpf
-            .map_mut(names::GEN_TEMPLATE)
-            .ok_or_else(|| anyhow!("map {} missing", names::GEN_TEMPLATE))?;
-        let mut map: Array<_, [u8; xdp_common::GEN_HEADER_LEN]> = Array::try_from(map)?;
+        let mut map: Array<_, [u8; xdp_common::GEN_HEADER_LEN]> =
+            Array::try_from(find_map_mut(&mut gen.ebpf, names::GEN_TEMPLATE)?)?;
         map.set(0, head, 0)
             .context("writing the generator's template")?;
         Ok(gen)
@@ -958,21 +963,13 @@ impl AuxProgram {
     }
 
     pub fn program(&self) -> Result<&Xdp> {
-        Ok(self
-            .ebpf
-            .program(self.name)
-            .ok_or_else(|| anyhow!("program {} missing", self.name))?
-            .try_into()?)
+        xdp_program(&self.ebpf, self.name)
     }
 
     /// A one-slot per-CPU counter (GEN_COUNTER, SINK_COUNTER), summed.
     pub fn counter(&self, map: &str) -> Result<u64> {
-        let m = self
-            .ebpf
-            .map(map)
-            .ok_or_else(|| anyhow!("map {map} missing"))?;
-        let m: PerCpuArray<_, u64> = PerCpuArray::try_from(m)?;
-        sum_per_cpu(&m, 0, |a, b| a + b, 0)
+        let [total] = sum_counters(find_map(&self.ebpf, map)?)?;
+        Ok(total)
     }
 }
 
@@ -1024,28 +1021,7 @@ impl Decap {
     }
 
     pub fn program(&self) -> Result<&Xdp> {
-        Ok(self
-            .ebpf
-            .program(DECAP_PROGRAM)
-            .ok_or_else(|| anyhow!("program {DECAP_PROGRAM} missing"))?
-            .try_into()?)
-    }
-
-    /// Decapsulate tunnel packets whose inner destination is `vip`.
-    pub fn add_vip(&mut self, vip: IpAddr) -> Result<()> {
-        let (addr, family) = addr_bytes(vip);
-        let key = DecapKey {
-            addr,
-            family: u32::from(family),
-        };
-        let map = self
-            .ebpf
-            .map_mut(names::DECAP_VIPS)
-            .ok_or_else(|| anyhow!("map {} missing", names::DECAP_VIPS))?;
-        let mut map: HashMap<_, DecapKey, u32> = HashMap::try_from(map)?;
-        map.insert(key, 1, 0)
-            .with_context(|| format!("adding decap VIP {vip}"))?;
-        Ok(())
+        xdp_program(&self.ebpf, DECAP_PROGRAM)
     }
 
     /// Decapsulate for exactly `vips`: others left from an earlier run are
@@ -1061,11 +1037,8 @@ impl Decap {
                 }
             })
             .collect();
-        let map = self
-            .ebpf
-            .map_mut(names::DECAP_VIPS)
-            .ok_or_else(|| anyhow!("map {} missing", names::DECAP_VIPS))?;
-        let mut map: HashMap<_, DecapKey, u32> = HashMap::try_from(map)?;
+        let mut map: HashMap<_, DecapKey, u32> =
+            HashMap::try_from(find_map_mut(&mut self.ebpf, names::DECAP_VIPS)?)?;
         let stale: Vec<DecapKey> = map
             .keys()
             .filter_map(std::result::Result::ok)
@@ -1083,15 +1056,6 @@ impl Decap {
 
     /// Counters indexed by `xdp_common::decap_reason`, summed over CPUs.
     pub fn stats(&self) -> Result<[u64; decap_reason::COUNT as usize]> {
-        let map = self
-            .ebpf
-            .map(names::DECAP_STATS)
-            .ok_or_else(|| anyhow!("map {} missing", names::DECAP_STATS))?;
-        let map: PerCpuArray<_, u64> = PerCpuArray::try_from(map)?;
-        let mut out = [0u64; decap_reason::COUNT as usize];
-        for (i, slot) in (0..).zip(out.iter_mut()) {
-            *slot = sum_per_cpu(&map, i, |a, b| a + b, 0)?;
-        }
-        Ok(out)
+        sum_counters(find_map(&self.ebpf, names::DECAP_STATS)?)
     }
 }

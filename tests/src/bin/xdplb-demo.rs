@@ -13,7 +13,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use integration_tests::{
     daemon::xdplb_bin,
-    e2e::{backend_name, http_get, Conn, System, CHECK_FALL, CHECK_INTERVAL},
+    e2e::{backend_name, http_get, tally, Conn, System, CHECK_FALL, CHECK_INTERVAL},
 };
 
 const VIPS: [IpAddr; 2] = [
@@ -33,20 +33,7 @@ fn step(text: &str) {
 }
 
 fn distribution(sys: &System, vip: IpAddr) -> Result<(BTreeMap<String, usize>, usize)> {
-    sys.from_client(0, || {
-        let mut counts = BTreeMap::new();
-        let mut failed = 0;
-        for _ in 0..CONNECTIONS {
-            match http_get(vip) {
-                Ok(b) => *counts.entry(b).or_insert(0) += 1,
-                Err(_) => failed += 1,
-            }
-            if failed >= 20 {
-                break;
-            }
-        }
-        (counts, failed)
-    })
+    sys.from_client(0, || tally(CONNECTIONS, || http_get(vip)))
 }
 
 fn show(vip: IpAddr, counts: &BTreeMap<String, usize>, failed: usize) {
