@@ -154,7 +154,7 @@ impl System {
 
     /// The daemon's status of LB `j`.
     pub fn status(&self, j: usize) -> Result<serde_json::Value> {
-        let r = xdp_user::api::call(&self.sockets[j], &xdp_user::api::Request::Status)?;
+        let r = xdp_user::api::call(&self.sockets[j], &xdp_user::api::Request::Status {})?;
         r.data.ok_or_else(|| anyhow!("no status: {:?}", r.error))
     }
 

@@ -224,7 +224,7 @@ fn config_changes_drain_weight_add_remove() {
         mac: None,
         state: InitialState::Up,
     });
-    ctl.apply(c.clone(), false).unwrap();
+    ctl.apply(c.clone()).unwrap();
     assert_eq!(state_of(&mut ctl, "web", "198.18.1.1"), "draining");
     assert_eq!(state_of(&mut ctl, "web", "198.18.1.3"), "up");
     assert_eq!(
@@ -235,7 +235,7 @@ fn config_changes_drain_weight_add_remove() {
     c.vips[0].backends.remove(1);
     let dns_key = vip_key(&c.vips[1]);
     c.vips.remove(1);
-    ctl.apply(c.clone(), false).unwrap();
+    ctl.apply(c.clone()).unwrap();
     assert_eq!(
         live_ring(&ctl, "web"),
         expected_ring(&[("198.18.1.4", 100)])
@@ -259,7 +259,7 @@ fn invalid_or_restart_only_changes_are_refused_and_change_nothing() {
     let mut bad = ctl.config().clone();
     bad.vips[0].backends[0].weight = 1_000_000;
     bad.vips[0].backends[1].state = InitialState::Drain;
-    let err = ctl.apply(bad, false).unwrap_err();
+    let err = ctl.apply(bad).unwrap_err();
     assert!(
         format!("{err:#}").contains("weight 1000000 out of range"),
         "{err:#}"
@@ -269,7 +269,7 @@ fn invalid_or_restart_only_changes_are_refused_and_change_nothing() {
         max_flows: 2048,
         ..resize.tables.clone()
     };
-    assert!(format!("{:#}", ctl.apply(resize, false).unwrap_err()).contains("table sizes"));
+    assert!(format!("{:#}", ctl.apply(resize).unwrap_err()).contains("table sizes"));
     assert_eq!(live_ring(&ctl, "web"), before);
     assert_eq!(state_of(&mut ctl, "web", "198.18.1.2"), "up");
 }
@@ -330,14 +330,17 @@ fn a_failed_reconcile_is_reported_and_the_next_one_recovers() {
     };
     let dp = Dataplane::load(small).unwrap();
     let mut ctl = Controller::new(c.clone(), None, dp).unwrap();
-    let err = ctl.reconcile().expect_err("no id for the fourth backend");
-    assert!(format!("{err:#}").contains("no free backend id"), "{err:#}");
+    let err = ctl.reconcile().expect_err("no slot for the fourth backend");
+    assert!(
+        format!("{err:#}").contains("needs 4 backend slots, the table has 3"),
+        "{err:#}"
+    );
     assert!(!ctl.in_sync());
     assert!(ctl
         .last_error
         .as_deref()
         .unwrap_or("")
-        .contains("no free backend id"));
+        .contains("needs 4 backend slots, the table has 3"));
     assert_eq!(ctl.reconcile_failures, 1);
     let (healthy, text) = xdp_user::api::healthz(&ctl);
     assert!(!healthy && text.contains("out of sync"), "{text}");
@@ -347,7 +350,7 @@ fn a_failed_reconcile_is_reported_and_the_next_one_recovers() {
     // completes and the web VIP's ring is whole.
     let mut fixed = c.clone();
     fixed.vips.truncate(1);
-    ctl.apply(fixed, false).unwrap();
+    ctl.apply(fixed).unwrap();
     assert!(ctl.in_sync());
     assert_eq!(
         live_ring(&ctl, "web"),

@@ -130,7 +130,7 @@ fn topology(tag: &str) -> Netns {
 }
 
 fn status(socket: &Path) -> Value {
-    let r = api::call(socket, &Request::Status).expect("status");
+    let r = api::call(socket, &Request::Status {}).expect("status");
     assert!(r.ok, "{:?}", r.error);
     r.data.expect("status data")
 }
@@ -599,7 +599,7 @@ fn daemon_restart_keeps_pins_state_and_flows() {
         Duration::from_secs(10),
     )
     .unwrap();
-    fails(&second, "another xdplb daemon answers");
+    fails(&second, "another xdplb daemon (pid ");
     assert_eq!(prog_id().as_deref(), Some(first_prog.as_str()));
 
     daemon.stop().unwrap();

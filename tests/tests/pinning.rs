@@ -39,8 +39,7 @@ fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
         let mut dp = Dataplane::open(SIZES, &pins.0).unwrap();
         assert!(!dp.adopted());
         assert!(
-            !dp.attach_pinned("lb0", AttachMode::Native, &pins.0)
-                .unwrap(),
+            !dp.attach_pinned("lb0", AttachMode::Native, false).unwrap(),
             "new link"
         );
         dp.set_config(&lab_config()).unwrap();
@@ -75,8 +74,7 @@ fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
         let mut dp = Dataplane::open(SIZES, &pins.0).unwrap();
         assert!(dp.adopted());
         assert!(
-            dp.attach_pinned("lb0", AttachMode::Native, &pins.0)
-                .unwrap(),
+            dp.attach_pinned("lb0", AttachMode::Native, false).unwrap(),
             "adopted the link"
         );
         let now = xdp_prog_id(&ns, "lb0").expect("still attached");
@@ -99,7 +97,7 @@ fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
         .unwrap();
     let err = Dataplane::open(SIZES, &pins.0)
         .unwrap()
-        .attach_pinned("lb2", AttachMode::Native, &pins.0)
+        .attach_pinned("lb2", AttachMode::Native, false)
         .expect_err("moving a pinned dataplane to another interface is refused");
     assert!(format!("{err:#}").contains("not to lb2"), "{err:#}");
     assert!(xdp_prog_id(&ns, "lb2").is_none());

@@ -3,11 +3,9 @@
 //! text format, `/healthz`). Both only talk to the controller's task through
 //! a channel; neither holds state.
 
-use std::{
-    fmt::Write as _, net::IpAddr, os::unix::fs::PermissionsExt as _, path::Path, time::Duration,
-};
+use std::{fmt::Write as _, net::IpAddr, path::Path, time::Duration};
 
-use anyhow::{anyhow, bail, Context as _, Result};
+use anyhow::{anyhow, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
@@ -19,7 +17,7 @@ use tracing::{debug, warn};
 use xdp_common::reason;
 
 use crate::{
-    config::{BackendConfig, Config, InitialState, Vip, MAX_WEIGHT},
+    config::{BackendConfig, Change, Vip},
     controller::Controller,
     health::Health,
 };
@@ -31,10 +29,10 @@ const MAX_REQUEST: usize = 1 << 20;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Request {
-    Status,
-    Stats,
-    Reload,
-    VipList,
+    Status {},
+    Stats {},
+    Reload {},
+    VipList {},
     VipAdd {
         vip: Vip,
     },
@@ -98,95 +96,38 @@ pub enum Query {
     Healthz(oneshot::Sender<(bool, String)>),
 }
 
-fn find_vip<'a>(c: &'a mut Config, name: &str) -> Result<&'a mut Vip> {
-    c.vips
-        .iter_mut()
-        .find(|v| v.name == name)
-        .ok_or_else(|| anyhow!("no VIP named {name:?}"))
-}
-
-fn find_backend(vip: &mut Vip, address: IpAddr) -> Result<&mut BackendConfig> {
-    let name = vip.name.clone();
-    vip.backends
-        .iter_mut()
-        .find(|b| b.address == address)
-        .ok_or_else(|| anyhow!("VIP {name:?} has no backend {address}"))
-}
-
-/// The config a mutating request asks for (validated by the caller), or
-/// why it makes no sense. Pure: `current` is never touched.
-pub fn mutate(current: &Config, request: &Request) -> Result<Config> {
-    let mut c = current.clone();
-    match request {
-        Request::VipAdd { vip } => {
-            if current.vip(&vip.name).is_some() {
-                bail!("a VIP named {:?} already exists", vip.name);
-            }
-            c.vips.push(vip.clone());
-        }
-        Request::VipDel { name } => {
-            let before = c.vips.len();
-            c.vips.retain(|v| &v.name != name);
-            if c.vips.len() == before {
-                bail!("no VIP named {name:?}");
-            }
-        }
-        Request::BackendAdd { vip, backend } => {
-            let v = find_vip(&mut c, vip)?;
-            if v.backends.iter().any(|b| b.address == backend.address) {
-                bail!("VIP {vip:?} already has backend {}", backend.address);
-            }
-            v.backends.push(backend.clone());
-        }
-        Request::BackendDel { vip, address } => {
-            let v = find_vip(&mut c, vip)?;
-            find_backend(v, *address)?;
-            v.backends.retain(|b| b.address != *address);
-        }
-        Request::BackendDrain { vip, address } => {
-            find_backend(find_vip(&mut c, vip)?, *address)?.state = InitialState::Drain;
-        }
-        Request::BackendUndrain { vip, address } => {
-            let b = find_backend(find_vip(&mut c, vip)?, *address)?;
-            if b.state == InitialState::Drain {
-                b.state = InitialState::Up;
-            }
-        }
-        Request::BackendWeight {
-            vip,
-            address,
-            weight,
-        } => {
-            if *weight > MAX_WEIGHT {
-                bail!("weight {weight} out of range 0..={MAX_WEIGHT}");
-            }
-            find_backend(find_vip(&mut c, vip)?, *address)?.weight = *weight;
-        }
-        Request::Status | Request::Stats | Request::Reload | Request::VipList => {
-            bail!("not a change")
-        }
+impl Request {
+    /// The change a mutating request asks for; None for queries and reload.
+    pub fn change(&self) -> Option<Change> {
+        Some(match self.clone() {
+            Self::VipAdd { vip } => Change::VipAdd(vip),
+            Self::VipDel { name } => Change::VipDel(name),
+            Self::BackendAdd { vip, backend } => Change::BackendAdd(vip, backend),
+            Self::BackendDel { vip, address } => Change::BackendDel(vip, address),
+            Self::BackendDrain { vip, address } => Change::BackendDrain(vip, address, true),
+            Self::BackendUndrain { vip, address } => Change::BackendDrain(vip, address, false),
+            Self::BackendWeight {
+                vip,
+                address,
+                weight,
+            } => Change::BackendWeight(vip, address, weight),
+            Self::Status {} | Self::Stats {} | Self::Reload {} | Self::VipList {} => return None,
+        })
     }
-    Ok(c)
 }
 
-/// Answer one request. Changes are validated whole, written back to the
-/// config file, then applied; a refused change leaves everything as it was.
-pub fn handle(ctl: &mut Controller, config_path: Option<&Path>, request: Request) -> Response {
+/// Answer one request. Changes are planned whole against the tables,
+/// written back to the config file, then applied; a refused change leaves
+/// everything as it was.
+pub fn handle(ctl: &mut Controller, request: Request) -> Response {
     let result: Result<Option<serde_json::Value>> = (|| match &request {
-        Request::Status => Ok(Some(serde_json::to_value(ctl.status())?)),
-        Request::Stats => Ok(Some(serde_json::to_value(stats(ctl)?)?)),
-        Request::VipList => Ok(Some(serde_json::to_value(&ctl.config().vips)?)),
-        Request::Reload => {
-            let path =
-                config_path.ok_or_else(|| anyhow!("the daemon runs without a config file"))?;
-            let new = Config::load(path)?;
-            ctl.apply(new, false)?;
-            Ok(None)
-        }
-        change => {
-            let new = mutate(ctl.config(), change)?;
-            ctl.apply(new, true)?;
-            Ok(None)
+        Request::Status {} => Ok(Some(serde_json::to_value(ctl.status())?)),
+        Request::Stats {} => Ok(Some(serde_json::to_value(stats(ctl)?)?)),
+        Request::VipList {} => Ok(Some(serde_json::to_value(&ctl.config().vips)?)),
+        Request::Reload {} => ctl.reload().map(|()| None),
+        other => {
+            let change = other.change().ok_or_else(|| anyhow!("not a change"))?;
+            ctl.change(&change).map(|()| None)
         }
     })();
     match result {
@@ -351,6 +292,18 @@ pub fn metrics(ctl: &mut Controller) -> String {
     let _ = writeln!(o, "# HELP xdplb_flows Conntrack entries in use (refreshed at most every 2 s).\n# TYPE xdplb_flows gauge\nxdplb_flows {}", status.flows);
     let _ = writeln!(o, "# HELP xdplb_flows_max Conntrack capacity.\n# TYPE xdplb_flows_max gauge\nxdplb_flows_max {}", status.max_flows);
     let _ = writeln!(o, "# HELP xdplb_dataplane_in_sync Whether the last reconcile succeeded.\n# TYPE xdplb_dataplane_in_sync gauge\nxdplb_dataplane_in_sync {}", u8::from(status.in_sync));
+    let _ = writeln!(o, "# HELP xdplb_dataplane_attached Whether the self-check passes: the program is attached through the daemon's pinned link and the pins are its maps.\n# TYPE xdplb_dataplane_attached gauge\nxdplb_dataplane_attached {}", u8::from(status.attached));
+    let (losses, repairs) = ctl.self_check_counts();
+    let _ = writeln!(o, "# HELP xdplb_dataplane_losses_total Times the self-check found the dataplane not as the daemon left it.\n# TYPE xdplb_dataplane_losses_total counter\nxdplb_dataplane_losses_total {losses}");
+    let _ = writeln!(o, "# HELP xdplb_dataplane_repairs_total Re-attachments and re-pinnings the daemon carried out.\n# TYPE xdplb_dataplane_repairs_total counter\nxdplb_dataplane_repairs_total {repairs}");
+    let _ = writeln!(o, "# HELP xdplb_driver_xdp_errors_total XDP frames the NIC driver failed to transmit or redirect (ethtool statistics).\n# TYPE xdplb_driver_xdp_errors_total counter");
+    for (name, v) in &status.driver_xdp_errors {
+        let _ = writeln!(
+            o,
+            "xdplb_driver_xdp_errors_total{{counter=\"{}\"}} {v}",
+            escape(name)
+        );
+    }
     let _ = writeln!(o, "# HELP xdplb_reconcile_failures_total Failed reconciles (each is retried).\n# TYPE xdplb_reconcile_failures_total counter\nxdplb_reconcile_failures_total {}", ctl.reconcile_failures);
     if let Ok((run_time, run_count)) = ctl.dataplane().program_stats() {
         let _ = writeln!(o, "# HELP xdplb_program_run_seconds_total Time spent in the XDP program (needs sysctl kernel.bpf_stats_enabled=1).\n# TYPE xdplb_program_run_seconds_total counter\nxdplb_program_run_seconds_total {}", run_time.as_secs_f64());
@@ -359,31 +312,24 @@ pub fn metrics(ctl: &mut Controller) -> String {
     o
 }
 
-/// `/healthz`: the dataplane is attached and the last reconcile succeeded.
+/// `/healthz`: the self-check passes (program attached through the
+/// daemon's pinned link, pins are its maps) and the last reconcile
+/// succeeded.
 pub fn healthz(ctl: &Controller) -> (bool, String) {
+    let problems = ctl.self_check_problems();
+    if !problems.is_empty() {
+        return (
+            false,
+            format!(
+                "dataplane not attached as configured: {}\n",
+                problems.join("; ")
+            ),
+        );
+    }
     match &ctl.last_error {
         None => (true, "ok: dataplane attached, maps in sync\n".into()),
         Some(e) => (false, format!("out of sync: {e}\n")),
     }
-}
-
-/// Bind the admin socket: root-only (0600), refusing to steal the socket of
-/// a daemon that is still running.
-pub async fn bind_admin(path: &Path) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    if path.exists() {
-        if UnixStream::connect(path).await.is_ok() {
-            bail!("another xdplb daemon answers on {}", path.display());
-        }
-        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
-    }
-    let listener =
-        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 0600 {}", path.display()))?;
-    Ok(listener)
 }
 
 /// Serve admin connections: each sends one JSON request line.
@@ -539,6 +485,13 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, InitialState};
+
+    fn mutate(c: &Config, r: &Request) -> Result<Config> {
+        r.change()
+            .ok_or_else(|| anyhow!("not a change"))?
+            .apply_to(c)
+    }
 
     fn base() -> Config {
         Config::parse(
@@ -672,12 +625,20 @@ address = "198.18.1.1"
     fn requests_parse_strictly() {
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"cmd":"status"}"#).unwrap(),
-            Request::Status
+            Request::Status {}
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"vip_del"}"#).is_err());
         assert!(
             serde_json::from_str::<Request>(r#"{"cmd":"vip_del","name":"x","extra":1}"#).is_err()
         );
+        for unknown in [
+            r#"{"cmd":"status","extra":1}"#,
+            r#"{"cmd":"reload","force":true}"#,
+            r#"{"cmd":"backend_add","vip":"web","backend":{"address":"198.18.1.1","color":"red"}}"#,
+        ] {
+            let e = serde_json::from_str::<Request>(unknown).expect_err(unknown);
+            assert!(e.to_string().contains("unknown field"), "{unknown}: {e}");
+        }
     }
 }

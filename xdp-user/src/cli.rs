@@ -38,10 +38,15 @@ enum Command {
     Run {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        /// Replace an XDP program already on the interface that this pin
+        /// directory does not hold (never done without this flag).
+        #[arg(long)]
+        replace: bool,
     },
     /// Validate a config file and list every problem.
     CheckConfig { file: PathBuf },
-    /// Remove the pinned dataplane: the program is detached, maps and conntrack freed.
+    /// Remove the pinned dataplane: the program is detached, maps and conntrack
+    /// freed. Refused while a daemon runs on the pin directory: stop it first.
     Detach {
         /// Read the pin directory from this config.
         #[arg(long, conflicts_with = "pin_dir")]
@@ -279,8 +284,13 @@ fn human_bytes(n: f64) -> String {
 fn print_status(s: &serde_json::Value) -> Result<()> {
     let status: StatusView = serde_json::from_value(s.clone()).context("unexpected status")?;
     println!(
-        "xdplb on {}: dataplane {}{}; flows {}/{}",
+        "xdplb on {}: dataplane {}, {}{}; flows {}/{}",
         status.interface,
+        if status.attached {
+            "attached"
+        } else {
+            "NOT ATTACHED"
+        },
         if status.in_sync {
             "in sync"
         } else {
@@ -290,8 +300,27 @@ fn print_status(s: &serde_json::Value) -> Result<()> {
         status.flows,
         status.max_flows
     );
+    for p in &status.dataplane_problems {
+        println!("  dataplane problem: {p}");
+    }
     if let Some(e) = &status.last_error {
         println!("  last error: {e}");
+    }
+    let lost: u64 = status.driver_xdp_errors.values().sum();
+    if lost > 0 {
+        let names: Vec<String> = status
+            .driver_xdp_errors
+            .iter()
+            .filter(|(_, v)| **v > 0)
+            .map(|(n, v)| format!("{n} {v}"))
+            .collect();
+        println!(
+            "  WARNING: the driver dropped {lost} XDP frames the balancer sent ({})",
+            names.join(", ")
+        );
+    }
+    for w in &status.warnings {
+        println!("  warning: {w}");
     }
     for v in &status.vips {
         println!(
@@ -330,6 +359,10 @@ fn print_status(s: &serde_json::Value) -> Result<()> {
 struct StatusView {
     interface: String,
     adopted: bool,
+    attached: bool,
+    dataplane_problems: Vec<String>,
+    driver_xdp_errors: std::collections::BTreeMap<String, u64>,
+    warnings: Vec<String>,
     in_sync: bool,
     last_error: Option<String>,
     flows: usize,
@@ -363,12 +396,12 @@ fn watch_stats(socket: &Path, interval: f64, count: Option<u64>) -> Result<()> {
     if !interval.is_finite() || interval <= 0.0 {
         bail!("--interval must be positive");
     }
-    let mut prev: Stats = data(request(socket, &Request::Stats)?)?;
+    let mut prev: Stats = data(request(socket, &Request::Stats {})?)?;
     let mut at = Instant::now();
     let mut n = 0u64;
     loop {
         std::thread::sleep(Duration::from_secs_f64(interval));
-        let now: Stats = data(request(socket, &Request::Stats)?)?;
+        let now: Stats = data(request(socket, &Request::Stats {})?)?;
         let dt = at.elapsed().as_secs_f64();
         at = Instant::now();
         println!("--- rates over {dt:.1} s");
@@ -404,7 +437,7 @@ fn watch_stats(socket: &Path, interval: f64, count: Option<u64>) -> Result<()> {
 
 /// Nagios plugin semantics.
 fn nagios(socket: &Path) -> ExitCode {
-    let status = match request(socket, &Request::Status).and_then(data::<serde_json::Value>) {
+    let status = match request(socket, &Request::Status {}).and_then(data::<serde_json::Value>) {
         Ok(s) => s,
         Err(e) => {
             println!("XDPLB CRITICAL - daemon unreachable: {e:#}");
@@ -433,7 +466,13 @@ fn nagios(socket: &Path) -> ExitCode {
         status.vips.len(),
         status.flows
     );
-    if !status.in_sync {
+    if !status.attached {
+        println!(
+            "XDPLB CRITICAL - dataplane not attached as configured: {}",
+            status.dataplane_problems.join("; ")
+        );
+        ExitCode::from(2)
+    } else if !status.in_sync {
         println!(
             "XDPLB CRITICAL - dataplane out of sync: {}",
             status.last_error.unwrap_or_default()
@@ -456,6 +495,13 @@ fn nagios(socket: &Path) -> ExitCode {
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run { .. }) {
+        // A client writing into a closed pipe (`xdplb status | head -1`)
+        // ends quietly, as other command-line tools do; the daemon keeps
+        // Rust's default of ignoring SIGPIPE.
+        // SAFETY: resetting a signal disposition before any thread exists.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     if let Command::Check = cli.command {
         return nagios(&cli.socket);
     }
@@ -471,86 +517,121 @@ pub fn main() -> ExitCode {
 fn execute(cli: Cli) -> Result<()> {
     let socket = cli.socket.as_path();
     match cli.command {
-        Command::Run { config } => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("starting the tokio runtime")?
-            .block_on(crate::daemon::run(config)),
-        Command::CheckConfig { file } => {
-            let config = Config::load(&file)?;
-            let backends: usize = config.vips.iter().map(|v| v.backends.len()).sum();
-            println!(
-                "{}: ok ({} VIPs, {backends} backends)",
-                file.display(),
-                config.vips.len()
-            );
-            Ok(())
-        }
-        Command::Detach { config, pin_dir } => {
-            let dir = match (config, pin_dir) {
-                (Some(c), _) => Config::load(&c)?.daemon.pin_dir,
-                (None, Some(d)) => d,
-                (None, None) => crate::config::Daemon::default().pin_dir,
-            };
-            if crate::dataplane::detach(&dir)? {
-                println!(
-                    "detached: removed the pinned dataplane at {}",
-                    dir.display()
-                );
-            } else {
-                println!("nothing pinned at {}", dir.display());
-            }
-            Ok(())
-        }
-        Command::Reload => request(socket, &Request::Reload).map(|_| println!("reloaded")),
-        Command::Status { json } => {
-            let status = request(socket, &Request::Status)?.ok_or_else(|| anyhow!("no status"))?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-                Ok(())
-            } else {
-                print_status(&status)
-            }
-        }
+        Command::Run { config, replace } => run(config, replace),
+        Command::CheckConfig { file } => check_config(&file),
+        Command::Detach { config, pin_dir } => detach(config, pin_dir),
+        Command::Reload => request(socket, &Request::Reload {}).map(|_| println!("reloaded")),
+        Command::Status { json } => status(socket, json),
         Command::Stats {
             watch,
             interval,
             count,
             json,
-        } => {
-            if watch {
-                return watch_stats(socket, interval, count);
-            }
-            let stats: Stats = data(request(socket, &Request::Stats)?)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&stats)?);
-                return Ok(());
-            }
-            for (name, v) in &stats.reasons {
-                println!("{name:<20} {v}");
-            }
-            for (name, c) in &stats.vips {
-                println!(
-                    "VIP {name:<20} {} packets {} bytes {} flows",
-                    c.packets, c.bytes, c.new_flows
-                );
-            }
-            for (vip, addr, c) in &stats.backends {
-                println!(
-                    "  {vip:<12} {addr:<40} {} packets {} bytes {} flows",
-                    c.packets, c.bytes, c.new_flows
-                );
-            }
-            Ok(())
-        }
+        } => stats(socket, watch, interval, count, json),
         Command::Check => unreachable!("handled before"),
-        Command::Decap(DecapCommand::Attach {
+        Command::Decap(cmd) => decap(cmd),
+        Command::Loadgen(a) => loadgen(a),
+        Command::Vip(cmd) => vip(socket, cmd),
+        Command::Backend(cmd) => backend(socket, cmd),
+    }
+}
+
+fn run(config: PathBuf, replace: bool) -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(crate::daemon::run(crate::daemon::RunOptions {
+            config_path: config,
+            replace,
+        }))
+}
+
+fn check_config(file: &Path) -> Result<()> {
+    let config = Config::load(file)?;
+    let backends: usize = config.vips.iter().map(|v| v.backends.len()).sum();
+    println!(
+        "{}: ok ({} VIPs, {backends} backends; tables take about {} of kernel memory)",
+        file.display(),
+        config.vips.len(),
+        human_bytes(config.tables.memory_bytes() as f64)
+    );
+    Ok(())
+}
+
+/// Remove the pinned dataplane, unless a daemon runs on it: it holds the
+/// maps and would re-attach within a second, so it must be stopped first.
+fn detach(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Result<()> {
+    let dir = match (config, pin_dir) {
+        (Some(c), _) => Config::load(&c)?.daemon.pin_dir,
+        (None, Some(d)) => d,
+        (None, None) => crate::config::Daemon::default().pin_dir,
+    };
+    let _lock = match crate::lock::try_acquire(&crate::lock::pin_dir_lock(&dir))? {
+        Ok(lock) => lock,
+        Err(crate::lock::Held::By(pid)) => bail!(
+            "an xdplb daemon{} runs on {}: it holds the dataplane and would re-attach it;              stop the daemon first (it leaves the dataplane forwarding), then detach",
+            pid.map_or(String::new(), |p| format!(" (pid {p})")),
+            dir.display()
+        ),
+    };
+    if crate::dataplane::detach(&dir)? {
+        println!(
+            "detached: removed the pinned dataplane at {}",
+            dir.display()
+        );
+    } else {
+        println!("nothing pinned at {}", dir.display());
+    }
+    Ok(())
+}
+
+fn status(socket: &Path, json: bool) -> Result<()> {
+    let status = request(socket, &Request::Status {})?.ok_or_else(|| anyhow!("no status"))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        Ok(())
+    } else {
+        print_status(&status)
+    }
+}
+
+fn stats(socket: &Path, watch: bool, interval: f64, count: Option<u64>, json: bool) -> Result<()> {
+    if watch {
+        return watch_stats(socket, interval, count);
+    }
+    let stats: Stats = data(request(socket, &Request::Stats {})?)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&stats)?);
+        return Ok(());
+    }
+    for (name, v) in &stats.reasons {
+        println!("{name:<20} {v}");
+    }
+    for (name, c) in &stats.vips {
+        println!(
+            "VIP {name:<20} {} packets {} bytes {} flows",
+            c.packets, c.bytes, c.new_flows
+        );
+    }
+    for (vip, addr, c) in &stats.backends {
+        println!(
+            "  {vip:<12} {addr:<40} {} packets {} bytes {} flows",
+            c.packets, c.bytes, c.new_flows
+        );
+    }
+    Ok(())
+}
+
+fn decap(cmd: DecapCommand) -> Result<()> {
+    match cmd {
+        DecapCommand::Attach {
             interface,
             vips,
             mode,
             pin_dir,
             max_vips,
-        }) => {
+        } => {
             let mut decap = crate::dataplane::Decap::open(max_vips, &pin_dir)?;
             decap.set_vips(&vips)?;
             let adopted = decap.attach_pinned(&interface, mode, &pin_dir)?;
@@ -560,57 +641,61 @@ fn execute(cli: Cli) -> Result<()> {
                 vips.len(),
                 pin_dir.display()
             );
-            Ok(())
         }
-        Command::Decap(DecapCommand::Detach { pin_dir }) => {
+        DecapCommand::Detach { pin_dir } => {
             if crate::dataplane::detach(&pin_dir)? {
                 println!("decap detached");
             } else {
                 println!("nothing pinned at {}", pin_dir.display());
             }
-            Ok(())
         }
-        Command::Loadgen(a) => {
-            if !a.duration.is_finite() || a.duration <= 0.0 || a.duration > 3600.0 {
-                bail!("--duration must be between 0 and 3600 seconds");
-            }
-            if a.rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
-                bail!("--rate must be positive");
-            }
-            let mac = |s: &str| {
-                crate::config::parse_mac(s).ok_or_else(|| anyhow!("{s:?} is not a MAC address"))
-            };
-            let spec = crate::loadgen::LoadSpec {
-                src_mac: match &a.src_mac {
-                    Some(m) => mac(m)?,
-                    None => crate::loadgen::interface_mac(&a.interface)?,
-                },
-                dst_mac: mac(&a.dst_mac)?,
-                interface: a.interface,
-                src: a.src,
-                dst: a.dst,
-                dport: a.dport,
-                protocol: a.protocol,
-                flows: a.flows,
-                size: a.size,
-                count: a.count,
-                duration: Duration::from_secs_f64(a.duration),
-                rate: a.rate,
-                batch: a.batch,
-            };
-            let report = crate::loadgen::run(&spec)?;
-            println!(
-                "sent {} packets ({} flows, {} bytes) in {:.2} s: {:.3} Mpps",
-                report.sent,
-                spec.flows,
-                spec.size,
-                report.elapsed.as_secs_f64(),
-                report.mpps()
-            );
-            Ok(())
-        }
-        Command::Vip(VipCommand::List) => {
-            let vips: Vec<Vip> = data(request(socket, &Request::VipList)?)?;
+    }
+    Ok(())
+}
+
+fn loadgen(a: LoadgenArgs) -> Result<()> {
+    if !a.duration.is_finite() || a.duration <= 0.0 || a.duration > 3600.0 {
+        bail!("--duration must be between 0 and 3600 seconds");
+    }
+    if a.rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
+        bail!("--rate must be positive");
+    }
+    let mac =
+        |s: &str| crate::config::parse_mac(s).ok_or_else(|| anyhow!("{s:?} is not a MAC address"));
+    let spec = crate::loadgen::LoadSpec {
+        src_mac: match &a.src_mac {
+            Some(m) => mac(m)?,
+            None => crate::loadgen::interface_mac(&a.interface)?,
+        },
+        dst_mac: mac(&a.dst_mac)?,
+        interface: a.interface,
+        src: a.src,
+        dst: a.dst,
+        dport: a.dport,
+        protocol: a.protocol,
+        flows: a.flows,
+        size: a.size,
+        count: a.count,
+        duration: Duration::from_secs_f64(a.duration),
+        rate: a.rate,
+        batch: a.batch,
+    };
+    let report = crate::loadgen::run(&spec)?;
+    println!(
+        "sent {} packets ({} flows, {} bytes) in {:.2} s: {:.3} Mpps",
+        report.sent,
+        spec.flows,
+        spec.size,
+        report.elapsed.as_secs_f64(),
+        report.mpps()
+    );
+    Ok(())
+}
+
+fn vip(socket: &Path, cmd: VipCommand) -> Result<()> {
+    match cmd {
+        VipCommand::List => {
+            let vips: Vec<Vip> = data(request(socket, &Request::VipList {})?)?;
             for v in vips {
                 println!(
                     "{} {} {:?} ({} backends)",
@@ -622,68 +707,73 @@ fn execute(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Vip(VipCommand::Add(a)) => {
-            let defaults = HealthCheck::default();
-            let vip = Vip {
-                name: a.name,
-                address: a.address,
-                port: a.port,
-                protocol: a.protocol,
-                forwarding: a.forwarding,
-                source_hash: a.source_hash,
-                health: HealthCheck {
-                    kind: a.check,
-                    port: a.check_port,
-                    path: a.check_path.unwrap_or(defaults.path.clone()),
-                    expect_status: a.expect_status.unwrap_or(defaults.expect_status),
-                    interval_ms: a.interval_ms.unwrap_or(defaults.interval_ms),
-                    timeout_ms: a.timeout_ms.unwrap_or(defaults.timeout_ms),
-                    rise: a.rise.unwrap_or(defaults.rise),
-                    fall: a.fall.unwrap_or(defaults.fall),
-                    send: a.send,
-                    expect: a.expect,
-                    ..defaults
-                },
-                backends: Vec::new(),
-            };
+        VipCommand::Add(a) => {
+            let vip = a.into_vip();
             request(socket, &Request::VipAdd { vip }).map(|_| println!("added"))
         }
-        Command::Vip(VipCommand::Del { name }) => {
+        VipCommand::Del { name } => {
             request(socket, &Request::VipDel { name }).map(|_| println!("deleted"))
         }
-        Command::Backend(cmd) => {
-            let req = match cmd {
-                BackendCommand::Add {
-                    vip,
-                    address,
-                    weight,
-                    mac,
-                    state,
-                } => Request::BackendAdd {
-                    vip,
-                    backend: BackendConfig {
-                        address,
-                        weight,
-                        mac,
-                        state,
-                    },
-                },
-                BackendCommand::Del { vip, address } => Request::BackendDel { vip, address },
-                BackendCommand::Drain { vip, address } => Request::BackendDrain { vip, address },
-                BackendCommand::Undrain { vip, address } => {
-                    Request::BackendUndrain { vip, address }
-                }
-                BackendCommand::Weight {
-                    vip,
-                    address,
-                    weight,
-                } => Request::BackendWeight {
-                    vip,
-                    address,
-                    weight,
-                },
-            };
-            request(socket, &req).map(|_| println!("ok"))
+    }
+}
+
+impl VipAdd {
+    fn into_vip(self) -> Vip {
+        let defaults = HealthCheck::default();
+        Vip {
+            name: self.name,
+            address: self.address,
+            port: self.port,
+            protocol: self.protocol,
+            forwarding: self.forwarding,
+            source_hash: self.source_hash,
+            health: HealthCheck {
+                kind: self.check,
+                port: self.check_port,
+                path: self.check_path.unwrap_or(defaults.path.clone()),
+                expect_status: self.expect_status.unwrap_or(defaults.expect_status),
+                interval_ms: self.interval_ms.unwrap_or(defaults.interval_ms),
+                timeout_ms: self.timeout_ms.unwrap_or(defaults.timeout_ms),
+                rise: self.rise.unwrap_or(defaults.rise),
+                fall: self.fall.unwrap_or(defaults.fall),
+                send: self.send,
+                expect: self.expect,
+                ..defaults
+            },
+            backends: Vec::new(),
         }
     }
+}
+
+fn backend(socket: &Path, cmd: BackendCommand) -> Result<()> {
+    let req = match cmd {
+        BackendCommand::Add {
+            vip,
+            address,
+            weight,
+            mac,
+            state,
+        } => Request::BackendAdd {
+            vip,
+            backend: BackendConfig {
+                address,
+                weight,
+                mac,
+                state,
+            },
+        },
+        BackendCommand::Del { vip, address } => Request::BackendDel { vip, address },
+        BackendCommand::Drain { vip, address } => Request::BackendDrain { vip, address },
+        BackendCommand::Undrain { vip, address } => Request::BackendUndrain { vip, address },
+        BackendCommand::Weight {
+            vip,
+            address,
+            weight,
+        } => Request::BackendWeight {
+            vip,
+            address,
+            weight,
+        },
+    };
+    request(socket, &req).map(|_| println!("ok"))
 }

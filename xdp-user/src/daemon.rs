@@ -1,6 +1,8 @@
-//! `xdplb run`: load or adopt the pinned dataplane, then one task owns the
-//! controller and serves health results, API queries and signals in turn.
-//! Exiting leaves the dataplane forwarding (fail-static).
+//! `xdplb run`: take the instance locks, claim the admin socket, load or
+//! adopt the pinned dataplane, then one task owns the controller and serves
+//! health results, API queries, signals and the self-check in turn.
+//! A refused or failed start leaves nothing behind; exiting leaves the
+//! dataplane forwarding (fail-static).
 
 use std::path::PathBuf;
 
@@ -15,11 +17,16 @@ use tracing::{error, info, warn};
 
 use crate::{
     api::{self, Query, Request},
-    config::{Config, LogFormat},
-    controller::Controller,
+    config::{ConfigFile, LogFormat},
+    controller::{Adopted, Controller},
     dataplane::Dataplane,
     health::Checks,
+    iface, lock, socket,
 };
+
+/// How often the daemon verifies its dataplane and retries a failed
+/// reconcile.
+pub const SELF_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Install the log subscriber (`RUST_LOG` filters; default info).
 pub fn init_logging(format: LogFormat) {
@@ -35,21 +42,63 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-pub async fn run(config_path: PathBuf) -> Result<()> {
-    let config = Config::load(&config_path)?;
-    init_logging(config.daemon.log_format);
+/// What `xdplb run` was asked to do.
+pub struct RunOptions {
+    pub config_path: PathBuf,
+    /// Replace an XDP program on the interface that is not this pin
+    /// directory's.
+    pub replace: bool,
+}
 
-    // Claim the admin socket first: a second daemon stops here, before it
-    // touches the dataplane.
-    let admin = api::bind_admin(&config.api.socket).await?;
+/// Everything a running daemon holds; dropping it releases the locks and
+/// removes the socket (while it is still ours).
+struct Claimed {
+    _pin_lock: lock::Lock,
+    _iface_lock: lock::Lock,
+    _socket: socket::SocketFile,
+}
+
+pub async fn run(options: RunOptions) -> Result<()> {
+    let config_path = options.config_path;
+    let (config, file) = ConfigFile::load(&config_path)?;
+    init_logging(config.daemon.log_format);
+    let pin_dir = config.daemon.pin_dir.clone();
+
+    // One daemon per pin directory and per interface: a second one stops
+    // here, before it touches anything.
+    let pin_lock = lock::acquire(
+        &lock::pin_dir_lock(&pin_dir),
+        &format!("pin directory {}", pin_dir.display()),
+    )?;
+    let iface_lock = lock::acquire(
+        &lock::interface_lock(&config.interface)?,
+        &format!("interface {}", config.interface),
+    )?;
+    let interface = iface::require(&config.interface)?;
+    let (admin, socket_file) = socket::bind(&config.api.socket).await?;
     let metrics = TcpListener::bind(config.api.metrics)
         .await
         .with_context(|| format!("binding the metrics listener {}", config.api.metrics))?;
+    let _claimed = Claimed {
+        _pin_lock: pin_lock,
+        _iface_lock: iface_lock,
+        _socket: socket_file,
+    };
 
-    let pin_dir = config.daemon.pin_dir.clone();
+    // From here a failure must undo what this run pinned.
     let mut dp = Dataplane::open(config.tables.sizes(), &pin_dir)?;
     let adopted_maps = dp.adopted();
-    let adopted_link = dp.attach_pinned(&config.interface, config.xdp_mode.into(), &pin_dir)?;
+    let adopted = match dp
+        .attach_pinned(&config.interface, config.xdp_mode.into(), options.replace)
+        .and_then(|link| Ok((link, Adopted::read(&dp)?)))
+    {
+        Ok(a) => a,
+        Err(e) => {
+            dp.abandon();
+            return Err(e);
+        }
+    };
+    let (adopted_link, adopted_state) = adopted;
     info!(
         interface = %config.interface,
         mode = ?config.xdp_mode,
@@ -59,8 +108,11 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
         "dataplane {}",
         if adopted_link { "adopted: program replaced in the pinned link, conntrack kept" } else { "attached" }
     );
+    if let Some(warning) = iface::tx_loss_warning(&interface) {
+        warn!("{warning}");
+    }
 
-    let mut ctl = Controller::new(config.clone(), Some(config_path.clone()), dp)?;
+    let mut ctl = Controller::with_adopted(config.clone(), Some(file), dp, adopted_state);
     ctl.reconcile_logged();
     let (check_tx, mut check_rx) = mpsc::channel(4096);
     let mut checks = Checks::new(check_tx);
@@ -74,16 +126,16 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut retry = interval(Duration::from_secs(1));
-    retry.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut tick = interval(SELF_CHECK_INTERVAL);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
 
     loop {
         tokio::select! {
             Some(result) = check_rx.recv() => ctl.on_check(result),
             Some(query) = query_rx.recv() => match query {
                 Query::Api(request, reply) => {
-                    let changes = !matches!(*request, Request::Status | Request::Stats | Request::VipList);
-                    let response = api::handle(&mut ctl, Some(&config_path), *request);
+                    let changes = !matches!(*request, Request::Status {} | Request::Stats {} | Request::VipList {});
+                    let response = api::handle(&mut ctl, *request);
                     if changes {
                         checks.sync(ctl.wanted_checks());
                     }
@@ -98,7 +150,7 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             },
             _ = hup.recv() => {
                 info!("SIGHUP: reloading {}", config_path.display());
-                let response = api::handle(&mut ctl, Some(&config_path), Request::Reload);
+                let response = api::handle(&mut ctl, Request::Reload {});
                 match response.error {
                     None => checks.sync(ctl.wanted_checks()),
                     Some(e) => error!(error = %e, "reload refused; the running state is unchanged"),
@@ -106,7 +158,8 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = retry.tick() => {
+            _ = tick.tick() => {
+                ctl.self_check();
                 if !ctl.in_sync() {
                     warn!("dataplane out of sync; retrying reconcile");
                     ctl.reconcile_logged();
@@ -114,7 +167,13 @@ pub async fn run(config_path: PathBuf) -> Result<()> {
             }
         }
     }
-    let _ = std::fs::remove_file(&config.api.socket);
-    info!("exiting; the dataplane keeps forwarding (`xdplb detach` removes it)");
+    if ctl.self_check_problems().is_empty() {
+        info!("exiting; the dataplane keeps forwarding (`xdplb detach` removes it)");
+    } else {
+        error!(
+            problems = ?ctl.self_check_problems(),
+            "exiting while the dataplane is NOT as configured; the next `xdplb run` repairs it"
+        );
+    }
     Ok(())
 }

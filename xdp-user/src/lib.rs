@@ -8,5 +8,8 @@ pub mod controller;
 pub mod daemon;
 pub mod dataplane;
 pub mod health;
+pub mod iface;
 pub mod loadgen;
+pub mod lock;
 pub mod maglev;
+pub mod socket;

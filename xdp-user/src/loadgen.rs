@@ -14,7 +14,7 @@ use aya::programs::{TestRun, TestRunAttrs, TestRunOptions};
 
 use crate::{
     config::Protocol,
-    dataplane::{ifindex, AuxProgram, GEN_PROGRAM},
+    dataplane::{AuxProgram, GEN_PROGRAM},
 };
 
 /// Frames per BPF_PROG_TEST_RUN call: small enough to check the clock and
@@ -193,7 +193,7 @@ impl Generator {
         // rx_queue_index, egress_ifindex.
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ifindex(&spec.interface)?.to_ne_bytes());
+        ctx[12..16].copy_from_slice(&crate::iface::require(&spec.interface)?.index.to_ne_bytes());
         Ok(Self {
             program: AuxProgram::generator(spec.flows, &frame)?,
             frame,

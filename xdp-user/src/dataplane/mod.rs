@@ -10,12 +10,16 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
-    programs::{
-        links::{FdLink, PinnedLink},
-        Xdp, XdpMode,
-    },
+    programs::{Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
+
+mod link;
+mod sys;
+
+use link::attach_xdp;
+pub use link::{Attachment, LINK_PIN};
+use sys::update_batch;
 use xdp_common::{
     backend_state, decap_reason, map_names as names, reason, Backend, Config, Counters, DecapKey,
     FlowKey, FlowState, VipKey, VipMeta, FAMILY_V4, FAMILY_V6,
@@ -100,7 +104,7 @@ pub enum AttachMode {
 }
 
 impl AttachMode {
-    fn xdp_mode(self) -> XdpMode {
+    pub(crate) fn xdp_mode(self) -> XdpMode {
         match self {
             Self::Native => XdpMode::Driver,
             Self::Generic => XdpMode::Skb,
@@ -141,21 +145,6 @@ fn attach_program(ebpf: &mut Ebpf, name: &str, iface: &str, mode: AttachMode) ->
     attach_xdp(xdp_program_mut(ebpf, name)?, name, iface, mode).map(drop)
 }
 
-/// Attach `program` (named `name`) to `iface`, explaining a refusal.
-fn attach_xdp(
-    program: &mut Xdp,
-    name: &str,
-    iface: &str,
-    mode: AttachMode,
-) -> Result<aya::programs::xdp::XdpLinkId> {
-    program.attach(iface, mode.xdp_mode()).with_context(|| {
-        format!(
-            "attaching {name} to {iface} in {mode:?} mode failed \
-             (does the interface exist, and does its driver support this mode? try generic)"
-        )
-    })
-}
-
 /// An address as the maps store it: IPv4 in the first four bytes.
 pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
     match addr {
@@ -166,63 +155,6 @@ pub fn addr_bytes(addr: IpAddr) -> ([u8; 16], u8) {
         }
         IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
     }
-}
-
-/// `BPF_MAP_UPDATE_BATCH`: write `keys[i] -> values[i]` in as few syscalls
-/// as the kernel allows (one, for an array), rather than one per entry.
-fn update_batch<K: aya::Pod, V: aya::Pod>(map: &MapData, keys: &[K], values: &[V]) -> Result<()> {
-    use std::os::fd::{AsFd as _, AsRawFd as _};
-
-    /// `union bpf_attr`, the `batch` member.
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
-    const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
-
-    if keys.len() != values.len() {
-        bail!("{} keys for {} values", keys.len(), values.len());
-    }
-    let fd = map.fd().as_fd().as_raw_fd();
-    let mut done = 0usize;
-    while done < keys.len() {
-        let mut attr = BatchAttr {
-            keys: keys[done..].as_ptr() as u64,
-            values: values[done..].as_ptr() as u64,
-            count: u32::try_from(keys.len() - done).context("batch too large")?,
-            map_fd: fd as u32,
-            ..BatchAttr::default()
-        };
-        // SAFETY: attr points at live key and value arrays of `count`
-        // entries each, laid out as the map's key and value types.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_UPDATE_BATCH,
-                &mut attr as *mut BatchAttr,
-                std::mem::size_of::<BatchAttr>(),
-            )
-        };
-        // The kernel reports how many entries it wrote, also on failure.
-        done += attr.count as usize;
-        if rc < 0 {
-            let err = std::io::Error::last_os_error();
-            if err.raw_os_error() != Some(libc::EINTR) && err.raw_os_error() != Some(libc::EAGAIN) {
-                return Err(err).context(format!("BPF_MAP_UPDATE_BATCH after {done} entries"));
-            }
-        } else if attr.count == 0 {
-            bail!("BPF_MAP_UPDATE_BATCH made no progress at entry {done}");
-        }
-    }
-    Ok(())
 }
 
 /// An XDP program of `ebpf` by name, for loading or attaching.
@@ -322,9 +254,6 @@ fn map_layouts() -> [(&'static str, u32, u32); 8] {
 /// Maps of the decap program, pinned by `xdplb decap`.
 const DECAP_MAPS: [&str; 2] = [names::DECAP_VIPS, names::DECAP_STATS];
 
-/// File name of the pinned XDP link in the pin directory.
-pub const LINK_PIN: &str = "link";
-
 fn map_data(map: &Map) -> Result<&MapData> {
     match map {
         Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) => Ok(d),
@@ -337,127 +266,6 @@ fn array_data(map: &Map) -> Result<&MapData> {
         Map::Array(d) => Ok(d),
         other => bail!("expected an array map, found {other:?}"),
     }
-}
-
-/// Attach program `name` of `ebpf` through the link pinned at
-/// `pin_dir/link` (see [`Dataplane::attach_pinned`]).
-fn attach_pinned(
-    ebpf: &mut Ebpf,
-    name: &str,
-    iface: &str,
-    mode: AttachMode,
-    pin_dir: &Path,
-) -> Result<bool> {
-    let link_path = pin_dir.join(LINK_PIN);
-    let program = xdp_program_mut(ebpf, name)?;
-    if link_path.exists() {
-        let pinned_ifindex = pinned_link_ifindex(&link_path)?;
-        let want = ifindex(iface)?;
-        if pinned_ifindex != want {
-            bail!(
-                "the program pinned at {} is attached to interface index {pinned_ifindex}, \
-                 not to {iface} (index {want}): detach it first to move it",
-                pin_dir.display()
-            );
-        }
-        let pinned = PinnedLink::from_pin(&link_path)
-            .with_context(|| format!("opening the pinned link {}", link_path.display()))?;
-        let link = aya::programs::xdp::XdpLink::try_from(FdLink::from(pinned))
-            .context("the pinned link is not an XDP link")?;
-        program
-            .attach_to_link(link)
-            .context("replacing the program in the pinned XDP link")?;
-        return Ok(true);
-    }
-    let id = attach_xdp(program, name, iface, mode)?;
-    let link = program.take_link(id)?;
-    let fd_link = FdLink::try_from(link).context(
-        "the kernel attached XDP without a bpf_link, which cannot be pinned (needs Linux >= 5.9)",
-    )?;
-    fd_link
-        .pin(&link_path)
-        .with_context(|| format!("pinning the XDP link at {}", link_path.display()))?;
-    Ok(false)
-}
-
-/// The index of an interface in the caller's network namespace.
-pub fn ifindex(iface: &str) -> Result<u32> {
-    let name = std::ffi::CString::new(iface).context("interface name")?;
-    // SAFETY: a valid NUL-terminated name.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    if index == 0 {
-        bail!("no interface {iface} in this network namespace");
-    }
-    Ok(index)
-}
-
-/// The interface a pinned XDP link is attached to (`bpf_link_info.xdp`).
-fn pinned_link_ifindex(path: &Path) -> Result<u32> {
-    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
-    const BPF_OBJ_GET: libc::c_long = 7;
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    const BPF_LINK_TYPE_XDP: u32 = 6;
-    /// `union bpf_attr`, the `BPF_OBJ_*` member.
-    #[repr(C)]
-    struct ObjAttr {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    /// `union bpf_attr`, the `info` member.
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).context("pin path")?;
-    let mut get = ObjAttr {
-        pathname: c.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    // SAFETY: the attr points at a NUL-terminated path that outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &mut get as *mut ObjAttr,
-            std::mem::size_of::<ObjAttr>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("opening the pinned link {}", path.display()));
-    }
-    // SAFETY: the kernel just returned this fd to us.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-    // struct bpf_link_info: type, id, prog_id, then a union aligned to 8
-    // whose `xdp` member starts with the ifindex.
-    let mut info = [0u8; 64];
-    let mut attr = InfoAttr {
-        bpf_fd: std::os::fd::AsRawFd::as_raw_fd(&fd) as u32,
-        info_len: info.len() as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    // SAFETY: the attr points at a buffer of info_len bytes we own.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &mut attr as *mut InfoAttr,
-            std::mem::size_of::<InfoAttr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error()).context("reading the pinned link's info");
-    }
-    let word =
-        |off: usize| u32::from_ne_bytes([info[off], info[off + 1], info[off + 2], info[off + 3]]);
-    if word(0) != BPF_LINK_TYPE_XDP {
-        bail!("{} is not an XDP link (type {})", path.display(), word(0));
-    }
-    Ok(word(16))
 }
 
 /// bpffs magic number (`statfs.f_type`).
@@ -528,11 +336,82 @@ pub fn detach(pin_dir: &Path) -> Result<bool> {
     Ok(removed)
 }
 
+/// An adopted map keeps the layout and size of the run that created it: a
+/// build whose entries differ must not read or write it, and table sizes
+/// cannot change under it.
+fn check_adopted_maps(ebpf: &Ebpf, sizes: &Sizes, ring_entries: u32) -> Result<()> {
+    let dataplane_sizes = [
+        (names::VIPS, sizes.max_vips),
+        (names::VIP_STATS, sizes.max_vips),
+        (names::RINGS, ring_entries),
+        (names::BACKENDS, sizes.max_backends),
+        (names::BACKEND_STATS, sizes.max_backends),
+        (names::FLOWS, sizes.max_flows),
+    ];
+    // An adopted map keeps the layout and size of the run that created
+    // it: a build whose entries differ must not read or write it, and
+    // table sizes cannot change under it.
+    for (name, key, value) in map_layouts() {
+        let info = map_data(find_map(ebpf, name)?)?.info()?;
+        if (info.key_size(), info.value_size()) != (key, value) {
+            bail!(
+                "the pinned map {name} has {}-byte keys and {}-byte values, this build uses {key} and {value}: \
+                 it was made by an incompatible xdplb version; run `xdplb detach` (this drops conntrack)",
+                info.key_size(),
+                info.value_size()
+            );
+        }
+        let Some(&(_, want)) = dataplane_sizes.iter().find(|(n, _)| *n == name) else {
+            continue;
+        };
+        let have = info.max_entries();
+        if have != want {
+            bail!(
+                "the pinned dataplane's {name} holds {have} entries but the config asks for {want}: \
+                 table sizes cannot change under a running dataplane; \
+                 run `xdplb detach` (this drops conntrack) or restore the old sizes"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Remove the map pins under `dir` that are `ebpf`'s own maps (never
+/// another run's), then the directory if that left it empty.
+fn remove_own_pins(ebpf: &Ebpf, dir: &Path) {
+    for name in LB_MAPS {
+        let path = dir.join(name);
+        let ours = find_map(ebpf, name)
+            .and_then(map_data)
+            .and_then(|m| Ok(m.info()?.id()))
+            .ok();
+        let pinned = MapData::from_pin(&path)
+            .ok()
+            .and_then(|m| m.info().ok())
+            .map(|i| i.id());
+        if ours.is_some() && ours == pinned {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
 /// The balancer's dataplane: the loaded `xdp_lb` program and its maps.
 pub struct Dataplane {
     ebpf: Ebpf,
     sizes: Sizes,
     adopted: bool,
+    /// Where the maps are pinned (None: private maps).
+    pin_dir: Option<PathBuf>,
+    /// The pinned attachment, once attached with [`Dataplane::attach_pinned`].
+    attached: Option<Attached>,
+}
+
+/// Where and how the balancer is attached.
+struct Attached {
+    link: Attachment,
+    iface: String,
+    mode: AttachMode,
 }
 
 impl Dataplane {
@@ -575,49 +454,42 @@ impl Dataplane {
         let mut ebpf = loader
             .load(object()?)
             .context("loading the eBPF object (map creation)")?;
-        let dataplane_sizes = [
-            (names::VIPS, sizes.max_vips),
-            (names::VIP_STATS, sizes.max_vips),
-            (names::RINGS, ring_entries),
-            (names::BACKENDS, sizes.max_backends),
-            (names::BACKEND_STATS, sizes.max_backends),
-            (names::FLOWS, sizes.max_flows),
-        ];
-        // An adopted map keeps the layout and size of the run that created
-        // it: a build whose entries differ must not read or write it, and
-        // table sizes cannot change under it.
-        for (name, key, value) in map_layouts() {
-            let info = map_data(find_map(&ebpf, name)?)?.info()?;
-            if (info.key_size(), info.value_size()) != (key, value) {
-                bail!(
-                    "the pinned map {name} has {}-byte keys and {}-byte values, this build uses {key} and {value}: \
-                     it was made by an incompatible xdplb version; run `xdplb detach` (this drops conntrack)",
-                    info.key_size(),
-                    info.value_size()
-                );
+        if let Err(e) = check_adopted_maps(&ebpf, &sizes, ring_entries)
+            .and_then(|()| load_program(&mut ebpf, LB_PROGRAM).map(drop))
+        {
+            if let (Some(dir), false) = (pin_dir, adopted) {
+                remove_own_pins(&ebpf, dir);
             }
-            let Some(&(_, want)) = dataplane_sizes.iter().find(|(n, _)| *n == name) else {
-                continue;
-            };
-            let have = info.max_entries();
-            if have != want {
-                bail!(
-                    "the pinned dataplane's {name} holds {have} entries but the config asks for {want}: \
-                     table sizes cannot change under a running dataplane; \
-                     run `xdplb detach` (this drops conntrack) or restore the old sizes"
-                );
-            }
+            return Err(e);
         }
-        load_program(&mut ebpf, LB_PROGRAM)?;
         let mut dataplane = Self {
             ebpf,
             sizes,
             adopted,
+            pin_dir: pin_dir.map(Path::to_owned),
+            attached: None,
         };
         if !adopted {
             dataplane.set_config(&Config::default())?;
         }
         Ok(dataplane)
+    }
+
+    /// Undo a start that failed after [`Dataplane::open`]: pins this run
+    /// created (maps, link) are removed, so nothing is left behind; adopted
+    /// ones stay, forwarding as before.
+    pub fn abandon(mut self) {
+        let Some(dir) = self.pin_dir.take() else {
+            return;
+        };
+        if let Some(a) = self.attached.take() {
+            if !a.link.adopted {
+                a.link.unpin(&dir);
+            }
+        }
+        if !self.adopted {
+            remove_own_pins(&self.ebpf, &dir);
+        }
     }
 
     /// Whether the maps were adopted from an earlier run.
@@ -634,13 +506,99 @@ impl Dataplane {
         attach_program(&mut self.ebpf, LB_PROGRAM, iface, mode)
     }
 
-    /// Attach through a link pinned at `pin_dir/link`: if a previous run left
-    /// one, this program replaces the old one in it atomically (no packet
-    /// sees no program); otherwise a new link is created and pinned. Either
-    /// way the program stays attached when this process exits. Returns
-    /// whether a pinned link was adopted.
-    pub fn attach_pinned(&mut self, iface: &str, mode: AttachMode, pin_dir: &Path) -> Result<bool> {
-        attach_pinned(&mut self.ebpf, LB_PROGRAM, iface, mode, pin_dir)
+    /// Attach through a link pinned at `pin_dir/link` (the directory of
+    /// [`Dataplane::open`]): a link a previous run left gets this program
+    /// swapped in atomically (no packet sees no program); otherwise a new
+    /// link is created and pinned. Either way the program stays attached
+    /// when this process exits. Another XDP program on the interface is
+    /// refused unless `replace`. Returns whether a pinned link was adopted.
+    pub fn attach_pinned(&mut self, iface: &str, mode: AttachMode, replace: bool) -> Result<bool> {
+        let dir = self
+            .pin_dir
+            .clone()
+            .ok_or_else(|| anyhow!("a dataplane with private maps has no pin directory"))?;
+        let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
+        let link = Attachment::attach(program, LB_PROGRAM, iface, mode, &dir, replace)?;
+        let adopted = link.adopted;
+        self.attached = Some(Attached {
+            link,
+            iface: iface.to_owned(),
+            mode,
+        });
+        Ok(adopted)
+    }
+
+    /// The self-check: what is wrong now with the attachment (program on
+    /// the interface through our link, the link's pin) and the map pins
+    /// (each must be the map this process uses). Empty when all is well.
+    pub fn problems(&self) -> Vec<String> {
+        let (Some(a), Some(dir)) = (&self.attached, &self.pin_dir) else {
+            return Vec::new();
+        };
+        let mut out = match self.program().and_then(|p| Ok(p.info()?.id())) {
+            Ok(prog_id) => a.link.problems(prog_id, &a.iface, dir),
+            Err(e) => vec![format!("cannot read the program's id: {e:#}")],
+        };
+        for name in LB_MAPS {
+            let path = dir.join(name);
+            let ours = self
+                .map(name)
+                .and_then(map_data)
+                .and_then(|m| Ok(m.info()?.id()));
+            let pinned = MapData::from_pin(&path)
+                .and_then(|m| m.info())
+                .map(|i| i.id());
+            match (ours, pinned) {
+                (Ok(o), Ok(p)) if o == p => {}
+                (_, Err(_)) => out.push(format!("the map pin {} is missing", path.display())),
+                (_, Ok(p)) => out.push(format!(
+                    "{} pins map {p}, not the one the program uses",
+                    path.display()
+                )),
+            }
+        }
+        out
+    }
+
+    /// Repair what [`Dataplane::problems`] found: re-pin the maps (they are
+    /// this process's, so conntrack survives), re-pin the link or attach a
+    /// new one. Returns what was done.
+    pub fn repair(&mut self) -> Result<Vec<String>> {
+        let dir = self
+            .pin_dir
+            .clone()
+            .ok_or_else(|| anyhow!("a dataplane with private maps has no pin directory"))?;
+        ensure_bpffs(&dir)?;
+        let mut done = Vec::new();
+        for name in LB_MAPS {
+            let path = dir.join(name);
+            let map = map_data(self.map(name)?)?;
+            let ours = map.info()?.id();
+            match MapData::from_pin(&path)
+                .and_then(|m| m.info())
+                .map(|i| i.id())
+            {
+                Ok(p) if p == ours => continue,
+                Ok(_) => std::fs::remove_file(&path)
+                    .with_context(|| format!("removing the foreign pin {}", path.display()))?,
+                Err(_) if std::fs::symlink_metadata(&path).is_ok() => {
+                    std::fs::remove_file(&path)
+                        .with_context(|| format!("removing {}", path.display()))?
+                }
+                Err(_) => {}
+            }
+            map.pin(&path)
+                .with_context(|| format!("re-pinning {}", path.display()))?;
+            done.push(format!("re-pinned {name}"));
+        }
+        let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
+        if let Some(a) = &mut self.attached {
+            let what = a.link.repair(program, LB_PROGRAM, &a.iface, a.mode, &dir)?;
+            if what != "nothing to repair" {
+                done.push(what);
+            }
+        }
+        Ok(done)
     }
 
     /// The loaded balancer program (for BPF_PROG_TEST_RUN).
@@ -1013,7 +971,8 @@ impl Decap {
 
     /// Attach through a pinned link, so it stays after this process exits.
     pub fn attach_pinned(&mut self, iface: &str, mode: AttachMode, pin_dir: &Path) -> Result<bool> {
-        attach_pinned(&mut self.ebpf, DECAP_PROGRAM, iface, mode, pin_dir)
+        let program = xdp_program_mut(&mut self.ebpf, DECAP_PROGRAM)?;
+        Ok(Attachment::attach(program, DECAP_PROGRAM, iface, mode, pin_dir, false)?.adopted)
     }
 
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {

@@ -2,16 +2,20 @@
 //! reported at its location, and atomic write-back. Pure but for the file
 //! read/write at the edges.
 
+mod change;
+mod file;
+
 use std::{
     collections::{BTreeMap, HashSet},
     fmt,
-    fs::{self, File},
-    io::Write as _,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
+
+pub use change::Change;
+pub use file::{read_bounded, ConfigFile, MAX_CONFIG_BYTES};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -82,7 +86,34 @@ impl Default for Tables {
     }
 }
 
+/// Most kernel memory the tables may take.
+pub const MAX_TABLE_BYTES: u64 = 4 << 30;
+
 impl Tables {
+    /// About how much kernel memory the maps of these sizes take: rings,
+    /// conntrack (key, value and the hash table's per-entry overhead),
+    /// backends and VIPs with their per-CPU counters.
+    pub fn memory_bytes(&self) -> u64 {
+        use std::mem::size_of;
+        use xdp_common::{Backend, Counters, FlowKey, FlowState, VipKey, VipMeta};
+        /// Per-entry overhead of a BPF hash map element (htab_elem, LRU node).
+        const HASH_OVERHEAD: u64 = 64;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+        let n = |v: u32| u64::from(v);
+        let sz = |s: usize| s as u64;
+        let rings = n(self.max_vips) * 2 * n(self.ring_size) * 4;
+        let flows = n(self.max_flows)
+            * (sz(size_of::<FlowKey>()) + sz(size_of::<FlowState>()) + HASH_OVERHEAD);
+        let backends =
+            n(self.max_backends) * (sz(size_of::<Backend>()) + cpus * sz(size_of::<Counters>()));
+        let vips = n(self.max_vips)
+            * (sz(size_of::<VipKey>())
+                + sz(size_of::<VipMeta>())
+                + HASH_OVERHEAD
+                + cpus * sz(size_of::<Counters>()));
+        rings + flows + backends + vips
+    }
+
     pub fn sizes(&self) -> Sizes {
         Sizes {
             max_vips: self.max_vips,
@@ -238,7 +269,7 @@ pub enum InitialState {
 pub struct BackendConfig {
     /// Tunnel endpoint, and what health checks connect to.
     pub address: IpAddr,
-    #[serde(default = "default_weight")]
+    #[serde(default = "default_weight", deserialize_with = "weight_in_range")]
     pub weight: u32,
     /// Required for L2 DSR.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -249,6 +280,17 @@ pub struct BackendConfig {
 
 fn default_weight() -> u32 {
     100
+}
+
+/// A weight, with the real range in the error for any other integer.
+fn weight_in_range<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    let w = i64::deserialize(d)?;
+    u32::try_from(w)
+        .ok()
+        .filter(|w| *w <= MAX_WEIGHT)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!("weight {w} out of range 0..={MAX_WEIGHT}"))
+        })
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -421,39 +463,9 @@ impl Config {
 
     /// Read and validate a config file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = fs::read_to_string(path)
-            .with_context(|| format!("reading config {}", path.display()))?;
+        let text = file::read_bounded(path)?;
         Self::parse(&text)
             .map_err(|e| anyhow::Error::new(e).context(format!("config {}", path.display())))
-    }
-
-    /// Write the config to `path` atomically: a temporary file beside it,
-    /// fsynced, renamed over it, and the directory fsynced, so a crash
-    /// leaves either the old file or the new one.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let text = toml::to_string_pretty(self).context("serialising the config")?;
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let name = path
-            .file_name()
-            .context("config path has no file name")?
-            .to_string_lossy();
-        let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-        let result = (|| {
-            let mut f =
-                File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            fs::rename(&tmp, path).with_context(|| format!("renaming over {}", path.display()))?;
-            File::open(dir)?.sync_all()?;
-            Ok(())
-        })();
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        result
     }
 
     /// Every problem, each with its location.
@@ -461,10 +473,25 @@ impl Config {
         let mut out = Vec::new();
         let mut problem = |location: String, reason: String| out.push(Problem { location, reason });
 
-        if self.interface.trim().is_empty() {
-            problem("interface".into(), "must name a network interface".into());
+        if let Some(why) = crate::iface::invalid_name(&self.interface) {
+            problem("interface".into(), why);
         }
         let t = &self.tables;
+        let bytes = t.memory_bytes();
+        if bytes > MAX_TABLE_BYTES {
+            problem(
+                "tables".into(),
+                format!(
+                    "the tables would take about {:.1} GiB of kernel memory (ring_size {} x max_vips {} x 2 rings, \
+                     max_flows {}); the limit is {} GiB",
+                    bytes as f64 / f64::from(1u32 << 30),
+                    t.ring_size,
+                    t.max_vips,
+                    t.max_flows,
+                    MAX_TABLE_BYTES >> 30
+                ),
+            );
+        }
         for (name, v) in [
             ("max_vips", t.max_vips),
             ("max_backends", t.max_backends),
@@ -543,7 +570,7 @@ impl Config {
             problem(
                 "vip".into(),
                 format!(
-                    "{} VIPs, but tables.max_vips is {}",
+                    "needs {} VIP slots, the table has {} (tables.max_vips)",
                     self.vips.len(),
                     t.max_vips
                 ),
@@ -553,7 +580,7 @@ impl Config {
         if pairs > t.max_backends as usize {
             problem(
                 "vip.backend".into(),
-                format!("{pairs} backends across all VIPs (each VIP's backends count separately), but tables.max_backends is {}", t.max_backends),
+                format!("needs {pairs} backend slots, the table has {} (tables.max_backends; each VIP's backends count separately)", t.max_backends),
             );
         }
         let mut names = HashSet::new();
@@ -670,6 +697,19 @@ impl Config {
         if h.rise == 0 || h.fall == 0 {
             problem(hat.clone(), "rise and fall must be at least 1".into());
         }
+        for (field, value) in [
+            ("path", Some(h.path.as_str())),
+            ("host", h.host.as_deref()),
+            ("send", h.send.as_deref()),
+            ("expect", h.expect.as_deref()),
+        ] {
+            if value.is_some_and(|v| v.chars().any(char::is_control)) {
+                problem(
+                    hat.clone(),
+                    format!("{field} contains a line break or control character (it would split or forge the check's request)"),
+                );
+            }
+        }
         match h.kind {
             CheckKind::Http => {
                 if !h.path.starts_with('/') {
@@ -778,7 +818,7 @@ address = "2001:db8:1::1"
 
     #[test]
     fn the_documented_example_is_valid() {
-        let text = include_str!("../../examples/xdplb.toml");
+        let text = include_str!("../../../examples/xdplb.toml");
         let c = Config::parse(text).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(c.vips.len(), 2);
         // Every default the example states is the real default.
@@ -789,22 +829,6 @@ address = "2001:db8:1::1"
             c.vips[0].health.interval_ms,
             HealthCheck::default().interval_ms
         );
-    }
-
-    #[test]
-    fn save_round_trips() {
-        let c = Config::parse(GOOD).unwrap();
-        let dir = std::env::temp_dir().join(format!("xdplb-config-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("xdplb.toml");
-        c.save(&path).unwrap();
-        assert_eq!(Config::load(&path).unwrap(), c);
-        assert_eq!(
-            fs::read_dir(&dir).unwrap().count(),
-            1,
-            "no temporary file left"
-        );
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -837,9 +861,51 @@ address = "2001:db8:1::1"
         let cases: &[(&str, &str, &str, &str)] = &[
             (
                 "interface = \"eth0\"",
-                "interface = \" \"",
+                "interface = \"\"",
                 "interface",
                 "network interface",
+            ),
+            (
+                "interface = \"eth0\"",
+                "interface = \"abcdefghijklmnopqrst\"",
+                "interface",
+                "20 bytes long; interface names have at most 15",
+            ),
+            (
+                "interface = \"eth0\"",
+                "interface = \"eth\\u0000x\"",
+                "interface",
+                "control characters",
+            ),
+            (
+                "[forwarding]",
+                "[tables]\nmax_vips = 1\nring_size = 2147483647\n[forwarding]",
+                "tables",
+                "would take about 16.1 GiB of kernel memory",
+            ),
+            (
+                "[forwarding]",
+                "[tables]\nmax_flows = 300000000\n[forwarding]",
+                "tables",
+                "the limit is 4 GiB",
+            ),
+            (
+                "weight = 50",
+                "weight = -1",
+                "line 20",
+                "weight -1 out of range 0..=65535",
+            ),
+            (
+                "path = \"/healthz\"",
+                "path = \"/x\\r\\nX-Evil: 1\"",
+                "health",
+                "path contains a line break",
+            ),
+            (
+                "send = \"ping\"",
+                "send = \"ping\\n\"",
+                "health",
+                "send contains a line break",
             ),
             (
                 "[forwarding]",
@@ -857,13 +923,13 @@ address = "2001:db8:1::1"
                 "[forwarding]",
                 "[tables]\nmax_vips = 1\n[forwarding]",
                 "vip",
-                "max_vips is 1",
+                "needs 2 VIP slots, the table has 1",
             ),
             (
                 "[forwarding]",
                 "[tables]\nmax_backends = 2\n[forwarding]",
                 "vip.backend",
-                "max_backends is 2",
+                "needs 3 backend slots, the table has 2",
             ),
             (
                 "[forwarding]",
@@ -923,8 +989,8 @@ address = "2001:db8:1::1"
             (
                 "weight = 50",
                 "weight = 70000",
-                "backend[1] (198.18.1.2)",
-                "weight 70000 out of range",
+                "line 20",
+                "weight 70000 out of range 0..=65535",
             ),
             (
                 "address = \"2001:db8:1::1\"",
@@ -989,7 +1055,7 @@ address = "2001:db8:1::1"
 
     #[test]
     fn all_problems_are_reported_at_once() {
-        let text = with("port = 80", "port = 0").replace("weight = 50", "weight = 90000");
+        let text = with("port = 80", "port = 0").replace("weight = 50", "mac = \"zz\"");
         let problems = problems_of(&text);
         assert!(problems.len() >= 2, "{problems:#?}");
     }

@@ -1,0 +1,161 @@
+//! Applying a [`Plan`] to the dataplane in an order that never lets a packet
+//! see a half-applied change:
+//! 1. VIPs that go away are removed, VIPs that lose backends get a ring
+//!    without them, and the freed backend entries are cleared;
+//! 2. backends that become usable get their entry (state UP);
+//! 3. new and changed VIP entries, then the final rings (each flip atomic);
+//! 4. backends that go down or drain change state once no ring names them.
+//!
+//! A write that fails does not stop the others (a failed VIP never keeps a
+//! dead backend in another VIP's ring); every failure is reported.
+
+use std::collections::{BTreeSet, HashMap};
+
+use anyhow::{anyhow, Context as _, Result};
+use xdp_common::backend_state;
+
+use super::plan::Plan;
+use crate::dataplane::Dataplane;
+
+/// What the controller last wrote, so a reconcile writes only differences.
+/// Cleared after a failure: the next reconcile compares against the maps.
+#[derive(Debug, Default)]
+pub struct Written {
+    pub rings: HashMap<u32, Vec<u32>>,
+    pub config: Option<xdp_common::Config>,
+}
+
+impl Written {
+    pub fn forget(&mut self) {
+        self.rings.clear();
+        self.config = None;
+    }
+}
+
+/// Collects failures while the remaining steps go on.
+#[derive(Default)]
+struct Failures(Vec<String>);
+
+impl Failures {
+    fn note<T>(&mut self, r: Result<T>) -> Option<T> {
+        r.map_err(|e| self.0.push(format!("{e:#}"))).ok()
+    }
+}
+
+fn write_ring(
+    dp: &mut Dataplane,
+    written: &mut Written,
+    key: &xdp_common::VipKey,
+    id: u32,
+    ring: &[u32],
+) -> Result<()> {
+    if written.rings.get(&id).map(Vec::as_slice) == Some(ring) {
+        return Ok(());
+    }
+    dp.write_ring(key, ring)
+        .with_context(|| format!("writing the ring of VIP id {id}"))?;
+    written.rings.insert(id, ring.to_vec());
+    Ok(())
+}
+
+/// Bring `dp` to `plan` (and the runtime policy `config`).
+pub fn apply(
+    dp: &mut Dataplane,
+    plan: &Plan,
+    config: &xdp_common::Config,
+    written: &mut Written,
+) -> Result<()> {
+    let mut failed = Failures::default();
+    if written.config.as_ref() != Some(config) && failed.note(dp.set_config(config)).is_some() {
+        written.config = Some(*config);
+    }
+
+    // 1. Removals.
+    for (key, id) in &plan.stale_vips {
+        written.rings.remove(id);
+        if let Some(Some(_)) = failed.note(dp.vip(key)) {
+            failed.note(
+                dp.remove_vip(key)
+                    .with_context(|| format!("removing VIP id {id}")),
+            );
+        }
+    }
+    for vip in &plan.vips {
+        let Some(interim) = &vip.interim_ring else {
+            continue;
+        };
+        if let Some(Some(meta)) = failed.note(dp.vip(&vip.key)) {
+            if meta.vip_id == vip.id {
+                failed.note(write_ring(dp, written, &vip.key, vip.id, interim));
+            }
+        }
+    }
+    for &id in &plan.stale_backends {
+        let in_use = failed
+            .note(dp.backend(id))
+            .map(|b| b.state != backend_state::UNUSED);
+        if in_use == Some(true) {
+            failed.note(dp.remove_backend(id));
+        }
+    }
+
+    // 2. Backends that become usable.
+    let mut broken: BTreeSet<u32> = BTreeSet::new();
+    let mut going_down = Vec::new();
+    for (&id, entry) in &plan.entries {
+        let Some(current) = failed.note(dp.backend(id)) else {
+            broken.insert(id);
+            continue;
+        };
+        if current == *entry {
+            continue;
+        }
+        if entry.state == backend_state::UP {
+            if failed.note(dp.set_backend(id, entry)).is_none() {
+                broken.insert(id);
+            }
+        } else {
+            going_down.push((id, *entry));
+        }
+    }
+
+    // 3. VIP entries and final rings; a VIP whose new backend could not be
+    // written keeps its current ring rather than point at it.
+    for vip in &plan.vips {
+        let meta = failed.note(dp.vip(&vip.key));
+        let current = match meta {
+            Some(m) => m,
+            None => continue,
+        };
+        let same = current
+            .is_some_and(|m| m.vip_id == vip.id && m.flags == vip.flags && m.mode == vip.mode);
+        if !same {
+            if failed
+                .note(dp.add_vip(&vip.key, vip.id, vip.flags, vip.mode))
+                .is_none()
+            {
+                continue;
+            }
+            written.rings.remove(&vip.id);
+        }
+        if let Some(bad) = vip.ring.iter().find(|id| broken.contains(id)) {
+            failed.0.push(format!(
+                "VIP id {} keeps its ring: backend {bad}'s entry could not be written",
+                vip.id
+            ));
+            continue;
+        }
+        failed.note(write_ring(dp, written, &vip.key, vip.id, &vip.ring));
+    }
+
+    // 4. Backends that leave the rings.
+    for (id, entry) in going_down {
+        failed.note(dp.set_backend(id, &entry));
+    }
+
+    if failed.0.is_empty() {
+        Ok(())
+    } else {
+        Err(anyhow!(failed.0.join("; ")))
+    }
+}

@@ -1,0 +1,525 @@
+//! The reconcile loop: desired state (config) + health -> rings and backend
+//! states -> dataplane. The only holder of state; everything else asks it.
+//!
+//! A reconcile is planned whole first ([`plan`]: ids freed before new ones
+//! are allocated, refused with the reason when the tables cannot hold it),
+//! then applied in an order that never lets a packet see a half-applied
+//! change ([`apply`]). A change of the desired state is planned before it is
+//! accepted or written back, so the state the controller holds always fits
+//! and health-driven changes always apply.
+
+mod apply;
+mod plan;
+mod status;
+
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use tracing::{error, info, warn};
+use xdp_common::{backend_state, VipKey};
+
+pub use plan::DoesNotFit;
+pub use status::{state_name, BackendStatus, Status, Traffic, VipStatus};
+
+use crate::{
+    config::{
+        parse_mac, parse_prefix, Change, CheckKind, Config, ConfigFile, InitialState, PacketAction,
+    },
+    dataplane::{addr_bytes, Dataplane},
+    health::{CheckKey, CheckResult, CheckSpec, Health, Tracker},
+};
+
+/// What the controller knows of one backend of one VIP.
+#[derive(Debug)]
+pub struct BackendHealth {
+    pub tracker: Tracker,
+    pub last_latency: Option<Duration>,
+    pub last_error: Option<String>,
+    pub checks_ok: u64,
+    pub checks_failed: u64,
+    pub transitions: u64,
+}
+
+impl BackendHealth {
+    fn new(state: Health, rise: u32, fall: u32) -> Self {
+        Self {
+            tracker: Tracker::new(state, rise, fall),
+            last_latency: None,
+            last_error: None,
+            checks_ok: 0,
+            checks_failed: 0,
+            transitions: 0,
+        }
+    }
+}
+
+/// The dataplane self-check's findings.
+#[derive(Debug, Default)]
+pub struct SelfCheck {
+    /// What is wrong now; empty when the program is attached through our
+    /// link and the pins are our maps.
+    pub problems: Vec<String>,
+    /// Times the check found the dataplane not as the daemon left it.
+    pub losses: u64,
+    /// Repairs that were carried out.
+    pub repairs: u64,
+}
+
+/// The ids and health a pinned dataplane holds (a restart adopts them, so
+/// no flow moves).
+#[derive(Debug, Default)]
+pub struct Adopted {
+    vip_ids: BTreeMap<VipKey, u32>,
+    backend_ids: BTreeMap<(u32, IpAddr), u32>,
+    state: BTreeMap<(u32, IpAddr), u32>,
+}
+
+impl Adopted {
+    pub fn read(dp: &Dataplane) -> Result<Self> {
+        let mut adopted = Self {
+            vip_ids: dp
+                .vips()?
+                .into_iter()
+                .map(|(key, meta)| (key, meta.vip_id))
+                .collect(),
+            ..Self::default()
+        };
+        for (id, b) in dp.backends()? {
+            let addr = ip_of(b.addr, b.family);
+            adopted.backend_ids.insert((b.vip_id, addr), id);
+            adopted.state.insert((b.vip_id, addr), b.state);
+        }
+        Ok(adopted)
+    }
+}
+
+pub struct Controller {
+    config: Config,
+    /// Where changes are written back; None: not persisted (tests).
+    file: Option<ConfigFile>,
+    dp: Dataplane,
+    vip_ids: BTreeMap<VipKey, u32>,
+    backend_ids: BTreeMap<(u32, IpAddr), u32>,
+    health: BTreeMap<CheckKey, BackendHealth>,
+    written: apply::Written,
+    /// The last reconcile failed; it is retried.
+    pub last_error: Option<String>,
+    pub reconciles: u64,
+    pub reconcile_failures: u64,
+    flows_cache: Option<(Instant, usize)>,
+    self_check: SelfCheck,
+}
+
+/// The dataplane key of a configured VIP.
+pub fn vip_key(vip: &crate::config::Vip) -> VipKey {
+    let (addr, family) = addr_bytes(vip.address);
+    VipKey {
+        addr,
+        port: vip.port.unwrap_or(0).to_be(),
+        proto: vip.protocol.number(),
+        family,
+    }
+}
+
+fn ip_of(addr: [u8; 16], family: u32) -> IpAddr {
+    if family == u32::from(xdp_common::FAMILY_V4) {
+        IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+    } else {
+        IpAddr::from(addr)
+    }
+}
+
+/// Host-bit mask of a prefix length within its last 32 bits.
+fn host_mask(len: u8, bits: u8) -> u32 {
+    let host = bits.saturating_sub(len).min(32);
+    if host == 32 {
+        u32::MAX
+    } else {
+        (1u32 << host) - 1
+    }
+}
+
+/// The dataplane's CONFIG entry for a (validated) config.
+pub fn dataplane_config(config: &Config) -> Result<xdp_common::Config> {
+    let f = &config.forwarding;
+    let (v4, v4_len) = parse_prefix(&f.source_v4).ok_or_else(|| anyhow!("bad source_v4"))?;
+    let (v6, v6_len) = parse_prefix(&f.source_v6).ok_or_else(|| anyhow!("bad source_v6"))?;
+    let action = |a: PacketAction| match a {
+        PacketAction::Pass => xdp_common::XDP_PASS,
+        PacketAction::Drop => xdp_common::XDP_DROP,
+    };
+    let (IpAddr::V4(v4), IpAddr::V6(v6)) = (v4, v6) else {
+        bail!("source prefixes have the wrong families");
+    };
+    Ok(xdp_common::Config {
+        gateway_mac: f
+            .gateway_mac
+            .as_deref()
+            .and_then(parse_mac)
+            .unwrap_or([0; 6]),
+        source_v4: v4.octets(),
+        source_v4_host_mask: host_mask(v4_len, 32),
+        source_v6: v6.octets(),
+        source_v6_host_mask: host_mask(v6_len, 128),
+        fragment_action: action(f.fragments),
+        malformed_action: action(f.malformed),
+        outer_ttl: u32::from(f.outer_ttl),
+        ..xdp_common::Config::default()
+    })
+}
+
+impl Controller {
+    /// Take over `dp`: ids and health of everything already in its maps
+    /// (a restart) are kept, so no flow moves.
+    pub fn new(config: Config, file: Option<ConfigFile>, dp: Dataplane) -> Result<Self> {
+        let adopted = Adopted::read(&dp)?;
+        Ok(Self::with_adopted(config, file, dp, adopted))
+    }
+
+    /// [`Controller::new`] with the adopted state already read.
+    pub fn with_adopted(
+        config: Config,
+        file: Option<ConfigFile>,
+        dp: Dataplane,
+        adopted: Adopted,
+    ) -> Self {
+        let mut controller = Self {
+            config,
+            file,
+            dp,
+            vip_ids: adopted.vip_ids,
+            backend_ids: adopted.backend_ids,
+            health: BTreeMap::new(),
+            written: apply::Written::default(),
+            last_error: None,
+            reconciles: 0,
+            reconcile_failures: 0,
+            flows_cache: None,
+            self_check: SelfCheck::default(),
+        };
+        // Health of adopted backends starts from what the dataplane had.
+        for vip in &controller.config.vips {
+            let Some(&vip_id) = controller.vip_ids.get(&vip_key(vip)) else {
+                continue;
+            };
+            for b in &vip.backends {
+                if let Some(&state) = adopted.state.get(&(vip_id, b.address)) {
+                    let health = if state == backend_state::DOWN {
+                        Health::Down
+                    } else {
+                        Health::Up
+                    };
+                    controller.health.insert(
+                        CheckKey {
+                            vip: vip.name.clone(),
+                            backend: b.address,
+                        },
+                        BackendHealth::new(health, vip.health.rise, vip.health.fall),
+                    );
+                }
+            }
+        }
+        controller
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn dataplane(&self) -> &Dataplane {
+        &self.dp
+    }
+
+    pub fn config_path(&self) -> Option<&Path> {
+        self.file.as_ref().map(ConfigFile::path)
+    }
+
+    pub fn in_sync(&self) -> bool {
+        self.last_error.is_none()
+    }
+
+    /// The checks the config asks for.
+    pub fn wanted_checks(&self) -> std::collections::HashMap<CheckKey, CheckSpec> {
+        let mut out = std::collections::HashMap::new();
+        for vip in &self.config.vips {
+            if vip.health.kind == CheckKind::None {
+                continue;
+            }
+            let Some(port) = vip.check_port() else {
+                continue;
+            };
+            for b in &vip.backends {
+                out.insert(
+                    CheckKey {
+                        vip: vip.name.clone(),
+                        backend: b.address,
+                    },
+                    CheckSpec::new(&vip.health, std::net::SocketAddr::new(b.address, port)),
+                );
+            }
+        }
+        out
+    }
+
+    /// Record a check result; reconcile if it changed a backend's health.
+    pub fn on_check(&mut self, result: CheckResult) {
+        let Some(vip) = self.config.vip(&result.key.vip) else {
+            return;
+        };
+        let endpoint = vip.endpoint();
+        let Some(h) = self.health.get_mut(&result.key) else {
+            return;
+        };
+        let ok = result.result.is_ok();
+        match &result.result {
+            Ok(latency) => {
+                h.checks_ok += 1;
+                h.last_latency = Some(*latency);
+            }
+            Err(e) => {
+                h.checks_failed += 1;
+                h.last_error = Some(e.clone());
+            }
+        }
+        if let Some(t) = h.tracker.record(ok) {
+            h.transitions += 1;
+            let why = match &result.result {
+                Ok(l) => format!("check passed in {l:?}"),
+                Err(e) => e.clone(),
+            };
+            info!(
+                vip = %result.key.vip,
+                endpoint = %endpoint,
+                backend = %result.key.backend,
+                from = ?t.from,
+                to = ?t.to,
+                reason = %why,
+                "backend health changed"
+            );
+            self.reconcile_logged();
+        }
+    }
+
+    /// Reconcile, logging (not returning) a failure; it is retried later.
+    pub fn reconcile_logged(&mut self) {
+        if let Err(e) = self.reconcile() {
+            warn!(error = %format!("{e:#}"), "reconcile failed; will retry");
+        }
+    }
+
+    /// Health entries follow the config: new backends start in their
+    /// configured state, removed ones are forgotten.
+    fn sync_health(&mut self) {
+        let mut wanted = std::collections::BTreeSet::new();
+        for vip in &self.config.vips {
+            for b in &vip.backends {
+                let key = CheckKey {
+                    vip: vip.name.clone(),
+                    backend: b.address,
+                };
+                let initial = if b.state == InitialState::Down {
+                    Health::Down
+                } else {
+                    Health::Up
+                };
+                self.health
+                    .entry(key.clone())
+                    .or_insert_with(|| {
+                        BackendHealth::new(initial, vip.health.rise, vip.health.fall)
+                    })
+                    .tracker
+                    .retune(vip.health.rise, vip.health.fall);
+                wanted.insert(key);
+            }
+        }
+        self.health.retain(|k, _| wanted.contains(k));
+    }
+
+    /// Plan `config` against the ids in use now, with the current health.
+    fn plan(&self, config: &Config) -> Result<plan::Plan, DoesNotFit> {
+        let health = |k: &CheckKey| self.health.get(k).map(|h| h.tracker.state);
+        plan::plan(
+            config,
+            &health,
+            &self.vip_ids,
+            &self.backend_ids,
+            self.dp.sizes(),
+        )
+    }
+
+    /// Bring the dataplane to the desired state. On failure the error is
+    /// kept (the dataplane is reported out of sync) and a later call retries
+    /// from where the maps really are.
+    pub fn reconcile(&mut self) -> Result<()> {
+        self.reconciles += 1;
+        self.sync_health();
+        let result = (|| {
+            let plan = self.plan(&self.config)?;
+            let dp_config = dataplane_config(&self.config)?;
+            // The plan's ids are the truth from here: what the maps hold is
+            // either written or being retried.
+            self.vip_ids = plan.vip_ids.clone();
+            self.backend_ids = plan.backend_ids.clone();
+            apply::apply(&mut self.dp, &plan, &dp_config, &mut self.written)
+        })();
+        match &result {
+            Ok(()) => self.last_error = None,
+            Err(e) => {
+                self.reconcile_failures += 1;
+                self.last_error = Some(format!("{e:#}"));
+                self.written.forget();
+            }
+        }
+        result
+    }
+
+    /// Refuse `new` unless it can replace the running config: valid, with
+    /// the same interface, mode, tables and pin directory, and fitting the
+    /// tables alongside what they hold now.
+    fn admit(&self, new: &Config) -> Result<()> {
+        new.validate().map_err(anyhow::Error::new)?;
+        let old = &self.config;
+        if new.interface != old.interface || new.xdp_mode != old.xdp_mode {
+            bail!("interface and xdp_mode cannot change while running; restart with `xdplb detach` first");
+        }
+        if new.tables != old.tables {
+            bail!("table sizes cannot change under a running dataplane; `xdplb detach` and restart (drops conntrack)");
+        }
+        if new.daemon.pin_dir != old.daemon.pin_dir {
+            bail!("daemon.pin_dir cannot change while running");
+        }
+        self.plan(new)?;
+        Ok(())
+    }
+
+    /// Replace the desired state without touching the config file (tests,
+    /// and the tail of a reload). Refused, changing nothing, if it cannot
+    /// replace the running config (see `admit`).
+    pub fn apply(&mut self, new: Config) -> Result<()> {
+        self.admit(&new)?;
+        self.config = new;
+        self.reconcile()
+    }
+
+    /// Re-read the config file and apply it whole, or refuse it whole.
+    pub fn reload(&mut self) -> Result<()> {
+        let file = self
+            .file
+            .as_ref()
+            .ok_or_else(|| anyhow!("the daemon runs without a config file"))?;
+        let (new, fresh) = ConfigFile::load(file.path())?;
+        self.admit(&new)?;
+        self.file = Some(fresh);
+        self.config = new;
+        self.reconcile()
+    }
+
+    /// An operator's change: checked against the running state, written
+    /// back to the config file (keeping its layout and comments), then
+    /// applied. Refused, changing nothing, when any step before the write
+    /// fails.
+    pub fn change(&mut self, change: &Change) -> Result<()> {
+        let new = change.apply_to(&self.config)?;
+        self.admit(&new)?;
+        if let Some(file) = &mut self.file {
+            file.write_change(change, &new)
+                .with_context(|| format!("writing the change to {}", file.path().display()))?;
+        }
+        self.config = new;
+        self.reconcile()
+    }
+
+    /// Flows in the conntrack table, counted at most every 2 s (walking a
+    /// large table costs one syscall per entry: about a second for 1M).
+    pub fn flows_in_use(&mut self) -> usize {
+        if let Some((at, n)) = self.flows_cache {
+            if at.elapsed() < Duration::from_secs(2) {
+                return n;
+            }
+        }
+        let n = self.dp.flow_count().unwrap_or(0);
+        self.flows_cache = Some((Instant::now(), n));
+        n
+    }
+
+    /// Every check's health record (metrics).
+    pub fn health(&self) -> &BTreeMap<CheckKey, BackendHealth> {
+        &self.health
+    }
+
+    /// Verify the dataplane is attached and pinned as the daemon left it;
+    /// on loss report it, then repair what can be repaired.
+    pub fn self_check(&mut self) {
+        let problems = self.dp.problems();
+        if problems.is_empty() {
+            if !self.self_check.problems.is_empty() {
+                info!("dataplane self-check passes again");
+            }
+            self.self_check.problems.clear();
+            return;
+        }
+        if self.self_check.problems != problems {
+            self.self_check.losses += 1;
+            error!(
+                problems = ?problems,
+                "dataplane self-check failed: the dataplane is not as the daemon left it; repairing"
+            );
+        }
+        self.self_check.problems = problems;
+        match self.dp.repair() {
+            Ok(done) if !done.is_empty() => {
+                self.self_check.repairs += 1;
+                self.self_check.problems = self.dp.problems();
+                warn!(
+                    done = ?done,
+                    remaining = ?self.self_check.problems,
+                    "dataplane repaired; conntrack and counters kept (the daemon held the maps)"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "dataplane repair failed; retrying every {:?}", crate::daemon::SELF_CHECK_INTERVAL);
+            }
+        }
+    }
+
+    /// What the self-check found wrong now (empty: all is well).
+    pub fn self_check_problems(&self) -> &[String] {
+        &self.self_check.problems
+    }
+
+    pub fn self_check_counts(&self) -> (u64, u64) {
+        (self.self_check.losses, self.self_check.repairs)
+    }
+
+    /// Conditions that silently lose packets.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Ok(Some(i)) = crate::iface::by_name(&self.config.interface) {
+            if let Some(w) = crate::iface::tx_loss_warning(&i) {
+                out.push(w);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_masks() {
+        assert_eq!(host_mask(16, 32), 0xffff);
+        assert_eq!(host_mask(32, 32), 0);
+        assert_eq!(host_mask(0, 32), u32::MAX);
+        assert_eq!(host_mask(112, 128), 0xffff);
+        assert_eq!(host_mask(96, 128), u32::MAX);
+        assert_eq!(host_mask(64, 128), u32::MAX);
+    }
+}

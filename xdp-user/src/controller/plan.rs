@@ -1,0 +1,320 @@
+//! Planning a reconcile, with no I/O: from the desired state (config and
+//! health) and the ids the dataplane holds now, the ids, backend entries and
+//! rings the dataplane must end up with. Ids of VIPs and backends that go
+//! away are freed before new ones are allocated, so a change that fits the
+//! tables once applied always fits while it is applied; one that does not
+//! fit is refused here, before anything is written, with the exact reason.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
+
+use xdp_common::{backend_state, fwd, Backend, VipKey, VIP_F_SOURCE_HASH};
+
+use crate::{
+    config::{parse_mac, Config, ForwardingMode, InitialState},
+    dataplane::{addr_bytes, Sizes},
+    health::{CheckKey, Health},
+    maglev::{self, RingBackend},
+};
+
+use super::vip_key;
+
+/// A backend of a VIP, as the dataplane knows it: (VIP id, address).
+pub type BackendKey = (u32, IpAddr);
+
+/// Why a desired state cannot be planned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoesNotFit(pub String);
+
+impl std::fmt::Display for DoesNotFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for DoesNotFit {}
+
+/// One VIP as the dataplane must hold it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VipPlan {
+    pub key: VipKey,
+    pub id: u32,
+    pub flags: u32,
+    pub mode: u32,
+    /// The ring it ends with.
+    pub ring: Vec<u32>,
+    /// The ring to write first, while removed backends' ids are freed and
+    /// before new backends exist: the final members minus the new ones.
+    /// None when the VIP loses no backend.
+    pub interim_ring: Option<Vec<u32>>,
+}
+
+/// Everything one reconcile writes.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    pub vip_ids: BTreeMap<VipKey, u32>,
+    pub backend_ids: BTreeMap<BackendKey, u32>,
+    pub vips: Vec<VipPlan>,
+    /// Entry of every backend id in use after the reconcile.
+    pub entries: BTreeMap<u32, Backend>,
+    /// VIPs that go away, with their ids.
+    pub stale_vips: Vec<(VipKey, u32)>,
+    /// Backend ids that go away.
+    pub stale_backends: BTreeSet<u32>,
+}
+
+/// Allocate `n` ids below `limit`, none of `taken`; ids in `avoid` (just
+/// freed) only once the never-used ones run out, so a freed id is rarely
+/// handed to a new backend at once.
+fn allocate(n: usize, limit: u32, taken: &BTreeSet<u32>, avoid: &BTreeSet<u32>) -> Vec<u32> {
+    let free = (0..limit).filter(|id| !taken.contains(id));
+    let (fresh, reused): (Vec<u32>, Vec<u32>) = free.partition(|id| !avoid.contains(id));
+    fresh.into_iter().chain(reused).take(n).collect()
+}
+
+/// The dataplane state of a configured backend: drain wins, then health.
+pub fn desired_state(initial: InitialState, health: Option<Health>) -> u32 {
+    if initial == InitialState::Drain {
+        return backend_state::DRAINING;
+    }
+    match health {
+        Some(Health::Down) => backend_state::DOWN,
+        _ => backend_state::UP,
+    }
+}
+
+/// Plan `config` with `health` against the ids in use now.
+pub fn plan(
+    config: &Config,
+    health: &dyn Fn(&CheckKey) -> Option<Health>,
+    vip_ids: &BTreeMap<VipKey, u32>,
+    backend_ids: &BTreeMap<BackendKey, u32>,
+    sizes: Sizes,
+) -> Result<Plan, DoesNotFit> {
+    let wanted_vips: Vec<VipKey> = config.vips.iter().map(vip_key).collect();
+    if wanted_vips.len() > sizes.max_vips as usize {
+        return Err(DoesNotFit(format!(
+            "needs {} VIP slots, the table has {} (tables.max_vips)",
+            wanted_vips.len(),
+            sizes.max_vips
+        )));
+    }
+    let pairs: usize = config.vips.iter().map(|v| v.backends.len()).sum();
+    if pairs > sizes.max_backends as usize {
+        return Err(DoesNotFit(format!(
+            "needs {pairs} backend slots, the table has {} (tables.max_backends; each VIP's \
+             backends count separately)",
+            sizes.max_backends
+        )));
+    }
+
+    // VIP ids: kept where the VIP stays, freed where it goes, then new.
+    let mut plan = Plan::default();
+    for key in &wanted_vips {
+        if let Some(&id) = vip_ids.get(key) {
+            plan.vip_ids.insert(*key, id);
+        }
+    }
+    plan.stale_vips = vip_ids
+        .iter()
+        .filter(|(k, _)| !plan.vip_ids.contains_key(k))
+        .map(|(k, id)| (*k, *id))
+        .collect();
+    let taken: BTreeSet<u32> = plan.vip_ids.values().copied().collect();
+    let freed: BTreeSet<u32> = plan.stale_vips.iter().map(|(_, id)| *id).collect();
+    let new_vips: Vec<&VipKey> = wanted_vips
+        .iter()
+        .filter(|k| !plan.vip_ids.contains_key(*k))
+        .collect();
+    for (key, id) in new_vips
+        .iter()
+        .zip(allocate(new_vips.len(), sizes.max_vips, &taken, &freed))
+    {
+        plan.vip_ids.insert(**key, id);
+    }
+
+    // Backend ids likewise, keyed by the VIP's (new) id.
+    let mut wanted_backends = Vec::new();
+    for vip in &config.vips {
+        let vip_id = plan.vip_ids[&vip_key(vip)];
+        for b in &vip.backends {
+            wanted_backends.push((vip_id, b.address));
+        }
+    }
+    let wanted_set: BTreeSet<BackendKey> = wanted_backends.iter().copied().collect();
+    for key in &wanted_backends {
+        if let Some(&id) = backend_ids.get(key) {
+            plan.backend_ids.insert(*key, id);
+        }
+    }
+    plan.stale_backends = backend_ids
+        .iter()
+        .filter(|(k, _)| !wanted_set.contains(k))
+        .map(|(_, id)| *id)
+        .collect();
+    let taken: BTreeSet<u32> = plan.backend_ids.values().copied().collect();
+    let new_backends: Vec<BackendKey> = wanted_backends
+        .iter()
+        .filter(|k| !plan.backend_ids.contains_key(k))
+        .copied()
+        .collect();
+    let new_ids = allocate(
+        new_backends.len(),
+        sizes.max_backends,
+        &taken,
+        &plan.stale_backends,
+    );
+    for (key, id) in new_backends.iter().zip(&new_ids) {
+        plan.backend_ids.insert(*key, *id);
+    }
+    let new_ids: BTreeSet<u32> = new_ids.into_iter().collect();
+
+    // Entries and rings.
+    for vip in &config.vips {
+        let key = vip_key(vip);
+        let vip_id = plan.vip_ids[&key];
+        let mut members = Vec::new();
+        for b in &vip.backends {
+            let id = plan.backend_ids[&(vip_id, b.address)];
+            let state = desired_state(
+                b.state,
+                health(&CheckKey {
+                    vip: vip.name.clone(),
+                    backend: b.address,
+                }),
+            );
+            let (addr, family) = addr_bytes(b.address);
+            plan.entries.insert(
+                id,
+                Backend {
+                    addr,
+                    mac: b.mac.as_deref().and_then(parse_mac).unwrap_or([0; 6]),
+                    _pad: [0; 2],
+                    family: u32::from(family),
+                    state,
+                    vip_id,
+                },
+            );
+            if state == backend_state::UP && b.weight > 0 {
+                members.push(RingBackend {
+                    identity: match b.address {
+                        IpAddr::V4(a) => a.octets().to_vec(),
+                        IpAddr::V6(a) => a.octets().to_vec(),
+                    },
+                    weight: b.weight,
+                    id,
+                });
+            }
+        }
+        let loses_backends = backend_ids
+            .iter()
+            .any(|(k, id)| k.0 == vip_id && plan.stale_backends.contains(id));
+        let interim_ring = loses_backends.then(|| {
+            let kept: Vec<RingBackend> = members
+                .iter()
+                .filter(|m| !new_ids.contains(&m.id))
+                .cloned()
+                .collect();
+            maglev::populate(&kept, sizes.ring_size)
+        });
+        plan.vips.push(VipPlan {
+            key,
+            id: vip_id,
+            flags: if vip.source_hash {
+                VIP_F_SOURCE_HASH
+            } else {
+                0
+            },
+            mode: if vip.forwarding == ForwardingMode::L2dsr {
+                fwd::L2_DSR
+            } else {
+                fwd::ENCAP
+            },
+            ring: maglev::populate(&members, sizes.ring_size),
+            interim_ring,
+        });
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(backends: &[&str], port: u16, max_backends: u32) -> Config {
+        let mut text = format!(
+            "interface = \"eth0\"\n[tables]\nmax_vips = 2\nmax_backends = {max_backends}\nring_size = 13\n\
+             [forwarding]\ngateway_mac = \"02:00:00:00:00:fe\"\n\
+             [[vip]]\nname = \"web\"\naddress = \"198.18.0.10\"\nport = {port}\nprotocol = \"tcp\"\nforwarding = \"ipip\"\n"
+        );
+        for b in backends {
+            text.push_str(&format!("[[vip.backend]]\naddress = \"{b}\"\n"));
+        }
+        Config::parse(&text).unwrap()
+    }
+
+    fn replan(c: &Config, before: &Plan) -> Result<Plan, DoesNotFit> {
+        plan(
+            c,
+            &|_| None,
+            &before.vip_ids,
+            &before.backend_ids,
+            c.tables.sizes(),
+        )
+    }
+
+    #[test]
+    fn a_full_table_can_swap_a_backend() {
+        let a = config(
+            &["198.18.1.1", "198.18.1.2", "198.18.1.3", "198.18.1.4"],
+            80,
+            4,
+        );
+        let first = replan(&a, &Plan::default()).unwrap();
+        let b = config(
+            &["198.18.1.1", "198.18.1.2", "198.18.1.3", "198.18.1.5"],
+            80,
+            4,
+        );
+        let second = replan(&b, &first).unwrap();
+        let old = first.backend_ids[&(0, "198.18.1.4".parse().unwrap())];
+        assert_eq!(second.stale_backends, BTreeSet::from([old]));
+        // The only free id is the freed one: reused, and the VIP gets an
+        // interim ring without it before the new backend takes the id.
+        assert_eq!(second.backend_ids[&(0, "198.18.1.5".parse().unwrap())], old);
+        let interim = second.vips[0].interim_ring.as_ref().unwrap();
+        assert!(!interim.contains(&old));
+        assert!(second.vips[0].ring.contains(&old));
+    }
+
+    #[test]
+    fn a_port_change_with_a_full_table_fits() {
+        let backends = ["198.18.1.1", "198.18.1.2", "198.18.1.3"];
+        let first = replan(&config(&backends, 80, 3), &Plan::default()).unwrap();
+        let moved = replan(&config(&backends, 8080, 3), &first).unwrap();
+        assert_eq!(moved.stale_vips.len(), 1);
+        assert_eq!(moved.stale_backends.len(), 3);
+        assert_eq!(moved.backend_ids.len(), 3);
+        // The new VIP has no interim ring: it lost nothing, it is new.
+        assert_eq!(moved.vips[0].interim_ring, None);
+    }
+
+    #[test]
+    fn freed_ids_are_reused_last() {
+        let taken = BTreeSet::from([0, 2]);
+        let avoid = BTreeSet::from([1]);
+        assert_eq!(allocate(3, 5, &taken, &avoid), vec![3, 4, 1]);
+    }
+
+    #[test]
+    fn too_much_is_refused_with_the_exact_need() {
+        let mut c = config(&["198.18.1.1", "198.18.1.2"], 80, 2);
+        let extra = c.vips[0].backends[0].clone();
+        c.vips[0].backends.push(extra);
+        c.vips[0].backends[2].address = "198.18.1.3".parse().unwrap();
+        let e = replan(&c, &Plan::default()).unwrap_err().to_string();
+        assert!(e.contains("needs 3 backend slots, the table has 2"), "{e}");
+    }
+}

@@ -1,0 +1,169 @@
+//! What the controller reports: per VIP and backend configuration, health,
+//! dataplane state and counters, and the daemon's own condition.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use serde::Serialize;
+use xdp_common::{backend_state, reason, Counters};
+
+use super::{vip_key, Controller};
+use crate::{
+    config::{CheckKind, ForwardingMode, InitialState},
+    health::{CheckKey, Health},
+};
+
+impl Controller {
+    pub fn status(&mut self) -> Status {
+        let flows = self.flows_in_use();
+        let mut vips = Vec::new();
+        for vip in &self.config.vips {
+            let key = vip_key(vip);
+            let vip_id = self.vip_ids.get(&key).copied();
+            let mut backends = Vec::new();
+            for b in &vip.backends {
+                let id = vip_id.and_then(|v| self.backend_ids.get(&(v, b.address)).copied());
+                let h = self.health.get(&CheckKey {
+                    vip: vip.name.clone(),
+                    backend: b.address,
+                });
+                let dataplane_state = id
+                    .and_then(|id| self.dp.backend(id).ok())
+                    .map_or("absent", |e| state_name(e.state));
+                let counters = id
+                    .and_then(|id| self.dp.backend_stats(id).ok())
+                    .unwrap_or_default();
+                backends.push(BackendStatus {
+                    address: b.address,
+                    weight: b.weight,
+                    configured: b.state,
+                    health: h.map(|h| h.tracker.state),
+                    dataplane_state,
+                    id,
+                    last_check_ms: h
+                        .and_then(|h| h.last_latency)
+                        .map(|d| d.as_secs_f64() * 1e3),
+                    last_error: h.and_then(|h| h.last_error.clone()),
+                    transitions: h.map_or(0, |h| h.transitions),
+                    counters: counters.into(),
+                });
+            }
+            let counters = vip_id
+                .and_then(|id| self.dp.vip_stats(id).ok())
+                .unwrap_or_default();
+            vips.push(VipStatus {
+                name: vip.name.clone(),
+                endpoint: vip.endpoint(),
+                forwarding: vip.forwarding,
+                source_hash: vip.source_hash,
+                check: vip.health.kind,
+                id: vip_id,
+                counters: counters.into(),
+                backends,
+            });
+        }
+        let reasons = self
+            .dp
+            .stats()
+            .map(|s| {
+                reason::NAMES
+                    .iter()
+                    .zip(s)
+                    .map(|(n, v)| ((*n).to_owned(), v))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let driver_xdp_errors = crate::iface::xdp_errors(&self.config.interface)
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        Status {
+            interface: self.config.interface.clone(),
+            adopted: self.dp.adopted(),
+            attached: self.self_check.problems.is_empty(),
+            dataplane_problems: self.self_check.problems.clone(),
+            driver_xdp_errors,
+            warnings: self.warnings(),
+            in_sync: self.in_sync(),
+            last_error: self.last_error.clone(),
+            flows,
+            max_flows: self.dp.sizes().max_flows,
+            reasons,
+            vips,
+        }
+    }
+}
+
+/// Packets, bytes and new flows of a VIP or backend (summed over CPUs).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Traffic {
+    pub packets: u64,
+    pub bytes: u64,
+    pub new_flows: u64,
+}
+
+impl From<Counters> for Traffic {
+    fn from(c: Counters) -> Self {
+        Self {
+            packets: c.packets,
+            bytes: c.bytes,
+            new_flows: c.new_flows,
+        }
+    }
+}
+
+pub fn state_name(state: u32) -> &'static str {
+    match state {
+        backend_state::UP => "up",
+        backend_state::DOWN => "down",
+        backend_state::DRAINING => "draining",
+        _ => "unused",
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct BackendStatus {
+    pub address: IpAddr,
+    pub weight: u32,
+    pub configured: InitialState,
+    pub health: Option<Health>,
+    pub dataplane_state: &'static str,
+    pub id: Option<u32>,
+    pub last_check_ms: Option<f64>,
+    pub last_error: Option<String>,
+    pub transitions: u64,
+    pub counters: Traffic,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VipStatus {
+    pub name: String,
+    pub endpoint: String,
+    pub forwarding: ForwardingMode,
+    pub source_hash: bool,
+    pub check: CheckKind,
+    pub id: Option<u32>,
+    pub counters: Traffic,
+    pub backends: Vec<BackendStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub interface: String,
+    pub adopted: bool,
+    /// The self-check passes: the program is attached to the interface
+    /// through the daemon's pinned link and the pins are its maps.
+    pub attached: bool,
+    /// What the self-check found wrong, if anything.
+    pub dataplane_problems: Vec<String>,
+    /// The driver's XDP TX/redirect error counters (ethtool), by name:
+    /// frames the balancer sent that the kernel dropped.
+    pub driver_xdp_errors: BTreeMap<String, u64>,
+    /// Conditions that lose packets without an error elsewhere.
+    pub warnings: Vec<String>,
+    pub in_sync: bool,
+    pub last_error: Option<String>,
+    pub flows: usize,
+    pub max_flows: u32,
+    pub reasons: BTreeMap<String, u64>,
+    pub vips: Vec<VipStatus>,
+}

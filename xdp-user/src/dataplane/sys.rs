@@ -1,0 +1,198 @@
+//! Raw `bpf(2)` commands aya 0.14 does not offer: batched array updates and
+//! the link operations the self-check and `--replace` need.
+
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+    path::Path,
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::maps::MapData;
+
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
+const BPF_LINK_DETACH: libc::c_long = 34;
+/// `bpf_link_type` of an XDP link.
+pub const BPF_LINK_TYPE_XDP: u32 = 6;
+
+/// bpf(2) with `attr`; the raw return value, or the errno as an error.
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
+    // SAFETY: every caller passes the `union bpf_attr` member `cmd` expects,
+    // whose pointers (if any) reference live buffers of the sizes it states.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// `union bpf_attr`, the `BPF_OBJ_*` member.
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+fn c_path(path: &Path) -> std::io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt as _;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn owned_fd(rc: libc::c_long) -> OwnedFd {
+    // SAFETY: the kernel just returned this descriptor to us.
+    unsafe { OwnedFd::from_raw_fd(rc as i32) }
+}
+
+/// `BPF_MAP_UPDATE_BATCH`: write `keys[i] -> values[i]` in as few syscalls
+/// as the kernel allows (one, for an array), rather than one per entry.
+pub fn update_batch<K: aya::Pod, V: aya::Pod>(
+    map: &MapData,
+    keys: &[K],
+    values: &[V],
+) -> Result<()> {
+    /// `union bpf_attr`, the `batch` member.
+    #[repr(C)]
+    #[derive(Default)]
+    struct BatchAttr {
+        in_batch: u64,
+        out_batch: u64,
+        keys: u64,
+        values: u64,
+        count: u32,
+        map_fd: u32,
+        elem_flags: u64,
+        flags: u64,
+    }
+    if keys.len() != values.len() {
+        bail!("{} keys for {} values", keys.len(), values.len());
+    }
+    let fd = map.fd().as_fd().as_raw_fd();
+    let mut done = 0usize;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            values: values[done..].as_ptr() as u64,
+            count: u32::try_from(keys.len() - done).context("batch too large")?,
+            map_fd: fd as u32,
+            ..BatchAttr::default()
+        };
+        let result = bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
+        // The kernel reports how many entries it wrote, also on failure.
+        done += attr.count as usize;
+        match result {
+            Err(e) if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN)) => {
+                return Err(e).context(format!("BPF_MAP_UPDATE_BATCH after {done} entries"));
+            }
+            Ok(_) if attr.count == 0 => {
+                bail!("BPF_MAP_UPDATE_BATCH made no progress at entry {done}")
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// What the kernel says of a link (`struct bpf_link_info`, XDP member).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkFacts {
+    pub link_type: u32,
+    pub id: u32,
+    pub prog_id: u32,
+    /// For an XDP link: its interface; 0 once detached (defunct).
+    pub ifindex: u32,
+}
+
+/// The facts of the link behind `fd`.
+pub fn link_facts(fd: BorrowedFd<'_>) -> Result<LinkFacts> {
+    /// `union bpf_attr`, the `info` member.
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    // struct bpf_link_info: type, id, prog_id, then a union aligned to 8
+    // whose `xdp` member starts with the ifindex.
+    let mut info = [0u8; 64];
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("reading a link's info")?;
+    let word =
+        |off: usize| u32::from_ne_bytes([info[off], info[off + 1], info[off + 2], info[off + 3]]);
+    Ok(LinkFacts {
+        link_type: word(0),
+        id: word(4),
+        prog_id: word(8),
+        ifindex: if word(0) == BPF_LINK_TYPE_XDP {
+            word(16)
+        } else {
+            0
+        },
+    })
+}
+
+/// Open the object pinned at `path` (`BPF_OBJ_GET`).
+pub fn obj_get(path: &Path) -> std::io::Result<OwnedFd> {
+    let c = c_path(path)?;
+    let mut attr = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    bpf(BPF_OBJ_GET, &mut attr).map(owned_fd)
+}
+
+/// The facts of the link pinned at `path`.
+pub fn pinned_link_facts(path: &Path) -> Result<LinkFacts> {
+    let fd =
+        obj_get(path).with_context(|| format!("opening the pinned link {}", path.display()))?;
+    link_facts(fd.as_fd())
+}
+
+/// Detach the link with id `id` from its hook (`BPF_LINK_DETACH`): it
+/// becomes defunct for whoever holds it.
+pub fn detach_link_by_id(id: u32) -> Result<()> {
+    #[repr(C)]
+    struct IdAttr {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    #[repr(C)]
+    struct DetachAttr {
+        link_fd: u32,
+    }
+    let mut get = IdAttr {
+        id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    let fd = owned_fd(
+        bpf(BPF_LINK_GET_FD_BY_ID, &mut get).with_context(|| format!("opening link {id}"))?,
+    );
+    let mut detach = DetachAttr {
+        link_fd: fd.as_raw_fd() as u32,
+    };
+    bpf(BPF_LINK_DETACH, &mut detach).with_context(|| format!("detaching link {id}"))?;
+    Ok(())
+}
+
+/// Pin the object behind `fd` at `path` (`BPF_OBJ_PIN`).
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
+    let c = c_path(path)?;
+    let mut attr = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}

@@ -1,0 +1,120 @@
+//! The admin socket's place in the file system: claimed without ever
+//! deleting anything but a stale socket, in a directory no other user can
+//! write, and removed on exit only while it is still ours.
+
+use std::{
+    os::unix::fs::{FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _, Result};
+use tokio::net::UnixListener;
+
+use crate::lock::create_private_dir;
+
+/// The bound socket file; removed on drop if the path still names it.
+#[derive(Debug)]
+pub struct SocketFile {
+    path: PathBuf,
+    dev: u64,
+    ino: u64,
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+            if m.file_type().is_socket() && m.dev() == self.dev && m.ino() == self.ino {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Sets the process umask until dropped.
+struct Umask(libc::mode_t);
+
+impl Umask {
+    fn set(mask: libc::mode_t) -> Self {
+        // SAFETY: umask(2) cannot fail.
+        Self(unsafe { libc::umask(mask) })
+    }
+}
+
+impl Drop for Umask {
+    fn drop(&mut self) {
+        // SAFETY: as above; restores the previous mask.
+        unsafe { libc::umask(self.0) };
+    }
+}
+
+/// Bind the admin socket at `path`: mode 0600 whatever the umask; missing
+/// directories are created 0700. An existing socket nobody answers on is
+/// stale and replaced; one a daemon answers on, or any other kind of file,
+/// is refused and left alone.
+pub async fn bind(path: &Path) -> Result<(UnixListener, SocketFile)> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    create_private_dir(dir)?;
+    let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
+        bail!(
+            "the admin socket's directory {} is writable by every user (mode {:o}) without the \
+             sticky bit: anyone could replace the socket; use a directory of root's",
+            dir.display(),
+            meta.mode() & 0o7777
+        );
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if tokio::net::UnixStream::connect(path).await.is_ok() {
+                bail!(
+                    "another xdplb daemon answers on {}; stop it first",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing the stale socket {}", path.display()))?;
+        }
+        Ok(m) => bail!(
+            "api.socket {} exists and is {}, not a socket: refusing to replace it; \
+             choose another path for the admin socket",
+            path.display(),
+            describe(&m)
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("inspecting {}", path.display())),
+    }
+    let listener = {
+        // Owner-only from the moment it exists: no window for another user.
+        let _mask = Umask::set(0o177);
+        UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    let m = std::fs::symlink_metadata(path)?;
+    Ok((
+        listener,
+        SocketFile {
+            path: path.to_owned(),
+            dev: m.dev(),
+            ino: m.ino(),
+        },
+    ))
+}
+
+fn describe(m: &std::fs::Metadata) -> &'static str {
+    let t = m.file_type();
+    if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_file() {
+        "a regular file"
+    } else {
+        "a device or other special file"
+    }
+}
