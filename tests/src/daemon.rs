@@ -18,10 +18,15 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::netns::Netns;
 
-/// The `xdplb` binary, built once per test process.
+/// The `xdplb` binary, built once per test process. `XDPLB_BIN` points the
+/// tests at another build instead (e.g. an older one, to show a test fails
+/// on it).
 pub fn xdplb_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("XDPLB_BIN") {
+            return PathBuf::from(bin);
+        }
         let root = Path::new(env!("CARGO_MANIFEST_DIR"))
             .parent()
             .expect("workspace root")

@@ -362,3 +362,220 @@ fn a_failed_reconcile_is_reported_and_the_next_one_recovers() {
     );
     assert!(xdp_user::api::healthz(&ctl).0);
 }
+
+/// A small xorshift generator: the property test is reproducible from its
+/// seed, printed on failure.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+/// Random API changes, reloads and health events against a model, with the
+/// tables at capacity (3 VIPs, 6 backend slots): after every step the
+/// controller holds exactly the model's config (refused steps change
+/// nothing), stays in sync, every VIP's live ring holds exactly its usable
+/// backends, and no backend slot is leaked.
+#[test]
+fn random_changes_at_capacity_match_the_model() {
+    use xdp_user::config::Change;
+    if !require_root() {
+        return;
+    }
+    let base = Config::parse(
+        r#"
+interface = "lb0"
+[tables]
+max_vips = 3
+max_backends = 6
+ring_size = 13
+max_flows = 1024
+[forwarding]
+gateway_mac = "02:00:00:00:00:fe"
+[[vip]]
+name = "v0"
+address = "198.18.0.1"
+port = 80
+protocol = "tcp"
+forwarding = "ipip"
+health = { kind = "tcp", rise = 1, fall = 1 }
+"#,
+    )
+    .unwrap();
+    let template = base.vips[0].clone();
+    let dp = Dataplane::load(base.tables.sizes()).unwrap();
+    let mut ctl = Controller::new(base.clone(), None, dp).unwrap();
+    ctl.reconcile().unwrap();
+    let mut model = base;
+    let mut down: std::collections::BTreeSet<(String, IpAddr)> = Default::default();
+    let seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rng = Rng(seed);
+    let (mut accepted, mut refused_full) = (0, 0);
+
+    for step in 0..1500 {
+        let names: Vec<String> = model.vips.iter().map(|v| v.name.clone()).collect();
+        let pick_vip = |rng: &mut Rng| names.get(rng.below(names.len().max(1))).cloned();
+        let addr: IpAddr = format!("198.18.1.{}", 1 + rng.below(8)).parse().unwrap();
+        let what = rng.below(9);
+        let change = match (what, pick_vip(&mut rng)) {
+            (0 | 1, Some(v)) => Some(Change::BackendAdd(
+                v,
+                BackendConfig {
+                    address: addr,
+                    weight: rng.below(3) as u32,
+                    mac: None,
+                    state: InitialState::Up,
+                },
+            )),
+            (2, Some(v)) => Some(Change::BackendDel(v, addr)),
+            (3, Some(v)) => Some(Change::BackendDrain(v, addr, rng.below(2) == 0)),
+            (4, Some(v)) => Some(Change::BackendWeight(v, addr, rng.below(3) as u32)),
+            (5, _) => {
+                let mut vip = template.clone();
+                let n = rng.below(4);
+                vip.name = format!("v{n}");
+                vip.address = format!("198.18.0.{}", 1 + n).parse().unwrap();
+                Some(Change::VipAdd(vip))
+            }
+            (6, Some(v)) => Some(Change::VipDel(v)),
+            _ => None,
+        };
+        let before = ctl.config().clone();
+        match (what, change) {
+            (_, Some(change)) => {
+                let expected = change
+                    .apply_to(&model)
+                    .ok()
+                    .filter(|c| c.validate().is_ok());
+                let result = ctl.change(&change);
+                match (&expected, &result) {
+                    (Some(c), Ok(())) => {
+                        model = c.clone();
+                        accepted += 1;
+                    }
+                    (None, Err(e)) => {
+                        if format!("{e:#}").contains("slots") {
+                            refused_full += 1;
+                        }
+                    }
+                    _ => panic!(
+                        "seed {seed:#x} step {step}: {change:?} expected {} got {result:?}",
+                        if expected.is_some() { "ok" } else { "refusal" }
+                    ),
+                }
+            }
+            (7, None) => {
+                // A reload that moves a VIP to another port: every one of
+                // its backends needs new ids.
+                if let Some(i) = (!model.vips.is_empty()).then(|| rng.below(model.vips.len())) {
+                    let mut c = model.clone();
+                    c.vips[i].port = Some(if c.vips[i].port == Some(80) { 81 } else { 80 });
+                    ctl.apply(c.clone()).unwrap_or_else(|e| {
+                        panic!("seed {seed:#x} step {step}: port move refused: {e:#}")
+                    });
+                    model = c;
+                }
+            }
+            _ => {
+                // A health check result.
+                if let Some(vip) = model.vips.get(rng.below(model.vips.len().max(1))) {
+                    if let Some(b) = vip.backends.get(rng.below(vip.backends.len().max(1))) {
+                        let ok = rng.below(2) == 0;
+                        ctl.on_check(CheckResult {
+                            key: CheckKey {
+                                vip: vip.name.clone(),
+                                backend: b.address,
+                            },
+                            result: if ok {
+                                Ok(Duration::from_millis(1))
+                            } else {
+                                Err("refused".into())
+                            },
+                        });
+                        if ok {
+                            down.remove(&(vip.name.clone(), b.address));
+                        } else {
+                            down.insert((vip.name.clone(), b.address));
+                        }
+                    }
+                }
+            }
+        }
+        if ctl.config() != &model {
+            panic!(
+                "seed {seed:#x} step {step}: config {:?} != model (before {:?})",
+                ctl.config(),
+                before
+            );
+        }
+        // Health of removed backends is forgotten, as the controller does.
+        down.retain(|(v, a)| {
+            model
+                .vip(v)
+                .is_some_and(|vip| vip.backends.iter().any(|b| b.address == *a))
+        });
+        assert!(
+            ctl.in_sync(),
+            "seed {seed:#x} step {step}: {:?}",
+            ctl.last_error
+        );
+
+        let dp = ctl.dataplane();
+        let used = dp.backends().unwrap();
+        let pairs: usize = model.vips.iter().map(|v| v.backends.len()).sum();
+        assert_eq!(
+            used.len(),
+            pairs,
+            "seed {seed:#x} step {step}: leaked slots {used:?}"
+        );
+        assert_eq!(dp.vips().unwrap().len(), model.vips.len());
+        for vip in &model.vips {
+            let key = vip_key(vip);
+            let vip_id = dp.vip(&key).unwrap().expect("VIP in the map").vip_id;
+            let live: std::collections::BTreeSet<IpAddr> = dp
+                .ring(&key)
+                .unwrap()
+                .into_iter()
+                .filter(|&id| id != NO_BACKEND)
+                .map(|id| {
+                    let b = dp.backend(id).unwrap();
+                    assert_eq!(
+                        b.state,
+                        backend_state::UP,
+                        "seed {seed:#x} step {step}: ring names a non-up backend"
+                    );
+                    assert_eq!(
+                        b.vip_id, vip_id,
+                        "seed {seed:#x} step {step}: ring names another VIP's backend"
+                    );
+                    IpAddr::from([b.addr[0], b.addr[1], b.addr[2], b.addr[3]])
+                })
+                .collect();
+            let usable: std::collections::BTreeSet<IpAddr> = vip
+                .backends
+                .iter()
+                .filter(|b| {
+                    b.weight > 0
+                        && b.state != InitialState::Drain
+                        && !down.contains(&(vip.name.clone(), b.address))
+                })
+                .map(|b| b.address)
+                .collect();
+            assert_eq!(live, usable, "seed {seed:#x} step {step}: VIP {}", vip.name);
+        }
+    }
+    println!("{accepted} changes accepted, {refused_full} refused for lack of slots");
+    assert!(
+        accepted > 100 && refused_full > 10,
+        "the walk reached capacity"
+    );
+}

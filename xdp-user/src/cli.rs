@@ -570,7 +570,7 @@ fn detach(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Result<()> {
     let _lock = match crate::lock::try_acquire(&crate::lock::pin_dir_lock(&dir))? {
         Ok(lock) => lock,
         Err(crate::lock::Held::By(pid)) => bail!(
-            "an xdplb daemon{} runs on {}: it holds the dataplane and would re-attach it;              stop the daemon first (it leaves the dataplane forwarding), then detach",
+            "an xdplb daemon{} runs on {}: it holds the dataplane and would re-attach it; stop the daemon first (it leaves the dataplane forwarding), then detach",
             pid.map_or(String::new(), |p| format!(" (pid {p})")),
             dir.display()
         ),

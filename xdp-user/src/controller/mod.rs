@@ -10,6 +10,7 @@
 
 mod apply;
 mod plan;
+mod selfcheck;
 mod status;
 
 use std::{
@@ -20,10 +21,11 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 use xdp_common::{backend_state, VipKey};
 
 pub use plan::DoesNotFit;
+pub use selfcheck::SelfCheck;
 pub use status::{state_name, BackendStatus, Status, Traffic, VipStatus};
 
 use crate::{
@@ -56,18 +58,6 @@ impl BackendHealth {
             transitions: 0,
         }
     }
-}
-
-/// The dataplane self-check's findings.
-#[derive(Debug, Default)]
-pub struct SelfCheck {
-    /// What is wrong now; empty when the program is attached through our
-    /// link and the pins are our maps.
-    pub problems: Vec<String>,
-    /// Times the check found the dataplane not as the daemon left it.
-    pub losses: u64,
-    /// Repairs that were carried out.
-    pub repairs: u64,
 }
 
 /// The ids and health a pinned dataplane holds (a restart adopts them, so
@@ -450,62 +440,6 @@ impl Controller {
     /// Every check's health record (metrics).
     pub fn health(&self) -> &BTreeMap<CheckKey, BackendHealth> {
         &self.health
-    }
-
-    /// Verify the dataplane is attached and pinned as the daemon left it;
-    /// on loss report it, then repair what can be repaired.
-    pub fn self_check(&mut self) {
-        let problems = self.dp.problems();
-        if problems.is_empty() {
-            if !self.self_check.problems.is_empty() {
-                info!("dataplane self-check passes again");
-            }
-            self.self_check.problems.clear();
-            return;
-        }
-        if self.self_check.problems != problems {
-            self.self_check.losses += 1;
-            error!(
-                problems = ?problems,
-                "dataplane self-check failed: the dataplane is not as the daemon left it; repairing"
-            );
-        }
-        self.self_check.problems = problems;
-        match self.dp.repair() {
-            Ok(done) if !done.is_empty() => {
-                self.self_check.repairs += 1;
-                self.self_check.problems = self.dp.problems();
-                warn!(
-                    done = ?done,
-                    remaining = ?self.self_check.problems,
-                    "dataplane repaired; conntrack and counters kept (the daemon held the maps)"
-                );
-            }
-            Ok(_) => {}
-            Err(e) => {
-                warn!(error = %format!("{e:#}"), "dataplane repair failed; retrying every {:?}", crate::daemon::SELF_CHECK_INTERVAL);
-            }
-        }
-    }
-
-    /// What the self-check found wrong now (empty: all is well).
-    pub fn self_check_problems(&self) -> &[String] {
-        &self.self_check.problems
-    }
-
-    pub fn self_check_counts(&self) -> (u64, u64) {
-        (self.self_check.losses, self.self_check.repairs)
-    }
-
-    /// Conditions that silently lose packets.
-    pub fn warnings(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        if let Ok(Some(i)) = crate::iface::by_name(&self.config.interface) {
-            if let Some(w) = crate::iface::tx_loss_warning(&i) {
-                out.push(w);
-            }
-        }
-        out
     }
 }
 

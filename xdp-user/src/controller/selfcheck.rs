@@ -1,0 +1,88 @@
+//! The dataplane self-check: at least once a second the daemon verifies
+//! that its program is attached to its interface through its pinned link and
+//! that the pins are the maps it uses; on loss it reports (log, metric,
+//! `/healthz`, `xdplb check`), then repairs what it can.
+
+use tracing::{error, info, warn};
+
+use super::Controller;
+
+/// The dataplane self-check's findings.
+#[derive(Debug, Default)]
+pub struct SelfCheck {
+    /// What is wrong now; empty when the program is attached through our
+    /// link and the pins are our maps.
+    pub problems: Vec<String>,
+    /// Times the check found the dataplane not as the daemon left it.
+    pub losses: u64,
+    /// Repairs that were carried out.
+    pub repairs: u64,
+    /// The last repair failure, logged once until it changes.
+    pub(super) repair_error: Option<String>,
+}
+
+impl Controller {
+    /// Verify the dataplane is attached and pinned as the daemon left it;
+    /// on loss report it, then repair what can be repaired.
+    pub fn self_check(&mut self) {
+        let problems = self.dp.problems();
+        if problems.is_empty() {
+            if !self.self_check.problems.is_empty() {
+                info!("dataplane self-check passes again");
+            }
+            self.self_check.problems.clear();
+            return;
+        }
+        if self.self_check.problems.is_empty() {
+            self.self_check.losses += 1;
+            error!(
+                problems = ?problems,
+                "dataplane self-check failed: the dataplane is not as the daemon left it; repairing"
+            );
+        }
+        self.self_check.problems = problems;
+        let repaired = self.dp.repair();
+        if repaired.is_ok() {
+            self.self_check.repair_error = None;
+        }
+        match repaired {
+            Ok(done) if !done.is_empty() => {
+                self.self_check.repairs += 1;
+                self.self_check.problems = self.dp.problems();
+                warn!(
+                    done = ?done,
+                    remaining = ?self.self_check.problems,
+                    "dataplane repaired; conntrack and counters kept (the daemon held the maps)"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let e = format!("{e:#}");
+                if self.self_check.repair_error.as_ref() != Some(&e) {
+                    warn!(error = %e, "dataplane repair failed; retrying every {:?}", crate::daemon::SELF_CHECK_INTERVAL);
+                    self.self_check.repair_error = Some(e);
+                }
+            }
+        }
+    }
+
+    /// What the self-check found wrong now (empty: all is well).
+    pub fn self_check_problems(&self) -> &[String] {
+        &self.self_check.problems
+    }
+
+    pub fn self_check_counts(&self) -> (u64, u64) {
+        (self.self_check.losses, self.self_check.repairs)
+    }
+
+    /// Conditions that silently lose packets.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Ok(Some(i)) = crate::iface::by_name(&self.config.interface) {
+            if let Some(w) = crate::iface::tx_loss_warning(&i) {
+                out.push(w);
+            }
+        }
+        out
+    }
+}
