@@ -32,7 +32,7 @@ address = "198.18.0.10"
 port = 80
 protocol = "tcp"
 forwarding = "ipip"
-health = {{ kind = "tcp", rise = 2, fall = 2 }}
+health = {{ kind = "tcp", rise = 2, fall = 2, init_state = "up" }}
 [[vip.backend]]
 address = "198.18.1.1"
 [[vip.backend]]
@@ -407,7 +407,7 @@ address = "198.18.0.1"
 port = 80
 protocol = "tcp"
 forwarding = "ipip"
-health = { kind = "tcp", rise = 1, fall = 1 }
+health = { kind = "tcp", rise = 1, fall = 1, init_state = "up" }
 "#,
     )
     .unwrap();

@@ -279,7 +279,8 @@ fn daemon_follows_health_and_serves_every_cli_command() {
     assert!(line.contains("200"), "{line}");
     for needle in [
         "xdplb_backend_up{vip=\"web\",backend=\"198.18.1.1\"} 1",
-        "xdplb_health_transitions_total{vip=\"web\",backend=\"198.18.1.2\"} 2",
+        // In at its first passing check, out when it died, back in.
+        "xdplb_health_transitions_total{vip=\"web\",backend=\"198.18.1.2\"} 3",
         "xdplb_packets_total{reason=\"pass_not_vip\"}",
         "xdplb_dataplane_in_sync 1",
         "xdplb_flows_max 4096",

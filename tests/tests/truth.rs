@@ -342,6 +342,10 @@ fn a_second_daemon_is_refused_and_the_first_keeps_working() {
     let _backends = servers(&ns, &["198.18.1.1", "198.18.1.2"]);
     let daemon = Daemon::start(&ns, &files.config, &files.socket, files.log("d.log")).unwrap();
     let prog = xdp_prog(&ns, "lb0").expect("attached");
+    wait_for(Duration::from_secs(5), || {
+        (ring_of(&files.socket).len() == 2).then_some(())
+    })
+    .expect("both backends pass their first check");
 
     // Same pin directory, another socket and metrics port: refused, naming
     // the first daemon's pid.
@@ -537,10 +541,12 @@ fn reconcile_is_planned_whole_and_never_stuck() {
     ok(&xdplb(&files.socket, &["reload"]));
     let s = status(&files.socket);
     assert_eq!(s["in_sync"], true, "{s}");
-    assert_eq!(
-        ring_of(&files.socket),
-        vec!["198.18.1.1", "198.18.1.2", "198.18.1.3", "198.18.1.5"]
-    );
+    // The new backend joins at its first passing check.
+    wait_for(Duration::from_secs(5), || {
+        (ring_of(&files.socket) == ["198.18.1.1", "198.18.1.2", "198.18.1.3", "198.18.1.5"])
+            .then_some(())
+    })
+    .unwrap_or_else(|| panic!("new backend not in the ring: {}", status(&files.socket)));
 
     // A backend then dies: it leaves the ring.
     backends.remove(1); // 198.18.1.2

@@ -1,25 +1,23 @@
-//! The admin API (JSON over a root-only Unix socket: one request line, one
-//! response line) and the read-only HTTP listener (`/metrics` in Prometheus
-//! text format, `/healthz`). Both only talk to the controller's task through
-//! a channel; neither holds state.
+//! The admin API: JSON over a root-only Unix socket, one request line, one
+//! response line; connections, request size, request memory and time are
+//! bounded. Like the HTTP listener (`http.rs`) it only talks to the
+//! controller's task through a channel and holds no state.
 
-use std::{fmt::Write as _, net::IpAddr, path::Path, time::Duration};
+use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
 
 use anyhow::{anyhow, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
-    net::{TcpListener, UnixListener, UnixStream},
-    sync::{mpsc, oneshot},
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{UnixListener, UnixStream},
+    sync::{mpsc, oneshot, Semaphore},
     time::timeout,
 };
-use tracing::{debug, warn};
-use xdp_common::reason;
+use tracing::debug;
 
 use crate::{
     config::{BackendConfig, Change, Vip},
     controller::Controller,
-    health::Health,
 };
 
 /// Longest request line the admin socket accepts.
@@ -92,7 +90,7 @@ impl Response {
 /// What the listeners ask the controller's task.
 pub enum Query {
     Api(Box<Request>, oneshot::Sender<Response>),
-    Metrics(oneshot::Sender<String>),
+    Metrics(crate::metrics::Format, oneshot::Sender<String>),
     Healthz(oneshot::Sender<(bool, String)>),
 }
 
@@ -165,153 +163,6 @@ fn stats(ctl: &mut Controller) -> Result<Stats> {
     })
 }
 
-fn escape(label: &str) -> String {
-    label
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-/// The Prometheus text exposition of everything the controller knows.
-pub fn metrics(ctl: &mut Controller) -> String {
-    let status = ctl.status();
-    // Writing to a String cannot fail; the results are ignored for that reason.
-    let mut o = String::new();
-    let _ = writeln!(o, "# HELP xdplb_packets_total Packets by what the balancer did with them.\n# TYPE xdplb_packets_total counter");
-    for name in reason::NAMES.iter().take(reason::ACTION_COUNT as usize) {
-        let _ = writeln!(
-            o,
-            "xdplb_packets_total{{reason=\"{name}\"}} {}",
-            status.reasons.get(*name).copied().unwrap_or(0)
-        );
-    }
-    let _ = writeln!(o, "# HELP xdplb_events_total Conntrack and parsing events.\n# TYPE xdplb_events_total counter");
-    for name in reason::NAMES.iter().skip(reason::ACTION_COUNT as usize) {
-        let _ = writeln!(
-            o,
-            "xdplb_events_total{{event=\"{name}\"}} {}",
-            status.reasons.get(*name).copied().unwrap_or(0)
-        );
-    }
-    for (metric, help) in [
-        ("xdplb_vip_packets_total", "Packets forwarded per VIP."),
-        ("xdplb_vip_bytes_total", "Bytes forwarded per VIP."),
-        ("xdplb_vip_new_flows_total", "Flows assigned per VIP."),
-    ] {
-        let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} counter");
-        for v in &status.vips {
-            let value = match metric {
-                "xdplb_vip_packets_total" => v.counters.packets,
-                "xdplb_vip_bytes_total" => v.counters.bytes,
-                _ => v.counters.new_flows,
-            };
-            let _ = writeln!(
-                o,
-                "{metric}{{vip=\"{}\",endpoint=\"{}\"}} {value}",
-                escape(&v.name),
-                escape(&v.endpoint)
-            );
-        }
-    }
-    for (metric, help) in [
-        (
-            "xdplb_backend_packets_total",
-            "Packets forwarded per backend.",
-        ),
-        ("xdplb_backend_bytes_total", "Bytes forwarded per backend."),
-        (
-            "xdplb_backend_new_flows_total",
-            "Flows assigned per backend.",
-        ),
-    ] {
-        let _ = writeln!(o, "# HELP {metric} {help}\n# TYPE {metric} counter");
-        for v in &status.vips {
-            for b in &v.backends {
-                let value = match metric {
-                    "xdplb_backend_packets_total" => b.counters.packets,
-                    "xdplb_backend_bytes_total" => b.counters.bytes,
-                    _ => b.counters.new_flows,
-                };
-                let _ = writeln!(
-                    o,
-                    "{metric}{{vip=\"{}\",backend=\"{}\"}} {value}",
-                    escape(&v.name),
-                    b.address
-                );
-            }
-        }
-    }
-    let _ = writeln!(o, "# HELP xdplb_backend_up Whether the backend passes its health checks (1) or not (0).\n# TYPE xdplb_backend_up gauge");
-    let _ = writeln!(o, "# HELP xdplb_backend_state Dataplane state of the backend (1 for the current state).\n# TYPE xdplb_backend_state gauge");
-    for v in &status.vips {
-        for b in &v.backends {
-            let up = u8::from(b.health != Some(Health::Down));
-            let _ = writeln!(
-                o,
-                "xdplb_backend_up{{vip=\"{}\",backend=\"{}\"}} {up}",
-                escape(&v.name),
-                b.address
-            );
-            let _ = writeln!(
-                o,
-                "xdplb_backend_state{{vip=\"{}\",backend=\"{}\",state=\"{}\"}} 1",
-                escape(&v.name),
-                b.address,
-                b.dataplane_state
-            );
-        }
-    }
-    let _ = writeln!(o, "# HELP xdplb_health_check_latency_seconds Latency of the last passing check.\n# TYPE xdplb_health_check_latency_seconds gauge");
-    let _ = writeln!(o, "# HELP xdplb_health_checks_total Health checks run, by result.\n# TYPE xdplb_health_checks_total counter");
-    let _ = writeln!(o, "# HELP xdplb_health_transitions_total Health state changes.\n# TYPE xdplb_health_transitions_total counter");
-    for (key, h) in ctl.health() {
-        let labels = format!("vip=\"{}\",backend=\"{}\"", escape(&key.vip), key.backend);
-        if let Some(l) = h.last_latency {
-            let _ = writeln!(
-                o,
-                "xdplb_health_check_latency_seconds{{{labels}}} {}",
-                l.as_secs_f64()
-            );
-        }
-        let _ = writeln!(
-            o,
-            "xdplb_health_checks_total{{{labels},result=\"ok\"}} {}",
-            h.checks_ok
-        );
-        let _ = writeln!(
-            o,
-            "xdplb_health_checks_total{{{labels},result=\"failed\"}} {}",
-            h.checks_failed
-        );
-        let _ = writeln!(
-            o,
-            "xdplb_health_transitions_total{{{labels}}} {}",
-            h.transitions
-        );
-    }
-    let _ = writeln!(o, "# HELP xdplb_flows Conntrack entries in use (refreshed at most every 2 s).\n# TYPE xdplb_flows gauge\nxdplb_flows {}", status.flows);
-    let _ = writeln!(o, "# HELP xdplb_flows_max Conntrack capacity.\n# TYPE xdplb_flows_max gauge\nxdplb_flows_max {}", status.max_flows);
-    let _ = writeln!(o, "# HELP xdplb_dataplane_in_sync Whether the last reconcile succeeded.\n# TYPE xdplb_dataplane_in_sync gauge\nxdplb_dataplane_in_sync {}", u8::from(status.in_sync));
-    let _ = writeln!(o, "# HELP xdplb_dataplane_attached Whether the self-check passes: the program is attached through the daemon's pinned link and the pins are its maps.\n# TYPE xdplb_dataplane_attached gauge\nxdplb_dataplane_attached {}", u8::from(status.attached));
-    let (losses, repairs) = ctl.self_check_counts();
-    let _ = writeln!(o, "# HELP xdplb_dataplane_losses_total Times the self-check found the dataplane not as the daemon left it.\n# TYPE xdplb_dataplane_losses_total counter\nxdplb_dataplane_losses_total {losses}");
-    let _ = writeln!(o, "# HELP xdplb_dataplane_repairs_total Re-attachments and re-pinnings the daemon carried out.\n# TYPE xdplb_dataplane_repairs_total counter\nxdplb_dataplane_repairs_total {repairs}");
-    let _ = writeln!(o, "# HELP xdplb_driver_xdp_errors_total XDP frames the NIC driver failed to transmit or redirect (ethtool statistics).\n# TYPE xdplb_driver_xdp_errors_total counter");
-    for (name, v) in &status.driver_xdp_errors {
-        let _ = writeln!(
-            o,
-            "xdplb_driver_xdp_errors_total{{counter=\"{}\"}} {v}",
-            escape(name)
-        );
-    }
-    let _ = writeln!(o, "# HELP xdplb_reconcile_failures_total Failed reconciles (each is retried).\n# TYPE xdplb_reconcile_failures_total counter\nxdplb_reconcile_failures_total {}", ctl.reconcile_failures);
-    if let Ok((run_time, run_count)) = ctl.dataplane().program_stats() {
-        let _ = writeln!(o, "# HELP xdplb_program_run_seconds_total Time spent in the XDP program (needs sysctl kernel.bpf_stats_enabled=1).\n# TYPE xdplb_program_run_seconds_total counter\nxdplb_program_run_seconds_total {}", run_time.as_secs_f64());
-        let _ = writeln!(o, "# HELP xdplb_program_runs_total Runs of the XDP program (needs sysctl kernel.bpf_stats_enabled=1).\n# TYPE xdplb_program_runs_total counter\nxdplb_program_runs_total {run_count}");
-    }
-    o
-}
-
 /// `/healthz`: the self-check passes (program attached through the
 /// daemon's pinned link, pins are its maps) and the last reconcile
 /// succeeded.
@@ -332,135 +183,136 @@ pub fn healthz(ctl: &Controller) -> (bool, String) {
     }
 }
 
-/// Serve admin connections: each sends one JSON request line.
+/// Admin connections served at once; more are told the daemon is busy.
+pub const MAX_ADMIN_CONNECTIONS: usize = 32;
+/// Request bytes all admin connections may hold at once: many large
+/// requests in flight wait for each other instead of growing memory.
+pub const REQUEST_MEMORY: usize = 8 << 20;
+/// A request line must arrive within this.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serve admin connections: each sends one JSON request line. Beyond the
+/// connection cap a client is told the daemon is busy at once, never left
+/// waiting behind slow ones.
 pub async fn serve_admin(listener: UnixListener, queries: mpsc::Sender<Query>) {
+    let connections = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    let memory = Arc::new(Semaphore::new(REQUEST_MEMORY >> 10));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                debug!(error = %e, "admin socket cannot accept; backing off");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tokio::spawn(reply_busy(
+                stream,
+                format!("the daemon is busy: {MAX_ADMIN_CONNECTIONS} admin connections are open; retry"),
+            ));
             continue;
         };
-        let queries = queries.clone();
+        let (queries, memory) = (queries.clone(), memory.clone());
         tokio::spawn(async move {
-            if let Err(e) = admin_connection(stream, queries).await {
+            let _permit = permit;
+            if let Err(e) = admin_connection(stream, queries, memory).await {
                 debug!(error = %format!("{e:#}"), "admin connection");
             }
         });
     }
 }
 
-async fn admin_connection(stream: UnixStream, queries: mpsc::Sender<Query>) -> Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    let n = timeout(
-        Duration::from_secs(10),
-        BufReader::new(read.take(MAX_REQUEST as u64)).read_line(&mut line),
-    )
-    .await
-    .context("request timed out")??;
-    let response = if n == 0 {
-        Response::error("empty request")
-    } else if !line.ends_with('\n') && n >= MAX_REQUEST {
-        Response::error(format!("request longer than {MAX_REQUEST} bytes"))
-    } else {
-        match serde_json::from_str::<Request>(&line) {
-            Err(e) => Response::error(format!("bad request: {e}")),
-            Ok(request) => {
-                let (tx, rx) = oneshot::channel();
-                queries
-                    .send(Query::Api(Box::new(request), tx))
-                    .await
-                    .map_err(|_| anyhow!("daemon shutting down"))?;
-                rx.await
-                    .unwrap_or_else(|_| Response::error("daemon shutting down"))
+async fn reply_busy(mut stream: UnixStream, why: String) {
+    if let Ok(mut text) = serde_json::to_string(&Response::error(why)) {
+        text.push('\n');
+        let _ = timeout(Duration::from_secs(1), stream.write_all(text.as_bytes())).await;
+    }
+}
+
+/// Read one request line of at most [`MAX_REQUEST`] bytes, holding a share
+/// of the request memory budget (1 KiB permits) for what it has read; a
+/// request that would exceed the budget is refused, not queued.
+async fn read_request(
+    read: &mut (impl tokio::io::AsyncRead + Unpin),
+    memory: &Arc<Semaphore>,
+) -> Result<std::result::Result<(Vec<u8>, tokio::sync::OwnedSemaphorePermit), String>> {
+    let busy = || {
+        format!(
+            "the daemon is busy: other requests hold its {} MiB of request memory; retry",
+            REQUEST_MEMORY >> 20
+        )
+    };
+    let mut line = Vec::new();
+    let Ok(mut held) = memory.clone().try_acquire_many_owned(1) else {
+        return Ok(Err(busy()));
+    };
+    let mut chunk = [0u8; 8192];
+    loop {
+        let n = read.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(Err(if line.is_empty() {
+                "empty request".to_owned()
+            } else {
+                "request not terminated by a newline".to_owned()
+            }));
+        }
+        let end = chunk[..n].iter().position(|&b| b == b'\n');
+        let take = end.unwrap_or(n);
+        if line.len() + take > MAX_REQUEST {
+            return Ok(Err(format!(
+                "request longer than {MAX_REQUEST} bytes (the admin API's limit)"
+            )));
+        }
+        let need = ((line.len() + take) >> 10) as u32 + 1;
+        let have = held.num_permits() as u32;
+        if need > have {
+            let Ok(more) = memory.clone().try_acquire_many_owned(need - have) else {
+                return Ok(Err(busy()));
+            };
+            held.merge(more);
+        }
+        line.extend_from_slice(&chunk[..take]);
+        if end.is_some() {
+            return Ok(Ok((line, held)));
+        }
+    }
+}
+
+async fn admin_connection(
+    stream: UnixStream,
+    queries: mpsc::Sender<Query>,
+    memory: Arc<Semaphore>,
+) -> Result<()> {
+    let (mut read, mut write) = stream.into_split();
+    let request = timeout(REQUEST_TIMEOUT, read_request(&mut read, &memory))
+        .await
+        .map_err(|_| anyhow!("request timed out after {REQUEST_TIMEOUT:?}"));
+    let response = match request {
+        Err(e) => Response::error(e),
+        Ok(Err(e)) => Response::error(format!("reading the request: {e}")),
+        Ok(Ok(Err(e))) => Response::error(e),
+        Ok(Ok(Ok((line, held)))) => {
+            let parsed = serde_json::from_slice::<Request>(&line);
+            drop(line);
+            drop(held);
+            match parsed {
+                Err(e) => Response::error(format!("bad request: {e}")),
+                Ok(request) => {
+                    let (tx, rx) = oneshot::channel();
+                    queries
+                        .send(Query::Api(Box::new(request), tx))
+                        .await
+                        .map_err(|_| anyhow!("daemon shutting down"))?;
+                    rx.await
+                        .unwrap_or_else(|_| Response::error("daemon shutting down"))
+                }
             }
         }
     };
     let mut text = serde_json::to_string(&response)?;
     text.push('\n');
     write.write_all(text.as_bytes()).await?;
-    Ok(())
-}
-
-/// Serve `/metrics` and `/healthz` over plain HTTP/1.0.
-pub async fn serve_http(listener: TcpListener, queries: mpsc::Sender<Query>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let queries = queries.clone();
-        tokio::spawn(async move {
-            if let Err(e) = http_connection(stream, queries).await {
-                debug!(error = %format!("{e:#}"), "metrics connection");
-            }
-        });
-    }
-}
-
-async fn http_connection(
-    mut stream: tokio::net::TcpStream,
-    queries: mpsc::Sender<Query>,
-) -> Result<()> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
-    timeout(Duration::from_secs(5), async {
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-            let n = stream.read(&mut chunk).await?;
-            if n == 0 {
-                break;
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        Ok::<_, std::io::Error>(())
-    })
-    .await
-    .context("request timed out")??;
-    let head = String::from_utf8_lossy(&buf);
-    let mut parts = head.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, content_type, body) = match (method, path) {
-        ("GET", "/metrics") => {
-            let (tx, rx) = oneshot::channel();
-            queries
-                .send(Query::Metrics(tx))
-                .await
-                .map_err(|_| anyhow!("shutting down"))?;
-            (
-                "200 OK",
-                "text/plain; version=0.0.4",
-                rx.await.unwrap_or_default(),
-            )
-        }
-        ("GET", "/healthz") => {
-            let (tx, rx) = oneshot::channel();
-            queries
-                .send(Query::Healthz(tx))
-                .await
-                .map_err(|_| anyhow!("shutting down"))?;
-            let (ok, text) = rx.await.unwrap_or((false, "shutting down\n".into()));
-            (
-                if ok {
-                    "200 OK"
-                } else {
-                    "503 Service Unavailable"
-                },
-                "text/plain",
-                text,
-            )
-        }
-        ("GET", _) => (
-            "404 Not Found",
-            "text/plain",
-            "try /metrics or /healthz\n".into(),
-        ),
-        _ => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
-    };
-    let response = format!(
-        "HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(response.as_bytes()).await?;
-    if status.starts_with('5') {
-        warn!("healthz reported unhealthy");
-    }
     Ok(())
 }
 

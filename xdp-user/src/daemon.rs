@@ -11,7 +11,7 @@ use tokio::{
     net::TcpListener,
     signal::unix::{signal, SignalKind},
     sync::mpsc,
-    time::{interval, Duration, MissedTickBehavior},
+    time::{interval, sleep_until, Duration, Instant, MissedTickBehavior},
 };
 use tracing::{error, info, warn};
 
@@ -27,6 +27,65 @@ use crate::{
 /// How often the daemon verifies its dataplane and retries a failed
 /// reconcile.
 pub const SELF_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Health changes within this window share one reconcile: a flap storm
+/// rebuilds a VIP's ring at most once per window, and results of every
+/// other VIP keep being read in between.
+pub const RECONCILE_WINDOW: Duration = Duration::from_millis(50);
+
+/// Descriptors the daemon needs besides health checks and clients (maps,
+/// program, link, listeners, runtime, logs).
+const FD_RESERVE: u64 = 64;
+
+/// Raise the soft RLIMIT_NOFILE to the hard limit (a service started with
+/// systemd's default soft 1024 would otherwise run out under load).
+/// Returns the limit now in force.
+fn raise_fd_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return raised.rlim_cur;
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Count conntrack entries every few seconds on a thread of its own, so a
+/// large table never blocks the controller.
+fn spawn_flow_counter(
+    counter: crate::dataplane::FlowCounter,
+) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+    use std::sync::{atomic::Ordering, Arc};
+    let flows = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let out = Arc::downgrade(&flows);
+    std::thread::Builder::new()
+        .name("flow-count".into())
+        .spawn(move || {
+            while let Some(flows) = out.upgrade() {
+                let started = std::time::Instant::now();
+                if let Ok(n) = counter.count() {
+                    flows.store(n, Ordering::Relaxed);
+                }
+                drop(flows);
+                // Never more than a fifth of a core, however large the table.
+                std::thread::sleep(Duration::from_secs(2).max(started.elapsed() * 4));
+            }
+        })
+        .map(drop)
+        .unwrap_or_else(
+            |e| warn!(error = %e, "cannot start the flow counter; status counts flows itself"),
+        );
+    flows
+}
 
 /// Install the log subscriber (`RUST_LOG` filters; default info).
 pub fn init_logging(format: LogFormat) {
@@ -62,6 +121,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let config_path = options.config_path;
     let (config, file) = ConfigFile::load(&config_path)?;
     init_logging(config.daemon.log_format);
+    let fd_limit = raise_fd_limit();
     let pin_dir = config.daemon.pin_dir.clone();
 
     // One daemon per pin directory and per interface: a second one stops
@@ -113,25 +173,55 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
 
     let mut ctl = Controller::with_adopted(config.clone(), Some(file), dp, adopted_state);
+    match ctl.dataplane().flow_counter() {
+        Ok(counter) => {
+            let flows = spawn_flow_counter(counter);
+            ctl.count_flows_with(flows);
+        }
+        Err(e) => warn!(error = %format!("{e:#}"), "no background flow counter"),
+    }
     ctl.reconcile_logged();
     let (check_tx, mut check_rx) = mpsc::channel(4096);
     let mut checks = Checks::new(check_tx);
     checks.sync(ctl.wanted_checks());
-    info!(vips = config.vips.len(), checks = checks.len(), "running");
+    let fds_needed = checks.len() as u64
+        + (crate::http::MAX_CONNECTIONS + api::MAX_ADMIN_CONNECTIONS) as u64
+        + FD_RESERVE;
+    if fd_limit < fds_needed {
+        warn!(
+            fd_limit,
+            fds_needed,
+            "RLIMIT_NOFILE is below what the health checks and the capped client connections need; raise it (LimitNOFILE=)"
+        );
+    }
+    info!(
+        vips = config.vips.len(),
+        checks = checks.len(),
+        fd_limit,
+        "running"
+    );
 
     let (query_tx, mut query_rx) = mpsc::channel(64);
     tokio::spawn(api::serve_admin(admin, query_tx.clone()));
-    tokio::spawn(api::serve_http(metrics, query_tx));
+    tokio::spawn(crate::http::serve(metrics, query_tx));
 
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = interval(SELF_CHECK_INTERVAL);
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    // Health changes waiting for the next reconcile, and when the last ran.
+    let mut pending = false;
+    let mut last_reconcile = Instant::now();
 
     loop {
         tokio::select! {
-            Some(result) = check_rx.recv() => ctl.on_check(result),
+            Some(result) = check_rx.recv() => pending |= ctl.record_check(result),
+            _ = sleep_until(last_reconcile + RECONCILE_WINDOW), if pending => {
+                pending = false;
+                last_reconcile = Instant::now();
+                ctl.reconcile_logged();
+            }
             Some(query) = query_rx.recv() => match query {
                 Query::Api(request, reply) => {
                     let changes = !matches!(*request, Request::Status {} | Request::Stats {} | Request::VipList {});
@@ -141,8 +231,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     }
                     let _ = reply.send(response);
                 }
-                Query::Metrics(reply) => {
-                    let _ = reply.send(api::metrics(&mut ctl));
+                Query::Metrics(format, reply) => {
+                    let _ = reply.send(crate::metrics::render(&mut ctl, format));
                 }
                 Query::Healthz(reply) => {
                     let _ = reply.send(api::healthz(&ctl));
@@ -160,6 +250,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = int.recv() => break,
             _ = tick.tick() => {
                 ctl.self_check();
+                pending |= ctl.expire_damping();
                 if !ctl.in_sync() {
                     warn!("dataplane out of sync; retrying reconcile");
                     ctl.reconcile_logged();

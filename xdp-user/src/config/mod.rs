@@ -335,6 +335,27 @@ pub struct HealthCheck {
     /// UDP: the reply must start with this.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expect: Option<String>,
+    /// Where a backend the daemon has not checked yet starts: `checked`
+    /// keeps it out of the ring until its first check passes; `up` puts it
+    /// in at once (until `fall` failures).
+    pub init_state: InitState,
+    /// Flap damping: a backend that changes state more than this many
+    /// times within `flap_window_ms` is held down for `flap_hold_ms`
+    /// after its last change. 0: off.
+    pub flap_limit: u32,
+    pub flap_window_ms: u64,
+    pub flap_hold_ms: u64,
+}
+
+/// Where a new backend starts (HAProxy's `init-state`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitState {
+    /// Out of the ring until its first check passes.
+    #[default]
+    Checked,
+    /// In the ring at once.
+    Up,
 }
 
 impl Default for HealthCheck {
@@ -352,6 +373,10 @@ impl Default for HealthCheck {
             host: None,
             send: None,
             expect: None,
+            init_state: InitState::Checked,
+            flap_limit: 0,
+            flap_window_ms: 60_000,
+            flap_hold_ms: 60_000,
         }
     }
 }
@@ -697,6 +722,12 @@ impl Config {
         if h.rise == 0 || h.fall == 0 {
             problem(hat.clone(), "rise and fall must be at least 1".into());
         }
+        if h.flap_limit > 0 && (h.flap_window_ms == 0 || h.flap_hold_ms == 0) {
+            problem(
+                hat.clone(),
+                "flap damping needs flap_window_ms and flap_hold_ms of at least 1".into(),
+            );
+        }
         for (field, value) in [
             ("path", Some(h.path.as_str())),
             ("host", h.host.as_deref()),
@@ -828,6 +859,12 @@ address = "2001:db8:1::1"
         assert_eq!(
             c.vips[0].health.interval_ms,
             HealthCheck::default().interval_ms
+        );
+        let h = &c.vips[0].health;
+        let d = HealthCheck::default();
+        assert_eq!(
+            (h.init_state, h.flap_limit, h.flap_window_ms, h.flap_hold_ms),
+            (d.init_state, d.flap_limit, d.flap_window_ms, d.flap_hold_ms)
         );
     }
 

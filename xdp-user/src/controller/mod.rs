@@ -9,6 +9,7 @@
 //! and health-driven changes always apply.
 
 mod apply;
+mod health;
 mod plan;
 mod selfcheck;
 mod status;
@@ -21,44 +22,19 @@ use std::{
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use tracing::{info, warn};
+use tracing::warn;
 use xdp_common::{backend_state, VipKey};
 
+pub use health::BackendHealth;
 pub use plan::DoesNotFit;
 pub use selfcheck::SelfCheck;
 pub use status::{state_name, BackendStatus, Status, Traffic, VipStatus};
 
 use crate::{
-    config::{
-        parse_mac, parse_prefix, Change, CheckKind, Config, ConfigFile, InitialState, PacketAction,
-    },
+    config::{parse_mac, parse_prefix, Change, CheckKind, Config, ConfigFile, PacketAction},
     dataplane::{addr_bytes, Dataplane},
-    health::{CheckKey, CheckResult, CheckSpec, Health, Tracker},
+    health::{CheckKey, CheckSpec, Health},
 };
-
-/// What the controller knows of one backend of one VIP.
-#[derive(Debug)]
-pub struct BackendHealth {
-    pub tracker: Tracker,
-    pub last_latency: Option<Duration>,
-    pub last_error: Option<String>,
-    pub checks_ok: u64,
-    pub checks_failed: u64,
-    pub transitions: u64,
-}
-
-impl BackendHealth {
-    fn new(state: Health, rise: u32, fall: u32) -> Self {
-        Self {
-            tracker: Tracker::new(state, rise, fall),
-            last_latency: None,
-            last_error: None,
-            checks_ok: 0,
-            checks_failed: 0,
-            transitions: 0,
-        }
-    }
-}
 
 /// The ids and health a pinned dataplane holds (a restart adopts them, so
 /// no flow moves).
@@ -102,7 +78,20 @@ pub struct Controller {
     pub reconciles: u64,
     pub reconcile_failures: u64,
     flows_cache: Option<(Instant, usize)>,
+    /// Counted by a background thread, when one runs (the daemon).
+    flows_counted: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
     self_check: SelfCheck,
+    local_errors: BTreeMap<&'static str, u64>,
+    rings: plan::RingCache,
+    /// Whether the last reload applied, and when the config was last
+    /// loaded successfully (Unix seconds).
+    last_reload: (bool, f64),
+}
+
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// The dataplane key of a configured VIP.
@@ -190,7 +179,11 @@ impl Controller {
             reconciles: 0,
             reconcile_failures: 0,
             flows_cache: None,
+            flows_counted: None,
             self_check: SelfCheck::default(),
+            local_errors: BTreeMap::new(),
+            rings: plan::RingCache::default(),
+            last_reload: (true, unix_now()),
         };
         // Health of adopted backends starts from what the dataplane had.
         for vip in &controller.config.vips {
@@ -256,45 +249,6 @@ impl Controller {
         out
     }
 
-    /// Record a check result; reconcile if it changed a backend's health.
-    pub fn on_check(&mut self, result: CheckResult) {
-        let Some(vip) = self.config.vip(&result.key.vip) else {
-            return;
-        };
-        let endpoint = vip.endpoint();
-        let Some(h) = self.health.get_mut(&result.key) else {
-            return;
-        };
-        let ok = result.result.is_ok();
-        match &result.result {
-            Ok(latency) => {
-                h.checks_ok += 1;
-                h.last_latency = Some(*latency);
-            }
-            Err(e) => {
-                h.checks_failed += 1;
-                h.last_error = Some(e.clone());
-            }
-        }
-        if let Some(t) = h.tracker.record(ok) {
-            h.transitions += 1;
-            let why = match &result.result {
-                Ok(l) => format!("check passed in {l:?}"),
-                Err(e) => e.clone(),
-            };
-            info!(
-                vip = %result.key.vip,
-                endpoint = %endpoint,
-                backend = %result.key.backend,
-                from = ?t.from,
-                to = ?t.to,
-                reason = %why,
-                "backend health changed"
-            );
-            self.reconcile_logged();
-        }
-    }
-
     /// Reconcile, logging (not returning) a failure; it is retried later.
     pub fn reconcile_logged(&mut self) {
         if let Err(e) = self.reconcile() {
@@ -302,40 +256,14 @@ impl Controller {
         }
     }
 
-    /// Health entries follow the config: new backends start in their
-    /// configured state, removed ones are forgotten.
-    fn sync_health(&mut self) {
-        let mut wanted = std::collections::BTreeSet::new();
-        for vip in &self.config.vips {
-            for b in &vip.backends {
-                let key = CheckKey {
-                    vip: vip.name.clone(),
-                    backend: b.address,
-                };
-                let initial = if b.state == InitialState::Down {
-                    Health::Down
-                } else {
-                    Health::Up
-                };
-                self.health
-                    .entry(key.clone())
-                    .or_insert_with(|| {
-                        BackendHealth::new(initial, vip.health.rise, vip.health.fall)
-                    })
-                    .tracker
-                    .retune(vip.health.rise, vip.health.fall);
-                wanted.insert(key);
-            }
-        }
-        self.health.retain(|k, _| wanted.contains(k));
-    }
-
     /// Plan `config` against the ids in use now, with the current health.
     fn plan(&self, config: &Config) -> Result<plan::Plan, DoesNotFit> {
-        let health = |k: &CheckKey| self.health.get(k).map(|h| h.tracker.state);
+        let now = Instant::now();
+        let health = |k: &CheckKey| self.health.get(k).map(|h| h.effective(now));
         plan::plan(
             config,
             &health,
+            &self.rings,
             &self.vip_ids,
             &self.backend_ids,
             self.dp.sizes(),
@@ -402,8 +330,18 @@ impl Controller {
             .file
             .as_ref()
             .ok_or_else(|| anyhow!("the daemon runs without a config file"))?;
-        let (new, fresh) = ConfigFile::load(file.path())?;
-        self.admit(&new)?;
+        let loaded = ConfigFile::load(file.path()).and_then(|(new, fresh)| {
+            self.admit(&new)?;
+            Ok((new, fresh))
+        });
+        let (new, fresh) = match loaded {
+            Ok(l) => l,
+            Err(e) => {
+                self.last_reload.0 = false;
+                return Err(e);
+            }
+        };
+        self.last_reload = (true, unix_now());
         self.file = Some(fresh);
         self.config = new;
         self.reconcile()
@@ -424,9 +362,29 @@ impl Controller {
         self.reconcile()
     }
 
-    /// Flows in the conntrack table, counted at most every 2 s (walking a
-    /// large table costs one syscall per entry: about a second for 1M).
+    /// Whether the last reload applied, and when the config was last
+    /// loaded successfully (Unix seconds).
+    pub fn last_reload(&self) -> (bool, f64) {
+        self.last_reload
+    }
+
+    /// Maglev rings computed so far (the ring cache's misses).
+    pub fn ring_rebuilds(&self) -> u64 {
+        self.rings.computed()
+    }
+
+    /// Take flow counts from `counter` (kept by a background thread)
+    /// instead of walking the table on this thread.
+    pub fn count_flows_with(&mut self, counter: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        self.flows_counted = Some(counter);
+    }
+
+    /// Flows in the conntrack table: the background count where one runs,
+    /// else counted here at most every 2 s.
     pub fn flows_in_use(&mut self) -> usize {
+        if let Some(c) = &self.flows_counted {
+            return c.load(std::sync::atomic::Ordering::Relaxed) as usize;
+        }
         if let Some((at, n)) = self.flows_cache {
             if at.elapsed() < Duration::from_secs(2) {
                 return n;

@@ -6,7 +6,7 @@
 //! fit is refused here, before anything is written, with the exact reason.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
 };
 
@@ -85,10 +85,43 @@ pub fn desired_state(initial: InitialState, health: Option<Health>) -> u32 {
     }
 }
 
+/// Rings computed before, by VIP id and members: a reconcile recomputes
+/// only the rings whose members changed, so a flapping backend costs one
+/// ring, not all of them.
+#[derive(Debug, Default)]
+pub struct RingCache {
+    rings: std::cell::RefCell<HashMap<u32, CachedRing>>,
+    computed: std::cell::Cell<u64>,
+}
+
+impl RingCache {
+    fn ring(&self, vip_id: u32, members: &[RingBackend], size: u32) -> Vec<u32> {
+        let mut rings = self.rings.borrow_mut();
+        if let Some((m, s, ring)) = rings.get(&vip_id) {
+            if m == members && *s == size {
+                return ring.clone();
+            }
+        }
+        let ring = maglev::populate(members, size);
+        self.computed.set(self.computed.get() + 1);
+        rings.insert(vip_id, (members.to_vec(), size, ring.clone()));
+        ring
+    }
+
+    /// Rings computed so far.
+    pub fn computed(&self) -> u64 {
+        self.computed.get()
+    }
+}
+
+/// A ring and what it was computed from: members and size.
+type CachedRing = (Vec<RingBackend>, u32, Vec<u32>);
+
 /// Plan `config` with `health` against the ids in use now.
 pub fn plan(
     config: &Config,
     health: &dyn Fn(&CheckKey) -> Option<Health>,
+    rings: &RingCache,
     vip_ids: &BTreeMap<VipKey, u32>,
     backend_ids: &BTreeMap<BackendKey, u32>,
     sizes: Sizes,
@@ -232,7 +265,7 @@ pub fn plan(
             } else {
                 fwd::ENCAP
             },
-            ring: maglev::populate(&members, sizes.ring_size),
+            ring: rings.ring(vip_id, &members, sizes.ring_size),
             interim_ring,
         });
     }
@@ -259,6 +292,7 @@ mod tests {
         plan(
             c,
             &|_| None,
+            &RingCache::default(),
             &before.vip_ids,
             &before.backend_ids,
             c.tables.sizes(),

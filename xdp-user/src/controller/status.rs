@@ -44,6 +44,7 @@ impl Controller {
                         .map(|d| d.as_secs_f64() * 1e3),
                     last_error: h.and_then(|h| h.last_error.clone()),
                     transitions: h.map_or(0, |h| h.transitions),
+                    damped: h.is_some_and(|h| h.damped(std::time::Instant::now())),
                     counters: counters.into(),
                 });
             }
@@ -131,6 +132,8 @@ pub struct BackendStatus {
     pub last_check_ms: Option<f64>,
     pub last_error: Option<String>,
     pub transitions: u64,
+    /// Held down by flap damping.
+    pub damped: bool,
     pub counters: Traffic,
 }
 

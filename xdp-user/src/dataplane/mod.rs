@@ -840,10 +840,26 @@ impl Dataplane {
         }
     }
 
-    /// Number of tracked flows (walks the table: for status, not hot paths).
+    /// Number of tracked flows (reads the table in batches: for status,
+    /// not hot paths).
     pub fn flow_count(&self) -> Result<usize> {
-        let map: HashMap<_, FlowKey, FlowState> = HashMap::try_from(self.map(names::FLOWS)?)?;
-        Ok(map.keys().filter(Result::is_ok).count())
+        use std::os::fd::AsFd as _;
+        let map = map_data(self.map(names::FLOWS)?)?;
+        Ok(FlowCounter::count_fd(map.fd().as_fd())? as usize)
+    }
+
+    /// A counter of tracked flows that another thread can run: it holds its
+    /// own descriptor of the conntrack map.
+    pub fn flow_counter(&self) -> Result<FlowCounter> {
+        use std::os::fd::AsFd as _;
+        let map = map_data(self.map(names::FLOWS)?)?;
+        Ok(FlowCounter {
+            fd: map
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .context("duplicating the conntrack map's descriptor")?,
+        })
     }
 
     /// Global per-reason counters, summed over CPUs, indexed by
@@ -864,6 +880,27 @@ impl Dataplane {
         self.check_backend_id(backend_id)?;
         let map: PerCpuArray<_, Counters> = PerCpuArray::try_from(self.map(names::BACKEND_STATS)?)?;
         sum_per_cpu(&map, backend_id, add_counters, Counters::default())
+    }
+}
+
+/// Counts conntrack entries off the controller's thread.
+pub struct FlowCounter {
+    fd: std::os::fd::OwnedFd,
+}
+
+impl FlowCounter {
+    fn count_fd(fd: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
+        sys::count_entries(
+            fd,
+            std::mem::size_of::<FlowKey>(),
+            std::mem::size_of::<FlowState>(),
+        )
+    }
+
+    /// Entries in the conntrack table now.
+    pub fn count(&self) -> Result<u64> {
+        use std::os::fd::AsFd as _;
+        Self::count_fd(self.fd.as_fd())
     }
 }
 

@@ -42,32 +42,90 @@ impl CheckSpec {
     }
 }
 
-/// Run one check: Ok(latency) or Err(reason).
-pub async fn run_check(spec: &CheckSpec) -> Result<Duration, String> {
+/// Why a check did not pass.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CheckError {
+    pub reason: String,
+    /// Set when the check could not run for a reason of this host's (out
+    /// of descriptors or buffers, no route): never the backend's fault.
+    pub local: Option<&'static str>,
+}
+
+impl std::fmt::Display for CheckError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl From<String> for CheckError {
+    fn from(reason: String) -> Self {
+        Self {
+            reason,
+            local: None,
+        }
+    }
+}
+
+impl From<&str> for CheckError {
+    fn from(reason: &str) -> Self {
+        reason.to_owned().into()
+    }
+}
+
+/// The kind of a local error, if `e` is one: the host cannot make the
+/// check, whatever the backend's health.
+pub fn local_kind(e: &std::io::Error) -> Option<&'static str> {
+    match e.raw_os_error()? {
+        libc::EMFILE => Some("emfile"),
+        libc::ENFILE => Some("enfile"),
+        libc::ENOBUFS => Some("enobufs"),
+        libc::ENOMEM => Some("enomem"),
+        libc::ENETUNREACH => Some("no_route"),
+        libc::EADDRNOTAVAIL => Some("eaddrnotavail"),
+        _ => None,
+    }
+}
+
+/// An I/O error of step `what`, classified.
+fn io_error(what: &str, e: std::io::Error) -> CheckError {
+    CheckError {
+        reason: format!("{what}: {e}"),
+        local: local_kind(&e),
+    }
+}
+
+/// Run one check: Ok(latency) or why not.
+pub async fn run_check(spec: &CheckSpec) -> Result<Duration, CheckError> {
     let started = Instant::now();
     let result = match timeout(spec.timeout, attempt(spec)).await {
         Ok(r) => r,
-        Err(_) => Err(format!("timed out after {:?}", spec.timeout)),
+        Err(_) => Err(format!("timed out after {:?}", spec.timeout).into()),
     };
     result.map(|()| started.elapsed())
 }
 
-async fn attempt(spec: &CheckSpec) -> Result<(), String> {
+/// Connect, with the socket set to close by reset: a check connection
+/// leaves no TIME_WAIT behind and costs the backend no FIN exchange (as
+/// HAProxy's checks do).
+async fn connect(target: std::net::SocketAddr) -> Result<TcpStream, CheckError> {
+    let stream = TcpStream::connect(target)
+        .await
+        .map_err(|e| io_error("connect", e))?;
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    Ok(stream)
+}
+
+async fn attempt(spec: &CheckSpec) -> Result<(), CheckError> {
     match spec.kind {
-        CheckKind::Tcp => TcpStream::connect(spec.target)
-            .await
-            .map(drop)
-            .map_err(|e| format!("connect: {e}")),
+        CheckKind::Tcp => connect(spec.target).await.map(drop),
         CheckKind::Http => http(spec).await,
         CheckKind::Udp => udp(spec).await,
         CheckKind::None => Ok(()),
     }
 }
 
-async fn http(spec: &CheckSpec) -> Result<(), String> {
-    let mut stream = TcpStream::connect(spec.target)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+async fn http(spec: &CheckSpec) -> Result<(), CheckError> {
+    let mut stream = connect(spec.target).await?;
     let request = format!(
         "GET {} HTTP/1.0\r\nHost: {}\r\nUser-Agent: xdplb-health\r\nConnection: close\r\n\r\n",
         spec.path, spec.host
@@ -75,7 +133,7 @@ async fn http(spec: &CheckSpec) -> Result<(), String> {
     stream
         .write_all(request.as_bytes())
         .await
-        .map_err(|e| format!("sending request: {e}"))?;
+        .map_err(|e| io_error("sending request", e))?;
     // The status line fits in the first read of any sane server; read until
     // it is complete or the server closes.
     let mut buf = Vec::with_capacity(256);
@@ -84,7 +142,7 @@ async fn http(spec: &CheckSpec) -> Result<(), String> {
         let n = stream
             .read(&mut chunk)
             .await
-            .map_err(|e| format!("reading response: {e}"))?;
+            .map_err(|e| io_error("reading response", e))?;
         if n == 0 {
             break;
         }
@@ -100,14 +158,11 @@ async fn http(spec: &CheckSpec) -> Result<(), String> {
     if status == spec.expect_status {
         Ok(())
     } else {
-        Err(format!(
-            "HTTP status {status}, expected {}",
-            spec.expect_status
-        ))
+        Err(format!("HTTP status {status}, expected {}", spec.expect_status).into())
     }
 }
 
-async fn udp(spec: &CheckSpec) -> Result<(), String> {
+async fn udp(spec: &CheckSpec) -> Result<(), CheckError> {
     let bind: SocketAddr = if spec.target.is_ipv4() {
         SocketAddr::from(([0, 0, 0, 0], 0))
     } else {
@@ -115,20 +170,20 @@ async fn udp(spec: &CheckSpec) -> Result<(), String> {
     };
     let socket = UdpSocket::bind(bind)
         .await
-        .map_err(|e| format!("bind: {e}"))?;
+        .map_err(|e| io_error("bind", e))?;
     socket
         .connect(spec.target)
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| io_error("connect", e))?;
     socket
         .send(&spec.send)
         .await
-        .map_err(|e| format!("send: {e}"))?;
+        .map_err(|e| io_error("send", e))?;
     let mut buf = [0u8; 2048];
     let n = socket
         .recv(&mut buf)
         .await
-        .map_err(|e| format!("no reply: {e}"))?;
+        .map_err(|e| io_error("no reply", e))?;
     if buf[..n].starts_with(&spec.expect) {
         Ok(())
     } else {
@@ -136,13 +191,30 @@ async fn udp(spec: &CheckSpec) -> Result<(), String> {
             "reply {:?} does not start with {:?}",
             String::from_utf8_lossy(&buf[..n.min(64)]),
             String::from_utf8_lossy(&spec.expect)
-        ))
+        )
+        .into())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_errors_are_told_apart_from_backend_failures() {
+        for (errno, kind) in [
+            (libc::EMFILE, Some("emfile")),
+            (libc::ENFILE, Some("enfile")),
+            (libc::ENOBUFS, Some("enobufs")),
+            (libc::ENETUNREACH, Some("no_route")),
+            (libc::ECONNREFUSED, None),
+            (libc::EHOSTUNREACH, None),
+            (libc::ETIMEDOUT, None),
+        ] {
+            let e = std::io::Error::from_raw_os_error(errno);
+            assert_eq!(local_kind(&e), kind, "{e}");
+        }
+    }
     use tokio::net::TcpListener;
 
     fn spec(kind: CheckKind, target: SocketAddr) -> CheckSpec {
@@ -191,7 +263,7 @@ mod tests {
         let err = run_check(&spec(CheckKind::Tcp, closed_port().await))
             .await
             .unwrap_err();
-        assert!(err.contains("connect"), "{err}");
+        assert!(err.reason.contains("connect"), "{err}");
     }
 
     #[tokio::test]
@@ -204,7 +276,7 @@ mod tests {
         let err = run_check(&spec(CheckKind::Http, http_server("503 Unavailable").await))
             .await
             .unwrap_err();
-        assert!(err.contains("503"), "{err}");
+        assert!(err.reason.contains("503"), "{err}");
     }
 
     #[tokio::test]
@@ -213,7 +285,7 @@ mod tests {
         let addr = l.local_addr().unwrap();
         // Accepts (kernel backlog) but never answers.
         let err = run_check(&spec(CheckKind::Http, addr)).await.unwrap_err();
-        assert!(err.contains("timed out"), "{err}");
+        assert!(err.reason.contains("timed out"), "{err}");
         drop(l);
     }
 
@@ -234,10 +306,10 @@ mod tests {
         });
         assert!(run_check(&spec(CheckKind::Udp, addr)).await.is_ok());
         let err = run_check(&spec(CheckKind::Udp, addr)).await.unwrap_err();
-        assert!(err.contains("does not start with"), "{err}");
+        assert!(err.reason.contains("does not start with"), "{err}");
         let err = run_check(&spec(CheckKind::Udp, addr)).await.unwrap_err();
         assert!(
-            err.contains("timed out") || err.contains("no reply"),
+            err.reason.contains("timed out") || err.reason.contains("no reply"),
             "{err}"
         );
     }

@@ -11,7 +11,7 @@ use std::{
 
 use tokio::{sync::mpsc, task::JoinHandle, time::sleep};
 
-use super::check::{run_check, CheckSpec};
+use super::check::{run_check, CheckError, CheckSpec};
 
 /// Which check: a backend of a VIP (health is per VIP: ports and checks differ).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -24,7 +24,7 @@ pub struct CheckKey {
 pub struct CheckResult {
     pub key: CheckKey,
     /// Latency, or why the check failed.
-    pub result: Result<Duration, String>,
+    pub result: Result<Duration, CheckError>,
 }
 
 /// The running checks.
