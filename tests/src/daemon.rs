@@ -100,8 +100,36 @@ impl Daemon {
     /// with its own /sys, hence its own bpffs, and its pins would be
     /// invisible to the host and lost on restart.
     pub fn start(ns: &Netns, config: &Path, socket: &Path, log: PathBuf) -> Result<Self> {
+        Self::start_with_nofile(ns, config, socket, log, None)
+    }
+
+    /// [`Daemon::start`] with RLIMIT_NOFILE set to (soft, hard) first, as a
+    /// service manager would.
+    pub fn start_with_nofile(
+        ns: &Netns,
+        config: &Path,
+        socket: &Path,
+        log: PathBuf,
+        nofile: Option<(u64, u64)>,
+    ) -> Result<Self> {
         let log_file = std::fs::File::create(&log)?;
         let (mut cmd, netns) = in_netns(ns)?;
+        if let Some((soft, hard)) = nofile {
+            use std::os::unix::process::CommandExt as _;
+            // SAFETY: setrlimit is async-signal-safe; runs in the child.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let lim = libc::rlimit {
+                        rlim_cur: soft,
+                        rlim_max: hard,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd
             .arg("--socket")
             .arg(socket)
@@ -128,6 +156,40 @@ impl Daemon {
             "xdplb run did not answer within 20 s:\n{}",
             daemon.log_text()
         )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A line of /proc/<pid>/status, e.g. `VmRSS` (kB) or `Threads`.
+    pub fn proc_status(&self, field: &str) -> Option<u64> {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        text.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+    }
+
+    /// CPU time (user + system) the daemon has used.
+    pub fn cpu_time(&self) -> Duration {
+        let text =
+            std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // Fields after the command name's closing parenthesis; utime and
+        // stime are the 12th and 13th of those, in clock ticks.
+        let rest = text.rsplit(')').next().unwrap_or("");
+        let f: Vec<u64> = rest
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let ticks = f.get(11).copied().unwrap_or(0) + f.get(12).copied().unwrap_or(0);
+        Duration::from_millis(ticks * 1000 / hz)
+    }
+
+    /// Open descriptors of the daemon.
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, |d| d.count())
     }
 
     pub fn log_text(&self) -> String {

@@ -209,7 +209,9 @@ pub async fn serve_admin(listener: UnixListener, queries: mpsc::Sender<Query>) {
         let Ok(permit) = connections.clone().try_acquire_owned() else {
             tokio::spawn(reply_busy(
                 stream,
-                format!("the daemon is busy: {MAX_ADMIN_CONNECTIONS} admin connections are open; retry"),
+                format!(
+                    "the daemon is busy: {MAX_ADMIN_CONNECTIONS} admin connections are open; retry"
+                ),
             ));
             continue;
         };

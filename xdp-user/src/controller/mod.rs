@@ -181,7 +181,10 @@ impl Controller {
             flows_cache: None,
             flows_counted: None,
             self_check: SelfCheck::default(),
-            local_errors: BTreeMap::new(),
+            local_errors: crate::health::LOCAL_ERROR_KINDS
+                .iter()
+                .map(|k| (*k, 0))
+                .collect(),
             rings: plan::RingCache::default(),
             last_reload: (true, unix_now()),
         };

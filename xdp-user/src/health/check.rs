@@ -72,6 +72,16 @@ impl From<&str> for CheckError {
     }
 }
 
+/// Every kind of local error, as `local_kind` names them.
+pub const LOCAL_ERROR_KINDS: [&str; 6] = [
+    "emfile",
+    "enfile",
+    "enobufs",
+    "enomem",
+    "no_route",
+    "eaddrnotavail",
+];
+
 /// The kind of a local error, if `e` is one: the host cannot make the
 /// check, whatever the backend's health.
 pub fn local_kind(e: &std::io::Error) -> Option<&'static str> {

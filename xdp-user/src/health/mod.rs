@@ -6,6 +6,6 @@ pub mod check;
 pub mod schedule;
 pub mod state;
 
-pub use check::{run_check, CheckError, CheckSpec};
+pub use check::{run_check, CheckError, CheckSpec, LOCAL_ERROR_KINDS};
 pub use schedule::{CheckKey, CheckResult, Checks};
 pub use state::{Health, Tracker, Transition};
