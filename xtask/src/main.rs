@@ -43,7 +43,12 @@ enum Task {
     },
     /// Setup, then the benchmarks (release build), each figure beside its
     /// baseline. Needs root.
-    Bench,
+    Bench {
+        /// Only these sections (comma-separated: dataplane, maglev, ring,
+        /// detection, health, flows).
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// Setup, then the load test: live-frames generator -> LB -> sink for
     /// 1, 1k and 1M flows, beside an XDP MAC swap and iptables DNAT. Needs root.
     Loadtest,
@@ -64,7 +69,10 @@ fn main() -> ExitCode {
         Task::Setup => setup().map(|_| ()),
         Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
         Task::Demo { keep } => demo(keep),
-        Task::Bench => bench(&[]),
+        Task::Bench { only } => match only {
+            Some(o) => bench(&["--only", &o]),
+            None => bench(&[]),
+        },
         Task::Loadtest => bench(&["--loadtest"]),
     };
     match result {

@@ -284,7 +284,7 @@ fn detection_to_dataplane() -> Result<()> {
         "interface = \"lo\"\n[tables]\nmax_vips = 8\nmax_backends = 256\nring_size = 65537\nmax_flows = 1024\n\
          [forwarding]\ngateway_mac = \"02:00:00:00:00:fe\"\n\
          [[vip]]\nname = \"web\"\naddress = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"ipip\"\n\
-         health = { kind = \"tcp\", rise = 1, fall = 1 }\n",
+         health = { kind = \"tcp\", rise = 1, fall = 1, init_state = \"up\" }\n",
     );
     for i in 0..n {
         text += &format!(
@@ -367,7 +367,7 @@ fn listen_forever() -> Result<()> {
         .build()?;
     rt.block_on(async {
         for p in 0..LISTENERS {
-            let l = tokio::net::TcpListener::bind(("127.0.0.1", LISTEN_BASE + p)).await?;
+            let l = tokio::net::TcpListener::bind(("0.0.0.0", LISTEN_BASE + p)).await?;
             tokio::spawn(async move {
                 while let Ok((s, _)) = l.accept().await {
                     drop(s);
@@ -379,12 +379,48 @@ fn listen_forever() -> Result<()> {
     })
 }
 
+/// CPU % of one core this process used while `work` ran for `window`.
+async fn cpu_percent_during<F: std::future::Future<Output = ()>>(window: Duration, work: F) -> f64 {
+    let (c0, t0) = (cpu_time(), Instant::now());
+    let _ = tokio::time::timeout(window, work).await;
+    (cpu_time() - c0).as_secs_f64() / t0.elapsed().as_secs_f64() * 100.0
+}
+
+/// Pin the calling thread (and threads it starts later) to `cpus`.
+fn pin_to(cpus: &[usize]) {
+    // SAFETY: a zeroed cpu_set_t filled with CPU_SET, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
 fn health_cpu() -> Result<()> {
     let window = Duration::from_secs(5);
-    println!("\n## Health-check CPU, TCP checks every 1 s, over {window:?} (checker process only; servers in another process)");
-    let ns = Netns::new("bench-hc")?;
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("\n## Health-check CPU, TCP checks every 1 s, over {window:?}");
+    println!(
+        "The checker runs pinned to CPU 0 in one namespace; the servers in another, behind a veth pair whose \
+         receive processing (RPS) runs on CPU 1, as a remote backend's and the NIC's would: the figure is the \
+         checker's own cost (its syscalls and the packets it sends). Baselines in the same run: the same checks \
+         closing with FIN (xdplb before closing check connections with RST), and the same timers without I/O."
+    );
+    if cpus < 2 {
+        println!("(only one CPU: server-side work is charged to the checker too)");
+    }
+    let (ns, servers) = integration_tests::topology::veth_pair("bench-hc-c", "c0", "bench-hc-s", "s0")?;
+    ns.ip(&["addr", "add", "198.18.70.1/24", "dev", "c0"])?;
+    servers.ip(&["addr", "add", "198.18.70.2/24", "dev", "s0"])?;
+    if cpus >= 2 {
+        for (n, dev) in [(&ns, "c0"), (&servers, "s0")] {
+            n.exec(&["sh", "-c", &format!("echo 2 > /sys/class/net/{dev}/queues/rx-0/rps_cpus")])?;
+        }
+    }
     let exe = std::env::current_exe()?;
-    let (mut cmd, netns_file) = ns.command(&exe)?;
+    let (mut cmd, netns_file) = servers.command(&exe)?;
     let mut child = cmd
         .arg("--listen")
         .spawn()
@@ -392,8 +428,17 @@ fn health_cpu() -> Result<()> {
     drop(netns_file);
     std::thread::sleep(Duration::from_millis(300));
     let _inside = ns.enter()?;
-    println!("| backends | xdplb checks: CPU % of one core | checks ok/s | baseline: same timers, no I/O: CPU % |");
-    println!("|---:|---:|---:|---:|");
+    if cpus >= 2 {
+        pin_to(&[0]);
+    }
+    println!("| backends | xdplb checks (RST close): CPU % of one core | checks ok/s | baseline: connect + FIN close: CPU % | baseline: timers, no I/O: CPU % |");
+    println!("|---:|---:|---:|---:|---:|");
+    let target = |i: usize| {
+        SocketAddr::from((
+            [198, 18, 70, 2],
+            LISTEN_BASE + (i % LISTENERS as usize) as u16,
+        ))
+    };
     let result = (|| -> Result<()> {
         for n in [1000usize, 10_000] {
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -415,11 +460,7 @@ fn health_cpu() -> Result<()> {
                             vip: format!("v{i}"),
                             backend: IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)),
                         };
-                        let target = SocketAddr::from((
-                            [127, 0, 0, 1],
-                            LISTEN_BASE + (i % LISTENERS as usize) as u16,
-                        ));
-                        (key, CheckSpec::new(&h, target))
+                        (key, CheckSpec::new(&h, target(i)))
                     })
                     .collect();
                 // Warm up one interval, then measure.
@@ -428,27 +469,51 @@ fn health_cpu() -> Result<()> {
                 while Instant::now() < warm {
                     let _ = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await;
                 }
-                let (c0, t0) = (cpu_time(), Instant::now());
                 let mut ok = 0u64;
-                while t0.elapsed() < window {
-                    if let Ok(Some(r)) =
-                        tokio::time::timeout(Duration::from_millis(50), rx.recv()).await
-                    {
+                let cpu = cpu_percent_during(window, async {
+                    while let Some(r) = rx.recv().await {
                         ok += u64::from(r.result.is_ok());
                     }
+                })
+                .await;
+                (cpu, ok as f64 / window.as_secs_f64())
+            });
+            drop(rt);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let fin_cpu = rt.block_on(async {
+                let tasks: Vec<_> = (0..n)
+                    .map(|i| {
+                        let to = target(i);
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis((i % 1000) as u64)).await;
+                            loop {
+                                if let Ok(Ok(s)) = tokio::time::timeout(
+                                    Duration::from_millis(900),
+                                    tokio::net::TcpStream::connect(to),
+                                )
+                                .await
+                                {
+                                    drop(s);
+                                }
+                                tokio::time::sleep(Duration::from_millis(1000 + (i % 100) as u64)).await;
+                            }
+                        })
+                    })
+                    .collect();
+                tokio::time::sleep(Duration::from_millis(1200)).await;
+                let cpu = cpu_percent_during(window, std::future::pending()).await;
+                for t in tasks {
+                    t.abort();
                 }
-                let used = cpu_time() - c0;
-                (
-                    used.as_secs_f64() / t0.elapsed().as_secs_f64() * 100.0,
-                    ok as f64 / window.as_secs_f64(),
-                )
+                cpu
             });
             drop(rt);
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             let timers_cpu = rt.block_on(async {
-                let (c0, t0) = (cpu_time(), Instant::now());
                 let tasks: Vec<_> = (0..n)
                     .map(|_| {
                         tokio::spawn(async {
@@ -458,19 +523,143 @@ fn health_cpu() -> Result<()> {
                         })
                     })
                     .collect();
-                tokio::time::sleep(window).await;
+                let cpu = cpu_percent_during(window, std::future::pending()).await;
                 for t in tasks {
                     t.abort();
                 }
-                (cpu_time() - c0).as_secs_f64() / t0.elapsed().as_secs_f64() * 100.0
+                cpu
             });
-            println!("| {n} | {checks_cpu:.1} | {ok_rate:.0} | {timers_cpu:.1} |");
+            println!("| {n} | {checks_cpu:.1} | {ok_rate:.0} | {fin_cpu:.1} | {timers_cpu:.1} |");
         }
         Ok(())
     })();
+    if cpus >= 2 {
+        pin_to(&(0..cpus).collect::<Vec<_>>());
+    }
     let _ = child.kill();
     let _ = child.wait();
     result
+}
+
+/// A flap storm fed straight to the controller: 250 backends of one VIP
+/// change state 600 times a second beside a calm VIP; rings computed per
+/// second and controller CPU, reconciling at once per change (baseline)
+/// or coalesced per 50 ms window (the daemon).
+fn flap_storm() -> Result<()> {
+    let window = Duration::from_secs(3);
+    let rate = 600.0;
+    println!("\n## Flap storm: 250 backends of one VIP (65537 slots) changing state {rate:.0} times/s beside a calm VIP, {window:?}");
+    let mut text = String::from(
+        "interface = \"lo\"\n[tables]\nmax_vips = 8\nmax_backends = 512\nring_size = 65537\nmax_flows = 1024\n\
+         [forwarding]\ngateway_mac = \"02:00:00:00:00:fe\"\n\
+         [[vip]]\nname = \"storm\"\naddress = \"198.18.0.10\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"ipip\"\n\
+         health = { kind = \"tcp\", rise = 1, fall = 1, init_state = \"up\" }\n",
+    );
+    for i in 0..250 {
+        text += &format!("[[vip.backend]]\naddress = \"198.18.64.{}\"\n", 1 + i);
+    }
+    text += "[[vip]]\nname = \"calm\"\naddress = \"198.18.0.20\"\nport = 80\nprotocol = \"tcp\"\nforwarding = \"ipip\"\n\
+             health = { kind = \"tcp\", rise = 1, fall = 1, init_state = \"up\" }\n";
+    for i in 0..100 {
+        text += &format!("[[vip.backend]]\naddress = \"198.18.65.{}\"\n", 1 + i);
+    }
+    let config = Config::parse(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!("| mode | changes applied/s | rings computed/s | controller CPU % of one core |");
+    println!("|---|---:|---:|---:|");
+    for coalesced in [false, true] {
+        let dp = Dataplane::load(config.tables.sizes())?;
+        let mut ctl = Controller::new(config.clone(), None, dp)?;
+        ctl.reconcile()?;
+        let rings0 = ctl.ring_rebuilds();
+        let (c0, t0) = (cpu_time(), Instant::now());
+        let mut sent = 0u64;
+        let mut pending = false;
+        let mut last = Instant::now();
+        while t0.elapsed() < window {
+            // Changes due by now, alternating down/up per backend.
+            let due = (t0.elapsed().as_secs_f64() * rate) as u64;
+            while sent < due {
+                let i = sent % 250;
+                let result = if (sent / 250) % 2 == 0 {
+                    Err("refused".into())
+                } else {
+                    Ok(Duration::from_millis(1))
+                };
+                let key = CheckKey {
+                    vip: "storm".into(),
+                    backend: format!("198.18.64.{}", 1 + i).parse()?,
+                };
+                if coalesced {
+                    pending |= ctl.record_check(CheckResult { key, result });
+                } else {
+                    ctl.on_check(CheckResult { key, result });
+                }
+                sent += 1;
+            }
+            if coalesced && pending && last.elapsed() >= Duration::from_millis(50) {
+                ctl.reconcile()?;
+                pending = false;
+                last = Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu = (cpu_time() - c0).as_secs_f64() / secs * 100.0;
+        let rings = (ctl.ring_rebuilds() - rings0) as f64 / secs;
+        println!(
+            "| {} | {:.0} | {rings:.1} | {cpu:.0} |",
+            if coalesced {
+                "xdplb: coalesced, at most one reconcile per 50 ms"
+            } else {
+                "baseline: a reconcile per change"
+            },
+            sent as f64 / secs
+        );
+    }
+    Ok(())
+}
+
+/// Counting a full conntrack table: one lookup per entry (before) against
+/// batched lookups (what the daemon's background counter does).
+fn flow_count() -> Result<()> {
+    let n: u32 = 630_000;
+    println!("\n## Counting {n} conntrack entries (1M-entry table)");
+    let mut dp = Dataplane::load(Sizes {
+        max_flows: 1 << 20,
+        ..SIZES
+    })?;
+    let keys: Vec<xdp_common::FlowKey> = (0..n)
+        .map(|i| {
+            let mut src = [0u8; 16];
+            src[..4].copy_from_slice(&[198, 18, (i >> 16) as u8, (i >> 8) as u8]);
+            let mut dst = [0u8; 16];
+            dst[..4].copy_from_slice(&[198, 18, 0, 10]);
+            xdp_common::FlowKey {
+                src,
+                dst,
+                sport: (i as u16).to_be(),
+                dport: 80u16.to_be(),
+                proto: 6,
+                family: 4,
+                _pad: [0; 2],
+            }
+        })
+        .collect();
+    let states = vec![xdp_common::FlowState::default(); keys.len()];
+    dp.set_flows(&keys, &states)?;
+    let lab_fill = keys.len();
+    let t = Instant::now();
+    let walked = dp.flow_count_walk()?;
+    let walk = t.elapsed();
+    let t = Instant::now();
+    let batched = dp.flow_count()?;
+    let batch = t.elapsed();
+    println!("| method | entries | ms |");
+    println!("|---|---:|---:|");
+    println!("| baseline: one lookup per entry | {walked} | {:.0} |", walk.as_secs_f64() * 1e3);
+    println!("| xdplb: BPF_MAP_LOOKUP_BATCH, 4096 per call | {batched} | {:.0} |", batch.as_secs_f64() * 1e3);
+    println!("(filled {lab_fill} entries; the daemon counts on its own thread every 2 s or more, never on the controller's)");
+    Ok(())
 }
 
 /// One load-test configuration of the LB host.
@@ -739,11 +928,35 @@ fn main() -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmarks load XDP programs: run them as root");
     }
+    // `--only a,b` runs only the named sections.
+    let args: Vec<String> = std::env::args().collect();
+    let only: Option<Vec<String>> = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split(',').map(str::to_owned).collect());
+    let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|n| n == name));
     println!("# xdplb benchmarks\n\nMachine: {}", machine());
-    dataplane()?;
-    maglev();
-    ring_write()?;
-    detection_to_dataplane()?;
-    health_cpu()?;
+    if wanted("dataplane") {
+        dataplane()?;
+    }
+    if wanted("maglev") {
+        maglev();
+    }
+    if wanted("ring") {
+        ring_write()?;
+    }
+    if wanted("detection") {
+        detection_to_dataplane()?;
+    }
+    if wanted("health") {
+        health_cpu()?;
+    }
+    if wanted("storm") {
+        flap_storm()?;
+    }
+    if wanted("flows") {
+        flow_count()?;
+    }
     Ok(())
 }

@@ -848,6 +848,18 @@ impl Dataplane {
         Ok(FlowCounter::count_fd(map.fd().as_fd())? as usize)
     }
 
+    /// Number of tracked flows, one lookup per entry: the baseline the
+    /// benchmarks compare [`Dataplane::flow_count`] with.
+    pub fn flow_count_walk(&self) -> Result<usize> {
+        let map: HashMap<_, FlowKey, FlowState> = HashMap::try_from(self.map(names::FLOWS)?)?;
+        Ok(map.keys().filter(Result::is_ok).count())
+    }
+
+    /// Track `flows` (batched): fills conntrack for tests and benchmarks.
+    pub fn set_flows(&mut self, keys: &[FlowKey], states: &[FlowState]) -> Result<()> {
+        update_batch(map_data(self.map(names::FLOWS)?)?, keys, states)
+    }
+
     /// A counter of tracked flows that another thread can run: it holds its
     /// own descriptor of the conntrack map.
     pub fn flow_counter(&self) -> Result<FlowCounter> {
