@@ -621,3 +621,73 @@ fn a_flapping_backend_is_held_down() {
     .expect("back after the hold");
     daemon.stop().unwrap();
 }
+
+#[test]
+fn half_open_probes_tell_open_closed_and_silent_ports_apart() {
+    use xdp_user::health::probe::{source_for, Prober};
+    if !require_root() {
+        return;
+    }
+    let ns = topology("load-probe");
+    // A neighbour that never answers: an address on the veth's far side
+    // with a static neighbour entry, so packets leave and nothing returns.
+    ns.ip(&["addr", "add", "198.18.9.1/24", "dev", "lb0"])
+        .unwrap();
+    ns.ip(&[
+        "neigh",
+        "add",
+        "198.18.9.2",
+        "lladdr",
+        "02:00:00:00:00:09",
+        "dev",
+        "lb0",
+    ])
+    .unwrap();
+    let _open = servers(&ns, &["198.18.1.1"]);
+    let _inside = ns.enter().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let prober = Prober::open().expect("root may open raw sockets");
+        let probe = |addr: &str| {
+            let target: SocketAddr = addr.parse().unwrap();
+            let source = source_for(target).unwrap();
+            let prober = prober.clone();
+            async move {
+                let t = Instant::now();
+                let r = prober
+                    .probe(source, target, Duration::from_millis(300))
+                    .await;
+                (r, t.elapsed())
+            }
+        };
+        let (open, _) = probe("198.18.1.1:80").await;
+        assert!(open.is_ok(), "{open:?}");
+        let (closed, took) = probe("198.18.1.1:81").await;
+        let e = closed.expect_err("nothing listens on 81");
+        assert!(e.reason.contains("reset"), "{e}");
+        assert!(
+            took < Duration::from_millis(300),
+            "a reset is immediate ({took:?})"
+        );
+        let (silent, took) = probe("198.18.9.2:80").await;
+        let e = silent.expect_err("no host answers");
+        assert!(e.reason.contains("timed out"), "{e}");
+        assert!(took >= Duration::from_millis(300), "{took:?}");
+        // Many at once, to one port: each gets its own answer.
+        let all = futures_join((0..20).map(|_| probe("198.18.1.1:80")).collect::<Vec<_>>()).await;
+        assert!(all.iter().all(|(r, _)| r.is_ok()), "{all:?}");
+    });
+}
+
+/// Await every future (no extra crate for one join).
+async fn futures_join<F: std::future::Future>(fs: Vec<F>) -> Vec<F::Output> {
+    let handles: Vec<_> = fs.into_iter().map(Box::pin).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await);
+    }
+    out
+}

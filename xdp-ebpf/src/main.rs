@@ -1,8 +1,8 @@
 //! xdplb's XDP programs: `xdp_lb`, the balancer on the LB host's NIC,
 //! `decap`, the tunnel terminator for backends without ipip/ip6tnl devices,
 //! and, for tests and benchmarks, `xdp_pass` (empty), `xdp_gen` (live-frames
-//! load generator), `xdp_sink` (counting sink) and `xdp_swap` (MAC-swap
-//! forwarder baseline).
+//! load generator), `xdp_sink` (counting sink), `xdp_swap` (MAC-swap
+//! forwarder baseline) and `xdp_synack` (a SYN-answering benchmark backend).
 //!
 //! Odd-packet policy, each counted under its `xdp_common::reason`:
 //! - not IP, or not addressed to a VIP: `XDP_PASS`, untouched;
@@ -333,6 +333,83 @@ pub fn xdp_swap(ctx: XdpContext) -> u32 {
         Ok(()) => XDP_TX,
         Err(Malformed) => XDP_PASS,
     }
+}
+
+/// Benchmark backend: answers every IPv4 TCP SYN with a SYN-ACK, as a
+/// remote host's kernel would, and a FIN with a reset (so a closing client
+/// is done at once, as after a server's FIN-ACK); drops other TCP segments
+/// (the handshake's ACK, resets) and passes the rest (ARP). Health-check
+/// benchmarks use it so the checker is charged only for its own side.
+#[xdp]
+pub fn xdp_synack(ctx: XdpContext) -> u32 {
+    match synack(&ctx) {
+        Ok(action) => action,
+        Err(Malformed) => XDP_PASS,
+    }
+}
+
+/// RFC 1624: a checksum after one 16-bit word changed from `old` to `new`.
+#[inline(always)]
+fn csum_replace(csum: u16, old: u16, new: u16) -> u16 {
+    let mut sum = u32::from(!csum) + u32::from(!old) + u32::from(new);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    !(sum as u16)
+}
+
+#[inline(always)]
+fn synack(ctx: &XdpContext) -> Result<u32, Malformed> {
+    const TCP: usize = 14 + 20;
+    let head: [u8; 24] = parse::read(ctx, 12)?;
+    // IPv4 without options, TCP.
+    if head[0..2] != [0x08, 0x00] || head[2] != 0x45 || head[11] != 6 {
+        return Ok(XDP_PASS);
+    }
+    let tcp: [u8; 18] = parse::read(ctx, TCP)?;
+    let syn = tcp[13] & 0x12 == 0x02;
+    let fin = tcp[13] & 0x05 == 0x01;
+    if !syn && !fin {
+        return Ok(XDP_DROP);
+    }
+    swap_macs(ctx)?;
+    let addrs: [u8; 8] = parse::read(ctx, 26)?;
+    let mut swapped = [0u8; 8];
+    swapped[..4].copy_from_slice(&addrs[4..]);
+    swapped[4..].copy_from_slice(&addrs[..4]);
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe { *parse::ptr_at_mut::<[u8; 8]>(ctx, 26)? = swapped };
+    // Ports swap, seq/ack/flags change; swapping addresses or ports leaves
+    // the checksum as it was (a sum does not care about order).
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let old_ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+    let old_flags = u16::from_be_bytes([tcp[12], tcp[13]]);
+    // SYN -> SYN-ACK acknowledging it; FIN -> RST at the sequence it expects.
+    let (new_seq, new_ack, flags) = if syn {
+        (seq ^ 0x5eed_5eed, seq.wrapping_add(1), 0x12)
+    } else {
+        (old_ack, 0, 0x04)
+    };
+    let new_flags = (old_flags & 0xff00) | flags;
+    let mut csum = u16::from_be_bytes([tcp[16], tcp[17]]);
+    for (old, new) in [
+        ((seq >> 16) as u16, (new_seq >> 16) as u16),
+        (seq as u16, new_seq as u16),
+        ((old_ack >> 16) as u16, (new_ack >> 16) as u16),
+        (old_ack as u16, new_ack as u16),
+        (old_flags, new_flags),
+    ] {
+        csum = csum_replace(csum, old, new);
+    }
+    let mut out = tcp;
+    out[0..2].copy_from_slice(&tcp[2..4]);
+    out[2..4].copy_from_slice(&tcp[0..2]);
+    out[4..8].copy_from_slice(&new_seq.to_be_bytes());
+    out[8..12].copy_from_slice(&new_ack.to_be_bytes());
+    out[12..14].copy_from_slice(&new_flags.to_be_bytes());
+    out[16..18].copy_from_slice(&csum.to_be_bytes());
+    // SAFETY: bounds checked by ptr_at_mut.
+    unsafe { *parse::ptr_at_mut::<[u8; 18]>(ctx, TCP)? = out };
+    Ok(XDP_TX)
 }
 
 #[inline(always)]

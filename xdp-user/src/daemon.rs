@@ -182,7 +182,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     ctl.reconcile_logged();
     let (check_tx, mut check_rx) = mpsc::channel(4096);
-    let mut checks = Checks::new(check_tx);
+    let mut checks = Checks::on(
+        crate::health::own_runtime().context("starting the health-check thread")?,
+        check_tx,
+    );
+    info!(
+        half_open = checks.half_open(),
+        "health checks on their own thread"
+    );
     checks.sync(ctl.wanted_checks());
     let fds_needed = checks.len() as u64
         + (crate::http::MAX_CONNECTIONS + api::MAX_ADMIN_CONNECTIONS) as u64

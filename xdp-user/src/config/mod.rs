@@ -335,6 +335,10 @@ pub struct HealthCheck {
     /// UDP: the reply must start with this.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expect: Option<String>,
+    /// TCP checks: a half-open SYN probe (true: no connection on the
+    /// backend, far cheaper at scale) or a full connect (false). Half-open
+    /// needs CAP_NET_RAW; without it checks connect.
+    pub half_open: bool,
     /// Where a backend the daemon has not checked yet starts: `checked`
     /// keeps it out of the ring until its first check passes; `up` puts it
     /// in at once (until `fall` failures).
@@ -373,6 +377,7 @@ impl Default for HealthCheck {
             host: None,
             send: None,
             expect: None,
+            half_open: true,
             init_state: InitState::Checked,
             flap_limit: 0,
             flap_window_ms: 60_000,

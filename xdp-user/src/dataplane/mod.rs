@@ -925,6 +925,8 @@ pub const GEN_PROGRAM: &str = "xdp_gen";
 pub const SINK_PROGRAM: &str = "xdp_sink";
 /// The MAC-swapping forwarder, the load tests' XDP baseline.
 pub const SWAP_PROGRAM: &str = "xdp_swap";
+/// The SYN-answering benchmark backend.
+pub const SYNACK_PROGRAM: &str = "xdp_synack";
 
 /// One of the object's helper programs, loaded on its own (its maps are
 /// created at their minimum sizes).

@@ -23,6 +23,8 @@ pub struct CheckSpec {
     pub expect_status: u16,
     pub send: Vec<u8>,
     pub expect: Vec<u8>,
+    /// TCP: a half-open SYN probe where the prober can send one.
+    pub half_open: bool,
 }
 
 impl CheckSpec {
@@ -38,6 +40,7 @@ impl CheckSpec {
             expect_status: h.expect_status,
             send: h.send.clone().unwrap_or_default().into_bytes(),
             expect: h.expect.clone().unwrap_or_default().into_bytes(),
+            half_open: h.half_open,
         }
     }
 }
@@ -106,10 +109,68 @@ fn io_error(what: &str, e: std::io::Error) -> CheckError {
 
 /// Run one check: Ok(latency) or why not.
 pub async fn run_check(spec: &CheckSpec) -> Result<Duration, CheckError> {
+    run_check_with(spec, None).await
+}
+
+/// How long a route's source address is trusted before it is looked up
+/// again (also after any failed probe, so a route change costs at most one
+/// failed check).
+const SOURCE_TTL: Duration = Duration::from_secs(300);
+
+/// One backend's half-open probing: the shared prober and the source
+/// address towards this backend.
+pub struct HalfOpen {
+    pub prober: std::sync::Arc<super::probe::Prober>,
+    source: Option<(std::net::IpAddr, Instant)>,
+}
+
+impl HalfOpen {
+    pub fn new(prober: std::sync::Arc<super::probe::Prober>) -> Self {
+        Self {
+            prober,
+            source: None,
+        }
+    }
+
+    async fn check(
+        &mut self,
+        target: std::net::SocketAddr,
+        timeout: Duration,
+    ) -> Result<(), CheckError> {
+        // Taken out while the probe runs: a probe that fails or times out
+        // (and is dropped) leaves it to be looked up again.
+        let (source, at) = match self.source.take() {
+            Some((s, at)) if at.elapsed() < SOURCE_TTL => (s, at),
+            _ => (
+                super::probe::source_for(target).map_err(|e| io_error("route", e))?,
+                Instant::now(),
+            ),
+        };
+        let result = self.prober.probe(source, target, timeout).await;
+        if result.is_ok() {
+            self.source = Some((source, at));
+        }
+        result
+    }
+}
+
+/// Run one check, a TCP one as a half-open probe where `half_open` can.
+pub async fn run_check_with(
+    spec: &CheckSpec,
+    half_open: Option<&mut HalfOpen>,
+) -> Result<Duration, CheckError> {
     let started = Instant::now();
-    let result = match timeout(spec.timeout, attempt(spec)).await {
-        Ok(r) => r,
-        Err(_) => Err(format!("timed out after {:?}", spec.timeout).into()),
+    let result = match half_open {
+        // The prober bounds the wait itself (one sweep, not a timer each).
+        Some(h)
+            if spec.kind == CheckKind::Tcp && spec.half_open && h.prober.handles(spec.target) =>
+        {
+            h.check(spec.target, spec.timeout).await
+        }
+        _ => match timeout(spec.timeout, attempt(spec)).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("timed out after {:?}", spec.timeout).into()),
+        },
     };
     result.map(|()| started.elapsed())
 }

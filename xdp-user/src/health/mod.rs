@@ -3,9 +3,10 @@
 //! task on one tokio runtime.
 
 pub mod check;
+pub mod probe;
 pub mod schedule;
 pub mod state;
 
 pub use check::{run_check, CheckError, CheckSpec, LOCAL_ERROR_KINDS};
-pub use schedule::{CheckKey, CheckResult, Checks};
+pub use schedule::{own_runtime, CheckKey, CheckResult, Checks};
 pub use state::{Health, Tracker, Transition};

@@ -11,7 +11,10 @@ use std::{
 
 use tokio::{sync::mpsc, task::JoinHandle, time::sleep};
 
-use super::check::{run_check, CheckError, CheckSpec};
+use super::{
+    check::{run_check_with, CheckError, CheckSpec, HalfOpen},
+    probe::Prober,
+};
 
 /// Which check: a backend of a VIP (health is per VIP: ports and checks differ).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -31,6 +34,10 @@ pub struct CheckResult {
 pub struct Checks {
     tasks: HashMap<CheckKey, (CheckSpec, JoinHandle<()>)>,
     results: mpsc::Sender<CheckResult>,
+    /// The runtime the checks run on.
+    runtime: tokio::runtime::Handle,
+    /// Half-open TCP probes, when raw sockets are allowed.
+    prober: Option<std::sync::Arc<Prober>>,
 }
 
 /// xorshift64: jitter only needs to desynchronise checks, not be secure.
@@ -49,7 +56,13 @@ fn jitter(state: &mut u64, max: Duration) -> Duration {
     Duration::from_nanos(next_random(state) % max_ns)
 }
 
-fn spawn(key: CheckKey, spec: CheckSpec, results: mpsc::Sender<CheckResult>) -> JoinHandle<()> {
+fn spawn(
+    runtime: &tokio::runtime::Handle,
+    key: CheckKey,
+    spec: CheckSpec,
+    results: mpsc::Sender<CheckResult>,
+    prober: Option<std::sync::Arc<Prober>>,
+) -> JoinHandle<()> {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
     key.hash(&mut hasher);
     let mut rng = hasher.finish()
@@ -57,7 +70,8 @@ fn spawn(key: CheckKey, spec: CheckSpec, results: mpsc::Sender<CheckResult>) -> 
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
         | 1;
-    tokio::spawn(async move {
+    runtime.spawn(async move {
+        let mut half_open = prober.map(HalfOpen::new);
         // Spread the first checks over one interval so a restart with
         // thousands of backends does not fire them all at once.
         sleep(jitter(
@@ -66,7 +80,7 @@ fn spawn(key: CheckKey, spec: CheckSpec, results: mpsc::Sender<CheckResult>) -> 
         ))
         .await;
         loop {
-            let result = run_check(&spec).await;
+            let result = run_check_with(&spec, half_open.as_mut()).await;
             if results
                 .send(CheckResult {
                     key: key.clone(),
@@ -82,12 +96,44 @@ fn spawn(key: CheckKey, spec: CheckSpec, results: mpsc::Sender<CheckResult>) -> 
     })
 }
 
+/// A single-threaded runtime on a thread of its own, for health checks: no
+/// client of the daemon's API or metrics can delay them, and thousands of
+/// checks cost no cross-thread wake-ups.
+pub fn own_runtime() -> std::io::Result<tokio::runtime::Handle> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = rt.handle().clone();
+    std::thread::Builder::new()
+        .name("health".into())
+        .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+    Ok(handle)
+}
+
 impl Checks {
+    /// Checks on the current runtime, reporting to `results`; TCP checks
+    /// probe half-open where this process may open raw sockets.
     pub fn new(results: mpsc::Sender<CheckResult>) -> Self {
+        Self::on(tokio::runtime::Handle::current(), results)
+    }
+
+    /// Checks on `runtime` (e.g. one of their own, see [`own_runtime`]).
+    pub fn on(runtime: tokio::runtime::Handle, results: mpsc::Sender<CheckResult>) -> Self {
+        let prober = {
+            let _in = runtime.enter();
+            Prober::open()
+        };
         Self {
             tasks: HashMap::new(),
             results,
+            runtime,
+            prober,
         }
+    }
+
+    /// Whether TCP checks can probe half-open here.
+    pub fn half_open(&self) -> bool {
+        self.prober.is_some()
     }
 
     /// Run exactly the `wanted` checks: start new ones, restart changed
@@ -105,7 +151,13 @@ impl Checks {
                 }
             });
         for (key, spec) in wanted {
-            let task = spawn(key.clone(), spec.clone(), self.results.clone());
+            let task = spawn(
+                &self.runtime,
+                key.clone(),
+                spec.clone(),
+                self.results.clone(),
+                self.prober.clone(),
+            );
             self.tasks.insert(key, (spec, task));
         }
     }
