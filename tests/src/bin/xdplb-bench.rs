@@ -580,7 +580,6 @@ fn flap_storm() -> Result<()> {
 /// batched lookups (what the daemon's background counter does).
 fn flow_count() -> Result<()> {
     let n: u32 = 630_000;
-    println!("\n## Counting {n} conntrack entries (1M-entry table)");
     let mut dp = Dataplane::load(Sizes {
         max_flows: 1 << 20,
         ..SIZES
