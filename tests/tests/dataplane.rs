@@ -579,11 +579,18 @@ fn flows_of_a_down_backend_are_reselected() {
     // Marked down but still in the ring: not forwarded to a dead backend.
     lab.dp.set_backend_state(1, backend_state::DOWN).unwrap();
     let stats = lab.stats();
+    let drops = lab.dp.vip_drops(WEB4.vip_id).unwrap();
     assert_eq!(send(&lab, &f), XDP_DROP);
     assert_eq!(
         lab.stats()[NO_BACKEND as usize] - stats[NO_BACKEND as usize],
         1
     );
+    // Counted for its VIP too, and for no other.
+    assert_eq!(
+        lab.dp.vip_drops(WEB4.vip_id).unwrap().no_backend - drops.no_backend,
+        1
+    );
+    assert_eq!(lab.dp.vip_drops(DNS4.vip_id).unwrap().no_backend, 0);
 
     // Ring rebuilt without it: the flow moves and conntrack follows.
     let ring = ring_of(&[0, 2]);

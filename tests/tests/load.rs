@@ -364,6 +364,7 @@ fn the_exposition_is_valid_and_complete() {
     }
     for family in [
         "xdplb_build_info",
+        "xdplb_vip_dropped_total",
         "xdplb_backend_weight",
         "xdplb_vip_usable_backends",
         "xdplb_config_last_reload_successful",

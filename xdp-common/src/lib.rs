@@ -137,6 +137,16 @@ pub struct Counters {
     pub new_flows: u64,
 }
 
+/// Packets of one VIP the balancer dropped, by reason (per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct VipDrops {
+    /// No usable backend in the VIP's ring.
+    pub no_backend: u64,
+    /// No headroom to encapsulate.
+    pub encap_failed: u64,
+}
+
 /// Global per-reason counters (STATS map indexes).
 ///
 /// The first `ACTION_COUNT` reasons are exclusive: every packet the balancer
@@ -273,6 +283,7 @@ pub mod map_names {
     pub const STATS: &str = "STATS";
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
+    pub const VIP_DROPS: &str = "VIP_DROPS";
     pub const CONFIG: &str = "CONFIG";
     pub const DECAP_VIPS: &str = "DECAP_VIPS";
     pub const DECAP_STATS: &str = "DECAP_STATS";
@@ -297,6 +308,7 @@ mod user {
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
     unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for VipDrops {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for DecapKey {}
 }

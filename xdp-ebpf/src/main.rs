@@ -130,7 +130,7 @@ fn balance(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<u32
         _pad: [0; 2],
     };
     let Some(choice) = flow::select(&flow, &vip) else {
-        count(reason::NO_BACKEND);
+        stats::count_vip_drop(vip.vip_id, reason::NO_BACKEND);
         return Ok(XDP_DROP);
     };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
@@ -166,7 +166,7 @@ fn icmp_error(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<
         _pad: [0; 2],
     };
     let Some((backend_id, backend)) = flow::owner(&flow, &vip) else {
-        count(reason::NO_BACKEND);
+        stats::count_vip_drop(vip.vip_id, reason::NO_BACKEND);
         return Ok(XDP_DROP);
     };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
@@ -204,7 +204,7 @@ fn transmit(
     match forward::encapsulate(ctx, &l2, &inner, backend, cfg)? {
         Ok(()) => Ok(XDP_TX),
         Err(forward::NoRoom) => {
-            count(reason::ENCAP_FAILED);
+            stats::count_vip_drop(vip.vip_id, reason::ENCAP_FAILED);
             Ok(XDP_DROP)
         }
     }

@@ -7,7 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
 };
 use xdp_common::{
-    decap_reason, reason, Backend, Config, Counters, DecapKey, FlowKey, FlowState, VipKey, VipMeta,
+    decap_reason, reason, Backend, Config, Counters, DecapKey, FlowKey, FlowState, VipDrops,
+    VipKey, VipMeta,
 };
 
 /// Placeholder size of maps the loader resizes.
@@ -43,6 +44,11 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(reason::COUNT
 /// Per-VIP packets, bytes, new flows, indexed by vip_id, per CPU.
 #[map]
 pub static VIP_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(SIZED_AT_LOAD, 0);
+
+/// Per-VIP drops by reason, indexed by vip_id, per CPU; written by the
+/// program on its drop paths only.
+#[map]
+pub static VIP_DROPS: PerCpuArray<VipDrops> = PerCpuArray::with_max_entries(SIZED_AT_LOAD, 0);
 
 /// Per-backend packets, bytes, new flows, indexed by backend id, per CPU.
 #[map]

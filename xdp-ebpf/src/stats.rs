@@ -3,7 +3,7 @@
 
 use xdp_common::Counters;
 
-use crate::maps::{BACKEND_STATS, DECAP_STATS, STATS, VIP_STATS};
+use crate::maps::{BACKEND_STATS, DECAP_STATS, STATS, VIP_DROPS, VIP_STATS};
 
 /// Count one event under a global reason (`xdp_common::reason`).
 #[inline(always)]
@@ -11,6 +11,23 @@ pub fn count(reason: u32) {
     if let Some(c) = STATS.get_ptr_mut(reason) {
         // SAFETY: per-CPU slot, valid for the program's run.
         unsafe { *c += 1 };
+    }
+}
+
+/// Count a packet of VIP `vip_id` dropped for `reason` (`NO_BACKEND` or
+/// `ENCAP_FAILED`), globally and for the VIP.
+#[inline(always)]
+pub fn count_vip_drop(vip_id: u32, reason: u32) {
+    count(reason);
+    if let Some(d) = VIP_DROPS.get_ptr_mut(vip_id) {
+        // SAFETY: per-CPU slot, valid for the program's run.
+        unsafe {
+            if reason == xdp_common::reason::NO_BACKEND {
+                (*d).no_backend += 1;
+            } else {
+                (*d).encap_failed += 1;
+            }
+        }
     }
 }
 

@@ -178,6 +178,22 @@ pub fn render(ctl: &mut Controller, format: Format) -> String {
             }),
         );
     }
+    e.counter(
+        "xdplb_vip_dropped_total",
+        "Packets of the VIP dropped, by reason (no_backend: no usable backend; encap_failed: no headroom to encapsulate).",
+        status.vips.iter().flat_map(|v| {
+            [
+                ("no_backend", v.drops.no_backend),
+                ("encap_failed", v.drops.encap_failed),
+            ]
+            .into_iter()
+            .map(move |(r, n)| {
+                let mut l = vip_labels(v);
+                l.push(("reason".into(), r.into()));
+                (l, n)
+            })
+        }),
+    );
     e.gauge(
         "xdplb_vip_usable_backends",
         "Backends of the VIP its ring holds now (up and weight above 0).",

@@ -28,7 +28,7 @@ use xdp_common::{backend_state, VipKey};
 pub use health::BackendHealth;
 pub use plan::DoesNotFit;
 pub use selfcheck::SelfCheck;
-pub use status::{state_name, BackendStatus, Status, Traffic, VipStatus};
+pub use status::{state_name, BackendStatus, Drops, Status, Traffic, VipStatus};
 
 use crate::{
     config::{parse_mac, parse_prefix, Change, CheckKind, Config, ConfigFile, PacketAction},

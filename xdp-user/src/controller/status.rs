@@ -51,6 +51,9 @@ impl Controller {
             let counters = vip_id
                 .and_then(|id| self.dp.vip_stats(id).ok())
                 .unwrap_or_default();
+            let drops = vip_id
+                .and_then(|id| self.dp.vip_drops(id).ok())
+                .unwrap_or_default();
             vips.push(VipStatus {
                 name: vip.name.clone(),
                 endpoint: vip.endpoint(),
@@ -59,6 +62,10 @@ impl Controller {
                 check: vip.health.kind,
                 id: vip_id,
                 counters: counters.into(),
+                drops: Drops {
+                    no_backend: drops.no_backend,
+                    encap_failed: drops.encap_failed,
+                },
                 backends,
             });
         }
@@ -137,6 +144,13 @@ pub struct BackendStatus {
     pub counters: Traffic,
 }
 
+/// Packets of a VIP the balancer dropped, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Drops {
+    pub no_backend: u64,
+    pub encap_failed: u64,
+}
+
 #[derive(Debug, Serialize)]
 pub struct VipStatus {
     pub name: String,
@@ -146,6 +160,7 @@ pub struct VipStatus {
     pub check: CheckKind,
     pub id: Option<u32>,
     pub counters: Traffic,
+    pub drops: Drops,
     pub backends: Vec<BackendStatus>,
 }
 

@@ -22,7 +22,7 @@ pub use link::{Attachment, LINK_PIN};
 use sys::update_batch;
 use xdp_common::{
     backend_state, decap_reason, map_names as names, reason, Backend, Config, Counters, DecapKey,
-    FlowKey, FlowState, VipKey, VipMeta, FAMILY_V4, FAMILY_V6,
+    FlowKey, FlowState, VipDrops, VipKey, VipMeta, FAMILY_V4, FAMILY_V6,
 };
 
 /// The eBPF object built by `build.rs` (empty when built with AYA_BUILD_SKIP).
@@ -215,20 +215,21 @@ fn add_counters(a: Counters, b: Counters) -> Counters {
 }
 
 /// Maps of the balancer, all pinned by a daemon.
-const LB_MAPS: [&str; 8] = [
+const LB_MAPS: [&str; 9] = [
     names::VIPS,
     names::RINGS,
     names::BACKENDS,
     names::FLOWS,
     names::STATS,
     names::VIP_STATS,
+    names::VIP_DROPS,
     names::BACKEND_STATS,
     names::CONFIG,
 ];
 
 /// Key and value size of every balancer map: the ABI a pinned map must
 /// match to be adopted.
-fn map_layouts() -> [(&'static str, u32, u32); 8] {
+fn map_layouts() -> [(&'static str, u32, u32); 9] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -246,6 +247,7 @@ fn map_layouts() -> [(&'static str, u32, u32); 8] {
         ),
         (names::STATS, 4, 8),
         (names::VIP_STATS, 4, sz(size_of::<Counters>())),
+        (names::VIP_DROPS, 4, sz(size_of::<VipDrops>())),
         (names::BACKEND_STATS, 4, sz(size_of::<Counters>())),
         (names::CONFIG, 4, sz(size_of::<Config>())),
     ]
@@ -343,6 +345,7 @@ fn check_adopted_maps(ebpf: &Ebpf, sizes: &Sizes, ring_entries: u32) -> Result<(
     let dataplane_sizes = [
         (names::VIPS, sizes.max_vips),
         (names::VIP_STATS, sizes.max_vips),
+        (names::VIP_DROPS, sizes.max_vips),
         (names::RINGS, ring_entries),
         (names::BACKENDS, sizes.max_backends),
         (names::BACKEND_STATS, sizes.max_backends),
@@ -439,6 +442,7 @@ impl Dataplane {
         loader
             .map_max_entries(names::VIPS, sizes.max_vips)
             .map_max_entries(names::VIP_STATS, sizes.max_vips)
+            .map_max_entries(names::VIP_DROPS, sizes.max_vips)
             .map_max_entries(names::RINGS, ring_entries)
             .map_max_entries(names::BACKENDS, sizes.max_backends)
             .map_max_entries(names::BACKEND_STATS, sizes.max_backends)
@@ -676,6 +680,7 @@ impl Dataplane {
             update_batch(array_data(self.map(names::RINGS)?)?, &slots, &empty)
                 .context("clearing the new VIP's ring")?;
             self.reset_counters(names::VIP_STATS, vip_id)?;
+            self.reset_drops(vip_id)?;
         }
         let active_ring = existing.map_or(0, |m| m.active_ring);
         let meta = VipMeta {
@@ -744,6 +749,38 @@ impl Dataplane {
         (base..base + size)
             .map(|slot| rings.get(&slot, 0).context("reading RINGS"))
             .collect()
+    }
+
+    /// Zero a VIP's drop counters (a reused VIP id).
+    fn reset_drops(&mut self, vip_id: u32) -> Result<()> {
+        let mut drops: PerCpuArray<_, VipDrops> =
+            PerCpuArray::try_from(self.map_mut(names::VIP_DROPS)?)?;
+        let cpus = aya::util::nr_cpus()
+            .map_err(|(_, e)| e)
+            .context("counting CPUs")?;
+        drops
+            .set(
+                vip_id,
+                PerCpuValues::try_from(vec![VipDrops::default(); cpus])?,
+                0,
+            )
+            .with_context(|| format!("resetting VIP_DROPS[{vip_id}]"))?;
+        Ok(())
+    }
+
+    /// Drops of one VIP by reason, summed over CPUs.
+    pub fn vip_drops(&self, vip_id: u32) -> Result<VipDrops> {
+        self.check_vip_id(vip_id)?;
+        let map: PerCpuArray<_, VipDrops> = PerCpuArray::try_from(self.map(names::VIP_DROPS)?)?;
+        sum_per_cpu(
+            &map,
+            vip_id,
+            |a, b| VipDrops {
+                no_backend: a.no_backend + b.no_backend,
+                encap_failed: a.encap_failed + b.encap_failed,
+            },
+            VipDrops::default(),
+        )
     }
 
     /// Zero one slot of a per-CPU counter map (a reused VIP or backend id).
