@@ -334,13 +334,25 @@ fn print_status(s: &serde_json::Value) -> Result<()> {
             human_bytes(v.counters.bytes as f64),
             v.counters.new_flows
         );
+        if v.drops.no_backend + v.drops.encap_failed > 0 {
+            println!(
+                "  dropped: {} with no usable backend, {} without room to encapsulate",
+                v.drops.no_backend, v.drops.encap_failed
+            );
+        }
         for b in &v.backends {
             println!(
                 "  {:<40} weight {:>5}  {:<8} health {:<5} check {:>8}  {} packets, {} flows{}",
                 b.address.to_string(),
                 b.weight,
                 b.dataplane_state,
-                b.health.as_deref().unwrap_or("-"),
+                if b.awaiting_first_check {
+                    "new"
+                } else if b.damped {
+                    "damped"
+                } else {
+                    b.health.as_deref().unwrap_or("-")
+                },
                 b.last_check_ms
                     .map_or("-".into(), |ms| format!("{ms:.1} ms")),
                 b.counters.packets,
@@ -378,6 +390,7 @@ struct VipView {
     source_hash: bool,
     check: CheckKind,
     counters: crate::controller::Traffic,
+    drops: crate::controller::Drops,
     backends: Vec<BackendView>,
 }
 
@@ -389,6 +402,8 @@ struct BackendView {
     health: Option<String>,
     last_check_ms: Option<f64>,
     last_error: Option<String>,
+    awaiting_first_check: bool,
+    damped: bool,
     counters: crate::controller::Traffic,
 }
 

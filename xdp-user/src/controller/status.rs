@@ -45,6 +45,7 @@ impl Controller {
                     last_error: h.and_then(|h| h.last_error.clone()),
                     transitions: h.map_or(0, |h| h.transitions),
                     damped: h.is_some_and(|h| h.damped(std::time::Instant::now())),
+                    awaiting_first_check: h.is_some_and(|h| h.awaiting_first_check),
                     counters: counters.into(),
                 });
             }
@@ -141,6 +142,8 @@ pub struct BackendStatus {
     pub transitions: u64,
     /// Held down by flap damping.
     pub damped: bool,
+    /// Not checked yet; joins the ring at its first passing check.
+    pub awaiting_first_check: bool,
     pub counters: Traffic,
 }
 

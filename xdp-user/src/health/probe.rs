@@ -510,14 +510,19 @@ impl Prober {
             );
             sport
         };
-        /// Removes the probe from the table however the wait ends.
-        struct Forget<'a>(&'a Family, Key);
+        /// Removes the probe from the table however the wait ends, but
+        /// only its own entry: once answered, the key may belong to a newer
+        /// probe.
+        struct Forget<'a>(&'a Family, Key, u32);
         impl Drop for Forget<'_> {
             fn drop(&mut self) {
-                self.0.pending().remove(&self.1);
+                let mut pending = self.0.pending();
+                if pending.get(&self.1).is_some_and(|p| p.seq == self.2) {
+                    pending.remove(&self.1);
+                }
             }
         }
-        let _forget = Forget(family, (target.ip(), target.port(), sport));
+        let _forget = Forget(family, (target.ip(), target.port(), sport), seq);
         family
             .send(source, target, sport, seq)
             .map_err(|e| CheckError {
