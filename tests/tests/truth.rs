@@ -276,6 +276,33 @@ fn the_admin_socket_never_replaces_a_file() {
     assert_eq!(sock_mode.unwrap(), 0o600, "socket mode");
     assert!(!files.socket.exists(), "its own socket removed on exit");
 
+    // With api.socket_group: the group may use it, nobody else.
+    std::fs::remove_dir(files.socket.parent().unwrap()).unwrap();
+    let grouped = Cfg::new(&files).text().replace(
+        "metrics = \"127.0.0.1:9477\"",
+        "socket_group = \"nogroup\"\nmetrics = \"127.0.0.1:9477\"",
+    );
+    std::fs::write(&files.config, grouped).unwrap();
+    let daemon = integration_tests::daemon::Daemon::start(
+        &ns,
+        &files.config,
+        &files.socket,
+        files.log("g.log"),
+    )
+    .unwrap();
+    let dir = std::fs::metadata(files.socket.parent().unwrap()).unwrap();
+    let sock = std::fs::symlink_metadata(&files.socket).unwrap();
+    assert_eq!(
+        (dir.permissions().mode() & 0o777, dir.gid()),
+        (0o750, 65534)
+    );
+    assert_eq!(
+        (sock.permissions().mode() & 0o777, sock.gid()),
+        (0o660, 65534)
+    );
+    daemon.stop().unwrap();
+    Cfg::new(&files).write(&files.config);
+
     // A regular file where the socket goes: refused, kept.
     std::fs::write(&files.socket, "precious").unwrap();
     let out = run_in(&ns, &a, Duration::from_secs(10)).unwrap();

@@ -135,7 +135,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
         &format!("interface {}", config.interface),
     )?;
     let interface = iface::require(&config.interface)?;
-    let (admin, socket_file) = socket::bind(&config.api.socket).await?;
+    let group = config
+        .api
+        .socket_group
+        .as_deref()
+        .map(socket::group_id)
+        .transpose()?;
+    let (admin, socket_file) = socket::bind(&config.api.socket, group).await?;
     let metrics = TcpListener::bind(config.api.metrics)
         .await
         .with_context(|| format!("binding the metrics listener {}", config.api.metrics))?;

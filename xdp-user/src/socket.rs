@@ -47,16 +47,49 @@ impl Drop for Umask {
     }
 }
 
-/// Bind the admin socket at `path`: mode 0600 whatever the umask; missing
-/// directories are created 0700. An existing socket nobody answers on is
-/// stale and replaced; one a daemon answers on, or any other kind of file,
-/// is refused and left alone.
-pub async fn bind(path: &Path) -> Result<(UnixListener, SocketFile)> {
+/// The id of group `name`.
+pub fn group_id(name: &str) -> Result<u32> {
+    let c = std::ffi::CString::new(name).context("group name")?;
+    let mut grp: libc::group =
+        // SAFETY: an all-zero struct group is a valid out-parameter.
+        unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16384];
+    let mut result: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: getgrnam_r writes into buffers we own, of the sizes given.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            c.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut result,
+        )
+    };
+    if rc != 0 || result.is_null() {
+        bail!("api.socket_group: no group named {name:?}");
+    }
+    Ok(grp.gr_gid)
+}
+
+/// Bind the admin socket at `path`: mode 0600 (0660 with `group`) whatever
+/// the umask; missing directories are created 0700 (0750 with `group`). An
+/// existing socket nobody answers on is stale and replaced; one a daemon
+/// answers on, or any other kind of file, is refused and left alone.
+pub async fn bind(path: &Path, group: Option<u32>) -> Result<(UnixListener, SocketFile)> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
+    let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
     create_private_dir(dir)?;
+    if let Some(gid) = group {
+        for d in missing {
+            std::os::unix::fs::chown(d, None, Some(gid))
+                .with_context(|| format!("chgrp {}", d.display()))?;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o750))
+                .with_context(|| format!("chmod 0750 {}", d.display()))?;
+        }
+    }
     let meta = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
     if meta.mode() & 0o002 != 0 && meta.mode() & 0o1000 == 0 {
         bail!(
@@ -91,8 +124,13 @@ pub async fn bind(path: &Path) -> Result<(UnixListener, SocketFile)> {
         let _mask = Umask::set(0o177);
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?
     };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .with_context(|| format!("chgrp {}", path.display()))?;
+    }
+    let mode = if group.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {}", path.display()))?;
     let m = std::fs::symlink_metadata(path)?;
     Ok((
         listener,

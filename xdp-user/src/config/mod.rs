@@ -165,6 +165,11 @@ impl Default for Forwarding {
 pub struct Api {
     /// Admin API Unix socket (mode 0600).
     pub socket: PathBuf,
+    /// A group whose members may use the admin socket too (socket 0660,
+    /// directories the daemon creates 0750, both of this group); none:
+    /// root only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub socket_group: Option<String>,
     /// Read-only metrics and health listener.
     pub metrics: SocketAddr,
 }
@@ -173,6 +178,7 @@ impl Default for Api {
     fn default() -> Self {
         Self {
             socket: PathBuf::from("/run/xdplb/admin.sock"),
+            socket_group: None,
             metrics: SocketAddr::from(([127, 0, 0, 1], 9477)),
         }
     }
