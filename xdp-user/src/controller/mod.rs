@@ -362,7 +362,20 @@ impl Controller {
                 .with_context(|| format!("writing the change to {}", file.path().display()))?;
         }
         self.config = new;
-        self.reconcile()
+        self.reconcile().map_err(|e| {
+            // Not a refusal: the change is made and kept; only writing the
+            // maps failed, and that is retried.
+            anyhow!(
+                "the change was accepted{} but the dataplane could not be updated yet \
+                 (retried every {:?}; see `xdplb status`): {e:#}",
+                if self.file.is_some() {
+                    " and written to the config file,"
+                } else {
+                    ","
+                },
+                crate::daemon::SELF_CHECK_INTERVAL
+            )
+        })
     }
 
     /// Whether the last reload applied, and when the config was last
