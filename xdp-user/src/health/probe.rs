@@ -373,29 +373,25 @@ impl Family {
         seq: u32,
     ) -> std::io::Result<()> {
         let mut tcp = syn(sport, target.port(), seq);
-        let mut packet = Vec::with_capacity(44);
         let fd = self.socket.get_ref().as_raw_fd();
         let rc = match (source, target.ip()) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
-                let pseudo = [
-                    s.octets().as_slice(),
-                    d.octets().as_slice(),
-                    &[0, libc::IPPROTO_TCP as u8, 0, tcp.len() as u8],
-                ]
-                .concat();
-                let sum = checksum(&[&pseudo, &tcp]);
+                let (s, d) = (s.octets(), d.octets());
+                let tail = [0, libc::IPPROTO_TCP as u8, 0, tcp.len() as u8];
+                let sum = checksum(&[&s, &d, &tail, &tcp]);
                 tcp[16..18].copy_from_slice(&sum.to_be_bytes());
                 // Version/IHL, TOS, length and id (the kernel fills both),
-                // DF, TTL 64, TCP, checksum (the kernel fills it).
-                packet.extend_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 6, 0, 0]);
-                packet.extend_from_slice(&s.octets());
-                packet.extend_from_slice(&d.octets());
-                packet.extend_from_slice(&tcp);
+                // DF, TTL 64, TCP, checksum (the kernel fills it), addresses.
+                let mut packet = [0u8; 44];
+                packet[..12].copy_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 6, 0, 0]);
+                packet[12..16].copy_from_slice(&s);
+                packet[16..20].copy_from_slice(&d);
+                packet[20..].copy_from_slice(&tcp);
                 let to = libc::sockaddr_in {
                     sin_family: libc::AF_INET as libc::sa_family_t,
                     sin_port: 0,
                     sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(d.octets()),
+                        s_addr: u32::from_ne_bytes(d),
                     },
                     sin_zero: [0; 8],
                 };

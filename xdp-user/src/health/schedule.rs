@@ -74,11 +74,12 @@ fn spawn(
         let mut half_open = prober.map(HalfOpen::new);
         // Spread the first checks over one interval so a restart with
         // thousands of backends does not fire them all at once.
-        sleep(jitter(
+        let next = sleep(jitter(
             &mut rng,
             spec.interval.min(spec.jitter.max(spec.interval / 4)),
-        ))
-        .await;
+        ));
+        tokio::pin!(next);
+        next.as_mut().await;
         loop {
             let result = run_check_with(&spec, half_open.as_mut()).await;
             if results
@@ -91,7 +92,10 @@ fn spawn(
             {
                 return;
             }
-            sleep(spec.interval + jitter(&mut rng, spec.jitter)).await;
+            // One timer entry for the task's life, re-armed each round.
+            next.as_mut()
+                .reset(tokio::time::Instant::now() + spec.interval + jitter(&mut rng, spec.jitter));
+            next.as_mut().await;
         }
     })
 }
