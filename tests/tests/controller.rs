@@ -116,7 +116,8 @@ fn check(ctl: &mut Controller, vip: &str, backend: &str, ok: bool) {
         key: CheckKey {
             vip: vip.into(),
             backend: backend.parse().unwrap(),
-        },
+        }
+        .into(),
         result: if ok {
             Ok(Duration::from_millis(1))
         } else {
@@ -494,7 +495,8 @@ health = { kind = "tcp", rise = 1, fall = 1, init_state = "up" }
                             key: CheckKey {
                                 vip: vip.name.clone(),
                                 backend: b.address,
-                            },
+                            }
+                            .into(),
                             result: if ok {
                                 Ok(Duration::from_millis(1))
                             } else {

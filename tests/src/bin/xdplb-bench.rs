@@ -310,7 +310,7 @@ fn detection_to_dataplane() -> Result<()> {
         };
         let t = Instant::now();
         ctl.on_check(CheckResult {
-            key: key.clone(),
+            key: key.clone().into(),
             result,
         });
         samples.push(t.elapsed());
@@ -547,9 +547,15 @@ fn flap_storm() -> Result<()> {
                     backend: format!("198.18.64.{}", 1 + i).parse()?,
                 };
                 if coalesced {
-                    pending |= ctl.record_check(CheckResult { key, result });
+                    pending |= ctl.record_check(CheckResult {
+                        key: key.clone().into(),
+                        result,
+                    });
                 } else {
-                    ctl.on_check(CheckResult { key, result });
+                    ctl.on_check(CheckResult {
+                        key: key.clone().into(),
+                        result,
+                    });
                 }
                 sent += 1;
             }

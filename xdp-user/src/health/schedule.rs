@@ -25,7 +25,8 @@ pub struct CheckKey {
 
 #[derive(Debug)]
 pub struct CheckResult {
-    pub key: CheckKey,
+    /// Shared with the check's task: no copy of the names per result.
+    pub key: std::sync::Arc<CheckKey>,
     /// Latency, or why the check failed.
     pub result: Result<Duration, CheckError>,
 }
@@ -70,6 +71,7 @@ fn spawn(
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
         | 1;
+    let key = std::sync::Arc::new(key);
     runtime.spawn(async move {
         let mut half_open = prober.map(HalfOpen::new);
         // Spread the first checks over one interval so a restart with
