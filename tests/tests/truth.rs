@@ -63,6 +63,10 @@ fn a_lost_dataplane_is_reported_then_reattached() {
         "{}",
         daemon.log_text()
     );
+    assert!(
+        !daemon.log_text().contains('\u{1b}'),
+        "a log file carries no terminal colour codes"
+    );
     assert!(metric(&ns, "xdplb_dataplane_losses_total").unwrap() >= 1.0);
     assert_eq!(metric(&ns, "xdplb_dataplane_attached"), Some(1.0));
 
