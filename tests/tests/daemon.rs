@@ -294,9 +294,16 @@ fn daemon_follows_health_and_serves_every_cli_command() {
     // Every CLI command.
     let out = ok(&xdplb(&socket, &["status"]));
     assert!(
-        out.contains("VIP web 198.18.0.10:80/tcp") && out.contains("198.18.1.3"),
-        "{out}"
+        out.contains("VIP web 198.18.0.10:80/tcp ipip check http") && out.contains("198.18.1.3"),
+        "the config's spelling: {out}"
     );
+    // Without --socket: $XDPLB_SOCKET.
+    let env_status = std::process::Command::new(integration_tests::daemon::xdplb_bin())
+        .arg("status")
+        .env("XDPLB_SOCKET", &socket)
+        .output()
+        .unwrap();
+    assert!(ok(&env_status).contains("VIP web"));
     assert!(ok(&xdplb(&socket, &["status", "--json"])).contains("\"in_sync\": true"));
     assert!(ok(&xdplb(&socket, &["stats"])).contains("tx_encap"));
     assert!(ok(&xdplb(

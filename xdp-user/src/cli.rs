@@ -25,11 +25,26 @@ const DEFAULT_CONFIG: &str = "/etc/xdplb/xdplb.toml";
 #[derive(Parser)]
 #[command(name = "xdplb", version, about = "XDP layer-4 load balancer")]
 pub struct Cli {
-    /// Admin socket of the running daemon.
-    #[arg(long, global = true, default_value = DEFAULT_SOCKET)]
-    socket: PathBuf,
+    /// Admin socket of the running daemon (default: $XDPLB_SOCKET, else
+    /// `api.socket` of /etc/xdplb/xdplb.toml, else /run/xdplb/admin.sock).
+    #[arg(long, global = true)]
+    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The admin socket a client command talks to: `--socket`, else
+/// `$XDPLB_SOCKET`, else the default config's `api.socket`, else the
+/// default path.
+fn socket_path(given: Option<PathBuf>) -> PathBuf {
+    given
+        .or_else(|| std::env::var_os("XDPLB_SOCKET").map(PathBuf::from))
+        .or_else(|| {
+            Config::load(Path::new(DEFAULT_CONFIG))
+                .ok()
+                .map(|c| c.api.socket)
+        })
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
 
 #[derive(Subcommand)]
@@ -270,6 +285,14 @@ fn data<T: serde::de::DeserializeOwned>(value: Option<serde_json::Value>) -> Res
         .context("unexpected response from the daemon")
 }
 
+/// A config enum as the config file spells it (`ipip`, `http`, ...).
+fn spelling<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
 fn human_bytes(n: f64) -> String {
     let units = ["B", "KB", "MB", "GB", "TB"];
     let mut v = n;
@@ -324,12 +347,12 @@ fn print_status(s: &serde_json::Value) -> Result<()> {
     }
     for v in &status.vips {
         println!(
-            "VIP {} {} {:?}{} check {:?}: {} packets, {}, {} flows",
+            "VIP {} {} {}{} check {}: {} packets, {}, {} flows",
             v.name,
             v.endpoint,
-            v.forwarding,
+            spelling(&v.forwarding),
             if v.source_hash { " source-hash" } else { "" },
-            v.check,
+            spelling(&v.check),
             v.counters.packets,
             human_bytes(v.counters.bytes as f64),
             v.counters.new_flows
@@ -518,7 +541,7 @@ pub fn main() -> ExitCode {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     if let Command::Check = cli.command {
-        return nagios(&cli.socket);
+        return nagios(&socket_path(cli.socket));
     }
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -530,7 +553,7 @@ pub fn main() -> ExitCode {
 }
 
 fn execute(cli: Cli) -> Result<()> {
-    let socket = cli.socket.as_path();
+    let socket = &socket_path(cli.socket);
     match cli.command {
         Command::Run { config, replace } => run(config, replace),
         Command::CheckConfig { file } => check_config(&file),
@@ -713,10 +736,10 @@ fn vip(socket: &Path, cmd: VipCommand) -> Result<()> {
             let vips: Vec<Vip> = data(request(socket, &Request::VipList {})?)?;
             for v in vips {
                 println!(
-                    "{} {} {:?} ({} backends)",
+                    "{} {} {} ({} backends)",
                     v.name,
                     v.endpoint(),
-                    v.forwarding,
+                    spelling(&v.forwarding),
                     v.backends.len()
                 );
             }
