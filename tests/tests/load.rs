@@ -644,7 +644,9 @@ fn half_open_probes_tell_open_closed_and_silent_ports_apart() {
         "lb0",
     ])
     .unwrap();
-    let _open = servers(&ns, &["198.18.1.1"]);
+    ns.ip(&["addr", "add", "2001:db8:1::1/128", "dev", "lo", "nodad"])
+        .unwrap();
+    let _open = servers(&ns, &["198.18.1.1", "2001:db8:1::1"]);
     let _inside = ns.enter().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -673,6 +675,11 @@ fn half_open_probes_tell_open_closed_and_silent_ports_apart() {
             took < Duration::from_millis(300),
             "a reset is immediate ({took:?})"
         );
+        // IPv6: the kernel computes the checksum, replies carry no header.
+        let (open6, _) = probe("[2001:db8:1::1]:80").await;
+        assert!(open6.is_ok(), "{open6:?}");
+        let (closed6, _) = probe("[2001:db8:1::1]:81").await;
+        assert!(closed6.expect_err("closed").reason.contains("reset"));
         let (silent, took) = probe("198.18.9.2:80").await;
         let e = silent.expect_err("no host answers");
         assert!(e.reason.contains("timed out"), "{e}");
