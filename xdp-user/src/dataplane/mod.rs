@@ -9,20 +9,22 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray},
     programs::{Xdp, XdpMode},
     Ebpf, EbpfLoader,
 };
 
+mod counters;
 mod link;
+mod pins;
 mod sys;
 
 use link::attach_xdp;
 pub use link::{Attachment, LINK_PIN};
 use sys::update_batch;
 use xdp_common::{
-    backend_state, decap_reason, map_names as names, reason, Backend, Config, Counters, DecapKey,
-    FlowKey, FlowState, VipDrops, VipKey, VipMeta, FAMILY_V4, FAMILY_V6,
+    backend_state, decap_reason, map_names as names, Backend, Config, Counters, DecapKey, FlowKey,
+    FlowState, VipDrops, VipKey, VipMeta, FAMILY_V4, FAMILY_V6,
 };
 
 /// The eBPF object built by `build.rs` (empty when built with AYA_BUILD_SKIP).
@@ -479,23 +481,6 @@ impl Dataplane {
         Ok(dataplane)
     }
 
-    /// Undo a start that failed after [`Dataplane::open`]: pins this run
-    /// created (maps, link) are removed, so nothing is left behind; adopted
-    /// ones stay, forwarding as before.
-    pub fn abandon(mut self) {
-        let Some(dir) = self.pin_dir.take() else {
-            return;
-        };
-        if let Some(a) = self.attached.take() {
-            if !a.link.adopted {
-                a.link.unpin(&dir);
-            }
-        }
-        if !self.adopted {
-            remove_own_pins(&self.ebpf, &dir);
-        }
-    }
-
     /// Whether the maps were adopted from an earlier run.
     pub fn adopted(&self) -> bool {
         self.adopted
@@ -510,111 +495,9 @@ impl Dataplane {
         attach_program(&mut self.ebpf, LB_PROGRAM, iface, mode)
     }
 
-    /// Attach through a link pinned at `pin_dir/link` (the directory of
-    /// [`Dataplane::open`]): a link a previous run left gets this program
-    /// swapped in atomically (no packet sees no program); otherwise a new
-    /// link is created and pinned. Either way the program stays attached
-    /// when this process exits. Another XDP program on the interface is
-    /// refused unless `replace`. Returns whether a pinned link was adopted.
-    pub fn attach_pinned(&mut self, iface: &str, mode: AttachMode, replace: bool) -> Result<bool> {
-        let dir = self
-            .pin_dir
-            .clone()
-            .ok_or_else(|| anyhow!("a dataplane with private maps has no pin directory"))?;
-        let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
-        let link = Attachment::attach(program, LB_PROGRAM, iface, mode, &dir, replace)?;
-        let adopted = link.adopted;
-        self.attached = Some(Attached {
-            link,
-            iface: iface.to_owned(),
-            mode,
-        });
-        Ok(adopted)
-    }
-
-    /// The self-check: what is wrong now with the attachment (program on
-    /// the interface through our link, the link's pin) and the map pins
-    /// (each must be the map this process uses). Empty when all is well.
-    pub fn problems(&self) -> Vec<String> {
-        let (Some(a), Some(dir)) = (&self.attached, &self.pin_dir) else {
-            return Vec::new();
-        };
-        let mut out = match self.program().and_then(|p| Ok(p.info()?.id())) {
-            Ok(prog_id) => a.link.problems(prog_id, &a.iface, dir),
-            Err(e) => vec![format!("cannot read the program's id: {e:#}")],
-        };
-        for name in LB_MAPS {
-            let path = dir.join(name);
-            let ours = self
-                .map(name)
-                .and_then(map_data)
-                .and_then(|m| Ok(m.info()?.id()));
-            let pinned = MapData::from_pin(&path)
-                .and_then(|m| m.info())
-                .map(|i| i.id());
-            match (ours, pinned) {
-                (Ok(o), Ok(p)) if o == p => {}
-                (_, Err(_)) => out.push(format!("the map pin {} is missing", path.display())),
-                (_, Ok(p)) => out.push(format!(
-                    "{} pins map {p}, not the one the program uses",
-                    path.display()
-                )),
-            }
-        }
-        out
-    }
-
-    /// Repair what [`Dataplane::problems`] found: re-pin the maps (they are
-    /// this process's, so conntrack survives), re-pin the link or attach a
-    /// new one. Returns what was done.
-    pub fn repair(&mut self) -> Result<Vec<String>> {
-        let dir = self
-            .pin_dir
-            .clone()
-            .ok_or_else(|| anyhow!("a dataplane with private maps has no pin directory"))?;
-        ensure_bpffs(&dir)?;
-        let mut done = Vec::new();
-        for name in LB_MAPS {
-            let path = dir.join(name);
-            let map = map_data(self.map(name)?)?;
-            let ours = map.info()?.id();
-            match MapData::from_pin(&path)
-                .and_then(|m| m.info())
-                .map(|i| i.id())
-            {
-                Ok(p) if p == ours => continue,
-                Ok(_) => std::fs::remove_file(&path)
-                    .with_context(|| format!("removing the foreign pin {}", path.display()))?,
-                Err(_) if std::fs::symlink_metadata(&path).is_ok() => {
-                    std::fs::remove_file(&path)
-                        .with_context(|| format!("removing {}", path.display()))?
-                }
-                Err(_) => {}
-            }
-            map.pin(&path)
-                .with_context(|| format!("re-pinning {}", path.display()))?;
-            done.push(format!("re-pinned {name}"));
-        }
-        let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
-        if let Some(a) = &mut self.attached {
-            let what = a.link.repair(program, LB_PROGRAM, &a.iface, a.mode, &dir)?;
-            if what != "nothing to repair" {
-                done.push(what);
-            }
-        }
-        Ok(done)
-    }
-
     /// The loaded balancer program (for BPF_PROG_TEST_RUN).
     pub fn program(&self) -> Result<&Xdp> {
         xdp_program(&self.ebpf, LB_PROGRAM)
-    }
-
-    /// Total run time and run count of the balancer program, as the kernel
-    /// counts them while `kernel.bpf_stats_enabled` is 1 (zero otherwise).
-    pub fn program_stats(&self) -> Result<(std::time::Duration, u64)> {
-        let info = self.program()?.info().context("reading program info")?;
-        Ok((info.run_time(), info.run_count()))
     }
 
     fn map(&self, name: &str) -> Result<&Map> {
@@ -751,54 +634,6 @@ impl Dataplane {
             .collect()
     }
 
-    /// Zero a VIP's drop counters (a reused VIP id).
-    fn reset_drops(&mut self, vip_id: u32) -> Result<()> {
-        let mut drops: PerCpuArray<_, VipDrops> =
-            PerCpuArray::try_from(self.map_mut(names::VIP_DROPS)?)?;
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(_, e)| e)
-            .context("counting CPUs")?;
-        drops
-            .set(
-                vip_id,
-                PerCpuValues::try_from(vec![VipDrops::default(); cpus])?,
-                0,
-            )
-            .with_context(|| format!("resetting VIP_DROPS[{vip_id}]"))?;
-        Ok(())
-    }
-
-    /// Drops of one VIP by reason, summed over CPUs.
-    pub fn vip_drops(&self, vip_id: u32) -> Result<VipDrops> {
-        self.check_vip_id(vip_id)?;
-        let map: PerCpuArray<_, VipDrops> = PerCpuArray::try_from(self.map(names::VIP_DROPS)?)?;
-        sum_per_cpu(
-            &map,
-            vip_id,
-            |a, b| VipDrops {
-                no_backend: a.no_backend + b.no_backend,
-                encap_failed: a.encap_failed + b.encap_failed,
-            },
-            VipDrops::default(),
-        )
-    }
-
-    /// Zero one slot of a per-CPU counter map (a reused VIP or backend id).
-    fn reset_counters(&mut self, map: &str, index: u32) -> Result<()> {
-        let mut counters: PerCpuArray<_, Counters> = PerCpuArray::try_from(self.map_mut(map)?)?;
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(_, e)| e)
-            .context("counting CPUs")?;
-        counters
-            .set(
-                index,
-                PerCpuValues::try_from(vec![Counters::default(); cpus])?,
-                0,
-            )
-            .with_context(|| format!("resetting {map}[{index}]"))?;
-        Ok(())
-    }
-
     /// Add or replace backend `backend_id`. A slot that was unused gets
     /// fresh counters.
     pub fn set_backend(&mut self, backend_id: u32, backend: &Backend) -> Result<()> {
@@ -865,70 +700,6 @@ impl Dataplane {
             }
         }
         Ok(out)
-    }
-
-    /// The conntrack entry of a flow, if tracked.
-    pub fn flow(&self, key: &FlowKey) -> Result<Option<FlowState>> {
-        let map: HashMap<_, FlowKey, FlowState> = HashMap::try_from(self.map(names::FLOWS)?)?;
-        match map.get(key, 0) {
-            Ok(state) => Ok(Some(state)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).context("reading FLOWS"),
-        }
-    }
-
-    /// Number of tracked flows (reads the table in batches: for status,
-    /// not hot paths).
-    pub fn flow_count(&self) -> Result<usize> {
-        use std::os::fd::AsFd as _;
-        let map = map_data(self.map(names::FLOWS)?)?;
-        Ok(FlowCounter::count_fd(map.fd().as_fd())? as usize)
-    }
-
-    /// Number of tracked flows, one lookup per entry: the baseline the
-    /// benchmarks compare [`Dataplane::flow_count`] with.
-    pub fn flow_count_walk(&self) -> Result<usize> {
-        let map: HashMap<_, FlowKey, FlowState> = HashMap::try_from(self.map(names::FLOWS)?)?;
-        Ok(map.keys().filter(Result::is_ok).count())
-    }
-
-    /// Track `flows` (batched): fills conntrack for tests and benchmarks.
-    pub fn set_flows(&mut self, keys: &[FlowKey], states: &[FlowState]) -> Result<()> {
-        update_batch(map_data(self.map(names::FLOWS)?)?, keys, states)
-    }
-
-    /// A counter of tracked flows that another thread can run: it holds its
-    /// own descriptor of the conntrack map.
-    pub fn flow_counter(&self) -> Result<FlowCounter> {
-        use std::os::fd::AsFd as _;
-        let map = map_data(self.map(names::FLOWS)?)?;
-        Ok(FlowCounter {
-            fd: map
-                .fd()
-                .as_fd()
-                .try_clone_to_owned()
-                .context("duplicating the conntrack map's descriptor")?,
-        })
-    }
-
-    /// Global per-reason counters, summed over CPUs, indexed by
-    /// `xdp_common::reason`.
-    pub fn stats(&self) -> Result<[u64; reason::COUNT as usize]> {
-        sum_counters(self.map(names::STATS)?)
-    }
-
-    /// Counters of one VIP, summed over CPUs.
-    pub fn vip_stats(&self, vip_id: u32) -> Result<Counters> {
-        self.check_vip_id(vip_id)?;
-        let map: PerCpuArray<_, Counters> = PerCpuArray::try_from(self.map(names::VIP_STATS)?)?;
-        sum_per_cpu(&map, vip_id, add_counters, Counters::default())
-    }
-
-    /// Counters of one backend, summed over CPUs.
-    pub fn backend_stats(&self, backend_id: u32) -> Result<Counters> {
-        self.check_backend_id(backend_id)?;
-        let map: PerCpuArray<_, Counters> = PerCpuArray::try_from(self.map(names::BACKEND_STATS)?)?;
-        sum_per_cpu(&map, backend_id, add_counters, Counters::default())
     }
 }
 

@@ -1,0 +1,125 @@
+//! The pinned dataplane's life beyond loading: attaching through the pinned
+//! link, the self-check of attachment and pins, their repair, and undoing a
+//! start that failed.
+
+use anyhow::{anyhow, Context as _, Result};
+use aya::maps::MapData;
+
+use super::{
+    ensure_bpffs, map_data, remove_own_pins, xdp_program_mut, AttachMode, Attached, Attachment,
+    Dataplane, LB_MAPS, LB_PROGRAM,
+};
+
+impl Dataplane {
+    /// Undo a start that failed after [`Dataplane::open`]: pins this run
+    /// created (maps, link) are removed, so nothing is left behind; adopted
+    /// ones stay, forwarding as before.
+    pub fn abandon(mut self) {
+        let Some(dir) = self.pin_dir.take() else {
+            return;
+        };
+        if let Some(a) = self.attached.take() {
+            if !a.link.adopted {
+                a.link.unpin(&dir);
+            }
+        }
+        if !self.adopted {
+            remove_own_pins(&self.ebpf, &dir);
+        }
+    }
+
+    /// Attach through a link pinned at `pin_dir/link` (the directory of
+    /// [`Dataplane::open`]): a link a previous run left gets this program
+    /// swapped in atomically (no packet sees no program); otherwise a new
+    /// link is created and pinned. Either way the program stays attached
+    /// when this process exits. Another XDP program on the interface is
+    /// refused unless `replace`. Returns whether a pinned link was adopted.
+    pub fn attach_pinned(&mut self, iface: &str, mode: AttachMode, replace: bool) -> Result<bool> {
+        let dir = self
+            .pin_dir
+            .clone()
+            .ok_or_else(|| anyhow!("a dataplane with private maps has no pin directory"))?;
+        let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
+        let link = Attachment::attach(program, LB_PROGRAM, iface, mode, &dir, replace)?;
+        let adopted = link.adopted;
+        self.attached = Some(Attached {
+            link,
+            iface: iface.to_owned(),
+            mode,
+        });
+        Ok(adopted)
+    }
+
+    /// The self-check: what is wrong now with the attachment (program on
+    /// the interface through our link, the link's pin) and the map pins
+    /// (each must be the map this process uses). Empty when all is well.
+    pub fn problems(&self) -> Vec<String> {
+        let (Some(a), Some(dir)) = (&self.attached, &self.pin_dir) else {
+            return Vec::new();
+        };
+        let mut out = match self.program().and_then(|p| Ok(p.info()?.id())) {
+            Ok(prog_id) => a.link.problems(prog_id, &a.iface, dir),
+            Err(e) => vec![format!("cannot read the program's id: {e:#}")],
+        };
+        for name in LB_MAPS {
+            let path = dir.join(name);
+            let ours = self
+                .map(name)
+                .and_then(map_data)
+                .and_then(|m| Ok(m.info()?.id()));
+            let pinned = MapData::from_pin(&path)
+                .and_then(|m| m.info())
+                .map(|i| i.id());
+            match (ours, pinned) {
+                (Ok(o), Ok(p)) if o == p => {}
+                (_, Err(_)) => out.push(format!("the map pin {} is missing", path.display())),
+                (_, Ok(p)) => out.push(format!(
+                    "{} pins map {p}, not the one the program uses",
+                    path.display()
+                )),
+            }
+        }
+        out
+    }
+
+    /// Repair what [`Dataplane::problems`] found: re-pin the maps (they are
+    /// this process's, so conntrack survives), re-pin the link or attach a
+    /// new one. Returns what was done.
+    pub fn repair(&mut self) -> Result<Vec<String>> {
+        let dir = self
+            .pin_dir
+            .clone()
+            .ok_or_else(|| anyhow!("a dataplane with private maps has no pin directory"))?;
+        ensure_bpffs(&dir)?;
+        let mut done = Vec::new();
+        for name in LB_MAPS {
+            let path = dir.join(name);
+            let map = map_data(self.map(name)?)?;
+            let ours = map.info()?.id();
+            match MapData::from_pin(&path)
+                .and_then(|m| m.info())
+                .map(|i| i.id())
+            {
+                Ok(p) if p == ours => continue,
+                Ok(_) => std::fs::remove_file(&path)
+                    .with_context(|| format!("removing the foreign pin {}", path.display()))?,
+                Err(_) if std::fs::symlink_metadata(&path).is_ok() => {
+                    std::fs::remove_file(&path)
+                        .with_context(|| format!("removing {}", path.display()))?
+                }
+                Err(_) => {}
+            }
+            map.pin(&path)
+                .with_context(|| format!("re-pinning {}", path.display()))?;
+            done.push(format!("re-pinned {name}"));
+        }
+        let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
+        if let Some(a) = &mut self.attached {
+            let what = a.link.repair(program, LB_PROGRAM, &a.iface, a.mode, &dir)?;
+            if what != "nothing to repair" {
+                done.push(what);
+            }
+        }
+        Ok(done)
+    }
+}
