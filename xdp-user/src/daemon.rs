@@ -152,6 +152,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         _iface_lock: iface_lock,
         _socket: socket_file,
     };
+    let health_runtime =
+        crate::health::own_runtime().context("starting the health-check thread")?;
 
     // From here a failure must undo what this run pinned.
     let mut dp = Dataplane::open(config.tables.sizes(), &pin_dir)?;
@@ -190,10 +192,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     ctl.reconcile_logged();
     let (check_tx, mut check_rx) = mpsc::channel(4096);
-    let mut checks = Checks::on(
-        crate::health::own_runtime().context("starting the health-check thread")?,
-        check_tx,
-    );
+    let mut checks = Checks::on(health_runtime, check_tx);
     info!(
         half_open = checks.half_open(),
         "health checks on their own thread"
