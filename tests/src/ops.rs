@@ -159,6 +159,7 @@ pub fn servers(ns: &Netns, addrs: &[&str]) -> Vec<Server> {
         .collect()
 }
 
+/// The id of the XDP program attached to `dev` in `ns`, if any.
 pub fn xdp_prog(ns: &Netns, dev: &str) -> Option<String> {
     let out = ns.ip(&["-d", "link", "show", dev]).ok()?;
     out.lines()

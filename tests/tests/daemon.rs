@@ -535,17 +535,7 @@ fn daemon_restart_keeps_pins_state_and_flows() {
     let config = Config::load(&config_path).unwrap();
     assert_eq!(config.daemon.log_format, xdp_user::config::LogFormat::Json);
     let ns = topology("restart");
-    let prog_id = || {
-        let out = ns.ip(&["-d", "link", "show", "lb0"]).unwrap();
-        out.lines()
-            .find(|l| l.trim_start().starts_with("prog/xdp"))
-            .and_then(|l| {
-                l.split_whitespace()
-                    .skip_while(|w| *w != "id")
-                    .nth(1)
-                    .map(str::to_owned)
-            })
-    };
+    let prog_id = || integration_tests::ops::xdp_prog(&ns, "lb0");
 
     let daemon = Daemon::start(&ns, &config_path, &socket, scratch.0.join("daemon1.log")).unwrap();
     let first_prog = prog_id().expect("attached");

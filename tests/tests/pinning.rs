@@ -5,21 +5,11 @@
 use integration_tests::{
     lab::{backend_addr, client_flow_frame, lab_config, ring_of, SIZES, WEB4},
     netns::Netns,
+    ops::xdp_prog,
     require_root, run, PinDir,
 };
 use xdp_common::{backend_state, Backend, XDP_TX};
 use xdp_user::dataplane::{self, addr_bytes, AttachMode, Dataplane};
-
-fn xdp_prog_id(ns: &Netns, dev: &str) -> Option<String> {
-    let out = ns.ip(&["-d", "link", "show", dev]).ok()?;
-    let line = out
-        .lines()
-        .find(|l| l.trim_start().starts_with("prog/xdp"))?;
-    line.split_whitespace()
-        .skip_while(|w| *w != "id")
-        .nth(1)
-        .map(str::to_owned)
-}
 
 #[test]
 fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
@@ -61,11 +51,11 @@ fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
         dp.write_ring(&WEB4.key(), &ring_of(&[0, 1, 2])).unwrap();
         assert_eq!(run(dp.program().unwrap(), &frame).unwrap().action, XDP_TX);
         assert!(dp.flow(&key).unwrap().is_some());
-        first_prog = xdp_prog_id(&ns, "lb0").expect("attached");
+        first_prog = xdp_prog(&ns, "lb0").expect("attached");
     }
     // The process's handles are gone; the program is still attached.
     assert_eq!(
-        xdp_prog_id(&ns, "lb0").as_deref(),
+        xdp_prog(&ns, "lb0").as_deref(),
         Some(first_prog.as_str()),
         "still attached after drop"
     );
@@ -77,7 +67,7 @@ fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
             dp.attach_pinned("lb0", AttachMode::Native, false).unwrap(),
             "adopted the link"
         );
-        let now = xdp_prog_id(&ns, "lb0").expect("still attached");
+        let now = xdp_prog(&ns, "lb0").expect("still attached");
         assert_ne!(
             now, first_prog,
             "the new program replaced the old one in the link"
@@ -100,7 +90,7 @@ fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
         .attach_pinned("lb2", AttachMode::Native, false)
         .expect_err("moving a pinned dataplane to another interface is refused");
     assert!(format!("{err:#}").contains("not to lb2"), "{err:#}");
-    assert!(xdp_prog_id(&ns, "lb2").is_none());
+    assert!(xdp_prog(&ns, "lb2").is_none());
 
     // A map left by an incompatible build (here: STATS pinned as CONFIG,
     // 8-byte values where CONFIG has 48) is refused, not adopted.
@@ -139,6 +129,6 @@ fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
     assert!(format!("{err:#}").contains("FLOWS"), "{err:#}");
 
     assert!(dataplane::detach(&pins.0).unwrap());
-    assert_eq!(xdp_prog_id(&ns, "lb0"), None, "detach removed the program");
+    assert_eq!(xdp_prog(&ns, "lb0"), None, "detach removed the program");
     assert!(!pins.0.exists());
 }

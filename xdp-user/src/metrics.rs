@@ -60,6 +60,29 @@ fn trim_help(text: &str) -> &str {
 }
 
 impl Exposition {
+    /// Register a family of `M`s named `name`, each sample set with `set`.
+    fn family<M, V>(
+        &mut self,
+        name: &str,
+        about: &str,
+        samples: impl IntoIterator<Item = (Labels, V)>,
+        set: impl Fn(&M, V),
+    ) where
+        M: prometheus_client::metrics::TypedMetric
+            + prometheus_client::encoding::EncodeMetric
+            + Default
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let family: Family<Labels, M> = Family::default();
+        for (l, v) in samples {
+            set(&family.get_or_create(&l), v);
+        }
+        self.registry.register(name, trim_help(about), family);
+    }
+
     /// A counter family; `name` ends in `_total`, which the encoder adds.
     fn counter(
         &mut self,
@@ -67,12 +90,10 @@ impl Exposition {
         about: &str,
         samples: impl IntoIterator<Item = (Labels, u64)>,
     ) {
-        let family: Family<Labels, Counter> = Family::default();
-        for (l, v) in samples {
-            family.get_or_create(&l).inc_by(v);
-        }
         let base = name.strip_suffix("_total").unwrap_or(name);
-        self.registry.register(base, trim_help(about), family);
+        self.family(base, about, samples, |c: &Counter, v| {
+            c.inc_by(v);
+        });
     }
 
     fn counter_f64(
@@ -81,20 +102,16 @@ impl Exposition {
         about: &str,
         samples: impl IntoIterator<Item = (Labels, f64)>,
     ) {
-        let family: Family<Labels, Counter<f64, AtomicU64>> = Family::default();
-        for (l, v) in samples {
-            family.get_or_create(&l).inc_by(v);
-        }
         let base = name.strip_suffix("_total").unwrap_or(name);
-        self.registry.register(base, trim_help(about), family);
+        self.family(base, about, samples, |c: &Counter<f64, AtomicU64>, v| {
+            c.inc_by(v);
+        });
     }
 
     fn gauge(&mut self, name: &str, about: &str, samples: impl IntoIterator<Item = (Labels, i64)>) {
-        let family: Family<Labels, Gauge> = Family::default();
-        for (l, v) in samples {
-            family.get_or_create(&l).set(v);
-        }
-        self.registry.register(name, trim_help(about), family);
+        self.family(name, about, samples, |g: &Gauge, v| {
+            g.set(v);
+        });
     }
 
     fn gauge_f64(
@@ -103,11 +120,9 @@ impl Exposition {
         about: &str,
         samples: impl IntoIterator<Item = (Labels, f64)>,
     ) {
-        let family: Family<Labels, Gauge<f64, AtomicU64>> = Family::default();
-        for (l, v) in samples {
-            family.get_or_create(&l).set(v);
-        }
-        self.registry.register(name, trim_help(about), family);
+        self.family(name, about, samples, |g: &Gauge<f64, AtomicU64>, v| {
+            g.set(v);
+        });
     }
 
     fn one(value: i64) -> std::iter::Once<(Labels, i64)> {

@@ -17,7 +17,6 @@ mod status;
 use std::{
     collections::BTreeMap,
     net::IpAddr,
-    path::Path,
     time::{Duration, Instant},
 };
 
@@ -219,10 +218,6 @@ impl Controller {
 
     pub fn dataplane(&self) -> &Dataplane {
         &self.dp
-    }
-
-    pub fn config_path(&self) -> Option<&Path> {
-        self.file.as_ref().map(ConfigFile::path)
     }
 
     pub fn in_sync(&self) -> bool {

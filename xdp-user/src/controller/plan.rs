@@ -203,6 +203,12 @@ pub fn plan(
         plan.backend_ids.insert(*key, *id);
     }
     let new_ids: BTreeSet<u32> = new_ids.into_iter().collect();
+    // VIPs (by id) that some freed backend belonged to.
+    let losing: BTreeSet<u32> = backend_ids
+        .iter()
+        .filter(|(_, id)| plan.stale_backends.contains(id))
+        .map(|(k, _)| k.0)
+        .collect();
 
     // Entries and rings.
     for vip in &config.vips {
@@ -241,10 +247,7 @@ pub fn plan(
                 });
             }
         }
-        let loses_backends = backend_ids
-            .iter()
-            .any(|(k, id)| k.0 == vip_id && plan.stale_backends.contains(id));
-        let interim_ring = loses_backends.then(|| {
+        let interim_ring = losing.contains(&vip_id).then(|| {
             let kept: Vec<RingBackend> = members
                 .iter()
                 .filter(|m| !new_ids.contains(&m.id))

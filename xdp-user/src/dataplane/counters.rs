@@ -18,36 +18,20 @@ impl Dataplane {
         Ok((info.run_time(), info.run_count()))
     }
 
-    /// Zero one slot of a per-CPU counter map (a reused VIP or backend id).
-    pub(super) fn reset_counters(&mut self, map: &str, index: u32) -> Result<()> {
-        let mut counters: PerCpuArray<_, Counters> = PerCpuArray::try_from(self.map_mut(map)?)?;
+    /// Zero one slot of a per-CPU counter map of `T`s (a reused VIP or
+    /// backend id).
+    pub(super) fn reset_counters<T: aya::Pod + Default>(
+        &mut self,
+        map: &str,
+        index: u32,
+    ) -> Result<()> {
+        let mut counters: PerCpuArray<_, T> = PerCpuArray::try_from(self.map_mut(map)?)?;
         let cpus = aya::util::nr_cpus()
             .map_err(|(_, e)| e)
             .context("counting CPUs")?;
         counters
-            .set(
-                index,
-                PerCpuValues::try_from(vec![Counters::default(); cpus])?,
-                0,
-            )
+            .set(index, PerCpuValues::try_from(vec![T::default(); cpus])?, 0)
             .with_context(|| format!("resetting {map}[{index}]"))?;
-        Ok(())
-    }
-
-    /// Zero a VIP's drop counters (a reused VIP id).
-    pub(super) fn reset_drops(&mut self, vip_id: u32) -> Result<()> {
-        let mut drops: PerCpuArray<_, VipDrops> =
-            PerCpuArray::try_from(self.map_mut(names::VIP_DROPS)?)?;
-        let cpus = aya::util::nr_cpus()
-            .map_err(|(_, e)| e)
-            .context("counting CPUs")?;
-        drops
-            .set(
-                vip_id,
-                PerCpuValues::try_from(vec![VipDrops::default(); cpus])?,
-                0,
-            )
-            .with_context(|| format!("resetting VIP_DROPS[{vip_id}]"))?;
         Ok(())
     }
 

@@ -562,8 +562,8 @@ impl Dataplane {
             let empty = vec![xdp_common::NO_BACKEND; size as usize];
             update_batch(array_data(self.map(names::RINGS)?)?, &slots, &empty)
                 .context("clearing the new VIP's ring")?;
-            self.reset_counters(names::VIP_STATS, vip_id)?;
-            self.reset_drops(vip_id)?;
+            self.reset_counters::<Counters>(names::VIP_STATS, vip_id)?;
+            self.reset_counters::<VipDrops>(names::VIP_DROPS, vip_id)?;
         }
         let active_ring = existing.map_or(0, |m| m.active_ring);
         let meta = VipMeta {
@@ -641,7 +641,7 @@ impl Dataplane {
         if backend.state != backend_state::UNUSED
             && self.backend(backend_id)?.state == backend_state::UNUSED
         {
-            self.reset_counters(names::BACKEND_STATS, backend_id)?;
+            self.reset_counters::<Counters>(names::BACKEND_STATS, backend_id)?;
         }
         let mut map: Array<_, Backend> = Array::try_from(self.map_mut(names::BACKENDS)?)?;
         map.set(backend_id, backend, 0)

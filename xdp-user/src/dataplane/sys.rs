@@ -13,6 +13,7 @@ const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_LINK_DETACH: libc::c_long = 34;
 /// `bpf_link_type` of an XDP link.
@@ -28,6 +29,20 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<libc::c_long> {
     } else {
         Ok(rc)
     }
+}
+
+/// `union bpf_attr`, the `batch` member (BPF_MAP_*_BATCH).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
 }
 
 /// `union bpf_attr`, the `BPF_OBJ_*` member.
@@ -56,19 +71,6 @@ pub fn update_batch<K: aya::Pod, V: aya::Pod>(
     keys: &[K],
     values: &[V],
 ) -> Result<()> {
-    /// `union bpf_attr`, the `batch` member.
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     if keys.len() != values.len() {
         bail!("{} keys for {} values", keys.len(), values.len());
     }
@@ -200,20 +202,7 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
 /// Entries of the hash map behind `fd` (`BPF_MAP_LOOKUP_BATCH`, 4096 at a
 /// time: about 250 syscalls for a million entries instead of a million).
 pub fn count_entries(fd: BorrowedFd<'_>, key_size: usize, value_size: usize) -> Result<u64> {
-    const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
     const CHUNK: usize = 4096;
-    #[repr(C)]
-    #[derive(Default)]
-    struct BatchAttr {
-        in_batch: u64,
-        out_batch: u64,
-        keys: u64,
-        values: u64,
-        count: u32,
-        map_fd: u32,
-        elem_flags: u64,
-        flags: u64,
-    }
     let mut keys = vec![0u8; key_size * CHUNK];
     let mut values = vec![0u8; value_size * CHUNK];
     // Hash maps' batch position: a bucket index (u32), kept in 8 bytes.

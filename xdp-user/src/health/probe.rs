@@ -373,8 +373,10 @@ impl Family {
         seq: u32,
     ) -> std::io::Result<()> {
         let mut tcp = syn(sport, target.port(), seq);
-        let fd = self.socket.get_ref().as_raw_fd();
-        let rc = match (source, target.ip()) {
+        // IPv4: our own header before the segment (IP_HDRINCL); IPv6: the
+        // segment alone (the kernel adds the header and the checksum).
+        let mut packet = [0u8; 44];
+        let len = match (source, target.ip()) {
             (IpAddr::V4(s), IpAddr::V4(d)) => {
                 let (s, d) = (s.octets(), d.octets());
                 let tail = [0, libc::IPPROTO_TCP as u8, 0, tcp.len() as u8];
@@ -382,49 +384,30 @@ impl Family {
                 tcp[16..18].copy_from_slice(&sum.to_be_bytes());
                 // Version/IHL, TOS, length and id (the kernel fills both),
                 // DF, TTL 64, TCP, checksum (the kernel fills it), addresses.
-                let mut packet = [0u8; 44];
                 packet[..12].copy_from_slice(&[0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, 6, 0, 0]);
                 packet[12..16].copy_from_slice(&s);
                 packet[16..20].copy_from_slice(&d);
                 packet[20..].copy_from_slice(&tcp);
-                let to = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: 0,
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(d),
-                    },
-                    sin_zero: [0; 8],
-                };
-                // SAFETY: sendto from a buffer we own to a sockaddr_in.
-                unsafe {
-                    libc::sendto(
-                        fd,
-                        packet.as_ptr() as *const libc::c_void,
-                        packet.len(),
-                        0,
-                        &to as *const libc::sockaddr_in as *const libc::sockaddr,
-                        std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-                    )
-                }
+                packet.len()
             }
-            (_, IpAddr::V6(d)) => {
-                // SAFETY: an all-zero sockaddr_in6 is valid.
-                let mut to: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
-                to.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-                to.sin6_addr.s6_addr = d.octets();
-                // SAFETY: sendto from a buffer we own to a sockaddr_in6.
-                unsafe {
-                    libc::sendto(
-                        fd,
-                        tcp.as_ptr() as *const libc::c_void,
-                        tcp.len(),
-                        0,
-                        &to as *const libc::sockaddr_in6 as *const libc::sockaddr,
-                        std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t,
-                    )
-                }
+            (_, IpAddr::V6(_)) => {
+                packet[..tcp.len()].copy_from_slice(&tcp);
+                tcp.len()
             }
             _ => return Err(std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT)),
+        };
+        let to = socket2::SockAddr::from(SocketAddr::new(target.ip(), 0));
+        // SAFETY: sendto from a buffer we own to a socket address of the
+        // length it states.
+        let rc = unsafe {
+            libc::sendto(
+                self.socket.get_ref().as_raw_fd(),
+                packet.as_ptr() as *const libc::c_void,
+                len,
+                0,
+                to.as_ptr() as *const libc::sockaddr,
+                to.len(),
+            )
         };
         if rc < 0 {
             return Err(std::io::Error::last_os_error());
