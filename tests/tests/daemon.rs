@@ -4,8 +4,8 @@
 //! bad input changes nothing, and a restart keeps pins and flows.
 
 use std::{
-    io::{BufRead as _, Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
+    io::{BufRead as _, Write as _},
+    net::{IpAddr, SocketAddr},
     os::unix::net::UnixStream,
     path::Path,
     time::{Duration, Instant},
@@ -14,6 +14,7 @@ use std::{
 use integration_tests::{
     daemon::{run_in, wait_for, xdplb, Daemon, Server},
     netns::Netns,
+    ops::http_get,
     packet, require_root, run, PinDir, Scratch,
 };
 use serde_json::Value;
@@ -190,18 +191,6 @@ fn fails(out: &std::process::Output, message: &str) {
     );
 }
 
-fn http_get(addr: &str, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (
-        head.lines().next().unwrap_or("").to_owned(),
-        body.to_owned(),
-    )
-}
-
 /// Backend addresses the live ring of `vip` holds, read from the pinned maps.
 fn ring_members(pins: &Path, config: &Config, vip: &str) -> std::collections::BTreeSet<IpAddr> {
     let dp = Dataplane::open(config.tables.sizes(), pins).unwrap();
@@ -275,7 +264,7 @@ fn daemon_follows_health_and_serves_every_cli_command() {
     assert_eq!(ring_members(&pins.0, &config, "web").len(), 3);
 
     // Metrics and health endpoints (inside the namespace).
-    let (line, body) = http_get("127.0.0.1:9477", "/metrics");
+    let (line, body) = http_get(&ns, "127.0.0.1:9477", "/metrics");
     assert!(line.contains("200"), "{line}");
     for needle in [
         "xdplb_backend_up{vip=\"web\",backend=\"198.18.1.1\"} 1",
@@ -287,8 +276,10 @@ fn daemon_follows_health_and_serves_every_cli_command() {
     ] {
         assert!(body.contains(needle), "metrics lack {needle:?}:\n{body}");
     }
-    assert!(http_get("127.0.0.1:9477", "/healthz").0.contains("200"));
-    assert!(http_get("127.0.0.1:9477", "/nope").0.contains("404"));
+    assert!(http_get(&ns, "127.0.0.1:9477", "/healthz")
+        .0
+        .contains("200"));
+    assert!(http_get(&ns, "127.0.0.1:9477", "/nope").0.contains("404"));
     drop(inside);
 
     // Every CLI command.
