@@ -61,13 +61,28 @@ impl System {
         weights: &[u32],
         udp: bool,
     ) -> Result<Self> {
-        let topo = Topology::build(&Spec {
+        let spec = Spec {
             tag: tag.into(),
             lbs,
             backends,
             clients: 1,
             vips,
-        })?;
+            lb_segment: false,
+        };
+        Self::start_spec(&spec, |topo, j, pins, socket| {
+            topo.lb_config(j, pins, socket, HEALTH, weights, udp)
+        })
+    }
+
+    /// The network `spec` describes, servers on every backend and one
+    /// daemon per LB host, LB `j` running the config `config(topology, j,
+    /// pin_dir, socket)`.
+    pub fn start_spec(
+        spec: &Spec,
+        config: impl Fn(&Topology, usize, &std::path::Path, &std::path::Path) -> String,
+    ) -> Result<Self> {
+        let (tag, lbs, backends) = (spec.tag.as_str(), spec.lbs, spec.backends);
+        let topo = Topology::build(spec)?;
         let scratch = Scratch::new(tag);
         let mut sys = Self {
             daemons: Vec::new(),
@@ -86,13 +101,9 @@ impl System {
         }
         for j in 0..lbs {
             let socket = sys.scratch.0.join(format!("lb{j}.sock"));
-            let config = sys.scratch.0.join(format!("lb{j}.toml"));
-            std::fs::write(
-                &config,
-                sys.topo
-                    .lb_config(j, &sys.pins[j].0, &socket, HEALTH, weights, udp),
-            )?;
-            sys.configs.push(config);
+            let path = sys.scratch.0.join(format!("lb{j}.toml"));
+            std::fs::write(&path, config(&sys.topo, j, &sys.pins[j].0, &socket))?;
+            sys.configs.push(path);
             sys.sockets.push(socket);
             sys.daemons.push(None);
             sys.start_daemon(j)?;
@@ -304,6 +315,26 @@ impl Conn {
         };
         c.backend = c.ask()?;
         Ok(c)
+    }
+
+    /// Send a line and wait up to `limit` for the answer (a stall while
+    /// routes converge is not a failure; a reset or close is).
+    pub fn ask_within(&mut self, limit: Duration) -> Result<String> {
+        self.writer.write_all(b"ping\n")?;
+        let deadline = Instant::now() + limit;
+        let mut line = String::new();
+        loop {
+            match self.reader.read_line(&mut line) {
+                Ok(0) => bail!("connection closed"),
+                Ok(_) => return Ok(line.trim().to_owned()),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) && Instant::now() < deadline => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Send a line; the name of the backend that answered.

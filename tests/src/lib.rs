@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod e2e;
+pub mod ha;
 pub mod netns;
 pub mod ops;
 pub mod packet;
@@ -163,6 +164,7 @@ impl PinDir {
 impl Drop for PinDir {
     fn drop(&mut self) {
         let _ = xdp_user::dataplane::detach(&self.0);
+        let _ = xdp_user::announce::set_withdrawn(&self.0, false);
     }
 }
 

@@ -37,7 +37,17 @@ pub struct Spec {
     pub backends: usize,
     pub clients: usize,
     pub vips: Vec<IpAddr>,
+    /// LB hosts share one segment (a bridge in the router's namespace,
+    /// 198.18.40.0/24 with the router at .1 and LB j at .(2+j)) instead of
+    /// a link each: cutting an LB's port leaves the router's interface up,
+    /// as a switch between them would.
+    pub lb_segment: bool,
 }
+
+/// The router's MAC on the LB segment (fixed, so configs can name it).
+pub const SEGMENT_ROUTER_MAC: &str = "02:00:00:00:28:01";
+/// The router's bridge on the LB segment.
+pub const SEGMENT_BRIDGE: &str = "br0";
 
 /// One host: its namespace and its link to the router.
 pub struct Host {
@@ -124,7 +134,38 @@ impl Topology {
                 "net.ipv4.conf.default.rp_filter=0",
             ],
         )?;
-        let link = |kind: &str, index: usize, third: u8, mtu: u32| -> Result<Host> {
+        if spec.lb_segment {
+            router.ip(&[
+                "link",
+                "add",
+                SEGMENT_BRIDGE,
+                "address",
+                SEGMENT_ROUTER_MAC,
+                "mtu",
+                &TUNNEL_MTU.to_string(),
+                "type",
+                "bridge",
+            ])?;
+            router.ip(&["addr", "add", "198.18.40.1/24", "dev", SEGMENT_BRIDGE])?;
+            router.ip(&[
+                "-6",
+                "addr",
+                "add",
+                "2001:db8:28::1/64",
+                "dev",
+                SEGMENT_BRIDGE,
+                "nodad",
+            ])?;
+            router.ip(&["link", "set", SEGMENT_BRIDGE, "up"])?;
+        }
+        // Host `index` of kind `kind` at 198.18.<third>.<host>, on a link
+        // of its own to the router or, with `bridge`, on that segment.
+        let link = |kind: &str,
+                    index: usize,
+                    (third, host): (u8, u8),
+                    mtu: u32,
+                    bridge: Option<&str>|
+         -> Result<Host> {
             let ns = Netns::new(&format!("{}-{kind}{index}", spec.tag))?;
             sysctls(
                 &ns,
@@ -141,22 +182,31 @@ impl Topology {
             ])?;
             let (rv4, hv4) = (
                 Ipv4Addr::new(198, 18, third, 1),
-                Ipv4Addr::new(198, 18, third, 2),
+                Ipv4Addr::new(198, 18, third, host),
             );
             let (rv6, hv6) = (
                 Ipv6Addr::new(0x2001, 0xdb8, u16::from(third), 0, 0, 0, 0, 1),
-                Ipv6Addr::new(0x2001, 0xdb8, u16::from(third), 0, 0, 0, 0, 2),
+                Ipv6Addr::new(0x2001, 0xdb8, u16::from(third), 0, 0, 0, 0, host.into()),
             );
-            router.ip(&["addr", "add", &format!("{rv4}/24"), "dev", &rif])?;
-            router.ip(&[
-                "-6",
-                "addr",
-                "add",
-                &format!("{rv6}/64"),
-                "dev",
-                &rif,
-                "nodad",
-            ])?;
+            let router_mac = match bridge {
+                Some(br) => {
+                    router.ip(&["link", "set", &rif, "master", br])?;
+                    mac_of(&router, br)?
+                }
+                None => {
+                    router.ip(&["addr", "add", &format!("{rv4}/24"), "dev", &rif])?;
+                    router.ip(&[
+                        "-6",
+                        "addr",
+                        "add",
+                        &format!("{rv6}/64"),
+                        "dev",
+                        &rif,
+                        "nodad",
+                    ])?;
+                    mac_of(&router, &rif)?
+                }
+            };
             router.ip(&["link", "set", &rif, "up"])?;
             ns.ip(&["addr", "add", &format!("{hv4}/24"), "dev", "eth0"])?;
             ns.ip(&[
@@ -173,7 +223,7 @@ impl Topology {
             ns.ip(&["-6", "route", "add", "default", "via", &rv6.to_string()])?;
             Ok(Host {
                 mac: mac_of(&ns, "eth0")?,
-                router_mac: mac_of(&router, &rif)?,
+                router_mac,
                 ns,
                 v4: hv4,
                 v6: hv6,
@@ -183,7 +233,7 @@ impl Topology {
             })
         };
         let clients = (0..spec.clients)
-            .map(|i| link("c", i, 10 + i as u8, 1500))
+            .map(|i| link("c", i, (10 + i as u8, 2), 1500, None))
             .collect::<Result<Vec<_>>>()?;
         // veth leaves TX checksums to "hardware", which here is nobody:
         // packets reach the LB with only the pseudo-header sum, and XDP
@@ -193,10 +243,16 @@ impl Topology {
             c.ns.exec(&["ethtool", "-K", "eth0", "tx", "off"])?;
         }
         let lbs = (0..spec.lbs)
-            .map(|j| link("l", j, 40 + j as u8, TUNNEL_MTU))
+            .map(|j| {
+                if spec.lb_segment {
+                    link("l", j, (40, 2 + j as u8), TUNNEL_MTU, Some(SEGMENT_BRIDGE))
+                } else {
+                    link("l", j, (40 + j as u8, 2), TUNNEL_MTU, None)
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
         let backends = (0..spec.backends)
-            .map(|i| link("b", i, 64 + i as u8, TUNNEL_MTU))
+            .map(|i| link("b", i, (64 + i as u8, 2), TUNNEL_MTU, None))
             .collect::<Result<Vec<_>>>()?;
 
         // Backends: VIPs on loopback, tunnels ended by `decap`.
@@ -243,7 +299,10 @@ impl Topology {
             vips: spec.vips.clone(),
             router,
         };
-        topo.route_vips_via(0)?;
+        // On a shared segment the VIPs' routes come from BGP or VRRP.
+        if !spec.lb_segment {
+            topo.route_vips_via(0)?;
+        }
         Ok(topo)
     }
 

@@ -58,6 +58,11 @@ pub enum Request {
         address: IpAddr,
         weight: u32,
     },
+    /// The operator's withdrawal of this host's announcements (`true`), or
+    /// its end.
+    AnnounceWithdraw {
+        withdraw: bool,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -109,7 +114,11 @@ impl Request {
                 address,
                 weight,
             } => Change::BackendWeight(vip, address, weight),
-            Self::Status {} | Self::Stats {} | Self::Reload {} | Self::VipList {} => return None,
+            Self::Status {}
+            | Self::Stats {}
+            | Self::Reload {}
+            | Self::VipList {}
+            | Self::AnnounceWithdraw { .. } => return None,
         })
     }
 }
@@ -123,6 +132,7 @@ pub fn handle(ctl: &mut Controller, request: Request) -> Response {
         Request::Stats {} => Ok(Some(serde_json::to_value(stats(ctl)?)?)),
         Request::VipList {} => Ok(Some(serde_json::to_value(&ctl.config().vips)?)),
         Request::Reload {} => ctl.reload().map(|()| None),
+        Request::AnnounceWithdraw { withdraw } => ctl.set_withdrawn(*withdraw).map(|()| None),
         other => {
             let change = other.change().ok_or_else(|| anyhow!("not a change"))?;
             ctl.change(&change).map(|()| None)

@@ -103,6 +103,37 @@ enum Command {
     Vip(VipCommand),
     #[command(subcommand)]
     Backend(BackendCommand),
+    /// This host's VIP announcements (routes a routing daemon or keepalived
+    /// acts on; `[announce]` in the config).
+    #[command(subcommand)]
+    Announce(AnnounceCommand),
+}
+
+#[derive(Subcommand)]
+enum AnnounceCommand {
+    /// Withdraw every VIP of this host (maintenance: routers send new flows
+    /// to the other hosts; what still arrives is forwarded). Kept across
+    /// daemon restarts until `restore`.
+    Withdraw {
+        /// The daemon's config (used when no daemon runs).
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// End a withdrawal: VIPs are announced again while they are usable.
+    Restore {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+    },
+    /// Exit 0 if this host announces a VIP address now (any, or each
+    /// --address), 1 if not: for keepalived's `track_script`. Reads the
+    /// kernel's routes, so it holds while the daemon restarts.
+    Check {
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// An address that must be announced (repeat for several).
+        #[arg(long = "address")]
+        addresses: Vec<IpAddr>,
+    },
 }
 
 #[derive(Args)]
@@ -345,6 +376,26 @@ fn print_status(s: &serde_json::Value) -> Result<()> {
     for w in &status.warnings {
         println!("  warning: {w}");
     }
+    let a = &status.announce;
+    if a.enabled {
+        let list: Vec<String> = a.announced.iter().map(ToString::to_string).collect();
+        println!(
+            "announcing (table {} proto {}): {}{}",
+            a.table,
+            a.protocol,
+            if list.is_empty() {
+                "nothing".into()
+            } else {
+                list.join(", ")
+            },
+            a.reason
+                .as_deref()
+                .map_or(String::new(), |r| format!("; not the rest: {r}"))
+        );
+        if let Some(e) = &a.last_error {
+            println!("  announcement error: {e}");
+        }
+    }
     for v in &status.vips {
         println!(
             "VIP {} {} {}{} check {}: {} packets, {}, {} flows",
@@ -403,6 +454,7 @@ struct StatusView {
     flows: usize,
     max_flows: u32,
     vips: Vec<VipView>,
+    announce: crate::controller::AnnounceStatus,
 }
 
 #[derive(serde::Deserialize)]
@@ -543,6 +595,9 @@ pub fn main() -> ExitCode {
     if let Command::Check = cli.command {
         return nagios(&socket_path(cli.socket));
     }
+    if let Command::Announce(AnnounceCommand::Check { config, addresses }) = &cli.command {
+        return announce_check(config, addresses);
+    }
     match execute(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -553,6 +608,7 @@ pub fn main() -> ExitCode {
 }
 
 fn execute(cli: Cli) -> Result<()> {
+    let given_socket = cli.socket.clone();
     let socket = &socket_path(cli.socket);
     match cli.command {
         Command::Run { config, replace } => run(config, replace),
@@ -571,6 +627,104 @@ fn execute(cli: Cli) -> Result<()> {
         Command::Loadgen(a) => loadgen(a),
         Command::Vip(cmd) => vip(socket, cmd),
         Command::Backend(cmd) => backend(socket, cmd),
+        Command::Announce(cmd) => announce(given_socket, cmd),
+    }
+}
+
+/// `announce withdraw|restore`: through the daemon; with no daemon, the
+/// withdrawal is recorded for the next one and the routes are removed here.
+fn announce(given_socket: Option<PathBuf>, cmd: AnnounceCommand) -> Result<()> {
+    let (config_path, withdraw) = match cmd {
+        AnnounceCommand::Withdraw { config } => (config, true),
+        AnnounceCommand::Restore { config } => (config, false),
+        AnnounceCommand::Check { .. } => unreachable!("handled before"),
+    };
+    let config = Config::load(&config_path);
+    // The socket: --socket, $XDPLB_SOCKET, else this config's.
+    let socket = given_socket
+        .or_else(|| std::env::var_os("XDPLB_SOCKET").map(PathBuf::from))
+        .or_else(|| config.as_ref().ok().map(|c| c.api.socket.clone()))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET));
+    let verb = if withdraw { "withdrawn" } else { "restored" };
+    match request(&socket, &Request::AnnounceWithdraw { withdraw }) {
+        Ok(_) => {
+            println!("announcements {verb}");
+            return Ok(());
+        }
+        Err(e) if !daemon_absent(&e) => return Err(e),
+        Err(_) => {}
+    }
+    let config = config.with_context(|| format!("no daemon answers on {}", socket.display()))?;
+    let a = &config.announce;
+    if !a.enabled {
+        bail!("announcing is off in the config (set `[announce] enabled = true`)");
+    }
+    crate::announce::set_withdrawn(&config.daemon.pin_dir, withdraw)?;
+    if withdraw {
+        let gone = crate::announce::withdraw_all(a.into())?;
+        println!(
+            "announcements withdrawn ({} routes removed); no daemon runs, the next one keeps them withdrawn",
+            gone.len()
+        );
+    } else {
+        println!(
+            "withdrawal ended; no daemon runs: the next one announces the VIPs that are usable"
+        );
+    }
+    Ok(())
+}
+
+/// Whether a client error means no daemon listens on the socket.
+fn daemon_absent(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| {
+            matches!(
+                io.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+            )
+        })
+    })
+}
+
+/// keepalived's view: exit 0 while this host announces (any configured
+/// VIP address, or each of `addresses`).
+fn announce_check(config: &Path, addresses: &[IpAddr]) -> ExitCode {
+    let result = Config::load(config).and_then(|c| {
+        if !c.announce.enabled {
+            bail!("announcing is off in {}", config.display());
+        }
+        let have = crate::announce::announced((&c.announce).into())?;
+        let need: Vec<IpAddr> = if addresses.is_empty() {
+            c.vips.iter().map(|v| v.address).collect()
+        } else {
+            addresses.to_vec()
+        };
+        Ok((have, need, addresses.is_empty()))
+    });
+    match result {
+        Ok((have, need, any)) => {
+            let missing: Vec<String> = need
+                .iter()
+                .filter(|a| !have.contains(a))
+                .map(ToString::to_string)
+                .collect();
+            let ok = if any {
+                need.iter().any(|a| have.contains(a))
+            } else {
+                missing.is_empty()
+            };
+            if ok {
+                println!("announced: {have:?}");
+                ExitCode::SUCCESS
+            } else {
+                println!("not announced: {}", missing.join(", "));
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            println!("xdplb: {e:#}");
+            ExitCode::from(2)
+        }
     }
 }
 
@@ -600,10 +754,21 @@ fn check_config(file: &Path) -> Result<()> {
 /// Remove the pinned dataplane, unless a daemon runs on it: it holds the
 /// maps and would re-attach within a second, so it must be stopped first.
 fn detach(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Result<()> {
-    let dir = match (config, pin_dir) {
-        (Some(c), _) => Config::load(&c)?.daemon.pin_dir,
-        (None, Some(d)) => d,
-        (None, None) => crate::config::Daemon::default().pin_dir,
+    // The announcements go with the dataplane: the config named, else the
+    // default config when it describes this pin directory.
+    let (dir, announce) = match (config, pin_dir) {
+        (Some(c), _) => {
+            let c = Config::load(&c)?;
+            (c.daemon.pin_dir, Some(c.announce))
+        }
+        (None, given) => {
+            let default = Config::load(Path::new(DEFAULT_CONFIG)).ok();
+            let dir = given.unwrap_or_else(|| crate::config::Daemon::default().pin_dir);
+            let announce = default
+                .filter(|c| c.daemon.pin_dir == dir)
+                .map(|c| c.announce);
+            (dir, announce)
+        }
     };
     let _lock = match crate::lock::try_acquire(&crate::lock::pin_dir_lock(&dir))? {
         Ok(lock) => lock,
@@ -613,6 +778,12 @@ fn detach(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Result<()> {
             dir.display()
         ),
     };
+    if let Some(a) = announce.filter(|a| a.enabled) {
+        let gone = crate::announce::withdraw_all((&a).into())?;
+        if !gone.is_empty() {
+            println!("withdrew the announcements of {gone:?}");
+        }
+    }
     if crate::dataplane::detach(&dir)? {
         println!(
             "detached: removed the pinned dataplane at {}",

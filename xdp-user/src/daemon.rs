@@ -191,6 +191,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         Err(e) => warn!(error = %format!("{e:#}"), "no background flow counter"),
     }
     ctl.reconcile_logged();
+    ctl.announce();
     let (check_tx, mut check_rx) = mpsc::channel(4096);
     let mut checks = Checks::on(health_runtime, check_tx);
     info!(
@@ -235,6 +236,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 pending = false;
                 last_reconcile = Instant::now();
                 ctl.reconcile_logged();
+                ctl.announce();
             }
             Some(query) = query_rx.recv() => match query {
                 Query::Api(request, reply) => {
@@ -242,6 +244,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     let response = api::handle(&mut ctl, *request);
                     if changes {
                         checks.sync(ctl.wanted_checks());
+                        ctl.announce();
                     }
                     let _ = reply.send(response);
                 }
@@ -256,7 +259,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 info!("SIGHUP: reloading {}", config_path.display());
                 let response = api::handle(&mut ctl, Request::Reload {});
                 match response.error {
-                    None => checks.sync(ctl.wanted_checks()),
+                    None => {
+                        checks.sync(ctl.wanted_checks());
+                        ctl.announce();
+                    }
                     Some(e) => error!(error = %e, "reload refused; the running state is unchanged"),
                 }
             }
@@ -269,11 +275,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     warn!("dataplane out of sync; retrying reconcile");
                     ctl.reconcile_logged();
                 }
+                ctl.announce();
             }
         }
     }
     if ctl.self_check_problems().is_empty() {
-        info!("exiting; the dataplane keeps forwarding (`xdplb detach` removes it)");
+        info!("exiting; the dataplane keeps forwarding and its VIPs stay announced (`xdplb detach` removes both)");
     } else {
         error!(
             problems = ?ctl.self_check_problems(),

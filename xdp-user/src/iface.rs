@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST,
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
 };
 use netlink_packet_route::{
     link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage, LinkXdp, XdpAttached},
@@ -84,9 +84,10 @@ fn netlink_socket() -> Result<Socket> {
     Ok(socket)
 }
 
-/// Send one request and collect the replies up to the ack (or the one
-/// answer of a get). A kernel error is returned as an io::Error.
-fn transact(
+/// Send one request and collect the replies up to the ack or the end of a
+/// dump (or the one answer of a get). A kernel error is returned as an
+/// io::Error.
+pub fn transact(
     message: RouteNetlinkMessage,
     flags: u16,
 ) -> Result<Vec<RouteNetlinkMessage>, std::io::Error> {
@@ -119,7 +120,7 @@ fn transact(
                 NetlinkPayload::Done(_) => return Ok(out),
                 NetlinkPayload::InnerMessage(m) => {
                     out.push(m);
-                    if flags & NLM_F_ACK == 0 {
+                    if flags & (NLM_F_ACK | NLM_F_DUMP) == 0 {
                         return Ok(out);
                     }
                 }

@@ -1,6 +1,7 @@
 //! xdplb: an XDP layer-4 load balancer. This library holds the dataplane
 //! loader; the daemon, health checks and CLI build on it.
 
+pub mod announce;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -37,6 +37,14 @@ pub fn pin_dir_lock(pin_dir: &Path) -> PathBuf {
     Path::new(LOCK_DIR).join(format!("pin-{}.lock", escape(&pin_dir.to_string_lossy())))
 }
 
+/// Where per-instance state files live (tmpfs, like the locks).
+pub const STATE_DIR: &str = "/run/xdplb/state";
+
+/// The state file `kind` of the instance pinned at `pin_dir`.
+pub fn state_file(kind: &str, pin_dir: &Path) -> PathBuf {
+    Path::new(STATE_DIR).join(format!("{kind}-{}", escape(&pin_dir.to_string_lossy())))
+}
+
 /// The lock file for interface `name` in this process's network namespace
 /// (names repeat across namespaces; the namespace's inode does not).
 pub fn interface_lock(name: &str) -> Result<PathBuf> {

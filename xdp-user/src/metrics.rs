@@ -396,6 +396,31 @@ pub fn render(ctl: &mut Controller, format: Format) -> String {
             .iter()
             .map(|(n, v)| (labels([("counter", n)]), *v)),
     );
+    let a = &status.announce;
+    if a.enabled {
+        let addresses: std::collections::BTreeSet<std::net::IpAddr> =
+            ctl.config().vips.iter().map(|v| v.address).collect();
+        e.gauge(
+            "xdplb_vip_address_announced",
+            "Whether this host announces the VIP address (its route is in the announcement table).",
+            addresses.iter().map(|addr| {
+                (
+                    labels([("address", &addr.to_string())]),
+                    i64::from(a.announced.contains(addr)),
+                )
+            }),
+        );
+        e.gauge(
+            "xdplb_announce_withdrawn",
+            "Whether the operator withdrew this host's announcements (`xdplb announce withdraw`).",
+            Exposition::one(i64::from(a.withdrawn_by_operator)),
+        );
+        e.counter(
+            "xdplb_announce_changes_total",
+            "Announcement routes added or removed.",
+            [(Vec::new(), a.changes)],
+        );
+    }
     if let Ok((run_time, run_count)) = ctl.dataplane().program_stats() {
         e.counter_f64(
             "xdplb_program_run_seconds_total",

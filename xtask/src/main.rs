@@ -20,6 +20,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("ethtool", "ethtool"),
     // The load test's kernel-forwarding baseline.
     ("iptables", "iptables"),
+    // The HA tests: a BGP router and LB hosts, and an active-standby pair.
+    ("bird2", "bird"),
+    ("keepalived", "keepalived"),
 ];
 
 #[derive(Parser)]

@@ -41,6 +41,8 @@ pub struct Config {
     pub api: Api,
     #[serde(default)]
     pub daemon: Daemon,
+    #[serde(default)]
+    pub announce: Announce,
     #[serde(default, rename = "vip", skip_serializing_if = "Vec::is_empty")]
     pub vips: Vec<Vip>,
 }
@@ -208,6 +210,39 @@ impl Default for Daemon {
         }
     }
 }
+
+/// Announcing VIP addresses to routers: while a VIP address may receive
+/// traffic on this host, the daemon keeps a route for it in a routing table
+/// of its own (type blackhole, tagged with its own route protocol), which a
+/// routing daemon learns and announces (BIRD: `protocol kernel { kernel
+/// table N; learn; }`) and a keepalived `track_script` can test
+/// (`xdplb announce check`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Announce {
+    pub enabled: bool,
+    /// The routing table the routes go to (not main, local or default).
+    pub table: u32,
+    /// The routes' protocol number (`ip route ... proto N`).
+    pub protocol: u8,
+    /// After the dataplane was lost, it must be attached and in sync this
+    /// long before its VIPs are announced again.
+    pub hold_down_ms: u64,
+}
+
+impl Default for Announce {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            table: 100,
+            protocol: 250,
+            hold_down_ms: 2000,
+        }
+    }
+}
+
+/// Longest announcement hold-down.
+pub const MAX_HOLD_DOWN_MS: u64 = 600_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -537,6 +572,39 @@ impl Config {
             if v == 0 {
                 problem(format!("tables.{name}"), "must be at least 1".into());
             }
+        }
+        let a = &self.announce;
+        // 253 default, 254 main, 255 local: routes there would steer this
+        // host's own traffic.
+        if a.table == 0 || (253..=255).contains(&a.table) {
+            problem(
+                "announce.table".into(),
+                format!(
+                    "{} is {}; choose a table of its own (e.g. 100)",
+                    a.table,
+                    match a.table {
+                        0 => "no table",
+                        253 => "the default table",
+                        254 => "the main table",
+                        _ => "the local table",
+                    }
+                ),
+            );
+        }
+        if a.protocol <= 4 {
+            problem(
+                "announce.protocol".into(),
+                format!(
+                    "{} is reserved for the kernel and `ip route` (0-4); choose one of its own (e.g. 250)",
+                    a.protocol
+                ),
+            );
+        }
+        if a.hold_down_ms > MAX_HOLD_DOWN_MS {
+            problem(
+                "announce.hold_down_ms".into(),
+                format!("{} is above the limit {MAX_HOLD_DOWN_MS}", a.hold_down_ms),
+            );
         }
         if t.ring_size > 0 && !is_prime(t.ring_size) {
             problem(

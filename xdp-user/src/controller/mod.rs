@@ -8,6 +8,7 @@
 //! accepted or written back, so the state the controller holds always fits
 //! and health-driven changes always apply.
 
+mod announce;
 mod apply;
 mod health;
 mod plan;
@@ -24,6 +25,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use tracing::warn;
 use xdp_common::{backend_state, VipKey};
 
+pub use announce::AnnounceStatus;
 pub use health::BackendHealth;
 pub use plan::DoesNotFit;
 pub use selfcheck::SelfCheck;
@@ -85,6 +87,7 @@ pub struct Controller {
     /// Whether the last reload applied, and when the config was last
     /// loaded successfully (Unix seconds).
     last_reload: (bool, f64),
+    announcer: announce::Announcer,
 }
 
 fn unix_now() -> f64 {
@@ -166,6 +169,8 @@ impl Controller {
         dp: Dataplane,
         adopted: Adopted,
     ) -> Self {
+        let announcer =
+            announce::Announcer::new(crate::announce::is_withdrawn(&config.daemon.pin_dir));
         let mut controller = Self {
             config,
             file,
@@ -186,6 +191,7 @@ impl Controller {
                 .collect(),
             rings: plan::RingCache::default(),
             last_reload: (true, unix_now()),
+            announcer,
         };
         // Health of adopted backends starts from what the dataplane had.
         for vip in &controller.config.vips {

@@ -19,6 +19,9 @@ pub struct SelfCheck {
     pub repairs: u64,
     /// The last repair failure, logged once until it changes.
     pub(super) repair_error: Option<String>,
+    /// When the check last found the dataplane not as the daemon left it
+    /// (announcements are held down for a while after it).
+    pub(super) last_loss: Option<std::time::Instant>,
 }
 
 impl Controller {
@@ -33,6 +36,7 @@ impl Controller {
             self.self_check.problems.clear();
             return;
         }
+        self.self_check.last_loss = Some(std::time::Instant::now());
         if self.self_check.problems.is_empty() {
             self.self_check.losses += 1;
             error!(

@@ -98,6 +98,7 @@ impl Controller {
             max_flows: self.dp.sizes().max_flows,
             reasons,
             vips,
+            announce: self.announce_status(),
         }
     }
 }
@@ -187,4 +188,5 @@ pub struct Status {
     pub max_flows: u32,
     pub reasons: BTreeMap<String, u64>,
     pub vips: Vec<VipStatus>,
+    pub announce: super::AnnounceStatus,
 }

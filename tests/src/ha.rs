@@ -1,0 +1,550 @@
+//! High availability across LB hosts, end to end: the LB hosts share one
+//! segment with the router, each runs `xdplb` with `examples/ha/xdplb.toml`
+//! and, for ECMP, BIRD with `examples/ha/bird-lb.conf`; the router runs
+//! BIRD with `examples/ha/bird-router.conf` (BGP multipath and BFD); for
+//! active-standby the LB hosts run keepalived with
+//! `examples/ha/keepalived.conf` instead. Clients keep long-lived TCP
+//! connections open and open new ones every few milliseconds while faults
+//! are injected; [`Traffic`] counts what broke.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+use crate::{
+    daemon::wait_for,
+    e2e::{http_get, Conn, System},
+    netns::Netns,
+    topology::{Spec, Topology},
+};
+
+/// The VIP of the HA examples.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+
+/// A file of `examples/ha/`.
+pub fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .join("examples/ha")
+        .join(name)
+}
+
+/// `examples/ha/xdplb.toml` with this test host's pin directory and socket
+/// (the only lines a test host changes).
+pub fn lb_config(pin_dir: &Path, socket: &Path) -> String {
+    let text = std::fs::read_to_string(example("xdplb.toml")).expect("examples/ha/xdplb.toml");
+    assert!(
+        !text.contains("[daemon]") && !text.contains("[api]"),
+        "the example sets neither the pin directory nor the socket"
+    );
+    format!(
+        "{text}\n[daemon]\npin_dir = \"{}\"\n\n[api]\nsocket = \"{}\"\n",
+        pin_dir.display(),
+        socket.display()
+    )
+}
+
+/// A program of a Debian package (BIRD, keepalived) running in a namespace
+/// through `ip netns exec`; killed on drop.
+pub struct Service {
+    child: Option<Child>,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Service {
+    pub fn start(ns: &Netns, argv: &[&str], log: PathBuf) -> Result<Self> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("starting {argv:?} in {}", ns.name))?;
+        Ok(Self {
+            child: Some(child),
+            log,
+            name: argv[0].to_owned(),
+        })
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Send `signal`, then wait for the exit (SIGKILL after 5 s).
+    pub fn stop_with(&mut self, signal: i32) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        // SAFETY: signalling a child we own.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop_with(libc::SIGKILL);
+    }
+}
+
+/// BIRD in `ns` with `config`, its control socket and log in `dir`.
+pub fn bird(ns: &Netns, config: &Path, dir: &Path, name: &str) -> Result<(Service, PathBuf)> {
+    let ctl = dir.join(format!("{name}.ctl"));
+    let pid = dir.join(format!("{name}.pid"));
+    let service = Service::start(
+        ns,
+        &[
+            "bird",
+            "-f",
+            "-c",
+            &config.to_string_lossy(),
+            "-s",
+            &ctl.to_string_lossy(),
+            "-P",
+            &pid.to_string_lossy(),
+        ],
+        dir.join(format!("{name}.log")),
+    )?;
+    Ok((service, ctl))
+}
+
+/// `birdc` on the control socket `ctl`.
+pub fn birdc(ctl: &Path, args: &[&str]) -> Result<String> {
+    crate::netns::sh(Command::new("birdc").arg("-s").arg(ctl).args(args))
+}
+
+/// The next hops of the router's route to `dest` in its main table (empty:
+/// no route), read through rtnetlink by a thread inside the namespace.
+pub fn next_hops(dest: Ipv4Addr) -> Result<BTreeSet<Ipv4Addr>> {
+    use netlink_packet_core::NLM_F_DUMP;
+    use netlink_packet_route::{
+        route::{RouteAddress, RouteAttribute, RouteMessage},
+        AddressFamily, RouteNetlinkMessage,
+    };
+    let mut m = RouteMessage::default();
+    m.header.address_family = AddressFamily::Inet;
+    let replies = xdp_user::iface::transact(RouteNetlinkMessage::GetRoute(m), NLM_F_DUMP)?;
+    let mut out = BTreeSet::new();
+    for reply in replies {
+        let RouteNetlinkMessage::NewRoute(r) = reply else {
+            continue;
+        };
+        if r.header.destination_prefix_length != 32
+            || !r
+                .attributes
+                .contains(&RouteAttribute::Destination(RouteAddress::Inet(dest)))
+        {
+            continue;
+        }
+        for a in &r.attributes {
+            match a {
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => {
+                    out.insert(*g);
+                }
+                RouteAttribute::MultiPath(hops) => {
+                    for hop in hops {
+                        for ha in &hop.attributes {
+                            if let RouteAttribute::Gateway(RouteAddress::Inet(g)) = ha {
+                                out.insert(*g);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A set of next hops and when the router took it.
+pub type HopsAt = (Instant, BTreeSet<Ipv4Addr>);
+
+/// Every change of the router's next hops for the VIP, timestamped, from a
+/// thread polling rtnetlink every millisecond inside the router's namespace.
+pub struct RouteWatch {
+    stop: Arc<AtomicBool>,
+    changes: Arc<Mutex<Vec<HopsAt>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl RouteWatch {
+    pub fn start(router: &Netns) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let changes = Arc::new(Mutex::new(Vec::new()));
+        let (flag, log) = (stop.clone(), changes.clone());
+        let ns = router.name.clone();
+        let thread = std::thread::spawn(move || {
+            let Ok(_inside) = crate::netns::enter(&ns) else {
+                return;
+            };
+            let mut last = None;
+            // Bounded: an hour at most, whatever the test does.
+            let deadline = Instant::now() + Duration::from_secs(3600);
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                if let Ok(hops) = next_hops(VIP) {
+                    if last.as_ref() != Some(&hops) {
+                        last = Some(hops.clone());
+                        log.lock().expect("route log").push((Instant::now(), hops));
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        Self {
+            stop,
+            changes,
+            thread: Some(thread),
+        }
+    }
+
+    /// The next hops now.
+    pub fn current(&self) -> BTreeSet<Ipv4Addr> {
+        self.changes
+            .lock()
+            .expect("route log")
+            .last()
+            .map(|(_, h)| h.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every change after `since`.
+    pub fn changes_since(&self, since: Instant) -> Vec<HopsAt> {
+        self.changes
+            .lock()
+            .expect("route log")
+            .iter()
+            .filter(|(at, _)| *at >= since)
+            .cloned()
+            .collect()
+    }
+
+    /// Wait until `check` holds for the next hops; how long after `since`
+    /// the first change that satisfied it happened.
+    pub fn wait(
+        &self,
+        since: Instant,
+        limit: Duration,
+        check: impl Fn(&BTreeSet<Ipv4Addr>) -> bool,
+    ) -> Result<Duration> {
+        wait_for(limit, || {
+            let log = self.changes.lock().expect("route log");
+            let (at, hops) = log.last()?;
+            if !check(hops) {
+                return None;
+            }
+            Some(at.saturating_duration_since(since))
+        })
+        .ok_or_else(|| {
+            anyhow!(
+                "the router's next hops did not change as expected within {limit:?}: now {:?}",
+                self.current()
+            )
+        })
+    }
+}
+
+impl Drop for RouteWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What the traffic saw in one interval.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tally {
+    /// New connections that completed a request.
+    pub new_ok: u64,
+    /// New connections that failed (connect timeout, reset).
+    pub new_failed: u64,
+    /// Established connections that broke (reset or closed), by the backend
+    /// they were on.
+    pub broken: Vec<String>,
+    /// Requests on established connections that were answered.
+    pub answered: u64,
+    /// Longest wait for an answer on an established connection.
+    pub longest_stall: Duration,
+}
+
+impl Tally {
+    fn minus(&self, before: &Tally) -> Tally {
+        Tally {
+            new_ok: self.new_ok - before.new_ok,
+            new_failed: self.new_failed - before.new_failed,
+            broken: self.broken[before.broken.len()..].to_vec(),
+            answered: self.answered - before.answered,
+            longest_stall: self.longest_stall,
+        }
+    }
+}
+
+/// Continuous traffic from client 0 to the VIP: `conns` long-lived echo
+/// connections asking every 20 ms (a broken one is counted and replaced)
+/// and a new HTTP connection every 5 ms.
+pub struct Traffic {
+    stop: Arc<AtomicBool>,
+    tally: Arc<Mutex<Tally>>,
+    /// The backend of every long-lived connection now.
+    pub backends: Arc<Mutex<Vec<String>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// How long an established connection may wait for an answer before it
+/// counts as broken (a route change stalls it for a TCP retransmission).
+const STALL_LIMIT: Duration = Duration::from_secs(10);
+
+impl Traffic {
+    pub fn start(sys: &System, conns: usize, limit: Duration) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let tally = Arc::new(Mutex::new(Tally::default()));
+        let backends = Arc::new(Mutex::new(vec![String::new(); conns]));
+        let ns = sys.topo.clients[0].ns.name.clone();
+        let deadline = Instant::now() + limit;
+        let mut threads = Vec::new();
+        for i in 0..conns {
+            let (stop, tally, backends, ns) =
+                (stop.clone(), tally.clone(), backends.clone(), ns.clone());
+            threads.push(std::thread::spawn(move || {
+                let Ok(_inside) = crate::netns::enter(&ns) else {
+                    return;
+                };
+                let mut conn: Option<Conn> = None;
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                    let Some(c) = conn.as_mut() else {
+                        if let Ok(c) = Conn::open(IpAddr::V4(VIP)) {
+                            backends.lock().expect("backends")[i] = c.backend.clone();
+                            conn = Some(c);
+                        } else {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        continue;
+                    };
+                    let asked = Instant::now();
+                    let answer = c.ask_within(STALL_LIMIT);
+                    let waited = asked.elapsed();
+                    let mut t = tally.lock().expect("tally");
+                    t.longest_stall = t.longest_stall.max(waited);
+                    match answer {
+                        Ok(b) if b == c.backend => t.answered += 1,
+                        _ => {
+                            t.broken.push(c.backend.clone());
+                            conn = None;
+                        }
+                    }
+                    drop(t);
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }));
+        }
+        let (flag, t) = (stop.clone(), tally.clone());
+        threads.push(std::thread::spawn(move || {
+            let Ok(_inside) = crate::netns::enter(&ns) else {
+                return;
+            };
+            while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let ok = http_get(IpAddr::V4(VIP)).is_ok();
+                let mut t = t.lock().expect("tally");
+                if ok {
+                    t.new_ok += 1;
+                } else {
+                    t.new_failed += 1;
+                }
+                drop(t);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }));
+        let traffic = Self {
+            stop,
+            tally,
+            backends,
+            threads,
+        };
+        // Every long-lived connection is open before faults start.
+        wait_for(Duration::from_secs(10), || {
+            traffic
+                .backends
+                .lock()
+                .expect("backends")
+                .iter()
+                .all(|b| !b.is_empty())
+                .then_some(())
+        })
+        .context("long-lived connections did not all open within 10 s")?;
+        Ok(traffic)
+    }
+
+    /// Everything counted so far; reset the longest stall.
+    pub fn snapshot(&self) -> Tally {
+        let mut t = self.tally.lock().expect("tally");
+        let out = t.clone();
+        t.longest_stall = Duration::ZERO;
+        out
+    }
+
+    /// What happened since `before` (a snapshot).
+    pub fn since(&self, before: &Tally) -> Tally {
+        self.snapshot().minus(before)
+    }
+}
+
+impl Drop for Traffic {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Take the dataplane away under the daemon, as `bpftool link detach`
+/// would: BPF_LINK_DETACH on the pinned link of `pin_dir`.
+pub fn detach_link(pin_dir: &Path) -> Result<()> {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let path = std::ffi::CString::new(pin_dir.join("link").to_string_lossy().as_bytes())?;
+    // bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
+    let mut attr = [0u64; 3];
+    attr[0] = path.as_ptr() as u64;
+    // SAFETY: BPF_OBJ_GET reads the path and returns a new descriptor.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            7, // BPF_OBJ_GET
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if fd < 0 {
+        bail!(
+            "BPF_OBJ_GET {}: {}",
+            pin_dir.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: a descriptor the kernel just gave us.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut attr = [0u64; 1];
+    attr[0] = std::os::fd::AsRawFd::as_raw_fd(&fd) as u64;
+    // SAFETY: BPF_LINK_DETACH takes the link's descriptor.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            34, // BPF_LINK_DETACH
+            attr.as_mut_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    if r != 0 {
+        bail!("BPF_LINK_DETACH: {}", std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The ECMP bed: router with BIRD, `lbs` LB hosts each with xdplb and
+/// BIRD, three backends, one client. Fields drop in order: BIRDs first.
+pub struct Ecmp {
+    pub birds: Vec<(Service, PathBuf)>,
+    pub router_bird: (Service, PathBuf),
+    pub sys: System,
+}
+
+/// The LB host address on the segment of LB `j`.
+pub fn lb_addr(j: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 18, 40, 2 + j as u8)
+}
+
+/// The network both HA beds share: LBs on one segment, three backends.
+pub fn system(tag: &str, lbs: usize) -> Result<System> {
+    let spec = Spec {
+        tag: tag.into(),
+        lbs,
+        backends: 3,
+        clients: 1,
+        vips: vec![IpAddr::V4(VIP)],
+        lb_segment: true,
+    };
+    let sys = System::start_spec(&spec, |_topo: &Topology, _j, pins, socket| {
+        lb_config(pins, socket)
+    })?;
+    sys.wait_checked(Duration::from_secs(10))?;
+    Ok(sys)
+}
+
+impl Ecmp {
+    pub fn start(tag: &str, lbs: usize) -> Result<Self> {
+        let sys = system(tag, lbs)?;
+        sys.topo
+            .router
+            .exec(&["sysctl", "-q", "-w", "net.ipv4.fib_multipath_hash_policy=1"])?;
+        let dir = sys.scratch.0.clone();
+        let router_bird = bird(
+            &sys.topo.router,
+            &example("bird-router.conf"),
+            &dir,
+            "router",
+        )?;
+        let birds = (0..lbs)
+            .map(|j| {
+                bird(
+                    &sys.topo.lbs[j].ns,
+                    &example("bird-lb.conf"),
+                    &dir,
+                    &format!("lb{j}"),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bed = Self {
+            birds,
+            router_bird,
+            sys,
+        };
+        let all: BTreeSet<Ipv4Addr> = (0..lbs).map(lb_addr).collect();
+        let converged = wait_for(Duration::from_secs(20), || {
+            bed.sys
+                .topo
+                .router
+                .enter()
+                .ok()
+                .and_then(|_inside| next_hops(VIP).ok())
+                .filter(|h| *h == all)
+        });
+        if converged.is_none() {
+            bail!(
+                "the router has no ECMP route over all LB hosts within 20 s:\n{}",
+                birdc(&bed.router_bird.1, &["show", "protocols", "all"]).unwrap_or_default()
+            );
+        }
+        Ok(bed)
+    }
+}

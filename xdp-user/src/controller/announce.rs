@@ -1,0 +1,213 @@
+//! Which VIP addresses this host may announce, kept in step with the
+//! kernel's announcement routes ([`crate::announce`]).
+//!
+//! An address is announced while all of these hold: the dataplane is
+//! attached and pinned as the daemon left it (self-check) and in sync (the
+//! last reconcile applied); no dataplane loss was seen within the hold-down;
+//! the operator has not withdrawn this host; and at least one VIP on the
+//! address has a usable backend in the dataplane (up, weight above 0).
+//! Exiting withdraws nothing: the pinned dataplane keeps forwarding, and the
+//! next daemon takes the routes over as they are.
+
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use serde::Serialize;
+use tracing::{info, warn};
+use xdp_common::backend_state;
+
+use super::{vip_key, Controller};
+use crate::announce::{self, Target};
+
+#[derive(Debug, Default)]
+pub struct Announcer {
+    /// Where the routes are kept now (None: announcing is off).
+    target: Option<Target>,
+    /// What the last successful sync left announced.
+    announced: BTreeSet<IpAddr>,
+    /// The operator withdrew this host (`xdplb announce withdraw`).
+    withdrawn: bool,
+    /// Why addresses are withdrawn now, logged once per change.
+    reason: Option<String>,
+    last_error: Option<String>,
+    /// Routes added or removed so far.
+    changes: u64,
+}
+
+/// The announcement part of `xdplb status`.
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
+pub struct AnnounceStatus {
+    pub enabled: bool,
+    pub table: u32,
+    pub protocol: u8,
+    pub withdrawn_by_operator: bool,
+    /// Milliseconds of hold-down left after a dataplane loss.
+    pub held_down_ms: u64,
+    pub announced: Vec<IpAddr>,
+    /// Why configured addresses are not announced now.
+    pub reason: Option<String>,
+    pub last_error: Option<String>,
+    pub changes: u64,
+}
+
+impl Announcer {
+    pub fn new(withdrawn: bool) -> Self {
+        Self {
+            withdrawn,
+            ..Self::default()
+        }
+    }
+}
+
+impl Controller {
+    /// Addresses with at least one usable backend behind some VIP.
+    fn serviceable(&self) -> BTreeSet<IpAddr> {
+        let mut out = BTreeSet::new();
+        for vip in &self.config.vips {
+            let Some(&vip_id) = self.vip_ids.get(&vip_key(vip)) else {
+                continue;
+            };
+            let usable = vip.backends.iter().any(|b| {
+                b.weight > 0
+                    && self
+                        .backend_ids
+                        .get(&(vip_id, b.address))
+                        .and_then(|id| self.dp.backend(*id).ok())
+                        .is_some_and(|e| e.state == backend_state::UP)
+            });
+            if usable {
+                out.insert(vip.address);
+            }
+        }
+        out
+    }
+
+    /// How much longer announcements are held down after the last
+    /// dataplane loss, if they are.
+    fn held_down(&self, now: Instant) -> Option<Duration> {
+        let hold_down = Duration::from_millis(self.config.announce.hold_down_ms);
+        let until = self.self_check.last_loss? + hold_down;
+        (now < until).then(|| until - now)
+    }
+
+    /// What may be announced now, and why the rest is not.
+    fn wanted_announcements(&mut self, now: Instant) -> (BTreeSet<IpAddr>, Option<String>) {
+        if !self.self_check.problems.is_empty() {
+            return (BTreeSet::new(), Some("the dataplane is lost".into()));
+        }
+        if let Some(e) = &self.last_error {
+            return (
+                BTreeSet::new(),
+                Some(format!("the dataplane is out of sync: {e}")),
+            );
+        }
+        if let Some(left) = self.held_down(now) {
+            return (
+                BTreeSet::new(),
+                Some(format!(
+                    "held down for {} ms after a dataplane loss",
+                    left.as_millis()
+                )),
+            );
+        }
+        if self.announcer.withdrawn {
+            return (
+                BTreeSet::new(),
+                Some("withdrawn by the operator (`xdplb announce restore` ends it)".into()),
+            );
+        }
+        let want = self.serviceable();
+        let configured: BTreeSet<IpAddr> = self.config.vips.iter().map(|v| v.address).collect();
+        let missing: Vec<String> = configured
+            .difference(&want)
+            .map(ToString::to_string)
+            .collect();
+        let reason =
+            (!missing.is_empty()).then(|| format!("no usable backend for {}", missing.join(", ")));
+        (want, reason)
+    }
+
+    /// Bring the kernel's announcement routes to what may be announced now.
+    /// Failures are logged and retried at the next call.
+    pub fn announce(&mut self) {
+        let settings = &self.config.announce;
+        let target = settings.enabled.then(|| Target::from(settings));
+        if self.announcer.target != target {
+            if let Some(old) = self.announcer.target {
+                match announce::withdraw_all(old) {
+                    Ok(gone) => {
+                        info!(%old, withdrawn = ?gone, "announcement settings changed; withdrew from the old table")
+                    }
+                    Err(e) => {
+                        warn!(%old, error = %format!("{e:#}"), "cannot withdraw from the old announcement table")
+                    }
+                }
+            }
+            self.announcer.target = target;
+            self.announcer.announced.clear();
+        }
+        let Some(target) = target else {
+            return;
+        };
+        let (want, reason) = self.wanted_announcements(Instant::now());
+        if reason != self.announcer.reason {
+            if let Some(r) = &reason {
+                warn!(reason = %r, "not announcing every VIP address");
+            }
+            self.announcer.reason = reason;
+        }
+        match announce::sync(target, &want) {
+            Ok((added, removed)) => {
+                for addr in &added {
+                    info!(%addr, %target, "announcing");
+                }
+                for addr in &removed {
+                    warn!(%addr, %target, reason = ?self.announcer.reason, "withdrawn");
+                }
+                self.announcer.changes += (added.len() + removed.len()) as u64;
+                self.announcer.announced = want;
+                self.announcer.last_error = None;
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                if self.announcer.last_error.as_ref() != Some(&e) {
+                    warn!(error = %e, "cannot update the announcement routes; retrying");
+                    self.announcer.last_error = Some(e);
+                }
+            }
+        }
+    }
+
+    /// The operator's withdrawal (`true`) or its end; kept across restarts.
+    pub fn set_withdrawn(&mut self, withdrawn: bool) -> anyhow::Result<()> {
+        if !self.config.announce.enabled {
+            anyhow::bail!("announcing is off in the config (set `[announce] enabled = true`)");
+        }
+        announce::set_withdrawn(&self.config.daemon.pin_dir, withdrawn)?;
+        self.announcer.withdrawn = withdrawn;
+        self.announce();
+        match &self.announcer.last_error {
+            Some(e) => anyhow::bail!("recorded, but the routes could not be updated yet: {e}"),
+            None => Ok(()),
+        }
+    }
+
+    pub fn announce_status(&self) -> AnnounceStatus {
+        let a = &self.config.announce;
+        let now = Instant::now();
+        AnnounceStatus {
+            enabled: a.enabled,
+            table: a.table,
+            protocol: a.protocol,
+            withdrawn_by_operator: self.announcer.withdrawn,
+            held_down_ms: self.held_down(now).map_or(0, |d| d.as_millis() as u64),
+            announced: self.announcer.announced.iter().copied().collect(),
+            reason: self.announcer.reason.clone(),
+            last_error: self.announcer.last_error.clone(),
+            changes: self.announcer.changes,
+        }
+    }
+}
