@@ -31,6 +31,8 @@ use crate::{
 
 /// The VIP of the HA examples.
 pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
+/// The VIPs' next hop that VRRP moves (`examples/ha/keepalived.conf`).
+pub const VRRP_ADDR: Ipv4Addr = Ipv4Addr::new(198, 18, 40, 100);
 
 /// A file of `examples/ha/`.
 pub fn example(name: &str) -> PathBuf {
@@ -318,6 +320,9 @@ pub struct Traffic {
     tally: Arc<Mutex<Tally>>,
     /// The backend of every long-lived connection now.
     pub backends: Arc<Mutex<Vec<String>>>,
+    /// When each long-lived connection last got an answer (or was found
+    /// broken and replaced).
+    heard: Arc<Mutex<Vec<Instant>>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -330,12 +335,18 @@ impl Traffic {
         let stop = Arc::new(AtomicBool::new(false));
         let tally = Arc::new(Mutex::new(Tally::default()));
         let backends = Arc::new(Mutex::new(vec![String::new(); conns]));
+        let heard = Arc::new(Mutex::new(vec![Instant::now(); conns]));
         let ns = sys.topo.clients[0].ns.name.clone();
         let deadline = Instant::now() + limit;
         let mut threads = Vec::new();
         for i in 0..conns {
-            let (stop, tally, backends, ns) =
-                (stop.clone(), tally.clone(), backends.clone(), ns.clone());
+            let (stop, tally, backends, heard, ns) = (
+                stop.clone(),
+                tally.clone(),
+                backends.clone(),
+                heard.clone(),
+                ns.clone(),
+            );
             threads.push(std::thread::spawn(move || {
                 let Ok(_inside) = crate::netns::enter(&ns) else {
                     return;
@@ -364,6 +375,7 @@ impl Traffic {
                         }
                     }
                     drop(t);
+                    heard.lock().expect("heard")[i] = Instant::now();
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }));
@@ -389,6 +401,7 @@ impl Traffic {
             stop,
             tally,
             backends,
+            heard,
             threads,
         };
         // Every long-lived connection is open before faults start.
@@ -403,6 +416,22 @@ impl Traffic {
         })
         .context("long-lived connections did not all open within 10 s")?;
         Ok(traffic)
+    }
+
+    /// Wait until every long-lived connection has been heard from again
+    /// (answered, or found broken): stalled ones have retransmitted, so
+    /// what a fault did to them is counted.
+    pub fn settle(&self, limit: Duration) -> Result<()> {
+        let since = Instant::now();
+        wait_for(limit, || {
+            self.heard
+                .lock()
+                .expect("heard")
+                .iter()
+                .all(|at| *at > since)
+                .then_some(())
+        })
+        .with_context(|| format!("a long-lived connection stayed silent for {limit:?}"))
     }
 
     /// Everything counted so far; reset the longest stall.
@@ -546,5 +575,87 @@ impl Ecmp {
             );
         }
         Ok(bed)
+    }
+}
+
+/// The active-standby bed: two LB hosts with xdplb and keepalived
+/// (`examples/ha/keepalived.conf`), the router reaching the VIP on the
+/// segment by ARP (VRRP moves the address). Fields drop in order.
+pub struct Vrrp {
+    pub keepaliveds: Vec<Service>,
+    pub sys: System,
+}
+
+impl Vrrp {
+    pub fn start(tag: &str) -> Result<Self> {
+        let sys = system(tag, 2)?;
+        sys.topo.router.ip(&[
+            "route",
+            "add",
+            &format!("{VIP}/32"),
+            "via",
+            &VRRP_ADDR.to_string(),
+        ])?;
+        let text = std::fs::read_to_string(example("keepalived.conf"))?;
+        let mut keepaliveds = Vec::new();
+        for j in 0..2 {
+            // The example names the installed paths; point them at this
+            // build and this host's config, and change nothing else.
+            let dir = &sys.scratch.0;
+            let conf = dir.join(format!("keepalived-lb{j}.conf"));
+            let script = "/usr/sbin/xdplb announce check --config /etc/xdplb/xdplb.toml";
+            if text.matches(script).count() != 1 {
+                bail!("examples/ha/keepalived.conf no longer runs {script:?}");
+            }
+            let ours = format!(
+                "{} announce check --config {}",
+                crate::daemon::xdplb_bin().display(),
+                sys.configs[j].display()
+            );
+            std::fs::write(&conf, text.replace(script, &ours))?;
+            let path = |name: &str| dir.join(format!("keepalived-lb{j}.{name}"));
+            keepaliveds.push(Service::start(
+                &sys.topo.lbs[j].ns,
+                &[
+                    "keepalived",
+                    "--dont-fork",
+                    "--log-console",
+                    "--log-detail",
+                    "--vrrp",
+                    "--use-file",
+                    &conf.to_string_lossy(),
+                    "--pid",
+                    &path("pid").to_string_lossy(),
+                    "--vrrp_pid",
+                    &path("vrrp.pid").to_string_lossy(),
+                ],
+                path("log"),
+            )?);
+        }
+        let bed = Self { keepaliveds, sys };
+        if wait_for(Duration::from_secs(15), || bed.holder()).is_none() {
+            bail!(
+                "no LB host took the VIP within 15 s:\n{}",
+                bed.keepaliveds
+                    .iter()
+                    .map(Service::log_text)
+                    .collect::<Vec<_>>()
+                    .join("\n---\n")
+            );
+        }
+        Ok(bed)
+    }
+
+    /// Whether LB `j` holds the VIPs' next hop (is the VRRP master).
+    pub fn holds(&self, j: usize) -> bool {
+        self.sys.topo.lbs[j]
+            .ns
+            .ip(&["-4", "addr", "show", "dev", "eth0"])
+            .is_ok_and(|out| out.contains(&format!("{VRRP_ADDR}/32")))
+    }
+
+    /// The LB host holding the VIPs' next hop now.
+    pub fn holder(&self) -> Option<usize> {
+        (0..self.sys.topo.lbs.len()).find(|j| self.holds(*j))
     }
 }

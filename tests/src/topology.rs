@@ -191,6 +191,11 @@ impl Topology {
             let router_mac = match bridge {
                 Some(br) => {
                     router.ip(&["link", "set", &rif, "master", br])?;
+                    // A switch floods unknown unicast, but a real NIC drops
+                    // frames for other MACs before XDP sees them; a veth
+                    // does not. Keep frames for one LB host away from the
+                    // others, as on real hardware.
+                    router.exec(&["bridge", "link", "set", "dev", &rif, "flood", "off"])?;
                     mac_of(&router, br)?
                 }
                 None => {

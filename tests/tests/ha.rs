@@ -9,9 +9,9 @@ use std::{
 };
 
 use integration_tests::{
-    daemon::xdplb,
+    daemon::{run_in, xdplb},
     e2e::System,
-    ha::{self, birdc, detach_link, lb_addr, Ecmp, RouteWatch, Tally, Traffic, VIP},
+    ha::{self, birdc, detach_link, lb_addr, Ecmp, RouteWatch, Tally, Traffic, Vrrp, VIP},
     ops::{ok, status},
     require_root,
 };
@@ -107,8 +107,9 @@ impl Phase<'_> {
             );
             None
         };
-        // Connections that moved settle on their host.
-        std::thread::sleep(Duration::from_millis(500));
+        self.traffic
+            .settle(Duration::from_secs(15))
+            .unwrap_or_else(|e| panic!("{fault}: {e}"));
         Row {
             fault,
             withdrawn_after,
@@ -249,4 +250,123 @@ fn lb_host_faults_under_load_break_no_connection() {
     assert!(log.contains("withdrawn"), "{log}");
     drop(traffic);
     let _ = birdc(&bed.router_bird.1, &["show", "protocols"]);
+}
+
+/// Wait until `check` holds; how long after `since` that was seen.
+fn until(since: Instant, limit: Duration, what: &str, check: impl Fn() -> bool) -> Duration {
+    let deadline = Instant::now() + limit;
+    while !check() {
+        assert!(Instant::now() < deadline, "{what} not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    since.elapsed()
+}
+
+#[test]
+fn keepalived_standby_takes_over_and_flows_continue() {
+    if !require_root() {
+        return;
+    }
+    let mut bed = Vrrp::start("ha-vrrp").expect("VRRP bed");
+    let traffic = Traffic::start(&bed.sys, 16, Duration::from_secs(120)).expect("traffic");
+    let master = bed.holder().expect("a master");
+    let standby = 1 - master;
+    let mut rows = Vec::new();
+
+    // 1. The master's daemon dies and restarts: its routes stay, so
+    // keepalived's check keeps passing and nothing moves.
+    let before = traffic.snapshot();
+    if let Some(d) = bed.sys.daemons[master].take() {
+        d.signal(libc::SIGKILL);
+    }
+    // Longer than the check's interval x fall.
+    std::thread::sleep(Duration::from_millis(2500));
+    assert!(bed.holds(master) && !bed.holds(standby), "the VIP moved");
+    bed.sys.start_daemon(master).expect("restart");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(bed.holds(master) && !bed.holds(standby), "the VIP moved");
+    traffic.settle(Duration::from_secs(15)).unwrap();
+    rows.push(Row {
+        fault: "master's daemon killed (SIGKILL), restarted",
+        withdrawn_after: None,
+        back_after: None,
+        tally: traffic.since(&before),
+    });
+
+    // 2. The master's dataplane is detached: its announcement goes, its
+    // check fails, the standby takes over; the old master's check passes
+    // again after the hold-down.
+    let before = traffic.snapshot();
+    let t0 = Instant::now();
+    detach_link(&bed.sys.pins[master].0).expect("detach");
+    let took_over = until(t0, Duration::from_secs(10), "takeover", || {
+        bed.holds(standby) && !bed.holds(master)
+    });
+    let config = bed.sys.configs[master].to_string_lossy().into_owned();
+    let ready = until(t0, Duration::from_secs(10), "old master ready", || {
+        run_in(
+            &bed.sys.topo.lbs[master].ns,
+            &["announce", "check", "--config", &config],
+            Duration::from_secs(5),
+        )
+        .is_ok_and(|out| out.status.success())
+    });
+    traffic.settle(Duration::from_secs(15)).unwrap();
+    rows.push(Row {
+        fault: "master's dataplane detached",
+        withdrawn_after: Some(took_over),
+        back_after: Some(ready.saturating_sub(took_over)),
+        tally: traffic.since(&before),
+    });
+
+    // 3. The new master's link is cut at the switch: its adverts stop and
+    // the other host takes over; after the link is back one master remains.
+    let (master, standby) = (standby, master);
+    let port = bed.sys.topo.lbs[master].router_if.clone();
+    let before = traffic.snapshot();
+    let t0 = Instant::now();
+    bed.sys
+        .topo
+        .router
+        .ip(&["link", "set", &port, "down"])
+        .unwrap();
+    let took_over = until(t0, Duration::from_secs(10), "takeover", || {
+        bed.holds(standby)
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let t1 = Instant::now();
+    bed.sys
+        .topo
+        .router
+        .ip(&["link", "set", &port, "up"])
+        .unwrap();
+    let one_master = until(t1, Duration::from_secs(10), "one master again", || {
+        bed.holds(0) != bed.holds(1)
+    });
+    traffic.settle(Duration::from_secs(15)).unwrap();
+    rows.push(Row {
+        fault: "master's link cut at the switch, restored",
+        withdrawn_after: Some(took_over),
+        back_after: Some(one_master),
+        tally: traffic.since(&before),
+    });
+
+    print_rows(
+        "Active-standby with keepalived (16 long-lived connections, a new one every 5 ms); \
+         'withdrawn' = the standby holds the VIP, 'back' = the old master is ready again / one master",
+        &rows,
+    );
+    for r in &rows {
+        assert!(
+            r.tally.broken.is_empty(),
+            "{}: established connections broke: {:?}",
+            r.fault,
+            r.tally.broken
+        );
+        assert!(
+            r.tally.new_ok > 0,
+            "{}: no new connection succeeded",
+            r.fault
+        );
+    }
 }
