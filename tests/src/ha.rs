@@ -530,8 +530,25 @@ pub fn system(tag: &str, lbs: usize) -> Result<System> {
     Ok(sys)
 }
 
+/// A BIRD config of `examples/ha/`, as it is or with BFD turned off
+/// (written to `dir`).
+fn bird_config(name: &str, bfd: bool, dir: &Path) -> Result<PathBuf> {
+    if bfd {
+        return Ok(example(name));
+    }
+    let text = std::fs::read_to_string(example(name))?;
+    if text.matches("bfd on;").count() != 1 {
+        bail!("examples/ha/{name} should turn BFD on in one place");
+    }
+    let path = dir.join(format!("no-bfd-{name}"));
+    std::fs::write(&path, text.replace("bfd on;", "bfd off;"))?;
+    Ok(path)
+}
+
 impl Ecmp {
-    pub fn start(tag: &str, lbs: usize) -> Result<Self> {
+    /// The bed with the example configs; with `bfd` false, BGP alone (its
+    /// hold time) notices dead peers.
+    pub fn start(tag: &str, lbs: usize, bfd: bool) -> Result<Self> {
         let sys = system(tag, lbs)?;
         sys.topo
             .router
@@ -539,19 +556,13 @@ impl Ecmp {
         let dir = sys.scratch.0.clone();
         let router_bird = bird(
             &sys.topo.router,
-            &example("bird-router.conf"),
+            &bird_config("bird-router.conf", bfd, &dir)?,
             &dir,
             "router",
         )?;
+        let lb_conf = bird_config("bird-lb.conf", bfd, &dir)?;
         let birds = (0..lbs)
-            .map(|j| {
-                bird(
-                    &sys.topo.lbs[j].ns,
-                    &example("bird-lb.conf"),
-                    &dir,
-                    &format!("lb{j}"),
-                )
-            })
+            .map(|j| bird(&sys.topo.lbs[j].ns, &lb_conf, &dir, &format!("lb{j}")))
             .collect::<Result<Vec<_>>>()?;
         let bed = Self {
             birds,

@@ -24,16 +24,19 @@ struct Row {
     tally: Tally,
 }
 
+/// Print the rows as a Markdown table on the real stderr (not captured by
+/// the test harness: `cargo xtask test` shows the figures).
 fn print_rows(title: &str, rows: &[Row]) {
+    use std::io::Write as _;
     let ms = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{} ms", d.as_millis()));
-    println!("\n{title}");
-    println!(
-        "| fault | fault -> withdrawn | restore -> back | established broken | new ok | new failed | longest stall |"
+    let mut out = format!(
+        "\n{title}\n\
+         | fault | fault -> withdrawn | restore -> back | established broken | new ok | new failed | longest stall |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
     for r in rows {
-        println!(
-            "| {} | {} | {} | {} | {} | {} | {} ms |",
+        out += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} ms |\n",
             r.fault,
             ms(r.withdrawn_after),
             ms(r.back_after),
@@ -43,6 +46,7 @@ fn print_rows(title: &str, rows: &[Row]) {
             r.tally.longest_stall.as_millis()
         );
     }
+    let _ = std::io::stderr().write_all(out.as_bytes());
 }
 
 fn without(j: usize, lbs: usize) -> BTreeSet<Ipv4Addr> {
@@ -134,7 +138,7 @@ fn lb_host_faults_under_load_break_no_connection() {
         return;
     }
     const LBS: usize = 3;
-    let mut bed = Ecmp::start("ha-ecmp", LBS).expect("ECMP bed");
+    let mut bed = Ecmp::start("ha-ecmp", LBS, true).expect("ECMP bed");
     let watch = RouteWatch::start(&bed.sys.topo.router);
     let traffic = Traffic::start(&bed.sys, 24, Duration::from_secs(240)).expect("traffic");
     std::thread::sleep(Duration::from_millis(1000));
@@ -248,6 +252,9 @@ fn lb_host_faults_under_load_break_no_connection() {
         .map(|d| d.log_text())
         .unwrap_or_default();
     assert!(log.contains("withdrawn"), "{log}");
+    // BFD, not the hold timer, noticed the cut link.
+    let log = bed.router_bird.0.log_text();
+    assert!(!log.contains("Hold timer expired"), "{log}");
     drop(traffic);
     let _ = birdc(&bed.router_bird.1, &["show", "protocols"]);
 }
@@ -369,4 +376,33 @@ fn keepalived_standby_takes_over_and_flows_continue() {
             r.fault
         );
     }
+}
+
+#[test]
+fn without_bfd_a_cut_link_waits_for_the_bgp_hold_time() {
+    if !require_root() {
+        return;
+    }
+    const LBS: usize = 3;
+    let mut bed = Ecmp::start("ha-nobfd", LBS, false).expect("ECMP bed without BFD");
+    let watch = RouteWatch::start(&bed.sys.topo.router);
+    let traffic = Traffic::start(&bed.sys, 24, Duration::from_secs(120)).expect("traffic");
+    let phase = Phase {
+        watch: &watch,
+        traffic: &traffic,
+        lbs: LBS,
+    };
+    let row = phase.run(
+        &mut bed,
+        "link cut at the switch (no BFD: BGP hold time 3 s)",
+        2,
+        true,
+        |bed| set_port(bed, 2, "down"),
+        |bed| set_port(bed, 2, "up"),
+    );
+    print_rows("The same fault without BFD", std::slice::from_ref(&row));
+    assert!(row.tally.broken.is_empty(), "{:?}", row.tally.broken);
+    // Only the hold timer can notice a silent peer.
+    let log = bed.router_bird.0.log_text();
+    assert!(log.contains("Hold timer expired"), "{log}");
 }
