@@ -284,6 +284,15 @@ impl Drop for RouteWatch {
     }
 }
 
+/// An established connection that broke.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Broken {
+    /// The backend it was on.
+    pub backend: String,
+    /// When it was opened.
+    pub opened: Instant,
+}
+
 /// What the traffic saw in one interval.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Tally {
@@ -293,7 +302,7 @@ pub struct Tally {
     pub new_failed: u64,
     /// Established connections that broke (reset or closed), by the backend
     /// they were on.
-    pub broken: Vec<String>,
+    pub broken: Vec<Broken>,
     /// Requests on established connections that were answered.
     pub answered: u64,
     /// Longest wait for an answer on an established connection.
@@ -351,12 +360,13 @@ impl Traffic {
                 let Ok(_inside) = crate::netns::enter(&ns) else {
                     return;
                 };
-                let mut conn: Option<Conn> = None;
+                let mut conn: Option<(Conn, Instant)> = None;
                 while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    let Some(c) = conn.as_mut() else {
+                    let Some((c, opened)) = conn.as_mut() else {
+                        let opened = Instant::now();
                         if let Ok(c) = Conn::open(IpAddr::V4(VIP)) {
                             backends.lock().expect("backends")[i] = c.backend.clone();
-                            conn = Some(c);
+                            conn = Some((c, opened));
                         } else {
                             std::thread::sleep(Duration::from_millis(20));
                         }
@@ -370,7 +380,10 @@ impl Traffic {
                     match answer {
                         Ok(b) if b == c.backend => t.answered += 1,
                         _ => {
-                            t.broken.push(c.backend.clone());
+                            t.broken.push(Broken {
+                                backend: c.backend.clone(),
+                                opened: *opened,
+                            });
                             conn = None;
                         }
                     }

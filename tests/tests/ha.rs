@@ -11,7 +11,7 @@ use std::{
 use integration_tests::{
     daemon::{run_in, xdplb},
     e2e::System,
-    ha::{self, birdc, detach_link, lb_addr, Ecmp, RouteWatch, Tally, Traffic, Vrrp, VIP},
+    ha::{self, birdc, detach_link, lb_addr, Broken, Ecmp, RouteWatch, Tally, Traffic, Vrrp, VIP},
     ops::{ok, status},
     require_root,
 };
@@ -405,4 +405,126 @@ fn without_bfd_a_cut_link_waits_for_the_bgp_hold_time() {
     // Only the hold timer can notice a silent peer.
     let log = bed.router_bird.0.log_text();
     assert!(log.contains("Hold timer expired"), "{log}");
+}
+
+/// Broken connections by the backend they were on.
+fn by_backend(broken: &[Broken]) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for b in broken {
+        *out.entry(b.backend.clone()).or_insert(0) += 1;
+    }
+    out
+}
+
+#[test]
+fn hosts_disagreeing_about_a_backend_break_only_its_moved_flows() {
+    use std::io::Write as _;
+    if !require_root() {
+        return;
+    }
+    const LBS: usize = 3;
+    let bed = Ecmp::start("ha-views", LBS, true).expect("ECMP bed");
+    let traffic = Traffic::start(&bed.sys, 30, Duration::from_secs(120)).expect("traffic");
+    let on_b1 = || {
+        traffic
+            .backends
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|b| *b == "b1")
+            .count()
+    };
+    let b1_before = on_b1();
+    // LB 0 alone stops reaching backend 1's check port: it marks it down,
+    // the other hosts keep it up.
+    let b1 = &bed.sys.topo.backends[1].ns;
+    let rule = [
+        "INPUT",
+        "-s",
+        &lb_addr(0).to_string(),
+        "-p",
+        "tcp",
+        "--dport",
+        "7",
+        "-j",
+        "DROP",
+    ];
+    let iptables = |op: &str| {
+        let mut argv = vec!["iptables", op];
+        argv.extend_from_slice(&rule);
+        b1.exec(&argv).expect("iptables");
+    };
+
+    // A. The views differ; routes stay.
+    let disagreeing = Instant::now();
+    let before = traffic.snapshot();
+    iptables("-I");
+    bed.sys
+        .wait_backend(0, 1, "down", Duration::from_secs(5))
+        .expect("LB 0 sees backend 1 down");
+    assert_eq!(bed.sys.backend_states(1, 1).unwrap(), ["up"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    traffic.settle(Duration::from_secs(15)).unwrap();
+    let a = traffic.since(&before);
+
+    // B. While they differ, LB 1 is withdrawn: its flows move to LB 0 and
+    // LB 2.
+    let before = traffic.snapshot();
+    ok(&xdplb(&bed.sys.sockets[1], &["announce", "withdraw"]));
+    std::thread::sleep(Duration::from_millis(1500));
+    ok(&xdplb(&bed.sys.sockets[1], &["announce", "restore"]));
+    std::thread::sleep(Duration::from_millis(1000));
+    traffic.settle(Duration::from_secs(15)).unwrap();
+    let b = traffic.since(&before);
+
+    // C. The views agree again; then LB 0 is withdrawn: flows it placed
+    // while it disagreed move to hosts whose ring names backend 1.
+    let before = traffic.snapshot();
+    iptables("-D");
+    bed.sys
+        .wait_backend(0, 1, "up", Duration::from_secs(5))
+        .expect("LB 0 sees backend 1 up again");
+    ok(&xdplb(&bed.sys.sockets[0], &["announce", "withdraw"]));
+    std::thread::sleep(Duration::from_millis(1500));
+    ok(&xdplb(&bed.sys.sockets[0], &["announce", "restore"]));
+    std::thread::sleep(Duration::from_millis(1000));
+    traffic.settle(Duration::from_secs(15)).unwrap();
+    let c = traffic.since(&before);
+
+    let late = |t: &Tally| t.broken.iter().filter(|x| x.opened > disagreeing).count();
+    let _ = writeln!(
+        std::io::stderr(),
+        "\nDifferent views of one backend (30 long-lived connections, {b1_before} on b1 at the start)\n\
+         | phase | established broken, by backend | of them opened while the hosts disagreed | new ok | new failed |\n\
+         |---|---|---:|---:|---:|\n\
+         | A: LB 0 alone sees b1 down | {:?} | {} | {} | {} |\n\
+         | B: meanwhile LB 1 withdrawn and restored | {:?} | {} | {} | {} |\n\
+         | C: views agree again, LB 0 withdrawn and restored | {:?} | {} | {} | {} |",
+        by_backend(&a.broken),
+        late(&a),
+        a.new_ok,
+        a.new_failed,
+        by_backend(&b.broken),
+        late(&b),
+        b.new_ok,
+        b.new_failed,
+        by_backend(&c.broken),
+        late(&c),
+        c.new_ok,
+        c.new_failed,
+    );
+    // While hosts disagree about b1, the flows that break are b1's and
+    // those LB 0 placed while it disagreed (on another backend than the
+    // other hosts' rings name); flows of agreed backends that were open
+    // before keep going wherever the router sends them.
+    for (phase, t) in [("A", &a), ("B", &b)] {
+        assert!(
+            t.broken
+                .iter()
+                .all(|x| x.backend == "b1" || x.opened > disagreeing),
+            "{phase}: a flow on a backend every host agrees on broke: {:?}",
+            t.broken
+        );
+        assert!(t.new_ok > 0, "{phase}: no new connection succeeded");
+    }
 }
