@@ -1,0 +1,142 @@
+//! Announcements tied to health (issue: HA across LB hosts): the daemon
+//! keeps a route per usable VIP address in its own table while its
+//! dataplane forwards, and only then; restarts withdraw nothing.
+
+use std::time::Duration;
+
+use integration_tests::{
+    daemon::{run_in, wait_for, xdplb, Daemon},
+    netns::Netns,
+    ops::{fails, metric, ok, servers, status, stdout, topology, Cfg, Files},
+    require_root,
+};
+
+const ANNOUNCE: &str = "\n[announce]\nenabled = true\nhold_down_ms = 500\n";
+
+/// The announcement routes in `table` (as `ip route` prints them).
+fn routes(ns: &Netns, table: &str) -> String {
+    ns.ip(&["route", "show", "table", table, "proto", "250"])
+        .unwrap_or_default()
+}
+
+fn wait_routes(ns: &Netns, table: &str, present: bool, what: &str) {
+    wait_for(Duration::from_secs(5), || {
+        (routes(ns, table).contains("blackhole 198.18.0.10") == present).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{what}: table {table} holds {:?}", routes(ns, table)));
+}
+
+/// `xdplb announce check` inside the namespace: its exit code.
+fn check(ns: &Netns, config: &str) -> Option<i32> {
+    run_in(
+        ns,
+        &["announce", "check", "--config", config],
+        Duration::from_secs(5),
+    )
+    .unwrap()
+    .status
+    .code()
+}
+
+#[test]
+fn announcements_follow_health_and_survive_restarts() {
+    if !require_root() {
+        return;
+    }
+    let files = Files::new("announce");
+    let mut cfg = Cfg::new(&files);
+    cfg.extra = ANNOUNCE.into();
+    cfg.write(&files.config);
+    let config = files.config.to_str().unwrap();
+    let ns = topology("announce");
+    let backends = servers(&ns, &["198.18.1.1", "198.18.1.2"]);
+    let daemon = Daemon::start(&ns, &files.config, &files.socket, files.log("d1.log")).unwrap();
+
+    // Announced once a backend is usable.
+    wait_routes(&ns, "100", true, "first announcement");
+    assert_eq!(check(&ns, config), Some(0));
+    assert_eq!(
+        metric(&ns, "xdplb_vip_address_announced{address=\"198.18.0.10\"}"),
+        Some(1.0)
+    );
+
+    // No usable backend: withdrawn, with the reason; back when one is.
+    drop(backends);
+    wait_routes(&ns, "100", false, "no usable backend");
+    assert_eq!(check(&ns, config), Some(1));
+    let reason = status(&files.socket)["announce"]["reason"].to_string();
+    assert!(
+        reason.contains("no usable backend for 198.18.0.10"),
+        "{reason}"
+    );
+    let backends = servers(&ns, &["198.18.1.1", "198.18.1.2"]);
+    wait_routes(&ns, "100", true, "a backend is back");
+
+    // The operator's withdrawal is immediate and outlives a restart.
+    ok(&xdplb(&files.socket, &["announce", "withdraw"]));
+    assert!(
+        !routes(&ns, "100").contains("198.18.0.10"),
+        "still announced"
+    );
+    daemon.stop().unwrap();
+    let daemon = Daemon::start(&ns, &files.config, &files.socket, files.log("d2.log")).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!routes(&ns, "100").contains("198.18.0.10"), "re-announced");
+    assert_eq!(
+        status(&files.socket)["announce"]["withdrawn_by_operator"],
+        true
+    );
+    assert_eq!(metric(&ns, "xdplb_announce_withdrawn"), Some(1.0));
+    ok(&xdplb(&files.socket, &["announce", "restore"]));
+    wait_routes(&ns, "100", true, "restored");
+
+    // A stopped daemon leaves the route with the forwarding dataplane.
+    daemon.stop().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(routes(&ns, "100").contains("blackhole 198.18.0.10"));
+
+    // Without a daemon, `withdraw` removes the routes itself and the next
+    // daemon keeps them withdrawn.
+    let out = run_in(
+        &ns,
+        &["announce", "withdraw", "--config", config],
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(ok(&out).contains("no daemon runs"), "{}", stdout(&out));
+    assert!(!routes(&ns, "100").contains("198.18.0.10"));
+    let daemon = Daemon::start(&ns, &files.config, &files.socket, files.log("d3.log")).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert!(!routes(&ns, "100").contains("198.18.0.10"), "re-announced");
+    ok(&xdplb(&files.socket, &["announce", "restore"]));
+    wait_routes(&ns, "100", true, "restored after an offline withdrawal");
+
+    // A reload that moves the table withdraws from the old one.
+    cfg.extra = format!("{ANNOUNCE}table = 101\n");
+    cfg.write(&files.config);
+    ok(&xdplb(&files.socket, &["reload"]));
+    wait_routes(&ns, "101", true, "announced in the new table");
+    assert!(!routes(&ns, "100").contains("198.18.0.10"), "left behind");
+
+    // `detach` removes the announcements with the dataplane.
+    daemon.stop().unwrap();
+    ok(&run_in(
+        &ns,
+        &["detach", "--config", config],
+        Duration::from_secs(10),
+    )
+    .unwrap());
+    assert!(!routes(&ns, "101").contains("198.18.0.10"), "left behind");
+
+    // Tables and protocols that would steer the host's own traffic are
+    // refused, naming the key.
+    for (extra, problem) in [
+        ("table = 254\n", "announce.table: 254 is the main table"),
+        ("protocol = 3\n", "announce.protocol: 3 is reserved"),
+    ] {
+        cfg.extra = format!("{ANNOUNCE}{extra}");
+        cfg.write(&files.config);
+        fails(&xdplb(&files.socket, &["check-config", config]), problem);
+    }
+    drop(backends);
+}
