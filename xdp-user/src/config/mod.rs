@@ -935,6 +935,7 @@ address = "2001:db8:1::1"
         assert_eq!(c.tables, Tables::default());
         assert_eq!(c.api, Api::default());
         assert_eq!(c.daemon, Daemon::default());
+        assert_eq!(c.announce, Announce::default());
         assert_eq!(
             c.vips[0].health.interval_ms,
             HealthCheck::default().interval_ms
