@@ -470,49 +470,6 @@ impl Drop for Traffic {
     }
 }
 
-/// Take the dataplane away under the daemon, as `bpftool link detach`
-/// would: BPF_LINK_DETACH on the pinned link of `pin_dir`.
-pub fn detach_link(pin_dir: &Path) -> Result<()> {
-    use std::os::fd::{FromRawFd as _, OwnedFd};
-    let path = std::ffi::CString::new(pin_dir.join("link").to_string_lossy().as_bytes())?;
-    // bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
-    let mut attr = [0u64; 3];
-    attr[0] = path.as_ptr() as u64;
-    // SAFETY: BPF_OBJ_GET reads the path and returns a new descriptor.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            7, // BPF_OBJ_GET
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if fd < 0 {
-        bail!(
-            "BPF_OBJ_GET {}: {}",
-            pin_dir.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    // SAFETY: a descriptor the kernel just gave us.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut attr = [0u64; 1];
-    attr[0] = std::os::fd::AsRawFd::as_raw_fd(&fd) as u64;
-    // SAFETY: BPF_LINK_DETACH takes the link's descriptor.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            34, // BPF_LINK_DETACH
-            attr.as_mut_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    if r != 0 {
-        bail!("BPF_LINK_DETACH: {}", std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// The ECMP bed: router with BIRD, `lbs` LB hosts each with xdplb and
 /// BIRD, three backends, one client. Fields drop in order: BIRDs first.
 pub struct Ecmp {

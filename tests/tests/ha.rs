@@ -11,7 +11,7 @@ use std::{
 use integration_tests::{
     daemon::{run_in, xdplb},
     e2e::System,
-    ha::{self, birdc, detach_link, lb_addr, Broken, Ecmp, RouteWatch, Tally, Traffic, Vrrp, VIP},
+    ha::{self, birdc, lb_addr, Broken, Ecmp, RouteWatch, Tally, Traffic, Vrrp, VIP},
     ops::{ok, status},
     require_root,
 };
@@ -47,6 +47,25 @@ fn print_rows(title: &str, rows: &[Row]) {
         );
     }
     let _ = std::io::stderr().write_all(out.as_bytes());
+}
+
+/// Print the rows, then require of each fault: no established connection
+/// broke, and traffic kept flowing.
+fn report(title: &str, rows: &[Row]) {
+    print_rows(title, rows);
+    for r in rows {
+        assert!(
+            r.tally.broken.is_empty(),
+            "{}: established connections broke: {:?}",
+            r.fault,
+            r.tally.broken
+        );
+        assert!(
+            r.tally.new_ok > 0 && r.tally.answered > 0,
+            "{}: no traffic",
+            r.fault
+        );
+    }
 }
 
 fn without(j: usize, lbs: usize) -> BTreeSet<Ipv4Addr> {
@@ -184,7 +203,7 @@ fn lb_host_faults_under_load_break_no_connection() {
         "dataplane detached (bpf link detach)",
         1,
         true,
-        |bed| detach_link(&bed.sys.pins[1].0).expect("detach"),
+        |bed| xdp_user::dataplane::detach_pinned_link(&bed.sys.pins[1].0).expect("detach"),
         |_| {},
     ));
 
@@ -230,23 +249,10 @@ fn lb_host_faults_under_load_break_no_connection() {
         },
     ));
 
-    print_rows(
+    report(
         "LB-host faults under load (24 long-lived connections, a new one every 5 ms)",
         &rows,
     );
-    for r in &rows {
-        assert!(
-            r.tally.broken.is_empty(),
-            "{}: established connections broke: {:?}",
-            r.fault,
-            r.tally.broken
-        );
-        assert!(
-            r.tally.new_ok > 0 && r.tally.answered > 0,
-            "{}: no traffic",
-            r.fault
-        );
-    }
     let log = bed.sys.daemons[1]
         .as_ref()
         .map(|d| d.log_text())
@@ -305,7 +311,7 @@ fn keepalived_standby_takes_over_and_flows_continue() {
     // again after the hold-down.
     let before = traffic.snapshot();
     let t0 = Instant::now();
-    detach_link(&bed.sys.pins[master].0).expect("detach");
+    xdp_user::dataplane::detach_pinned_link(&bed.sys.pins[master].0).expect("detach");
     let took_over = until(t0, Duration::from_secs(10), "takeover", || {
         bed.holds(standby) && !bed.holds(master)
     });
@@ -358,24 +364,11 @@ fn keepalived_standby_takes_over_and_flows_continue() {
         tally: traffic.since(&before),
     });
 
-    print_rows(
+    report(
         "Active-standby with keepalived (16 long-lived connections, a new one every 5 ms); \
          'withdrawn' = the standby holds the VIP, 'back' = the old master is ready again / one master",
         &rows,
     );
-    for r in &rows {
-        assert!(
-            r.tally.broken.is_empty(),
-            "{}: established connections broke: {:?}",
-            r.fault,
-            r.tally.broken
-        );
-        assert!(
-            r.tally.new_ok > 0,
-            "{}: no new connection succeeded",
-            r.fault
-        );
-    }
 }
 
 #[test]
@@ -400,8 +393,7 @@ fn without_bfd_a_cut_link_waits_for_the_bgp_hold_time() {
         |bed| set_port(bed, 2, "down"),
         |bed| set_port(bed, 2, "up"),
     );
-    print_rows("The same fault without BFD", std::slice::from_ref(&row));
-    assert!(row.tally.broken.is_empty(), "{:?}", row.tally.broken);
+    report("The same fault without BFD", std::slice::from_ref(&row));
     // Only the hold timer can notice a silent peer.
     let log = bed.router_bird.0.log_text();
     assert!(log.contains("Hold timer expired"), "{log}");

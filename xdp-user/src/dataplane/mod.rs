@@ -340,6 +340,15 @@ pub fn detach(pin_dir: &Path) -> Result<bool> {
     Ok(removed)
 }
 
+/// Detach the XDP link pinned in `pin_dir` from its interface and leave
+/// every pin in place, as `bpftool link detach` does: the program stops
+/// running while the maps and the (now defunct) link stay pinned. This is
+/// the fault the daemon's self-check repairs; the HA tests inject it.
+pub fn detach_pinned_link(pin_dir: &Path) -> Result<()> {
+    let facts = sys::pinned_link_facts(&pin_dir.join(LINK_PIN))?;
+    sys::detach_link_by_id(facts.id)
+}
+
 /// An adopted map keeps the layout and size of the run that created it: a
 /// build whose entries differ must not read or write it, and table sizes
 /// cannot change under it.
