@@ -7,6 +7,9 @@
 //!   backend i 198.18.(64+i).2 ─┘
 //! ```
 //!
+//! With `lb_segment` the LB hosts share one switched segment instead,
+//! 198.18.40.0/24 on a bridge in the router's namespace (the HA tests).
+//!
 //! IPv6 mirrors it in 2001:db8:<third octet in hex>::/64. VIPs (198.18.0.0/24,
 //! 2001:db8::/64) live on the backends' loopback; the backends run the
 //! `decap` program on their link, so the LB's tunnels end there, and they

@@ -11,7 +11,23 @@ use integration_tests::{
     require_root,
 };
 
-const ANNOUNCE: &str = "\n[announce]\nenabled = true\nhold_down_ms = 500\n";
+/// An IPv6 VIP without health checks (always usable), then announcing on.
+const ANNOUNCE: &str = r#"
+[[vip]]
+name = "dns6"
+address = "2001:db8::53"
+port = 53
+protocol = "udp"
+forwarding = "ip6ip6"
+health = { kind = "none" }
+
+[[vip.backend]]
+address = "2001:db8:1::1"
+
+[announce]
+enabled = true
+hold_down_ms = 500
+"#;
 
 /// The announcement routes in `table` (as `ip route` prints them).
 fn routes(ns: &Netns, table: &str) -> String {
@@ -26,11 +42,19 @@ fn wait_routes(ns: &Netns, table: &str, present: bool, what: &str) {
     .unwrap_or_else(|| panic!("{what}: table {table} holds {:?}", routes(ns, table)));
 }
 
-/// `xdplb announce check` inside the namespace: its exit code.
+/// `xdplb announce check --address 198.18.0.10` inside the namespace: its
+/// exit code.
 fn check(ns: &Netns, config: &str) -> Option<i32> {
     run_in(
         ns,
-        &["announce", "check", "--config", config],
+        &[
+            "announce",
+            "check",
+            "--config",
+            config,
+            "--address",
+            "198.18.0.10",
+        ],
         Duration::from_secs(5),
     )
     .unwrap()
@@ -52,8 +76,12 @@ fn announcements_follow_health_and_survive_restarts() {
     let backends = servers(&ns, &["198.18.1.1", "198.18.1.2"]);
     let daemon = Daemon::start(&ns, &files.config, &files.socket, files.log("d1.log")).unwrap();
 
-    // Announced once a backend is usable.
+    // Announced once a backend is usable; IPv6 too.
     wait_routes(&ns, "100", true, "first announcement");
+    let v6 = ns
+        .ip(&["-6", "route", "show", "table", "100", "proto", "250"])
+        .unwrap();
+    assert!(v6.contains("blackhole 2001:db8::53"), "{v6}");
     assert_eq!(check(&ns, config), Some(0));
     assert_eq!(
         metric(&ns, "xdplb_vip_address_announced{address=\"198.18.0.10\"}"),
@@ -64,6 +92,15 @@ fn announcements_follow_health_and_survive_restarts() {
     drop(backends);
     wait_routes(&ns, "100", false, "no usable backend");
     assert_eq!(check(&ns, config), Some(1));
+    // The other address is still announced: `check` without --address
+    // passes while any is.
+    let any = run_in(
+        &ns,
+        &["announce", "check", "--config", config],
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(any.status.success(), "{}", stdout(&any));
     let reason = status(&files.socket)["announce"]["reason"].to_string();
     assert!(
         reason.contains("no usable backend for 198.18.0.10"),
