@@ -470,12 +470,77 @@ impl Drop for Traffic {
     }
 }
 
-/// The ECMP bed: router with BIRD, `lbs` LB hosts each with xdplb and
-/// BIRD, three backends, one client. Fields drop in order: BIRDs first.
+/// The routing daemon of an LB host in the ECMP bed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Speaker {
+    /// BIRD with `examples/ha/bird-lb.conf`.
+    Bird,
+    /// FRR (zebra, bfdd, bgpd) with `examples/ha/frr-lb.conf`.
+    Frr,
+}
+
+/// The ECMP bed: router with BIRD, LB hosts each with xdplb and BIRD or
+/// FRR, three backends, one client. Fields drop in order: routing daemons
+/// first.
 pub struct Ecmp {
-    pub birds: Vec<(Service, PathBuf)>,
+    /// Per LB host, its BIRD and control socket when it runs BIRD.
+    pub birds: Vec<Option<(Service, PathBuf)>>,
+    /// The FRR daemons of the hosts that run FRR.
+    pub frr: Vec<Service>,
     pub router_bird: (Service, PathBuf),
     pub sys: System,
+}
+
+/// FRR's zebra, bfdd and bgpd in `ns`, their sockets, pid files and logs
+/// in a directory of `dir` that FRR's user owns, then `config` applied by
+/// vtysh as `vtysh -b` applies /etc/frr/frr.conf at boot (each daemon
+/// reading the integrated file itself would stop at the others' commands).
+pub fn frr(ns: &Netns, config: &Path, dir: &Path, name: &str) -> Result<Vec<Service>> {
+    let run = dir.join(format!("{name}-frr"));
+    std::fs::create_dir_all(&run)?;
+    crate::netns::sh(Command::new("chown").args(["-R", "frr:frr"]).arg(&run))?;
+    let path = |file: &str| run.join(file).to_string_lossy().into_owned();
+    let mut daemons = Vec::new();
+    for daemon in ["zebra", "bfdd", "bgpd"] {
+        let program = format!("/usr/lib/frr/{daemon}");
+        daemons.push(Service::start(
+            ns,
+            &[
+                &program,
+                "-u",
+                "frr",
+                "-g",
+                "frr",
+                "-f",
+                "/dev/null",
+                "-i",
+                &path(&format!("{daemon}.pid")),
+                "--vty_socket",
+                &path(""),
+                "-z",
+                &path("zserv.api"),
+            ],
+            run.join(format!("{daemon}.log")),
+        )?);
+        if daemon == "zebra" {
+            // The others connect to zebra's socket.
+            wait_for(Duration::from_secs(5), || {
+                run.join("zserv.api").exists().then_some(())
+            })
+            .context("zebra did not open its socket")?;
+        }
+    }
+    let vty = run.to_string_lossy().into_owned();
+    let check = |dry: bool| {
+        let mut cmd = Command::new("vtysh");
+        if dry {
+            cmd.arg("-C");
+        }
+        crate::netns::sh(cmd.args(["--vty_socket", &vty, "-f"]).arg(config))
+    };
+    check(true).context("vtysh -C refuses the FRR config")?;
+    check(false).context("vtysh could not apply the FRR config")?;
+    Ok(daemons)
 }
 
 /// The LB host address on the segment of LB `j`.
@@ -500,25 +565,32 @@ pub fn system(tag: &str, lbs: usize) -> Result<System> {
     Ok(sys)
 }
 
-/// A BIRD config of `examples/ha/`, as it is or with BFD turned off
+/// A routing config of `examples/ha/`, as it is or with BFD turned off
 /// (written to `dir`).
-fn bird_config(name: &str, bfd: bool, dir: &Path) -> Result<PathBuf> {
+fn routing_config(name: &str, bfd: bool, dir: &Path) -> Result<PathBuf> {
     if bfd {
         return Ok(example(name));
     }
     let text = std::fs::read_to_string(example(name))?;
-    if text.matches("bfd on;").count() != 1 {
-        bail!("examples/ha/{name} should turn BFD on in one place");
+    let (on, off) = if name.starts_with("frr") {
+        (" neighbor 198.18.40.1 bfd profile fast\n", "")
+    } else {
+        ("bfd on;", "bfd off;")
+    };
+    if text.matches(on).count() != 1 {
+        bail!("examples/ha/{name} should turn BFD on in one place ({on:?})");
     }
     let path = dir.join(format!("no-bfd-{name}"));
-    std::fs::write(&path, text.replace("bfd on;", "bfd off;"))?;
+    std::fs::write(&path, text.replace(on, off))?;
     Ok(path)
 }
 
 impl Ecmp {
-    /// The bed with the example configs; with `bfd` false, BGP alone (its
-    /// hold time) notices dead peers.
-    pub fn start(tag: &str, lbs: usize, bfd: bool) -> Result<Self> {
+    /// The bed with the example configs, LB host `j` running
+    /// `speakers[j]`; with `bfd` false, BGP alone (its hold time) notices
+    /// dead peers.
+    pub fn start(tag: &str, speakers: &[Speaker], bfd: bool) -> Result<Self> {
+        let lbs = speakers.len();
         let sys = system(tag, lbs)?;
         sys.topo
             .router
@@ -526,19 +598,31 @@ impl Ecmp {
         let dir = sys.scratch.0.clone();
         let router_bird = bird(
             &sys.topo.router,
-            &bird_config("bird-router.conf", bfd, &dir)?,
+            &routing_config("bird-router.conf", bfd, &dir)?,
             &dir,
             "router",
         )?;
-        let lb_conf = bird_config("bird-lb.conf", bfd, &dir)?;
-        let birds = (0..lbs)
-            .map(|j| bird(&sys.topo.lbs[j].ns, &lb_conf, &dir, &format!("lb{j}")))
-            .collect::<Result<Vec<_>>>()?;
-        let bed = Self {
-            birds,
+        let mut bed = Self {
+            birds: Vec::new(),
+            frr: Vec::new(),
             router_bird,
             sys,
         };
+        for (j, speaker) in speakers.iter().enumerate() {
+            let ns = &bed.sys.topo.lbs[j].ns;
+            let name = format!("lb{j}");
+            match speaker {
+                Speaker::Bird => {
+                    let conf = routing_config("bird-lb.conf", bfd, &dir)?;
+                    bed.birds.push(Some(bird(ns, &conf, &dir, &name)?));
+                }
+                Speaker::Frr => {
+                    let conf = routing_config("frr-lb.conf", bfd, &dir)?;
+                    bed.birds.push(None);
+                    bed.frr.extend(frr(ns, &conf, &dir, &name)?);
+                }
+            }
+        }
         let all: BTreeSet<Ipv4Addr> = (0..lbs).map(lb_addr).collect();
         let converged = wait_for(Duration::from_secs(20), || {
             bed.sys
@@ -551,8 +635,13 @@ impl Ecmp {
         });
         if converged.is_none() {
             bail!(
-                "the router has no ECMP route over all LB hosts within 20 s:\n{}",
-                birdc(&bed.router_bird.1, &["show", "protocols", "all"]).unwrap_or_default()
+                "the router has no ECMP route over all LB hosts within 20 s:\n{}\n{}",
+                birdc(&bed.router_bird.1, &["show", "protocols", "all"]).unwrap_or_default(),
+                bed.frr
+                    .iter()
+                    .map(Service::log_text)
+                    .collect::<Vec<_>>()
+                    .join("\n")
             );
         }
         Ok(bed)

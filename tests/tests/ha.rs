@@ -11,7 +11,7 @@ use std::{
 use integration_tests::{
     daemon::{run_in, xdplb},
     e2e::System,
-    ha::{self, birdc, lb_addr, Broken, Ecmp, RouteWatch, Tally, Traffic, Vrrp, VIP},
+    ha::{self, birdc, lb_addr, Broken, Ecmp, RouteWatch, Speaker, Tally, Traffic, Vrrp, VIP},
     ops::{ok, status},
     require_root,
 };
@@ -157,7 +157,12 @@ fn lb_host_faults_under_load_break_no_connection() {
         return;
     }
     const LBS: usize = 3;
-    let mut bed = Ecmp::start("ha-ecmp", LBS, true).expect("ECMP bed");
+    let mut bed = Ecmp::start(
+        "ha-ecmp",
+        &[Speaker::Bird, Speaker::Bird, Speaker::Frr],
+        true,
+    )
+    .expect("ECMP bed");
     let watch = RouteWatch::start(&bed.sys.topo.router);
     let traffic = Traffic::start(&bed.sys, 24, Duration::from_secs(240)).expect("traffic");
     std::thread::sleep(Duration::from_millis(1000));
@@ -210,7 +215,7 @@ fn lb_host_faults_under_load_break_no_connection() {
     // 3. The LB host's link is cut at the switch: only BFD can tell.
     rows.push(phase.run(
         &mut bed,
-        "link cut at the switch (BFD)",
+        "link cut at the switch (FRR host, BFD)",
         2,
         true,
         |bed| set_port(bed, 2, "down"),
@@ -223,22 +228,28 @@ fn lb_host_faults_under_load_break_no_connection() {
         "BIRD stopped (SIGTERM), started",
         0,
         true,
-        |bed| bed.birds[0].0.stop_with(libc::SIGTERM),
         |bed| {
-            bed.birds[0] = ha::bird(
-                &bed.sys.topo.lbs[0].ns,
-                &ha::example("bird-lb.conf"),
-                &bed.sys.scratch.0,
-                "lb0-again",
-            )
-            .expect("BIRD restarts");
+            if let Some((bird, _)) = bed.birds[0].as_mut() {
+                bird.stop_with(libc::SIGTERM);
+            }
+        },
+        |bed| {
+            bed.birds[0] = Some(
+                ha::bird(
+                    &bed.sys.topo.lbs[0].ns,
+                    &ha::example("bird-lb.conf"),
+                    &bed.sys.scratch.0,
+                    "lb0-again",
+                )
+                .expect("BIRD restarts"),
+            );
         },
     ));
 
     // 5. Maintenance: the operator withdraws an LB host, then restores it.
     rows.push(phase.run(
         &mut bed,
-        "`xdplb announce withdraw`, `restore`",
+        "`xdplb announce withdraw`, `restore` (BIRD host)",
         1,
         true,
         |bed| {
@@ -246,6 +257,20 @@ fn lb_host_faults_under_load_break_no_connection() {
         },
         |bed| {
             ok(&xdplb(&bed.sys.sockets[1], &["announce", "restore"]));
+        },
+    ));
+
+    // 6. The same on the host that announces with FRR.
+    rows.push(phase.run(
+        &mut bed,
+        "`xdplb announce withdraw`, `restore` (FRR host)",
+        2,
+        true,
+        |bed| {
+            ok(&xdplb(&bed.sys.sockets[2], &["announce", "withdraw"]));
+        },
+        |bed| {
+            ok(&xdplb(&bed.sys.sockets[2], &["announce", "restore"]));
         },
     ));
 
@@ -377,7 +402,12 @@ fn without_bfd_a_cut_link_waits_for_the_bgp_hold_time() {
         return;
     }
     const LBS: usize = 3;
-    let mut bed = Ecmp::start("ha-nobfd", LBS, false).expect("ECMP bed without BFD");
+    let mut bed = Ecmp::start(
+        "ha-nobfd",
+        &[Speaker::Bird, Speaker::Bird, Speaker::Frr],
+        false,
+    )
+    .expect("ECMP bed without BFD");
     let watch = RouteWatch::start(&bed.sys.topo.router);
     let traffic = Traffic::start(&bed.sys, 24, Duration::from_secs(120)).expect("traffic");
     let phase = Phase {
@@ -387,7 +417,7 @@ fn without_bfd_a_cut_link_waits_for_the_bgp_hold_time() {
     };
     let row = phase.run(
         &mut bed,
-        "link cut at the switch (no BFD: BGP hold time 3 s)",
+        "link cut at the switch (FRR host, no BFD: BGP hold time 3 s)",
         2,
         true,
         |bed| set_port(bed, 2, "down"),
@@ -415,7 +445,7 @@ fn hosts_disagreeing_about_a_backend_break_only_its_moved_flows() {
         return;
     }
     const LBS: usize = 3;
-    let bed = Ecmp::start("ha-views", LBS, true).expect("ECMP bed");
+    let bed = Ecmp::start("ha-views", &[Speaker::Bird; LBS], true).expect("ECMP bed");
     let traffic = Traffic::start(&bed.sys, 30, Duration::from_secs(120)).expect("traffic");
     let on_b1 = || {
         traffic

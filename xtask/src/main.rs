@@ -22,6 +22,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     // The HA tests: a BGP router and LB hosts, and an active-standby pair.
     ("bird2", "bird"),
+    ("frr", "vtysh"),
     ("keepalived", "keepalived"),
 ];
 
