@@ -94,6 +94,17 @@ pub struct Daemon {
     pub log: PathBuf,
 }
 
+/// How a test starts the daemon.
+#[derive(Clone, Debug, Default)]
+pub struct Launch {
+    /// RLIMIT_NOFILE (soft, hard), as a service manager would set it.
+    pub nofile: Option<(u64, u64)>,
+    /// A command the daemon runs under (`setpriv ...`, `unshare ...`); the
+    /// binary and its arguments follow it.
+    pub wrapper: Option<Vec<String>>,
+    pub env: Vec<(String, String)>,
+}
+
 impl Daemon {
     /// Start `xdplb run` in `ns`. Only the network namespace is entered:
     /// `ip netns exec` would also give the daemon a private mount namespace
@@ -112,8 +123,63 @@ impl Daemon {
         log: PathBuf,
         nofile: Option<(u64, u64)>,
     ) -> Result<Self> {
+        Self::start_with(
+            ns,
+            config,
+            socket,
+            log,
+            &Launch {
+                nofile,
+                ..Launch::default()
+            },
+        )
+    }
+
+    /// [`Daemon::start`] as `launch` describes (a wrapper command, its
+    /// environment, resource limits).
+    pub fn start_with(
+        ns: &Netns,
+        config: &Path,
+        socket: &Path,
+        log: PathBuf,
+        launch: &Launch,
+    ) -> Result<Self> {
+        let mut daemon = Self::spawn(ns, config, socket, log, launch)?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = daemon.child.try_wait()? {
+                bail!("xdplb run exited early ({status}):\n{}", daemon.log_text());
+            }
+            if xdplb(socket, &["status", "--json"]).status.success() {
+                return Ok(daemon);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "xdplb run did not answer within 20 s:\n{}",
+            daemon.log_text()
+        )
+    }
+
+    /// Start `xdplb run` as `launch` describes without waiting for it.
+    pub fn spawn(
+        ns: &Netns,
+        config: &Path,
+        socket: &Path,
+        log: PathBuf,
+        launch: &Launch,
+    ) -> Result<Self> {
+        let nofile = launch.nofile;
         let log_file = std::fs::File::create(&log)?;
-        let (mut cmd, netns) = in_netns(ns)?;
+        let (mut cmd, netns) = match &launch.wrapper {
+            Some(argv) => {
+                let (mut cmd, netns) = ns.command(Path::new(&argv[0]))?;
+                cmd.args(&argv[1..]).arg(xdplb_bin());
+                (cmd, netns)
+            }
+            None => in_netns(ns)?,
+        };
+        cmd.envs(launch.env.iter().map(|(k, v)| (k, v)));
         if let Some((soft, hard)) = nofile {
             use std::os::unix::process::CommandExt as _;
             // SAFETY: setrlimit is async-signal-safe; runs in the child.
@@ -141,21 +207,19 @@ impl Daemon {
             .spawn()
             .context("starting xdplb run")?;
         drop(netns);
-        let mut daemon = Self { child, log };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        Ok(Self { child, log })
+    }
+
+    /// Wait up to `limit` for the daemon to exit; its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
-            if let Some(status) = daemon.child.try_wait()? {
-                bail!("xdplb run exited early ({status}):\n{}", daemon.log_text());
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
             }
-            if xdplb(socket, &["status", "--json"]).status.success() {
-                return Ok(daemon);
-            }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(5));
         }
-        bail!(
-            "xdplb run did not answer within 20 s:\n{}",
-            daemon.log_text()
-        )
+        None
     }
 
     pub fn pid(&self) -> u32 {

@@ -87,10 +87,26 @@ fn spawn_flow_counter(
     flows
 }
 
-/// Install the log subscriber (`RUST_LOG` filters; default info).
+/// Install the log subscriber (`RUST_LOG` filters; default info): the
+/// journal's native fields when stderr is the journal (under systemd),
+/// else human or JSON lines on stderr.
 pub fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    if crate::service::stderr_is_journal() {
+        if let Ok(journald) = tracing_journald::layer() {
+            let subscriber = tracing_subscriber::registry()
+                .with(filter())
+                .with(journald.with_syslog_identifier("xdplb".into()));
+            // A second init (tests) keeps the first subscriber.
+            let _ = tracing::subscriber::set_global_default(subscriber);
+            return;
+        }
+    }
+    let filter = filter();
     // Colour only on a terminal: a log file or journal gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -216,6 +232,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
         "running"
     );
 
+    let mut manager = crate::service::Manager::from_env();
+    let mut watchdog = interval(manager.watchdog.unwrap_or(Duration::from_secs(3600)));
+    watchdog.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let (query_tx, mut query_rx) = mpsc::channel(64);
     tokio::spawn(api::serve_admin(admin, query_tx.clone()));
     tokio::spawn(crate::http::serve(metrics, query_tx));
@@ -230,7 +249,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut last_reconcile = Instant::now();
 
     loop {
+        manager.ready_when(
+            ctl.in_sync() && ctl.self_check_problems().is_empty(),
+            "forwarding",
+        );
         tokio::select! {
+            // The watchdog is fed from this loop: a wedged controller stops
+            // feeding it and the service manager restarts the daemon (the
+            // pinned dataplane keeps forwarding meanwhile).
+            _ = watchdog.tick(), if manager.watchdog.is_some() => manager.alive(),
             Some(result) = check_rx.recv() => pending |= ctl.record_check(result),
             _ = sleep_until(last_reconcile + RECONCILE_WINDOW), if pending => {
                 pending = false;
@@ -257,6 +284,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             },
             _ = hup.recv() => {
                 info!("SIGHUP: reloading {}", config_path.display());
+                manager.reloading();
                 let response = api::handle(&mut ctl, Request::Reload {});
                 match response.error {
                     None => {
@@ -265,6 +293,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
                     }
                     Some(e) => error!(error = %e, "reload refused; the running state is unchanged"),
                 }
+                manager.reloaded();
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -279,6 +308,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             }
         }
     }
+    manager.stopping();
     if ctl.self_check_problems().is_empty() {
         info!("exiting; the dataplane keeps forwarding and its VIPs stay announced (`xdplb detach` removes both)");
     } else {

@@ -15,4 +15,5 @@ pub mod loadgen;
 pub mod lock;
 pub mod maglev;
 pub mod metrics;
+pub mod service;
 pub mod socket;

@@ -1,0 +1,237 @@
+//! Running as a system service (issue: ship it as a system service): the
+//! systemd unit's capabilities, readiness, watchdog, reload and stop
+//! notifications, journald logging.
+
+use std::{
+    os::unix::net::UnixDatagram,
+    time::{Duration, Instant},
+};
+
+use integration_tests::{
+    daemon::{wait_for, Daemon, Launch, Server},
+    ops::{servers, status, topology, xdp_prog, Cfg, Files},
+    require_root,
+};
+
+fn unit_caps() -> Vec<String> {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../packaging/xdplb.service"
+    ))
+    .unwrap();
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("the unit sets CapabilityBoundingSet");
+    line.split_whitespace()
+        .map(|c| c.trim_start_matches("CAP_").to_lowercase())
+        .collect()
+}
+
+fn under_caps(caps: &[String]) -> Launch {
+    let set: Vec<String> = caps.iter().map(|c| format!("+{c}")).collect();
+    Launch {
+        wrapper: Some(vec![
+            "setpriv".into(),
+            "--inh-caps=-all".into(),
+            format!("--bounding-set=-all,{}", set.join(",")),
+            "--".into(),
+        ]),
+        ..Launch::default()
+    }
+}
+
+/// A config with announcing on, a namespace with two backends.
+fn bed(tag: &str) -> (Files, integration_tests::netns::Netns, Vec<Server>) {
+    let files = Files::new(tag);
+    let mut cfg = Cfg::new(&files);
+    cfg.extra = "\n[announce]\nenabled = true\n".into();
+    cfg.write(&files.config);
+    let ns = topology(tag);
+    let backends = servers(&ns, &["198.18.1.1", "198.18.1.2"]);
+    (files, ns, backends)
+}
+
+#[test]
+fn the_units_capabilities_are_enough_and_each_is_needed() {
+    if !require_root() {
+        return;
+    }
+    let caps = unit_caps();
+    assert!(!caps.contains(&"sys_admin".to_string()), "{caps:?}");
+
+    // With exactly the unit's set: attached, in sync, checks pass with
+    // half-open probes, the VIP announced.
+    let (files, ns, _backends) = bed("caps");
+    let d = Daemon::start_with(
+        &ns,
+        &files.config,
+        &files.socket,
+        files.log("d.log"),
+        &under_caps(&caps),
+    )
+    .unwrap();
+    let announced = wait_for(Duration::from_secs(5), || {
+        let s = status(&files.socket);
+        (s["attached"] == true && s["in_sync"] == true && !s["announce"]["announced"][0].is_null())
+            .then_some(s)
+    });
+    assert!(announced.is_some(), "{}", status(&files.socket));
+    assert!(d.log_text().contains("half_open=true"), "{}", d.log_text());
+    d.stop().unwrap();
+    drop((files, ns));
+
+    // Without any one of them something an operator relies on is lost.
+    for missing in &caps {
+        let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
+        let (files, ns, _backends) = bed("caps-less");
+        let mut d = Daemon::spawn(
+            &ns,
+            &files.config,
+            &files.socket,
+            files.log("d.log"),
+            &under_caps(&fewer),
+        )
+        .unwrap();
+        match missing.as_str() {
+            // No dataplane at all: the daemon refuses to start.
+            "bpf" | "perfmon" | "net_admin" => {
+                let exit = d.wait_exit(Duration::from_secs(20));
+                assert!(
+                    exit.is_some_and(|s| !s.success()),
+                    "ran without CAP_{}: {}",
+                    missing.to_uppercase(),
+                    d.log_text()
+                );
+            }
+            // Health checks fall back to full connections (2.5x the CPU).
+            "net_raw" => {
+                let logged = wait_for(Duration::from_secs(10), || {
+                    d.log_text().contains("half_open=false").then_some(())
+                });
+                assert!(logged.is_some(), "{}", d.log_text());
+                d.stop().unwrap();
+            }
+            other => panic!("the unit grants CAP_{other}, which no test shows is needed"),
+        }
+    }
+}
+
+/// Datagrams on `sock` until one equals `want` (a whole line of one), or
+/// `limit` passes; every message read.
+fn until_line(sock: &UnixDatagram, want: &str, limit: Duration) -> (bool, Vec<String>) {
+    let deadline = Instant::now() + limit;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while Instant::now() < deadline {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let msg = String::from_utf8_lossy(&buf[..n]).into_owned();
+            let hit = msg.lines().any(|l| l == want);
+            seen.push(msg);
+            if hit {
+                return (true, seen);
+            }
+        }
+    }
+    (false, seen)
+}
+
+#[test]
+fn systemd_hears_ready_watchdog_reload_and_stop() {
+    if !require_root() {
+        return;
+    }
+    let (files, ns, _backends) = bed("notify");
+    let path = files.scratch.0.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let launch = Launch {
+        env: vec![
+            ("NOTIFY_SOCKET".into(), path.to_string_lossy().into_owned()),
+            ("WATCHDOG_USEC".into(), "400000".into()),
+        ],
+        // systemd names the watched pid: the daemon's own, after exec.
+        wrapper: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            r#"WATCHDOG_PID=$$ exec "$0" "$@""#.into(),
+        ]),
+        ..Launch::default()
+    };
+
+    // A daemon that cannot attach never says it is ready.
+    let mut cfg = Cfg::new(&files);
+    cfg.interface = "nope0";
+    cfg.write(&files.config);
+    let mut d = Daemon::spawn(
+        &ns,
+        &files.config,
+        &files.socket,
+        files.log("bad.log"),
+        &launch,
+    )
+    .unwrap();
+    assert!(d
+        .wait_exit(Duration::from_secs(10))
+        .is_some_and(|s| !s.success()));
+    let (ready, seen) = until_line(&sock, "READY=1", Duration::from_millis(300));
+    assert!(!ready, "READY from a daemon that did not attach: {seen:?}");
+
+    // Ready once attached and in sync, not before.
+    let mut cfg = Cfg::new(&files);
+    cfg.extra = "\n[announce]\nenabled = true\n".into();
+    cfg.write(&files.config);
+    let mut d = Daemon::spawn(
+        &ns,
+        &files.config,
+        &files.socket,
+        files.log("d.log"),
+        &launch,
+    )
+    .unwrap();
+    let (ready, seen) = until_line(&sock, "READY=1", Duration::from_secs(20));
+    assert!(ready, "no READY=1: {seen:?}\n{}", d.log_text());
+    assert!(
+        xdp_prog(&ns, "lb0").is_some(),
+        "READY before the program was attached"
+    );
+    assert_eq!(status(&files.socket)["in_sync"], true);
+
+    // The watchdog is fed every half period (200 ms here).
+    let started = Instant::now();
+    let mut pings = 0;
+    while started.elapsed() < Duration::from_millis(1100) {
+        let (hit, _) = until_line(
+            &sock,
+            "WATCHDOG=1",
+            Duration::from_millis(1100) - started.elapsed().min(Duration::from_millis(1100)),
+        );
+        pings += usize::from(hit);
+    }
+    assert!(pings >= 3, "{pings} watchdog pings in 1.1 s");
+
+    // SIGHUP: RELOADING=1 (with the time), then READY=1 again.
+    d.signal(libc::SIGHUP);
+    let (reloading, seen) = until_line(&sock, "RELOADING=1", Duration::from_secs(5));
+    assert!(reloading, "{seen:?}");
+    assert!(seen.last().unwrap().contains("MONOTONIC_USEC="), "{seen:?}");
+    let (ready, seen) = until_line(&sock, "READY=1", Duration::from_secs(5));
+    assert!(ready, "{seen:?}");
+
+    // SIGTERM: STOPPING=1, and the process is gone promptly, leaving the
+    // dataplane forwarding.
+    let asked = Instant::now();
+    d.signal(libc::SIGTERM);
+    let exit = d.wait_exit(Duration::from_secs(10));
+    let took = asked.elapsed();
+    let (stopping, seen) = until_line(&sock, "STOPPING=1", Duration::from_secs(1));
+    assert!(stopping, "{seen:?}");
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+    eprintln!("SIGTERM to exit: {took:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "SIGTERM took {took:?} to end the daemon"
+    );
+    assert!(xdp_prog(&ns, "lb0").is_some());
+}
