@@ -235,3 +235,105 @@ fn systemd_hears_ready_watchdog_reload_and_stop() {
     );
     assert!(xdp_prog(&ns, "lb0").is_some());
 }
+
+#[test]
+fn under_systemd_logs_go_to_the_journal_with_native_fields() {
+    use std::os::unix::fs::MetadataExt as _;
+    if !require_root() {
+        return;
+    }
+    let (files, ns, _backends) = bed("journal");
+    // A journal of our own: a socket at journal/socket in a directory the
+    // daemon sees as /run/systemd (a bind mount in its own mount namespace;
+    // /sys/fs/bpf stays the host's).
+    let fake = files.scratch.0.join("systemd");
+    std::fs::create_dir_all(fake.join("journal")).unwrap();
+    let journal = UnixDatagram::bind(fake.join("journal/socket")).unwrap();
+    journal
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    // systemd tells the service its stderr is the journal by naming the
+    // stream's device and inode.
+    let log = files.log("stderr.log");
+    std::fs::write(&log, "").unwrap();
+    let meta = std::fs::metadata(&log).unwrap();
+    let launch = Launch {
+        env: vec![
+            (
+                "JOURNAL_STREAM".into(),
+                format!("{}:{}", meta.dev(), meta.ino()),
+            ),
+            ("FAKE_SYSTEMD".into(), fake.to_string_lossy().into_owned()),
+        ],
+        wrapper: Some(vec![
+            "unshare".into(),
+            "--mount".into(),
+            "--propagation".into(),
+            "private".into(),
+            "sh".into(),
+            "-c".into(),
+            r#"mount --bind "$FAKE_SYSTEMD" /run/systemd && exec "$0" "$@""#.into(),
+        ]),
+        ..Launch::default()
+    };
+    let d = Daemon::start_with(&ns, &files.config, &files.socket, log, &launch).unwrap();
+    let mut entries: Vec<std::collections::BTreeMap<String, String>> = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let is_start = |f: &std::collections::BTreeMap<String, String>| {
+        f.get("MESSAGE").map(String::as_str) == Some("running")
+    };
+    while Instant::now() < deadline && !entries.iter().any(is_start) {
+        if let Ok(n) = journal.recv(&mut buf) {
+            entries.push(journal_fields(&buf[..n]));
+        }
+    }
+    let running = entries
+        .iter()
+        .find(|f| is_start(f))
+        .unwrap_or_else(|| panic!("no journal entry for the start: {entries:?}"));
+    for (key, value) in [
+        ("PRIORITY", "5"),
+        ("SYSLOG_IDENTIFIER", "xdplb"),
+        ("TARGET", "xdp_user::daemon"),
+        ("F_VIPS", "1"),
+    ] {
+        assert_eq!(
+            running.get(key).map(String::as_str),
+            Some(value),
+            "{running:?}"
+        );
+    }
+    // Nothing doubled on stderr.
+    assert!(!d.log_text().contains("running"), "{}", d.log_text());
+    d.stop().unwrap();
+}
+
+/// The fields of one entry in the journal's native protocol: `KEY=value`
+/// lines, or `KEY`, a newline, a little-endian u64 length and the value.
+fn journal_fields(mut entry: &[u8]) -> std::collections::BTreeMap<String, String> {
+    let mut out = std::collections::BTreeMap::new();
+    while let Some(nl) = entry.iter().position(|b| *b == b'\n') {
+        let line = &entry[..nl];
+        if let Some(eq) = line.iter().position(|b| *b == b'=') {
+            out.insert(
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            );
+            entry = &entry[nl + 1..];
+            continue;
+        }
+        let rest = &entry[nl + 1..];
+        let Some(len) = rest.get(..8) else { break };
+        let len = u64::from_le_bytes(len.try_into().expect("8 bytes")) as usize;
+        let Some(value) = rest.get(8..8 + len) else {
+            break;
+        };
+        out.insert(
+            String::from_utf8_lossy(line).into_owned(),
+            String::from_utf8_lossy(value).into_owned(),
+        );
+        entry = rest.get(8 + len + 1..).unwrap_or_default();
+    }
+    out
+}
