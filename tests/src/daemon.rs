@@ -52,11 +52,11 @@ pub fn xdplb_bin() -> &'static Path {
     })
 }
 
-/// Run `xdplb ARGS` (a client command) and return its output.
+/// Run `xdplb ARGS` (a client command, its socket from `$XDPLB_SOCKET`)
+/// and return its output.
 pub fn xdplb(socket: &Path, args: &[&str]) -> Output {
     Command::new(xdplb_bin())
-        .arg("--socket")
-        .arg(socket)
+        .env("XDPLB_SOCKET", socket)
         .args(args)
         .output()
         .expect("running xdplb")
@@ -144,7 +144,7 @@ impl Daemon {
         log: PathBuf,
         launch: &Launch,
     ) -> Result<Self> {
-        let mut daemon = Self::spawn(ns, config, socket, log, launch)?;
+        let mut daemon = Self::spawn(ns, config, log, launch)?;
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(status) = daemon.child.try_wait()? {
@@ -162,13 +162,7 @@ impl Daemon {
     }
 
     /// Start `xdplb run` as `launch` describes without waiting for it.
-    pub fn spawn(
-        ns: &Netns,
-        config: &Path,
-        socket: &Path,
-        log: PathBuf,
-        launch: &Launch,
-    ) -> Result<Self> {
+    pub fn spawn(ns: &Netns, config: &Path, log: PathBuf, launch: &Launch) -> Result<Self> {
         let nofile = launch.nofile;
         let log_file = std::fs::File::create(&log)?;
         let (mut cmd, netns) = match &launch.wrapper {
@@ -197,8 +191,6 @@ impl Daemon {
             }
         }
         let child = cmd
-            .arg("--socket")
-            .arg(socket)
             .arg("run")
             .arg("--config")
             .arg(config)

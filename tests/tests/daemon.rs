@@ -578,13 +578,7 @@ fn daemon_restart_keeps_pins_state_and_flows() {
     // A second daemon on the same socket refuses to start, touching nothing.
     let second = run_in(
         &ns,
-        &[
-            "--socket",
-            socket.to_str().unwrap(),
-            "run",
-            "--config",
-            config_path.to_str().unwrap(),
-        ],
+        &["run", "--config", config_path.to_str().unwrap()],
         Duration::from_secs(10),
     )
     .unwrap();

@@ -85,14 +85,8 @@ fn the_units_capabilities_are_enough_and_each_is_needed() {
     for missing in &caps {
         let fewer: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
         let (files, ns, _backends) = bed("caps-less");
-        let mut d = Daemon::spawn(
-            &ns,
-            &files.config,
-            &files.socket,
-            files.log("d.log"),
-            &under_caps(&fewer),
-        )
-        .unwrap();
+        let mut d =
+            Daemon::spawn(&ns, &files.config, files.log("d.log"), &under_caps(&fewer)).unwrap();
         match missing.as_str() {
             // No dataplane at all: the daemon refuses to start.
             "bpf" | "perfmon" | "net_admin" => {
@@ -164,14 +158,7 @@ fn systemd_hears_ready_watchdog_reload_and_stop() {
     let mut cfg = Cfg::new(&files);
     cfg.interface = "nope0";
     cfg.write(&files.config);
-    let mut d = Daemon::spawn(
-        &ns,
-        &files.config,
-        &files.socket,
-        files.log("bad.log"),
-        &launch,
-    )
-    .unwrap();
+    let mut d = Daemon::spawn(&ns, &files.config, files.log("bad.log"), &launch).unwrap();
     assert!(d
         .wait_exit(Duration::from_secs(10))
         .is_some_and(|s| !s.success()));
@@ -182,14 +169,7 @@ fn systemd_hears_ready_watchdog_reload_and_stop() {
     let mut cfg = Cfg::new(&files);
     cfg.extra = "\n[announce]\nenabled = true\n".into();
     cfg.write(&files.config);
-    let mut d = Daemon::spawn(
-        &ns,
-        &files.config,
-        &files.socket,
-        files.log("d.log"),
-        &launch,
-    )
-    .unwrap();
+    let mut d = Daemon::spawn(&ns, &files.config, files.log("d.log"), &launch).unwrap();
     let (ready, seen) = until_line(&sock, "READY=1", Duration::from_secs(20));
     assert!(ready, "no READY=1: {seen:?}\n{}", d.log_text());
     assert!(

@@ -141,8 +141,6 @@ fn a_second_daemon_is_refused_and_the_first_keeps_working() {
     .write(&second);
     let args = |config: &Path| {
         vec![
-            "--socket".to_owned(),
-            other_socket.display().to_string(),
             "run".to_owned(),
             "--config".to_owned(),
             config.display().to_string(),
@@ -581,9 +579,9 @@ fn bad_input_is_bounded_and_refused() {
     // A closed pipe ends a client quietly: its reader is gone before it
     // writes a byte.
     let mut child = Command::new(integration_tests::daemon::xdplb_bin())
+        .arg("status")
         .arg("--socket")
         .arg(&files.socket)
-        .arg("status")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -25,12 +25,17 @@ const DEFAULT_CONFIG: &str = "/etc/xdplb/xdplb.toml";
 #[derive(Parser)]
 #[command(name = "xdplb", version, about = "XDP layer-4 load balancer")]
 pub struct Cli {
-    /// Admin socket of the running daemon (default: $XDPLB_SOCKET, else
-    /// `api.socket` of /etc/xdplb/xdplb.toml, else /run/xdplb/admin.sock).
-    #[arg(long, global = true)]
-    socket: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// The options of commands that talk to the running daemon.
+#[derive(Args, Clone, Debug, Default)]
+struct Client {
+    /// Admin socket of the running daemon (default: $XDPLB_SOCKET, else
+    /// `api.socket` of /etc/xdplb/xdplb.toml, else /run/xdplb/admin.sock).
+    #[arg(long, global = true, value_name = "PATH")]
+    socket: Option<PathBuf>,
 }
 
 /// The admin socket a client command talks to: `--socket`, else
@@ -71,11 +76,16 @@ enum Command {
         pin_dir: Option<PathBuf>,
     },
     /// Re-read the config file (same as SIGHUP).
-    Reload,
+    Reload {
+        #[command(flatten)]
+        client: Client,
+    },
     /// VIPs, backends, health, weights, flows in use.
     Status {
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        client: Client,
     },
     /// Counters; with --watch, rates per VIP and backend.
     Stats {
@@ -89,9 +99,14 @@ enum Command {
         count: Option<u64>,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        client: Client,
     },
     /// Nagios-style check: exit 0 OK, 1 WARNING, 2 CRITICAL, one summary line.
-    Check,
+    Check {
+        #[command(flatten)]
+        client: Client,
+    },
     /// Generate packets from an interface with BPF_PROG_TEST_RUN live frames
     /// (load tests). Bounded by --count and --duration.
     Loadgen(LoadgenArgs),
@@ -99,14 +114,31 @@ enum Command {
     /// hosts without ipip/ip6tnl devices (pinned: stays after the command).
     #[command(subcommand)]
     Decap(DecapCommand),
-    #[command(subcommand)]
-    Vip(VipCommand),
-    #[command(subcommand)]
-    Backend(BackendCommand),
+    /// VIPs: list, add, delete (written back to the config file).
+    Vip {
+        #[command(flatten)]
+        client: Client,
+        #[command(subcommand)]
+        cmd: VipCommand,
+    },
+    /// Backends of a VIP: add, delete, drain, weight.
+    Backend {
+        #[command(flatten)]
+        client: Client,
+        #[command(subcommand)]
+        cmd: BackendCommand,
+    },
     /// This host's VIP announcements (routes a routing daemon or keepalived
     /// acts on; `[announce]` in the config).
     #[command(subcommand)]
     Announce(AnnounceCommand),
+    /// Write the man pages and shell completions (packaging).
+    #[command(hide = true)]
+    Generate {
+        /// Directory to write `man/` and `completions/` into.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -118,11 +150,15 @@ enum AnnounceCommand {
         /// The daemon's config (used when no daemon runs).
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        #[command(flatten)]
+        client: Client,
     },
     /// End a withdrawal: VIPs are announced again while they are usable.
     Restore {
         #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
+        #[command(flatten)]
+        client: Client,
     },
     /// Exit 0 if this host announces a VIP address now (any, or each
     /// --address), 1 if not: for keepalived's `track_script`. Reads the
@@ -592,8 +628,8 @@ pub fn main() -> ExitCode {
         // SAFETY: resetting a signal disposition before any thread exists.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
-    if let Command::Check = cli.command {
-        return nagios(&socket_path(cli.socket));
+    if let Command::Check { client } = &cli.command {
+        return nagios(&socket_path(client.socket.clone()));
     }
     if let Command::Announce(AnnounceCommand::Check { config, addresses }) = &cli.command {
         return announce_check(config, addresses);
@@ -608,35 +644,91 @@ pub fn main() -> ExitCode {
 }
 
 fn execute(cli: Cli) -> Result<()> {
-    let given_socket = cli.socket.clone();
-    let socket = &socket_path(cli.socket);
+    let socket = |client: Client| socket_path(client.socket);
     match cli.command {
         Command::Run { config, replace } => run(config, replace),
         Command::CheckConfig { file } => check_config(&file),
         Command::Detach { config, pin_dir } => detach(config, pin_dir),
-        Command::Reload => request(socket, &Request::Reload {}).map(|_| println!("reloaded")),
-        Command::Status { json } => status(socket, json),
+        Command::Reload { client } => {
+            request(&socket(client), &Request::Reload {}).map(|_| println!("reloaded"))
+        }
+        Command::Status { json, client } => status(&socket(client), json),
         Command::Stats {
             watch,
             interval,
             count,
             json,
-        } => stats(socket, watch, interval, count, json),
-        Command::Check => unreachable!("handled before"),
+            client,
+        } => stats(&socket(client), watch, interval, count, json),
+        Command::Check { .. } => unreachable!("handled before"),
         Command::Decap(cmd) => decap(cmd),
         Command::Loadgen(a) => loadgen(a),
-        Command::Vip(cmd) => vip(socket, cmd),
-        Command::Backend(cmd) => backend(socket, cmd),
-        Command::Announce(cmd) => announce(given_socket, cmd),
+        Command::Vip { client, cmd } => vip(&socket(client), cmd),
+        Command::Backend { client, cmd } => backend(&socket(client), cmd),
+        Command::Announce(cmd) => announce(cmd),
+        Command::Generate { out } => generate(&out),
     }
+}
+
+/// Man pages (`xdplb(8)` and one per subcommand, `xdplb-vip-add(8)`...)
+/// and bash, zsh and fish completions, all from the clap definitions.
+fn generate(out: &Path) -> Result<()> {
+    use clap::CommandFactory as _;
+    let man = out.join("man");
+    let completions = out.join("completions");
+    for dir in [&man, &completions] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let mut cmd = Cli::command();
+    cmd.build();
+    fn pages(cmd: &clap::Command, name: &str, dir: &Path, written: &mut usize) -> Result<()> {
+        // Hidden commands and clap's own `help` get no page.
+        if cmd.is_hide_set() || cmd.get_name() == "help" {
+            return Ok(());
+        }
+        let page = cmd
+            .clone()
+            .name(name.to_owned())
+            .bin_name(name.replace('-', " "));
+        let mut text = Vec::new();
+        clap_mangen::Man::new(page)
+            .section("8")
+            .render(&mut text)
+            .context("rendering a man page")?;
+        let path = dir.join(format!("{name}.8"));
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        *written += 1;
+        for sub in cmd.get_subcommands() {
+            pages(sub, &format!("{name}-{}", sub.get_name()), dir, written)?;
+        }
+        Ok(())
+    }
+    let mut written = 0;
+    pages(&cmd, "xdplb", &man, &mut written)?;
+    for (shell, file) in [
+        (clap_complete::Shell::Bash, "xdplb.bash"),
+        (clap_complete::Shell::Zsh, "_xdplb"),
+        (clap_complete::Shell::Fish, "xdplb.fish"),
+    ] {
+        let path = completions.join(file);
+        let mut f =
+            std::fs::File::create(&path).with_context(|| format!("writing {}", path.display()))?;
+        clap_complete::generate(shell, &mut cmd, "xdplb", &mut f);
+    }
+    println!(
+        "{written} man pages in {}, completions in {}",
+        man.display(),
+        completions.display()
+    );
+    Ok(())
 }
 
 /// `announce withdraw|restore`: through the daemon; with no daemon, the
 /// withdrawal is recorded for the next one and the routes are removed here.
-fn announce(given_socket: Option<PathBuf>, cmd: AnnounceCommand) -> Result<()> {
-    let (config_path, withdraw) = match cmd {
-        AnnounceCommand::Withdraw { config } => (config, true),
-        AnnounceCommand::Restore { config } => (config, false),
+fn announce(cmd: AnnounceCommand) -> Result<()> {
+    let (config_path, withdraw, given_socket) = match cmd {
+        AnnounceCommand::Withdraw { config, client } => (config, true, client.socket),
+        AnnounceCommand::Restore { config, client } => (config, false, client.socket),
         AnnounceCommand::Check { .. } => unreachable!("handled before"),
     };
     let config = Config::load(&config_path);

@@ -14,6 +14,9 @@ use clap::{Parser, Subcommand};
 /// bpf-linker release the eBPF build is known to work with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
+/// cargo-deb release that builds the Debian package.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
 /// Debian packages the privileged tests use (the command each provides).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
@@ -24,6 +27,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("bird2", "bird"),
     ("frr", "vtysh"),
     ("keepalived", "keepalived"),
+    // The packaging tests: alert rules, dashboard queries, the unit.
+    ("prometheus", "promtool"),
+    ("systemd", "systemd-analyze"),
 ];
 
 #[derive(Parser)]
@@ -56,6 +62,10 @@ enum Task {
     /// Setup, then the load test: live-frames generator -> LB -> sink for
     /// 1, 1k and 1M flows, beside an XDP MAC swap and iptables DNAT. Needs root.
     Loadtest,
+    /// Setup, then the Debian package (cargo deb): the release binary, its
+    /// man pages and completions, the systemd unit, the example configs.
+    /// Prints the .deb's path.
+    Package,
     /// Setup, then fmt, clippy (workspace and eBPF crate), unit tests and the
     /// privileged tests. Needs root.
     Test {
@@ -78,6 +88,7 @@ fn main() -> ExitCode {
             None => bench(&[]),
         },
         Task::Loadtest => bench(&["--loadtest"]),
+        Task::Package => package(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -191,6 +202,7 @@ fn setup() -> Result<EbpfToolchain> {
     );
     ensure_components(&toolchain, &mut report)?;
     ensure_bpf_linker(&toolchain, &mut report)?;
+    ensure_cargo_deb(&mut report)?;
     ensure_debian_packages(&mut report)?;
     if report.installed.is_empty() {
         println!(
@@ -308,6 +320,66 @@ fn ensure_bpf_linker(toolchain: &EbpfToolchain, report: &mut Report) -> Result<(
     report
         .installed
         .push(format!("bpf-linker {BPF_LINKER_VERSION}"));
+    Ok(())
+}
+
+fn ensure_cargo_deb(report: &mut Report) -> Result<()> {
+    let installed = output(Command::new("cargo").args(["deb", "--version"]))
+        .is_some_and(|v| v.split_whitespace().any(|w| w == CARGO_DEB_VERSION));
+    if installed {
+        return Ok(());
+    }
+    println!("setup: installing cargo-deb {CARGO_DEB_VERSION}");
+    run(Command::new("cargo").args([
+        "install",
+        "cargo-deb",
+        "--locked",
+        "--version",
+        &format!("={CARGO_DEB_VERSION}"),
+    ]))
+    .context("installing cargo-deb failed (it needs network access to crates.io)")?;
+    report
+        .installed
+        .push(format!("cargo-deb {CARGO_DEB_VERSION}"));
+    Ok(())
+}
+
+/// The Debian package: release binary, generated man pages and
+/// completions (`xdplb generate`), then `cargo deb` with the assets listed
+/// in xdp-user/Cargo.toml.
+fn package() -> Result<()> {
+    setup()?;
+    let root = workspace_root();
+    let target = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    if target != root.join("target") {
+        bail!("the package's assets are listed under target/; unset CARGO_TARGET_DIR");
+    }
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "--package",
+        "xdp-user",
+        "--bin",
+        "xdplb",
+    ]))?;
+    let assets = target.join("xdplb-assets");
+    let _ = std::fs::remove_dir_all(&assets);
+    run(Command::new(target.join("release/xdplb"))
+        .arg("generate")
+        .arg("--out")
+        .arg(&assets))?;
+    let out = output(Command::new("cargo").current_dir(&root).args([
+        "deb",
+        "--package",
+        "xdp-user",
+        "--no-build",
+    ]))
+    .ok_or_else(|| {
+        anyhow!("cargo deb failed; run `cargo deb -p xdp-user --no-build` to see why")
+    })?;
+    println!("{}", out.trim());
     Ok(())
 }
 

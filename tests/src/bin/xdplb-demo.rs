@@ -162,7 +162,7 @@ fn main() -> Result<()> {
     }
     if keep {
         println!(
-            "\n    left running. In another terminal:\n      {} --socket {} status\n    Ctrl-C here tears it all down.",
+            "\n    left running. In another terminal:\n      {} status --socket {}\n    Ctrl-C here tears it all down.",
             bin.display(),
             sys.sockets[0].display()
         );

@@ -1,0 +1,363 @@
+//! Shipping xdplb (issue: ship it as a system service): the Debian package
+//! built by `cargo xtask package`, installed into a clean root, verified
+//! and removed; the alert rules and the Grafana dashboard against a real
+//! Prometheus scraping a running daemon; the CLI as an operator meets it.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use integration_tests::{
+    daemon::{wait_for, xdplb_bin, Daemon},
+    netns::sh,
+    ops::{fails, http_get, servers, topology, Cfg, Files},
+    require_root, Scratch,
+};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+fn packaging(file: &str) -> PathBuf {
+    root().join("packaging").join(file)
+}
+
+/// `cargo xtask package`; the .deb it built.
+fn build_package() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(root())
+        .args(["run", "--quiet", "--package", "xtask", "--", "package"])
+        .output()
+        .expect("running cargo xtask package");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "cargo xtask package failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deb = stdout
+        .lines()
+        .rev()
+        .find(|l| l.ends_with(".deb"))
+        .expect("the .deb's path")
+        .trim();
+    PathBuf::from(deb)
+}
+
+fn dpkg(root: &Path, args: &[&str]) -> String {
+    sh(Command::new("dpkg")
+        .arg(format!("--root={}", root.display()))
+        .args(args))
+    .unwrap()
+}
+
+/// The subcommands a `--help` text lists (clap's own `help` aside).
+fn subcommands(help: &str) -> Vec<String> {
+    help.split("Commands:")
+        .nth(1)
+        .unwrap_or("")
+        .split("\n\n")
+        .next()
+        .unwrap_or("")
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn the_debian_package_installs_verifies_and_removes_keeping_the_config() {
+    if !require_root() {
+        return;
+    }
+    let deb = build_package();
+    let info = sh(Command::new("dpkg-deb").arg("-I").arg(&deb)).unwrap();
+    assert!(info.contains("Package: xdplb"), "{info}");
+    let conffiles = sh(Command::new("dpkg-deb")
+        .arg("-I")
+        .arg(&deb)
+        .arg("conffiles"))
+    .unwrap();
+    assert_eq!(conffiles.trim(), "/etc/xdplb/xdplb.toml");
+
+    // A clean root with an empty dpkg database.
+    let scratch = Scratch::new("deb");
+    let root = scratch.0.join("root");
+    std::fs::create_dir_all(root.join("var/lib/dpkg/info")).unwrap();
+    std::fs::create_dir_all(root.join("var/lib/dpkg/updates")).unwrap();
+    std::fs::write(root.join("var/lib/dpkg/status"), "").unwrap();
+    // Only libc is missing from this root; the binary runs on the host's.
+    dpkg(&root, &["--force-depends", "-i", deb.to_str().unwrap()]);
+
+    let bin = root.join("usr/sbin/xdplb");
+    let version = sh(Command::new(&bin).arg("--version")).unwrap();
+    assert_eq!(
+        version.trim(),
+        format!("xdplb {}", env!("CARGO_PKG_VERSION"))
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    let config = root.join("etc/xdplb/xdplb.toml");
+    let mode = std::fs::metadata(&config).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o640);
+    sh(Command::new(&bin).arg("check-config").arg(&config)).unwrap();
+    for file in [
+        "lib/systemd/system/xdplb.service",
+        "usr/share/bash-completion/completions/xdplb",
+        "usr/share/zsh/vendor-completions/_xdplb",
+        "usr/share/fish/vendor_completions.d/xdplb.fish",
+        "usr/share/doc/xdplb/examples/ha/bird-lb.conf",
+        "usr/share/doc/xdplb/grafana-dashboard.json",
+        "usr/share/doc/xdplb/xdplb-alerts.yml",
+    ] {
+        assert!(root.join(file).is_file(), "{file} not installed");
+    }
+    sh(Command::new("bash")
+        .arg("-n")
+        .arg(root.join("usr/share/bash-completion/completions/xdplb")))
+    .unwrap();
+
+    // xdplb(8) and one page per subcommand, nested ones included.
+    let help = sh(Command::new(&bin).arg("--help")).unwrap();
+    let mut pages = vec!["xdplb".to_owned()];
+    for top in subcommands(&help) {
+        let sub_help = sh(Command::new(&bin).arg(&top).arg("--help")).unwrap();
+        pages.extend(
+            subcommands(&sub_help)
+                .iter()
+                .map(|sub| format!("xdplb-{top}-{sub}")),
+        );
+        pages.push(format!("xdplb-{top}"));
+    }
+    assert!(pages.contains(&"xdplb-announce-withdraw".to_owned()));
+    for page in &pages {
+        // Compressed, as Debian's policy asks.
+        let path = root.join(format!("usr/share/man/man8/{page}.8.gz"));
+        let text = sh(Command::new("zcat").arg(&path)).unwrap_or_else(|e| panic!("{page}(8): {e}"));
+        assert!(text.contains(".TH"), "{page}(8) is not a man page");
+    }
+    assert!(!root.join("usr/share/man/man8/xdplb-generate.8.gz").exists());
+
+    // The unit as installed passes systemd's own checks (the root gets
+    // the host's stock units and /bin/kill, which the unit refers to).
+    let units = root.join("lib/systemd/system");
+    for entry in std::fs::read_dir("/lib/systemd/system").unwrap().flatten() {
+        let to = units.join(entry.file_name());
+        if !to.exists() && entry.path().is_file() {
+            std::fs::copy(entry.path(), to).unwrap();
+        }
+    }
+    std::fs::create_dir_all(root.join("bin")).unwrap();
+    std::fs::copy("/bin/kill", root.join("bin/kill")).unwrap();
+    let verify = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(format!("--root={}", root.display()))
+        .arg(units.join("xdplb.service"))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success() && verify.stderr.is_empty(),
+        "systemd-analyze verify: {}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+
+    // Removal keeps the operator's config (a conffile); purge removes it.
+    std::fs::write(&config, "# edited by the operator\n").unwrap();
+    dpkg(&root, &["-r", "xdplb"]);
+    assert!(!bin.exists(), "binary left behind");
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        "# edited by the operator\n"
+    );
+    dpkg(&root, &["--purge", "xdplb"]);
+    assert!(!config.exists(), "config left after purge");
+}
+
+#[test]
+fn alert_rules_check_and_fire_as_their_tests_say() {
+    if !require_root() {
+        return;
+    }
+    let out = sh(Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(packaging("xdplb-alerts.yml")))
+    .unwrap();
+    assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
+    let out = sh(Command::new("promtool")
+        .args(["test", "rules"])
+        .arg(packaging("xdplb-alerts.test.yml")))
+    .unwrap();
+    assert!(out.contains("SUCCESS"), "{out}");
+}
+
+/// Percent-encode a PromQL query for a URL.
+fn encode(q: &str) -> String {
+    q.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[test]
+fn every_dashboard_panel_and_alert_query_returns_data_from_a_real_prometheus() {
+    if !require_root() {
+        return;
+    }
+    let files = Files::new("grafana");
+    let mut cfg = Cfg::new(&files);
+    cfg.extra = "\n[announce]\nenabled = true\n".into();
+    cfg.write(&files.config);
+    let ns = topology("grafana");
+    let _backends = servers(&ns, &["198.18.1.1", "198.18.1.2"]);
+    let daemon = Daemon::start(&ns, &files.config, &files.socket, files.log("d.log")).unwrap();
+
+    // Prometheus (Debian's) in the namespace, scraping the daemon every
+    // second and loading the alert rules.
+    let prom = files.scratch.0.join("prometheus.yml");
+    std::fs::write(
+        &prom,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
+             scrape_configs:\n  - job_name: xdplb\n    static_configs:\n      - targets: ['127.0.0.1:9477']\n",
+            packaging("xdplb-alerts.yml").display()
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(files.log("prometheus.log")).unwrap();
+    let mut prometheus = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "prometheus"])
+        .arg(format!("--config.file={}", prom.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            files.scratch.0.join("tsdb").display()
+        ))
+        .arg("--web.listen-address=127.0.0.1:9090")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let prom_log = || std::fs::read_to_string(files.log("prometheus.log")).unwrap_or_default();
+    let listening = wait_for(Duration::from_secs(30), || {
+        prom_log()
+            .contains("Server is ready to receive web requests")
+            .then_some(())
+    });
+    assert!(
+        listening.is_some(),
+        "Prometheus did not start:\n{}",
+        prom_log()
+    );
+    let query = |q: &str| -> serde_json::Value {
+        let (_, body) = http_get(
+            &ns,
+            "127.0.0.1:9090",
+            &format!("/api/v1/query?query={}", encode(q)),
+        );
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
+    };
+    // Enough scrapes for rates over a minute.
+    let scraped = wait_for(Duration::from_secs(30), || {
+        (query("count_over_time(up{job=\"xdplb\"}[1m])")["data"]["result"][0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            >= 4.0)
+            .then_some(())
+    });
+    assert!(
+        scraped.is_some(),
+        "Prometheus did not scrape:\n{}",
+        prom_log()
+    );
+
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(packaging("grafana-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            exprs.push((
+                panel["title"].as_str().unwrap().to_owned(),
+                target["expr"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    assert!(exprs.len() >= 14, "{exprs:?}");
+    let empty: Vec<_> = exprs
+        .iter()
+        .filter(|(_, e)| {
+            let r = query(e);
+            r["status"] != "success" || r["data"]["result"].as_array().is_none_or(|a| a.is_empty())
+        })
+        .collect();
+    assert!(empty.is_empty(), "panels without data: {empty:#?}");
+
+    // Prometheus loaded every alert rule and evaluates it without error.
+    let (_, body) = http_get(&ns, "127.0.0.1:9090", "/api/v1/rules");
+    let rules: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let loaded: Vec<&serde_json::Value> = rules["data"]["groups"][0]["rules"]
+        .as_array()
+        .map(|a| a.iter().collect())
+        .unwrap_or_default();
+    assert_eq!(loaded.len(), 7, "{body}");
+    let unhealthy: Vec<_> = loaded.iter().filter(|r| r["health"] != "ok").collect();
+    assert!(
+        wait_for(Duration::from_secs(5), || {
+            let (_, body) = http_get(&ns, "127.0.0.1:9090", "/api/v1/rules");
+            (!body.contains("\"health\":\"err\"") && body.contains("\"health\":\"ok\""))
+                .then_some(())
+        })
+        .is_some(),
+        "{unhealthy:?}"
+    );
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    daemon.stop().unwrap();
+}
+
+#[test]
+fn the_socket_option_is_offered_only_where_it_is_used() {
+    // Client commands take it (after the command, as anywhere else)...
+    for args in [
+        &["status", "--socket", "/nonexistent/x.sock"][..],
+        &["vip", "list", "--socket", "/nonexistent/x.sock"],
+        &[
+            "announce",
+            "withdraw",
+            "--socket",
+            "/nonexistent/x.sock",
+            "--config",
+            "/nonexistent.toml",
+        ],
+    ] {
+        let out = Command::new(xdplb_bin()).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && !err.contains("unexpected argument"),
+            "{args:?}: {err}"
+        );
+    }
+    // ...commands that never talk to the daemon refuse it.
+    for args in [
+        &["run", "--socket", "/x.sock"][..],
+        &["check-config", "--socket", "/x.sock", "/x.toml"],
+        &["detach", "--socket", "/x.sock"],
+        &["announce", "check", "--socket", "/x.sock"],
+    ] {
+        fails(
+            &Command::new(xdplb_bin()).args(args).output().unwrap(),
+            "unexpected argument '--socket'",
+        );
+    }
+}
