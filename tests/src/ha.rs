@@ -112,6 +112,15 @@ impl Service {
     }
 }
 
+/// The logs of `services`, one after the other.
+pub fn logs(services: &[Service]) -> String {
+    services
+        .iter()
+        .map(|s| format!("--- {}\n{}", s.name, s.log_text()))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 impl Drop for Service {
     fn drop(&mut self) {
         self.stop_with(libc::SIGKILL);
@@ -637,11 +646,7 @@ impl Ecmp {
             bail!(
                 "the router has no ECMP route over all LB hosts within 20 s:\n{}\n{}",
                 birdc(&bed.router_bird.1, &["show", "protocols", "all"]).unwrap_or_default(),
-                bed.frr
-                    .iter()
-                    .map(Service::log_text)
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                logs(&bed.frr)
             );
         }
         Ok(bed)
@@ -706,11 +711,7 @@ impl Vrrp {
         if wait_for(Duration::from_secs(15), || bed.holder()).is_none() {
             bail!(
                 "no LB host took the VIP within 15 s:\n{}",
-                bed.keepaliveds
-                    .iter()
-                    .map(Service::log_text)
-                    .collect::<Vec<_>>()
-                    .join("\n---\n")
+                logs(&bed.keepaliveds)
             );
         }
         Ok(bed)

@@ -142,6 +142,19 @@ impl Phase<'_> {
     }
 }
 
+/// LB hosts in the ECMP beds: two announce with BIRD, one with FRR.
+const LBS: usize = 3;
+
+/// The ECMP bed (with or without BFD), the router's route watched, and 24
+/// long-lived connections plus new ones for at most `limit`.
+fn ecmp_under_load(tag: &str, bfd: bool, limit: Duration) -> (Ecmp, RouteWatch, Traffic) {
+    let bed =
+        Ecmp::start(tag, &[Speaker::Bird, Speaker::Bird, Speaker::Frr], bfd).expect("ECMP bed");
+    let watch = RouteWatch::start(&bed.sys.topo.router);
+    let traffic = Traffic::start(&bed.sys, 24, limit).expect("traffic");
+    (bed, watch, traffic)
+}
+
 /// Set the switch port of LB `j` up or down.
 fn set_port(bed: &Ecmp, j: usize, state: &str) {
     bed.sys
@@ -156,15 +169,7 @@ fn lb_host_faults_under_load_break_no_connection() {
     if !require_root() {
         return;
     }
-    const LBS: usize = 3;
-    let mut bed = Ecmp::start(
-        "ha-ecmp",
-        &[Speaker::Bird, Speaker::Bird, Speaker::Frr],
-        true,
-    )
-    .expect("ECMP bed");
-    let watch = RouteWatch::start(&bed.sys.topo.router);
-    let traffic = Traffic::start(&bed.sys, 24, Duration::from_secs(240)).expect("traffic");
+    let (mut bed, watch, traffic) = ecmp_under_load("ha-ecmp", true, Duration::from_secs(240));
     std::thread::sleep(Duration::from_millis(1000));
     // ECMP spreads the flows: every LB host forwards some.
     for j in 0..LBS {
@@ -401,15 +406,7 @@ fn without_bfd_a_cut_link_waits_for_the_bgp_hold_time() {
     if !require_root() {
         return;
     }
-    const LBS: usize = 3;
-    let mut bed = Ecmp::start(
-        "ha-nobfd",
-        &[Speaker::Bird, Speaker::Bird, Speaker::Frr],
-        false,
-    )
-    .expect("ECMP bed without BFD");
-    let watch = RouteWatch::start(&bed.sys.topo.router);
-    let traffic = Traffic::start(&bed.sys, 24, Duration::from_secs(120)).expect("traffic");
+    let (mut bed, watch, traffic) = ecmp_under_load("ha-nobfd", false, Duration::from_secs(120));
     let phase = Phase {
         watch: &watch,
         traffic: &traffic,
@@ -444,7 +441,6 @@ fn hosts_disagreeing_about_a_backend_break_only_its_moved_flows() {
     if !require_root() {
         return;
     }
-    const LBS: usize = 3;
     let bed = Ecmp::start("ha-views", &[Speaker::Bird; LBS], true).expect("ECMP bed");
     let traffic = Traffic::start(&bed.sys, 30, Duration::from_secs(120)).expect("traffic");
     let on_b1 = || {
