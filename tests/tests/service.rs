@@ -8,22 +8,27 @@ use std::{
 };
 
 use integration_tests::{
-    daemon::{wait_for, Daemon, Launch, Server},
-    ops::{servers, status, topology, xdp_prog, Cfg, Files},
+    daemon::{wait_for, xdplb, Daemon, Launch, Server},
+    ops::{ok, servers, status, topology, xdp_prog, Cfg, Files},
     require_root,
 };
 
-fn unit_caps() -> Vec<String> {
+/// The value of `key=` in packaging/xdplb.service.
+fn unit_setting(key: &str) -> String {
     let unit = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../packaging/xdplb.service"
     ))
     .unwrap();
-    let line = unit
-        .lines()
-        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
-        .expect("the unit sets CapabilityBoundingSet");
-    line.split_whitespace()
+    unit.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("the unit sets no {key}"))
+        .to_owned()
+}
+
+fn unit_caps() -> Vec<String> {
+    unit_setting("CapabilityBoundingSet")
+        .split_whitespace()
         .map(|c| c.trim_start_matches("CAP_").to_lowercase())
         .collect()
 }
@@ -320,4 +325,108 @@ fn journal_fields(mut entry: &[u8]) -> std::collections::BTreeMap<String, String
         entry = rest.get(8 + len + 1..).unwrap_or_default();
     }
     out
+}
+
+/// What the unit's filesystem sandbox does, done with a mount namespace:
+/// every mount read-only (`ProtectSystem=strict`), then the unit's
+/// `ReadWritePaths` and `RuntimeDirectory` writable again, `/home` and
+/// `/root` hidden (`ProtectHome=yes`), then `NoNewPrivileges=yes` and the
+/// capability bounding set (setpriv). `/etc/xdplb` is the test's config
+/// directory here. A probe write outside them must fail, or the emulation
+/// proves nothing.
+const SANDBOX: &str = r#"set -e
+mkdir -p /run/xdplb
+awk '{print $5}' /proc/self/mountinfo | sort -u | while read -r m; do
+    mount -o remount,bind,ro "$m" 2>/dev/null || true
+done
+for p in $XDPLB_RW; do
+    mount --bind "$p" "$p"
+    mount -o remount,bind,rw "$p"
+done
+for h in /home /root; do
+    if [ -d "$h" ]; then mount -t tmpfs -o ro,mode=000 tmpfs "$h"; fi
+done
+if touch /var/tmp/xdplb-sandbox-probe 2>/dev/null; then
+    echo "the sandbox left /var/tmp writable" >&2
+    exit 99
+fi
+exec setpriv --no-new-privs --inh-caps=-all --bounding-set="$XDPLB_CAPS" -- "$0" "$@""#;
+
+#[test]
+fn the_units_sandbox_leaves_the_daemon_working() {
+    if !require_root() {
+        return;
+    }
+    for (key, value) in [
+        ("ProtectSystem", "strict"),
+        ("ProtectHome", "yes"),
+        ("NoNewPrivileges", "yes"),
+        ("RuntimeDirectory", "xdplb"),
+    ] {
+        assert_eq!(unit_setting(key), value, "{key}");
+    }
+    let (files, ns, _backends) = bed("sandbox");
+    let config_dir = files
+        .config
+        .parent()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let rw: Vec<String> = unit_setting("ReadWritePaths")
+        .split_whitespace()
+        .map(|p| match p {
+            "/etc/xdplb" => config_dir.clone(),
+            other => other.to_owned(),
+        })
+        .chain(["/run/xdplb".to_owned()])
+        .collect();
+    let caps: Vec<String> = unit_caps().iter().map(|c| format!("+{c}")).collect();
+    let launch = Launch {
+        env: vec![
+            ("XDPLB_RW".into(), rw.join(" ")),
+            ("XDPLB_CAPS".into(), format!("-all,{}", caps.join(","))),
+        ],
+        wrapper: Some(vec![
+            "unshare".into(),
+            "--mount".into(),
+            "--propagation".into(),
+            "private".into(),
+            "sh".into(),
+            "-c".into(),
+            SANDBOX.into(),
+        ]),
+        ..Launch::default()
+    };
+    let d = Daemon::start_with(
+        &ns,
+        &files.config,
+        &files.socket,
+        files.log("d.log"),
+        &launch,
+    )
+    .unwrap();
+    // Attached and pinned, checks passing, announced (routes, /run/xdplb).
+    let working = wait_for(Duration::from_secs(5), || {
+        let s = status(&files.socket);
+        (s["attached"] == true && s["in_sync"] == true && !s["announce"]["announced"][0].is_null())
+            .then_some(())
+    });
+    assert!(
+        working.is_some(),
+        "{}\n{}",
+        status(&files.socket),
+        d.log_text()
+    );
+    assert!(files.pins.0.join("link").exists());
+    // A change is written back to the config (ReadWritePaths).
+    ok(&xdplb(
+        &files.socket,
+        &["backend", "weight", "web", "198.18.1.2", "7"],
+    ));
+    let text = std::fs::read_to_string(&files.config).unwrap();
+    assert!(text.contains("weight = 7"), "{text}");
+    // The operator's withdrawal is kept under /run/xdplb.
+    ok(&xdplb(&files.socket, &["announce", "withdraw"]));
+    ok(&xdplb(&files.socket, &["announce", "restore"]));
+    d.stop().unwrap();
 }
