@@ -177,3 +177,45 @@ fn announcements_follow_health_and_survive_restarts() {
     }
     drop(backends);
 }
+
+#[test]
+fn two_daemons_never_share_an_announcement_table() {
+    if !require_root() {
+        return;
+    }
+    let files = Files::new("announce-two");
+    let mut cfg = Cfg::new(&files);
+    cfg.extra = ANNOUNCE.into();
+    cfg.write(&files.config);
+    let ns = topology("announce-two");
+    let _backends = servers(&ns, &["198.18.1.1", "198.18.1.2"]);
+    let first = Daemon::start(&ns, &files.config, &files.socket, files.log("d1.log")).unwrap();
+    wait_routes(&ns, "100", true, "first daemon");
+
+    // A second daemon on the other interface, same table and protocol: it
+    // would withdraw the first one's routes. Refused, naming the holder.
+    let other = Files::new("announce-two-b");
+    let mut second = Cfg::new(&other);
+    second.interface = "lb1";
+    second.metrics = "127.0.0.1:9478";
+    second.extra = ANNOUNCE.into();
+    second.write(&other.config);
+    let config = other.config.to_str().unwrap();
+    let out = run_in(&ns, &["run", "--config", config], Duration::from_secs(10)).unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("announcement table 100 proto 250") && err.contains("pid "),
+        "{err}"
+    );
+    assert!(routes(&ns, "100").contains("blackhole 198.18.0.10"));
+
+    // With a table of its own it runs beside the first.
+    second.extra = format!("{ANNOUNCE}table = 102\n");
+    second.write(&other.config);
+    let d2 = Daemon::start(&ns, &other.config, &other.socket, other.log("d2.log")).unwrap();
+    wait_routes(&ns, "102", true, "second daemon, own table");
+    assert!(routes(&ns, "100").contains("blackhole 198.18.0.10"));
+    d2.stop().unwrap();
+    first.stop().unwrap();
+}

@@ -152,6 +152,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
         &lock::interface_lock(&config.interface)?,
         &format!("interface {}", config.interface),
     )?;
+    let announce_lock = config
+        .announce
+        .enabled
+        .then(|| crate::controller::lock_announce_target((&config.announce).into()))
+        .transpose()?;
     let interface = iface::require(&config.interface)?;
     let group = config
         .api
@@ -199,6 +204,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
 
     let mut ctl = Controller::with_adopted(config.clone(), Some(file), dp, adopted_state);
+    if let Some(lock) = announce_lock {
+        ctl.hold_announce_lock(lock);
+    }
     match ctl.dataplane().flow_counter() {
         Ok(counter) => {
             let flows = spawn_flow_counter(counter);

@@ -45,14 +45,25 @@ pub fn state_file(kind: &str, pin_dir: &Path) -> PathBuf {
     Path::new(STATE_DIR).join(format!("{kind}-{}", escape(&pin_dir.to_string_lossy())))
 }
 
-/// The lock file for interface `name` in this process's network namespace
-/// (names repeat across namespaces; the namespace's inode does not).
-pub fn interface_lock(name: &str) -> Result<PathBuf> {
+/// This process's network namespace (its inode: names of interfaces and
+/// routing tables repeat across namespaces, inodes do not).
+fn netns() -> Result<u64> {
     use std::os::unix::fs::MetadataExt as _;
-    let netns = std::fs::metadata("/proc/self/ns/net")
+    Ok(std::fs::metadata("/proc/self/ns/net")
         .context("reading this process's network namespace")?
-        .ino();
-    Ok(Path::new(LOCK_DIR).join(format!("if-{netns}-{}.lock", escape(name))))
+        .ino())
+}
+
+/// The lock file for interface `name` in this process's network namespace.
+pub fn interface_lock(name: &str) -> Result<PathBuf> {
+    Ok(Path::new(LOCK_DIR).join(format!("if-{}-{}.lock", netns()?, escape(name))))
+}
+
+/// The lock file for announcing in routing table `table` with route
+/// protocol `protocol` in this network namespace: two daemons announcing
+/// there would each withdraw the other's routes.
+pub fn announce_lock(table: u32, protocol: u8) -> Result<PathBuf> {
+    Ok(Path::new(LOCK_DIR).join(format!("announce-{}-{table}-{protocol}.lock", netns()?)))
 }
 
 /// Why a lock could not be taken.

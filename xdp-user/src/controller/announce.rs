@@ -35,6 +35,8 @@ pub struct Announcer {
     last_error: Option<String>,
     /// Routes added or removed so far.
     changes: u64,
+    /// The lock on `target`: one daemon per table and protocol.
+    lock: Option<crate::lock::Lock>,
 }
 
 /// The announcement part of `xdplb status`.
@@ -60,6 +62,14 @@ impl Announcer {
             ..Self::default()
         }
     }
+}
+
+/// Take the lock on announcing at `target`, or say who holds it.
+pub fn lock_target(target: Target) -> anyhow::Result<crate::lock::Lock> {
+    crate::lock::acquire(
+        &crate::lock::announce_lock(target.table, target.protocol)?,
+        &format!("announcement {target} (give each daemon a table or protocol of its own)"),
+    )
 }
 
 impl Controller {
@@ -136,6 +146,19 @@ impl Controller {
         let settings = &self.config.announce;
         let target = settings.enabled.then(|| Target::from(settings));
         if self.announcer.target != target {
+            // Another daemon announcing there would withdraw our routes
+            // and we theirs: take the new place before leaving the old.
+            let lock = match target.map(lock_target).transpose() {
+                Ok(lock) => lock,
+                Err(e) => {
+                    let e = format!("{e:#}");
+                    if self.announcer.last_error.as_ref() != Some(&e) {
+                        tracing::error!(error = %e, "cannot announce; retrying");
+                        self.announcer.last_error = Some(e);
+                    }
+                    return;
+                }
+            };
             if let Some(old) = self.announcer.target {
                 match announce::withdraw_all(old) {
                     Ok(gone) => {
@@ -147,6 +170,7 @@ impl Controller {
                 }
             }
             self.announcer.target = target;
+            self.announcer.lock = lock;
             self.announcer.announced.clear();
         }
         let Some(target) = target else {
@@ -193,6 +217,16 @@ impl Controller {
             Some(e) => anyhow::bail!("recorded, but the routes could not be updated yet: {e}"),
             None => Ok(()),
         }
+    }
+
+    /// Hold the announcement lock taken at start-up (see [`lock_target`]).
+    pub fn hold_announce_lock(&mut self, lock: crate::lock::Lock) {
+        self.announcer.target = self
+            .config
+            .announce
+            .enabled
+            .then(|| Target::from(&self.config.announce));
+        self.announcer.lock = Some(lock);
     }
 
     pub fn announce_status(&self) -> AnnounceStatus {

@@ -25,7 +25,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use tracing::warn;
 use xdp_common::{backend_state, VipKey};
 
-pub use announce::AnnounceStatus;
+pub use announce::{lock_target as lock_announce_target, AnnounceStatus};
 pub use health::BackendHealth;
 pub use plan::DoesNotFit;
 pub use selfcheck::SelfCheck;
