@@ -124,6 +124,13 @@ fn announcements_follow_health_and_survive_restarts() {
         true
     );
     assert_eq!(metric(&ns, "xdplb_announce_withdrawn"), Some(1.0));
+    let nagios = xdplb(&files.socket, &["check"]);
+    assert_eq!(nagios.status.code(), Some(1), "{}", stdout(&nagios));
+    assert!(
+        stdout(&nagios).contains("not announcing every VIP address: withdrawn by the operator"),
+        "{}",
+        stdout(&nagios)
+    );
     ok(&xdplb(&files.socket, &["announce", "restore"]));
     wait_routes(&ns, "100", true, "restored");
 

@@ -613,6 +613,14 @@ fn nagios(socket: &Path) -> ExitCode {
     } else if down > 0 {
         println!("XDPLB WARNING - {summary}");
         ExitCode::from(1)
+    } else if let Some(why) = status
+        .announce
+        .reason
+        .as_deref()
+        .filter(|_| status.announce.enabled)
+    {
+        println!("XDPLB WARNING - not announcing every VIP address: {why}; {summary}");
+        ExitCode::from(1)
     } else {
         println!("XDPLB OK - {summary}");
         ExitCode::SUCCESS
