@@ -208,6 +208,10 @@ struct LoadgenArgs {
     rate: Option<f64>,
     #[arg(long, default_value_t = 64)]
     batch: u32,
+    /// Also count what arrived: socket:PATH (an xdplb daemon's VIP packets)
+    /// or rx:INTERFACE (packets an interface here received).
+    #[arg(long, value_name = "COUNTER")]
+    count_at: Option<crate::loadgen::CountAt>,
 }
 
 const DEFAULT_DECAP_PIN_DIR: &str = "/sys/fs/bpf/xdplb-decap";
@@ -971,6 +975,7 @@ fn loadgen(a: LoadgenArgs) -> Result<()> {
     }
     let mac =
         |s: &str| crate::config::parse_mac(s).ok_or_else(|| anyhow!("{s:?} is not a MAC address"));
+    let spec_count_at = a.count_at.clone();
     let spec = crate::loadgen::LoadSpec {
         src_mac: match &a.src_mac {
             Some(m) => mac(m)?,
@@ -989,15 +994,29 @@ fn loadgen(a: LoadgenArgs) -> Result<()> {
         rate: a.rate,
         batch: a.batch,
     };
-    let report = crate::loadgen::run(&spec)?;
+    let counted = crate::loadgen::run(&spec, spec_count_at.as_ref())?;
+    let r = counted.report;
+    let pct = |n: u64| 100.0 * n as f64 / r.sent.max(1) as f64;
     println!(
-        "sent {} packets ({} flows, {} bytes) in {:.2} s: {:.3} Mpps",
-        report.sent,
+        "generated {} frames ({} flows, {} bytes) in {:.2} s",
+        r.sent,
         spec.flows,
         spec.size,
-        report.elapsed.as_secs_f64(),
-        report.mpps()
+        r.elapsed.as_secs_f64()
     );
+    println!(
+        "left {}: {} ({:.1} %): {:.3} Mpps",
+        spec.interface,
+        counted.transmitted.min(r.sent),
+        pct(counted.transmitted.min(r.sent)),
+        counted.transmitted_mpps()
+    );
+    if let (Some(n), Some(c)) = (counted.arrived, &spec_count_at) {
+        println!("arrived at {c}: {n} ({:.1} %)", pct(n));
+    }
+    for w in &counted.warnings {
+        eprintln!("warning: {w}");
+    }
     Ok(())
 }
 

@@ -38,6 +38,10 @@ pub struct Interface {
     pub peer_here: Option<u32>,
     /// For a veth: the peer is in another network namespace.
     pub peer_elsewhere: bool,
+    /// Packets the interface received and transmitted (XDP frames
+    /// included, as drivers count them), from `IFLA_STATS64`.
+    pub rx_packets: u64,
+    pub tx_packets: u64,
 }
 
 impl Interface {
@@ -146,6 +150,10 @@ fn parse(message: &LinkMessage) -> Interface {
             LinkAttribute::IfName(n) => iface.name = n.clone(),
             LinkAttribute::Link(peer) => iface.peer_here = Some(*peer),
             LinkAttribute::LinkNetNsId(_) => iface.peer_elsewhere = true,
+            LinkAttribute::Stats64(s) => {
+                iface.rx_packets = s.rx_packets;
+                iface.tx_packets = s.tx_packets;
+            }
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
                     if let LinkInfo::Kind(kind) = info {

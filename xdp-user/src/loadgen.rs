@@ -233,9 +233,147 @@ impl Generator {
     }
 }
 
-/// Run a spec once.
-pub fn run(spec: &LoadSpec) -> Result<LoadReport> {
-    Generator::new(spec)?.send(spec.count, spec.duration, spec.rate)
+/// A counter the generator reads before and after sending, to report what
+/// arrived (`--count-at`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CountAt {
+    /// Packets of every VIP of the xdplb daemon on this admin socket.
+    Socket(std::path::PathBuf),
+    /// Packets received by an interface in this network namespace (a
+    /// sink's, or the LB's own).
+    Rx(String),
+}
+
+impl std::str::FromStr for CountAt {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            Some(("socket", path)) if !path.is_empty() => Ok(Self::Socket(path.into())),
+            Some(("rx", iface)) if crate::iface::invalid_name(iface).is_none() => {
+                Ok(Self::Rx(iface.into()))
+            }
+            _ => Err(format!(
+                "{s:?}: expected socket:PATH (an xdplb daemon's VIP packets) or rx:INTERFACE"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for CountAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Socket(p) => write!(f, "socket:{}", p.display()),
+            Self::Rx(i) => write!(f, "rx:{i}"),
+        }
+    }
+}
+
+impl CountAt {
+    fn read(&self) -> Result<u64> {
+        match self {
+            Self::Socket(path) => {
+                let response = crate::api::call(path, &crate::api::Request::Stats {})?;
+                let stats: crate::api::Stats = serde_json::from_value(
+                    response
+                        .data
+                        .with_context(|| format!("no stats from {}", path.display()))?,
+                )?;
+                Ok(stats.vips.iter().map(|(_, t)| t.packets).sum())
+            }
+            Self::Rx(iface) => Ok(crate::iface::require(iface)?.rx_packets),
+        }
+    }
+}
+
+/// What a run did, counted where it can be: frames the program produced,
+/// frames that left the interface, frames that arrived.
+#[derive(Clone, Debug)]
+pub struct Accounting {
+    pub report: LoadReport,
+    /// Packets the interface counted as transmitted meanwhile (other
+    /// traffic on it included).
+    pub transmitted: u64,
+    /// The driver's XDP transmit errors meanwhile.
+    pub driver_errors: u64,
+    /// Packets the `--count-at` counter gained.
+    pub arrived: Option<u64>,
+    /// Why the figures above may fall short of `report.sent`.
+    pub warnings: Vec<String>,
+}
+
+impl Accounting {
+    /// Rate of frames that left the interface, in Mpps.
+    pub fn transmitted_mpps(&self) -> f64 {
+        self.transmitted.min(self.report.sent) as f64 / self.report.elapsed.as_secs_f64() / 1e6
+    }
+}
+
+/// Frames still in flight are counted if they land within this long.
+const SETTLE: Duration = Duration::from_millis(200);
+
+/// Run a spec once and count what left and what arrived: a driver that
+/// drops XDP frames without a word (a veth whose peer has no XDP program,
+/// a virtio NIC without one) shows up as frames that never left.
+pub fn run(spec: &LoadSpec, count_at: Option<&CountAt>) -> Result<Accounting> {
+    let generator = Generator::new(spec)?;
+    let iface = crate::iface::require(&spec.interface)?;
+    let errors = || -> u64 {
+        crate::iface::xdp_errors(&spec.interface)
+            .map(|v| v.iter().map(|(_, n)| n).sum())
+            .unwrap_or(0)
+    };
+    let (errors_before, arrived_before) = (errors(), count_at.map(CountAt::read).transpose()?);
+    let report = generator.send(spec.count, spec.duration, spec.rate)?;
+    std::thread::sleep(SETTLE);
+    let after = crate::iface::require(&spec.interface)?;
+    let arrived = match (count_at, arrived_before) {
+        (Some(c), Some(before)) => Some(c.read()?.saturating_sub(before)),
+        _ => None,
+    };
+    let mut accounting = Accounting {
+        report,
+        transmitted: after.tx_packets.saturating_sub(iface.tx_packets),
+        driver_errors: errors().saturating_sub(errors_before),
+        arrived,
+        warnings: Vec::new(),
+    };
+    let sent = report.sent;
+    let short = |n: u64| (n as f64) < 0.99 * sent as f64;
+    if short(accounting.transmitted) {
+        let mut w = format!(
+            "only {} of {sent} frames left {}: the driver dropped the rest{}",
+            accounting.transmitted.min(sent),
+            spec.interface,
+            if accounting.driver_errors > 0 {
+                format!(
+                    " ({} counted as XDP transmit errors)",
+                    accounting.driver_errors
+                )
+            } else {
+                " without counting them".into()
+            }
+        );
+        match crate::iface::tx_loss_warning(&iface) {
+            Some(why) => w += &format!("; {why}"),
+            None => w += "; a virtio_net NIC transmits XDP frames only while an XDP program is attached to it",
+        }
+        accounting.warnings.push(w);
+    }
+    if let Some((_, crate::iface::XdpMode::Generic)) = iface.xdp {
+        accounting.warnings.push(format!(
+            "{} runs its XDP program in generic mode: frames take the kernel's slow path",
+            spec.interface
+        ));
+    }
+    if let (Some(n), Some(c)) = (accounting.arrived, count_at) {
+        if short(n) {
+            accounting
+                .warnings
+                .push(format!("only {n} of {sent} frames arrived at {c}",));
+        }
+    }
+    Ok(accounting)
 }
 
 #[cfg(test)]
@@ -277,6 +415,19 @@ mod tests {
         );
         assert_eq!(f[20], 6);
         assert_eq!(f[54 + 13], 0x02, "SYN");
+    }
+
+    #[test]
+    fn count_at_names_a_socket_or_an_interface() {
+        assert_eq!(
+            "socket:/run/xdplb/admin.sock".parse(),
+            Ok(CountAt::Socket("/run/xdplb/admin.sock".into()))
+        );
+        assert_eq!("rx:eth0".parse(), Ok(CountAt::Rx("eth0".into())));
+        for bad in ["eth0", "rx:", "rx:a/b", "socket:", "tx:eth0"] {
+            let e = bad.parse::<CountAt>().unwrap_err();
+            assert!(e.contains("expected socket:PATH"), "{bad}: {e}");
+        }
     }
 
     #[test]
