@@ -65,6 +65,9 @@ enum Command {
     },
     /// Validate a config file and list every problem.
     CheckConfig { file: PathBuf },
+    /// Load every XDP program into this kernel (nothing is attached) and
+    /// report what the verifier says of each: does this kernel run xdplb?
+    Verify,
     /// Remove the pinned dataplane: the program is detached, maps and conntrack
     /// freed. Refused while a daemon runs on the pin directory: stop it first.
     Detach {
@@ -660,6 +663,7 @@ fn execute(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run { config, replace } => run(config, replace),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Verify => verify(),
         Command::Detach { config, pin_dir } => detach(config, pin_dir),
         Command::Reload { client } => {
             request(&socket(client), &Request::Reload {}).map(|_| println!("reloaded"))
@@ -841,6 +845,31 @@ fn run(config: PathBuf, replace: bool) -> Result<()> {
             config_path: config,
             replace,
         }))
+}
+
+fn verify() -> Result<()> {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let results = crate::dataplane::verify_all();
+    let refused = results.iter().filter(|(_, r)| r.is_err()).count();
+    for (name, result) in &results {
+        match result {
+            Ok(()) => println!("{name}: accepted"),
+            Err(e) => println!("{name}: REFUSED: {e:#}"),
+        }
+    }
+    if refused > 0 {
+        bail!(
+            "the kernel ({}) refused {refused} of {} programs",
+            kernel.trim(),
+            results.len()
+        );
+    }
+    println!(
+        "kernel {}: all {} programs accepted",
+        kernel.trim(),
+        results.len()
+    );
+    Ok(())
 }
 
 fn check_config(file: &Path) -> Result<()> {

@@ -11,6 +11,8 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod vm;
+
 /// bpf-linker release the eBPF build is known to work with.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
@@ -27,6 +29,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("bird2", "bird"),
     ("frr", "vtysh"),
     ("keepalived", "keepalived"),
+    // The VM tests: QEMU and the guest's userland.
+    ("qemu-system-x86", "qemu-system-x86_64"),
+    ("busybox-static", "busybox"),
     // The packaging tests: alert rules, dashboard queries, the unit.
     ("prometheus", "promtool"),
     ("systemd", "systemd-analyze"),
@@ -66,6 +71,10 @@ enum Task {
     /// man pages and completions, the systemd unit, the example configs.
     /// Prints the .deb's path.
     Package,
+    /// Setup, then boot Debian's 6.1 and 6.12 kernels under QEMU and check
+    /// in each that the verifier accepts every program and xdplb attaches
+    /// natively to virtio_net. Needs root.
+    Vmtest,
     /// Setup, then fmt, clippy (workspace and eBPF crate), unit tests and the
     /// privileged tests. Needs root.
     Test {
@@ -89,6 +98,7 @@ fn main() -> ExitCode {
         },
         Task::Loadtest => bench(&["--loadtest"]),
         Task::Package => package(),
+        Task::Vmtest => vmtest(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -321,6 +331,37 @@ fn ensure_bpf_linker(toolchain: &EbpfToolchain, report: &mut Report) -> Result<(
         .installed
         .push(format!("bpf-linker {BPF_LINKER_VERSION}"));
     Ok(())
+}
+
+/// Boot the guest kernels and run the checks in each; a table of results.
+fn vmtest() -> Result<()> {
+    setup()?;
+    let root = workspace_root();
+    run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--package",
+        "xdp-user",
+        "--bin",
+        "xdplb",
+    ]))?;
+    let outcomes = vm::run(&root, &root.join("target/debug/xdplb"))?;
+    println!("\nvmtest:");
+    for o in &outcomes {
+        println!(
+            "  {:<6} {:<40} {:>5}  {:>6.1}s",
+            o.kernel,
+            o.package,
+            if o.passed { "ok" } else { "FAIL" },
+            o.seconds
+        );
+        for line in &o.lines {
+            println!("         {line}");
+        }
+    }
+    match outcomes.iter().find(|o| !o.passed) {
+        Some(o) => Err(anyhow!("the guest with kernel {} failed", o.package)),
+        None => Ok(()),
+    }
 }
 
 fn ensure_cargo_deb(report: &mut Report) -> Result<()> {

@@ -745,6 +745,31 @@ pub const SWAP_PROGRAM: &str = "xdp_swap";
 /// The SYN-answering benchmark backend.
 pub const SYNACK_PROGRAM: &str = "xdp_synack";
 
+/// Load every program of the object into the running kernel (maps at
+/// small sizes, nothing attached): what the verifier says of each, by name.
+pub fn verify_all() -> Vec<(&'static str, Result<()>)> {
+    let sizes = Sizes {
+        max_vips: 2,
+        max_backends: 4,
+        ring_size: 13,
+        max_flows: 64,
+    };
+    let mut out = vec![
+        (LB_PROGRAM, Dataplane::load(sizes).map(drop)),
+        (DECAP_PROGRAM, Decap::load(1).map(drop)),
+    ];
+    for name in [
+        PASS_PROGRAM,
+        GEN_PROGRAM,
+        SINK_PROGRAM,
+        SWAP_PROGRAM,
+        SYNACK_PROGRAM,
+    ] {
+        out.push((name, AuxProgram::load(name).map(drop)));
+    }
+    out
+}
+
 /// One of the object's helper programs, loaded on its own (its maps are
 /// created at their minimum sizes).
 pub struct AuxProgram {
