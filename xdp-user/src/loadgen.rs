@@ -354,9 +354,10 @@ pub fn run(spec: &LoadSpec, count_at: Option<&CountAt>) -> Result<Accounting> {
                 " without counting them".into()
             }
         );
-        match crate::iface::tx_loss_warning(&iface) {
-            Some(why) => w += &format!("; {why}"),
-            None => w += "; a virtio_net NIC transmits XDP frames only while an XDP program is attached to it",
+        match (crate::iface::tx_loss_warning(&iface), iface.xdp) {
+            (Some(why), _) => w += &format!("; {why}"),
+            (None, None) => w += "; a NIC like virtio_net transmits XDP frames only while an XDP program is attached to it",
+            (None, Some(_)) => w += "; the NIC's driver could not queue them (virtio_net needs spare queue pairs for XDP: more queues than CPUs, e.g. QEMU's mq=on and `ethtool -L <if> combined <n>`)",
         }
         accounting.warnings.push(w);
     }
