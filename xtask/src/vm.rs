@@ -29,8 +29,34 @@ const MODULES: &[&str] = &["virtio_pci", "virtio_net", "ipip", "ip6_tunnel", "pk
 /// Longest a guest may run before it is killed.
 const GUEST_LIMIT: Duration = Duration::from_secs(300);
 
-/// The guest's /init.
-const INIT: &str = include_str!("vm-init.sh");
+/// The guest's /init: mounts, modules, then /roles/<role>.sh, the role
+/// named by `role=` on the kernel command line.
+const INIT: &str = include_str!("vm/init.sh");
+
+/// What each guest does.
+const ROLES: &[(&str, &str)] = &[
+    ("checks", include_str!("vm/checks.sh")),
+    ("lb", include_str!("vm/lb.sh")),
+    ("backend", include_str!("vm/backend.sh")),
+    ("client", include_str!("vm/client.sh")),
+];
+
+/// The README's commands for an ipip backend (the first `sh` block of its
+/// "Deploying with real ipip backends" section): the backend guest runs
+/// them as they are.
+fn readme_backend_steps(root: &Path) -> Result<String> {
+    let readme = std::fs::read_to_string(root.join("README.md"))?;
+    let section = readme
+        .split("## Deploying with real ipip backends")
+        .nth(1)
+        .ok_or_else(|| anyhow!("README.md has no \"Deploying with real ipip backends\" section"))?;
+    let block = section
+        .split("```sh\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .ok_or_else(|| anyhow!("the deploy section has no sh block"))?;
+    Ok(block.to_owned())
+}
 
 fn sh(cmd: &mut Command) -> Result<String> {
     let out = cmd
@@ -223,8 +249,9 @@ fn cpio(files: &[(String, Vec<u8>, u32)]) -> Vec<u8> {
     out
 }
 
-/// The guest's initramfs for the kernel extracted at `kroot`.
-fn initramfs(kroot: &Path, xdplb: &Path, out: &Path) -> Result<()> {
+/// The guest's initramfs for the kernel extracted at `kroot`, with
+/// `extra` files (path, contents) besides the roles.
+fn initramfs(kroot: &Path, xdplb: &Path, extra: &[(&str, String)], out: &Path) -> Result<()> {
     let release = std::fs::read_dir(kroot.join("lib/modules"))?
         .flatten()
         .next()
@@ -242,6 +269,16 @@ fn initramfs(kroot: &Path, xdplb: &Path, out: &Path) -> Result<()> {
         ),
         ("bin/xdplb".into(), std::fs::read(xdplb)?, 0o755),
     ];
+    for (role, script) in ROLES {
+        files.push((
+            format!("roles/{role}.sh"),
+            script.as_bytes().to_vec(),
+            0o755,
+        ));
+    }
+    for (path, text) in extra {
+        files.push(((*path).to_owned(), text.as_bytes().to_vec(), 0o755));
+    }
     // The libraries the binary links, at the paths the loader looks in.
     for line in sh(Command::new("ldd").arg(xdplb))?.lines() {
         let path = line
@@ -285,54 +322,170 @@ fn accel() -> &'static str {
     }
 }
 
-/// Boot `vmlinuz` with `initrd`; the guest's console output.
-fn boot(vmlinuz: &Path, initrd: &Path) -> Result<(String, Duration)> {
-    let started = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
-        .args(["-accel", accel(), "-cpu", "max", "-m", "1024", "-smp", "2"])
-        .args([
-            "-nographic",
-            "-no-reboot",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-        ])
-        .arg("-kernel")
-        .arg(vmlinuz)
-        .arg("-initrd")
-        .arg(initrd)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
-        // Two virtio NICs on hubs of their own: nothing leaves the VM.
-        .args(["-netdev", "hubport,id=n0,hubid=0"])
-        .args(["-device", "virtio-net-pci,netdev=n0,mac=52:54:00:00:00:01"])
-        .args(["-netdev", "hubport,id=n1,hubid=1"])
-        .args(["-device", "virtio-net-pci,netdev=n1,mac=52:54:00:00:00:02"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("starting qemu-system-x86_64")?;
-    let mut stdout = child.stdout.take().ok_or_else(|| anyhow!("qemu stdout"))?;
-    let reader = std::thread::spawn(move || {
-        let mut text = String::new();
-        let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
-        text
-    });
-    while started.elapsed() < GUEST_LIMIT {
-        if child.try_wait()?.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    if child.try_wait()?.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let text = reader.join().unwrap_or_default();
-    Ok((text, started.elapsed()))
+/// A virtio NIC of a guest: its MAC and where its frames go.
+enum Nic {
+    /// A QEMU hub of its own: frames go nowhere.
+    Hub(u8),
+    /// A multiqueue tap device in the bed's namespace.
+    Tap(String),
 }
 
-/// One kernel's result.
+/// Queue pairs of a tap NIC: twice the guest's CPUs, so virtio_net has
+/// queues of its own for XDP_TX.
+const TAP_QUEUES: u32 = 4;
+const GUEST_CPUS: u32 = 2;
+
+/// A running guest: its QEMU and its console, read on a thread.
+struct Guest {
+    child: std::process::Child,
+    console: Option<std::thread::JoinHandle<String>>,
+    started: Instant,
+}
+
+impl Guest {
+    /// Boot `vmlinuz` with `initrd` as `role`, with `nics`; QEMU runs in
+    /// the network namespace `netns` when given (taps live there).
+    fn boot(
+        vmlinuz: &Path,
+        initrd: &Path,
+        role: &str,
+        nics: &[(&str, Nic)],
+        netns: Option<&str>,
+    ) -> Result<Self> {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "qemu-system-x86_64"]);
+                c
+            }
+            None => Command::new("qemu-system-x86_64"),
+        };
+        cmd.args(["-accel", accel(), "-cpu", "max", "-m", "1024"])
+            .args(["-smp", &GUEST_CPUS.to_string()])
+            .args([
+                "-nographic",
+                "-no-reboot",
+                "-nodefaults",
+                "-serial",
+                "stdio",
+            ])
+            .arg("-kernel")
+            .arg(vmlinuz)
+            .arg("-initrd")
+            .arg(initrd)
+            .args([
+                "-append",
+                &format!("console=ttyS0 panic=-1 quiet role={role}"),
+            ]);
+        for (i, (mac, nic)) in nics.iter().enumerate() {
+            match nic {
+                Nic::Hub(hub) => {
+                    cmd.args(["-netdev", &format!("hubport,id=n{i},hubid={hub}")]);
+                    cmd.args(["-device", &format!("virtio-net-pci,netdev=n{i},mac={mac}")]);
+                }
+                Nic::Tap(tap) => {
+                    cmd.args([
+                        "-netdev",
+                        &format!(
+                            "tap,id=n{i},ifname={tap},script=no,downscript=no,vhost=off,queues={TAP_QUEUES}"
+                        ),
+                    ]);
+                    // Offloads off: XDP forwards frames as they are, so
+                    // they must carry full checksums, as from a real NIC.
+                    cmd.args([
+                        "-device",
+                        &format!(
+                            "virtio-net-pci,netdev=n{i},mac={mac},mq=on,vectors={},csum=off,guest_csum=off,gso=off,guest_tso4=off,guest_tso6=off,host_tso4=off,host_tso6=off",
+                            2 * TAP_QUEUES + 2
+                        ),
+                    ]);
+                }
+            }
+        }
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting qemu-system-x86_64")?;
+        let mut stdout = child.stdout.take().ok_or_else(|| anyhow!("qemu stdout"))?;
+        let console = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+            text
+        });
+        Ok(Self {
+            child,
+            console: Some(console),
+            started: Instant::now(),
+        })
+    }
+
+    /// Wait for the guest to power off (at most `limit`), or kill it; its
+    /// console output and how long it ran.
+    fn finish(mut self, limit: Duration) -> (String, Duration) {
+        while self.started.elapsed() < limit {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let took = self.started.elapsed();
+        self.stop();
+        let text = self
+            .console
+            .take()
+            .and_then(|c| c.join().ok())
+            .unwrap_or_default();
+        (text, took)
+    }
+
+    fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The guests' network: a bridge and multiqueue taps in a namespace of
+/// its own, removed on drop (nothing reaches the host's network).
+struct Bed {
+    netns: String,
+}
+
+impl Bed {
+    fn create(taps: &[&str]) -> Result<Self> {
+        let netns = format!("xdplb-vm-{}", std::process::id());
+        sh(Command::new("ip").args(["netns", "add", &netns]))?;
+        let bed = Self { netns };
+        let ip = |args: &[&str]| sh(Command::new("ip").args(["-n", &bed.netns]).args(args));
+        ip(&["link", "set", "lo", "up"])?;
+        ip(&["link", "add", "br0", "mtu", "1600", "type", "bridge"])?;
+        ip(&["link", "set", "br0", "up"])?;
+        for tap in taps {
+            ip(&["tuntap", "add", "dev", tap, "mode", "tap", "multi_queue"])?;
+            ip(&["link", "set", tap, "mtu", "1600", "master", "br0", "up"])?;
+        }
+        Ok(bed)
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+//// One kernel's result.
 pub struct Outcome {
     pub kernel: String,
     pub package: String,
@@ -341,11 +494,28 @@ pub struct Outcome {
     pub lines: Vec<String>,
 }
 
-/// Boot every kernel and run the guest checks; `xdplb` is the binary.
+/// XDPLB-VM lines of a console.
+fn result_lines(console: &str, role: &str) -> Vec<String> {
+    console
+        .lines()
+        .filter(|l| l.starts_with("XDPLB-VM"))
+        .map(|l| format!("{role}: {l}"))
+        .collect()
+}
+
+/// Boot every kernel; in each, the single-guest checks, then the network
+/// bed: a client, the LB and a backend that follows the README's ipip
+/// steps, on a bridge of multiqueue taps. `xdplb` is the binary.
 pub fn run(root: &Path, xdplb: &Path) -> Result<Vec<Outcome>> {
     let cache = root.join("target/vm");
+    let deploy = readme_backend_steps(root)?;
     let mut outcomes = Vec::new();
-    for (series, pattern) in KERNELS {
+    // XDPLB_VM_KERNELS=6.12 boots only that one (debugging).
+    let only = std::env::var("XDPLB_VM_KERNELS").ok();
+    for (series, pattern) in KERNELS.iter().filter(|(s, _)| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|x| x == *s))
+    }) {
         let package = newest(pattern)?;
         let kroot = fetch(&package, &cache)?;
         let vmlinuz = std::fs::read_dir(kroot.join("boot"))?
@@ -358,23 +528,79 @@ pub fn run(root: &Path, xdplb: &Path) -> Result<Vec<Outcome>> {
             })
             .ok_or_else(|| anyhow!("no vmlinuz in {package}"))?;
         let initrd = cache.join(format!("initrd-{series}.gz"));
-        initramfs(&kroot, xdplb, &initrd)?;
-        println!("vmtest: booting {package} ({})", accel());
-        let (console, took) = boot(&vmlinuz, &initrd)?;
-        let lines: Vec<String> = console
-            .lines()
-            .filter(|l| l.starts_with("XDPLB-VM"))
-            .map(str::to_owned)
-            .collect();
-        let passed = lines.iter().any(|l| l == "XDPLB-VM: PASS");
+        initramfs(
+            &kroot,
+            xdplb,
+            &[("deploy-backend.sh", deploy.clone())],
+            &initrd,
+        )?;
+        println!("vmtest: {package} ({}): the checks", accel());
+        let started = Instant::now();
+        let checks = Guest::boot(
+            &vmlinuz,
+            &initrd,
+            "checks",
+            &[
+                ("52:54:00:00:00:01", Nic::Hub(0)),
+                ("52:54:00:00:00:02", Nic::Hub(1)),
+            ],
+            None,
+        )?;
+        let (console, _) = checks.finish(GUEST_LIMIT);
+        let mut lines = result_lines(&console, "checks");
+        let mut passed = lines.iter().any(|l| l.ends_with("XDPLB-VM: PASS"));
         if !passed {
             println!("{console}");
         }
+
+        println!("vmtest: {package}: client -> LB -> ipip backend");
+        let bed = Bed::create(&["tap-client", "tap-lb", "tap-backend"])?;
+        let guests = [
+            ("lb", "52:54:00:00:01:02", "tap-lb"),
+            ("backend", "52:54:00:00:01:03", "tap-backend"),
+            ("client", "52:54:00:00:01:01", "tap-client"),
+        ]
+        .into_iter()
+        .map(|(role, mac, tap)| {
+            Guest::boot(
+                &vmlinuz,
+                &initrd,
+                role,
+                &[(mac, Nic::Tap(tap.into()))],
+                Some(&bed.netns),
+            )
+            .map(|g| (role, g))
+        })
+        .collect::<Result<Vec<_>>>()?;
+        // The client decides: it powers off when it is done.
+        let mut consoles = Vec::new();
+        let mut rest = Vec::new();
+        for (role, guest) in guests {
+            if role == "client" {
+                consoles.push((role, guest.finish(GUEST_LIMIT).0));
+            } else {
+                rest.push((role, guest));
+            }
+        }
+        for (role, guest) in rest {
+            consoles.push((role, guest.finish(Duration::ZERO).0));
+        }
+        drop(bed);
+        let client_passed = consoles
+            .iter()
+            .any(|(role, c)| *role == "client" && c.lines().any(|l| l == "XDPLB-VM: PASS"));
+        for (role, console) in &consoles {
+            lines.extend(result_lines(console, role));
+            if !client_passed {
+                println!("--- {role}\n{console}");
+            }
+        }
+        passed &= client_passed;
         outcomes.push(Outcome {
             kernel: series.to_string(),
             package,
             passed,
-            seconds: took.as_secs_f64(),
+            seconds: started.elapsed().as_secs_f64(),
             lines,
         });
     }

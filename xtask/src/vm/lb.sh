@@ -1,0 +1,43 @@
+# Role "lb": xdplb on eth0 (native XDP on a multiqueue virtio NIC), one
+# port-less TCP VIP, one ipip backend on the same segment.
+ip link set eth0 mtu 1600
+ip addr add 198.18.210.2/24 dev eth0
+cat > /etc/xdplb/xdplb.toml <<'CONF'
+interface = "eth0"
+xdp_mode = "native"
+
+[tables]
+max_vips = 4
+max_backends = 16
+ring_size = 13
+max_flows = 4096
+
+[forwarding]
+# The backend shares the segment: it is its own next hop.
+gateway_mac = "52:54:00:00:01:03"
+
+[[vip]]
+name = "web"
+address = "198.18.0.10"
+protocol = "tcp"
+forwarding = "ipip"
+health = { kind = "tcp", port = 80, interval_ms = 200, timeout_ms = 150, rise = 1, fall = 2 }
+
+[[vip.backend]]
+address = "198.18.210.3"
+CONF
+xdplb run --config /etc/xdplb/xdplb.toml > /tmp/run.log 2>&1 &
+reported=""
+for i in $(seq 1 600); do
+    sleep 1
+    xdplb status > /tmp/status 2>&1 || continue
+    if grep -q " up " /tmp/status && [ -z "$reported" ]; then
+        echo "XDPLB-VM: backend up in the ring after ${i} s"
+        reported=1
+    fi
+    # What the balancer saw, every 20 s.
+    if [ $((i % 20)) = 0 ]; then
+        sed 's/^/XDPLB-VM: status: /' /tmp/status
+        xdplb stats | grep -v " 0$" | sed 's/^/XDPLB-VM: stats: /'
+    fi
+done
