@@ -485,7 +485,7 @@ impl Drop for Bed {
     }
 }
 
-//// One kernel's result.
+/// One kernel's result.
 pub struct Outcome {
     pub kernel: String,
     pub package: String,
