@@ -467,8 +467,31 @@ impl Bed {
         let bed = Self { netns };
         let ip = |args: &[&str]| sh(Command::new("ip").args(["-n", &bed.netns]).args(args));
         ip(&["link", "set", "lo", "up"])?;
-        ip(&["link", "add", "br0", "mtu", "1600", "type", "bridge"])?;
+        // The bridge is also the segment's router (198.18.210.254, a
+        // fixed MAC the LB's gateway_mac names): tunnel packets to each
+        // backend go through it, as through a real router.
+        ip(&[
+            "link",
+            "add",
+            "br0",
+            "address",
+            "52:54:00:00:01:fe",
+            "mtu",
+            "1600",
+            "type",
+            "bridge",
+        ])?;
+        ip(&["addr", "add", "198.18.210.254/24", "dev", "br0"])?;
         ip(&["link", "set", "br0", "up"])?;
+        sh(Command::new("ip")
+            .args(["netns", "exec", &bed.netns, "sysctl", "-q", "-w"])
+            .args([
+                "net.ipv4.ip_forward=1",
+                "net.ipv4.conf.all.send_redirects=0",
+                "net.ipv4.conf.br0.send_redirects=0",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.br0.rp_filter=0",
+            ]))?;
         for tap in taps {
             ip(&["tuntap", "add", "dev", tap, "mode", "tap", "multi_queue"])?;
             ip(&["link", "set", tap, "mtu", "1600", "master", "br0", "up"])?;
@@ -554,10 +577,11 @@ pub fn run(root: &Path, xdplb: &Path) -> Result<Vec<Outcome>> {
         }
 
         println!("vmtest: {package}: client -> LB -> ipip backend");
-        let bed = Bed::create(&["tap-client", "tap-lb", "tap-backend"])?;
+        let bed = Bed::create(&["tap-client", "tap-lb", "tap-b1", "tap-b2"])?;
         let guests = [
             ("lb", "52:54:00:00:01:02", "tap-lb"),
-            ("backend", "52:54:00:00:01:03", "tap-backend"),
+            ("backend", "52:54:00:00:01:03", "tap-b1"),
+            ("backend", "52:54:00:00:01:04", "tap-b2"),
             ("client", "52:54:00:00:01:01", "tap-client"),
         ]
         .into_iter()

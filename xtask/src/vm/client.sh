@@ -1,38 +1,55 @@
-# Role "client": HTTP to the VIP through the LB; the backend answers
-# directly (DSR). (busybox-static's wget crashes; nc speaks HTTP/1.0.)
+# Role "client": HTTP to the VIP through the LB, the backends answering
+# directly (DSR); then backend b1 dies and the traffic moves to b2.
+# (busybox-static's wget crashes; nc speaks HTTP/1.0.)
 ip addr add 198.18.210.1/24 dev eth0
 ip route add 198.18.0.10/32 via 198.18.210.2
+# One request on a new connection; the answering backend's name, or
+# nothing.
 get() {
-    printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 198.18.0.10 80 > /tmp/reply 2>/dev/null \
-        && grep -q "backend b1" /tmp/reply
+    printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 198.18.0.10 80 2>/dev/null \
+        | sed -n 's/^backend //p'
 }
-# Wait for the LB and backend to come up (TCG boots are slow).
-up=""
-for i in $(seq 1 60); do
-    if get; then
-        up=1
-        break
-    fi
+# Wait until both backends answer (TCG boots are slow).
+seen=""
+for i in $(seq 1 120); do
+    who=$(get)
+    case " $seen " in *" $who "*) ;; *) [ -n "$who" ] && seen="$seen $who" ;; esac
+    case "$seen" in *b1*b2*|*b2*b1*) break ;; esac
     sleep 1
 done
-if [ -z "$up" ]; then
-    ping -c 2 -W 1 198.18.210.2 2>&1 | sed 's/^/XDPLB-VM: ping lb: /'
-    ping -c 2 -W 1 198.18.210.3 2>&1 | sed 's/^/XDPLB-VM: ping backend: /'
-    sed 's/^/XDPLB-VM: arp: /' /proc/net/arp
-    sed 's/^/XDPLB-VM: dev: /' /proc/net/dev
-    ip route | sed 's/^/XDPLB-VM: route: /'
-    fail "no answer from the VIP within 2 minutes"
-fi
-echo "XDPLB-VM: first answer through the LB after ${i} s: $(tail -n 1 /tmp/reply)"
-ok=0
-bad=0
-for i in $(seq 1 50); do
-    if get; then
-        ok=$((ok + 1))
-    else
-        bad=$((bad + 1))
-    fi
+case "$seen" in
+    *b1*b2*|*b2*b1*) ;;
+    *)
+        ping -c 2 -W 1 198.18.210.2 2>&1 | sed 's/^/XDPLB-VM: ping lb: /'
+        sed 's/^/XDPLB-VM: dev: /' /proc/net/dev
+        fail "not both backends answered through the VIP within 2 minutes (saw:$seen)"
+        ;;
+esac
+echo "XDPLB-VM: both backends answer through the LB after ${i} s"
+b1=0; b2=0; bad=0
+for i in $(seq 1 60); do
+    case "$(get)" in
+        b1) b1=$((b1 + 1)) ;;
+        b2) b2=$((b2 + 1)) ;;
+        *) bad=$((bad + 1)) ;;
+    esac
 done
-echo "XDPLB-VM: $ok of 50 new TCP connections answered by the ipip backend, $bad failed"
+echo "XDPLB-VM: 60 new TCP connections: $b1 to b1, $b2 to b2, $bad failed"
 [ "$bad" = 0 ] || fail "$bad connections failed"
+[ "$b1" -gt 0 ] && [ "$b2" -gt 0 ] || fail "the LB did not spread connections"
+
+# Failover: b1's server stops. Connections hashed to b1 fail until the
+# LB's check (every 200 ms, down after 2 failures) takes it out.
+echo | nc -w 1 198.18.210.3 9999
+b1=0; b2=0; bad=0; last_bad=0
+for i in $(seq 1 60); do
+    case "$(get)" in
+        b1) b1=$((b1 + 1)) ;;
+        b2) b2=$((b2 + 1)) ;;
+        *) bad=$((bad + 1)); last_bad=$i ;;
+    esac
+done
+echo "XDPLB-VM: after b1 died: 60 new connections: $b2 to b2, $b1 to b1, $bad failed (the last as request $last_bad)"
+[ "$b1" = 0 ] || fail "connections still reached the dead b1"
+[ "$last_bad" -le 40 ] || fail "connections still failed at request $last_bad of 60"
 echo "XDPLB-VM: PASS"

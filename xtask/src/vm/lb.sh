@@ -1,5 +1,5 @@
 # Role "lb": xdplb on eth0 (native XDP on a multiqueue virtio NIC), one
-# port-less TCP VIP, one ipip backend on the same segment.
+# port-less TCP VIP, two ipip backends on the same segment.
 ip link set eth0 mtu 1600
 ip addr add 198.18.210.2/24 dev eth0
 cat > /etc/xdplb/xdplb.toml <<'CONF'
@@ -13,8 +13,9 @@ ring_size = 13
 max_flows = 4096
 
 [forwarding]
-# The backend shares the segment: it is its own next hop.
-gateway_mac = "52:54:00:00:01:03"
+# The segment's router (the bed's namespace, routing on its bridge): it
+# sends each tunnel packet on to its backend.
+gateway_mac = "52:54:00:00:01:fe"
 
 [[vip]]
 name = "web"
@@ -25,6 +26,9 @@ health = { kind = "tcp", port = 80, interval_ms = 200, timeout_ms = 150, rise = 
 
 [[vip.backend]]
 address = "198.18.210.3"
+
+[[vip.backend]]
+address = "198.18.210.4"
 CONF
 xdplb run --config /etc/xdplb/xdplb.toml > /tmp/run.log 2>&1 &
 reported=""
