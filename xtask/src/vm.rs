@@ -26,6 +26,13 @@ const KERNELS: &[(&str, &str)] = &[
 /// Modules the guest loads (with their dependencies, from modules.dep).
 const MODULES: &[&str] = &["virtio_pci", "virtio_net", "ipip", "ip6_tunnel", "pktgen"];
 
+/// Host programs the guests get (host path, guest path).
+const HOST_TOOLS: &[(&str, &str)] = &[
+    ("/usr/bin/ip", "usr/sbin/ip"),
+    ("/usr/sbin/sysctl", "usr/sbin/sysctl"),
+    ("/bin/dash", "usr/bin/dash"),
+];
+
 /// Longest a guest may run before it is killed.
 const GUEST_LIMIT: Duration = Duration::from_secs(300);
 
@@ -279,16 +286,25 @@ fn initramfs(kroot: &Path, xdplb: &Path, extra: &[(&str, String)], out: &Path) -
     for (path, text) in extra {
         files.push(((*path).to_owned(), text.as_bytes().to_vec(), 0o755));
     }
-    // The libraries the binary links, at the paths the loader looks in.
-    for line in sh(Command::new("ldd").arg(xdplb))?.lines() {
-        let path = line
-            .split_whitespace()
-            .find(|w| w.starts_with('/'))
-            .map(str::to_owned);
-        if let Some(path) = path {
-            let data = std::fs::read(&path)?;
-            files.push((path.trim_start_matches('/').to_owned(), data, 0o755));
+    // iproute2, procps and dash as operators have them: the README's steps
+    // run under dash (Debian's /bin/sh) with the real `ip` and `sysctl`
+    // (busybox's ip lacks options they use, and busybox's shell prefers
+    // its own applets to PATH).
+    for (host, guest) in HOST_TOOLS {
+        files.push((guest.to_string(), std::fs::read(host)?, 0o755));
+    }
+    // The libraries the binaries link, at the paths the loader looks in.
+    let mut libs = BTreeSet::new();
+    for binary in std::iter::once(xdplb).chain(HOST_TOOLS.iter().map(|(h, _)| Path::new(*h))) {
+        for line in sh(Command::new("ldd").arg(binary))?.lines() {
+            if let Some(path) = line.split_whitespace().find(|w| w.starts_with('/')) {
+                libs.insert(path.to_owned());
+            }
         }
+    }
+    for path in libs {
+        let data = std::fs::read(&path)?;
+        files.push((path.trim_start_matches('/').to_owned(), data, 0o755));
     }
     let mut order = String::new();
     for (name, data) in module_order(&moddir, MODULES)? {
@@ -531,11 +547,21 @@ impl Bed {
             "bridge",
         ])?;
         ip(&["addr", "add", "198.18.210.254/24", "dev", "br0"])?;
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:d2::fe/64",
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
         ip(&["link", "set", "br0", "up"])?;
         sh(Command::new("ip")
             .args(["netns", "exec", &bed.netns, "sysctl", "-q", "-w"])
             .args([
                 "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
                 "net.ipv4.conf.all.send_redirects=0",
                 "net.ipv4.conf.br0.send_redirects=0",
                 "net.ipv4.conf.all.rp_filter=0",

@@ -4,13 +4,16 @@
 # failover step).
 ip link set eth0 mtu 1600
 case "$(cat /sys/class/net/eth0/address)" in
-    *:03) name=b1; addr=198.18.210.3 ;;
-    *) name=b2; addr=198.18.210.4 ;;
+    *:03) name=b1; n=3 ;;
+    *) name=b2; n=4 ;;
 esac
-ip addr add "$addr/24" dev eth0
-sh -e /deploy-backend.sh || fail "the README's backend steps failed"
-ip link show tunl0 | grep -q "UP" || fail "tunl0 is not up after the README's steps"
-echo "XDPLB-VM: $name: README backend steps done: tunl0 up (the kernel's ipip), VIP on lo"
+ip addr add "198.18.210.$n/24" dev eth0
+ip -6 addr add "2001:db8:d2::$n/64" dev eth0 nodad
+dash -e /deploy-backend.sh || fail "the README's backend steps failed"
+for t in tunl0 ip6tnl0; do
+    ip link show "$t" | grep -q "UP" || fail "$t is not up after the README's steps"
+done
+echo "XDPLB-VM: $name: README backend steps done: tunl0 and ip6tnl0 up (the kernel's modules), VIPs on lo"
 mkdir -p /www
 echo "backend $name" > /www/index.html
 httpd -f -p 80 -h /www &

@@ -3,15 +3,17 @@
 # (busybox-static's wget crashes; nc speaks HTTP/1.0.)
 ip addr add 198.18.210.1/24 dev eth0
 ip route add 198.18.0.10/32 via 198.18.210.2
-# One request on a new connection; the answering backend's name, or
-# nothing.
+ip -6 addr add 2001:db8:d2::1/64 dev eth0 nodad
+ip -6 route add 2001:db8::53/128 via 2001:db8:d2::2
+# One request on a new connection to VIP ${1:-198.18.0.10}; the answering
+# backend's name, or nothing.
 get() {
-    printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 198.18.0.10 80 2>/dev/null \
+    printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 3 "${1:-198.18.0.10}" 80 2>/dev/null \
         | sed -n 's/^backend //p'
 }
 # Wait until both backends answer (TCG boots are slow).
 seen=""
-for i in $(seq 1 120); do
+for i in $(seq 1 90); do
     who=$(get)
     case " $seen " in *" $who "*) ;; *) [ -n "$who" ] && seen="$seen $who" ;; esac
     case "$seen" in *b1*b2*|*b2*b1*) break ;; esac
@@ -37,6 +39,19 @@ done
 echo "XDPLB-VM: 60 new TCP connections: $b1 to b1, $b2 to b2, $bad failed"
 [ "$bad" = 0 ] || fail "$bad connections failed"
 [ "$b1" -gt 0 ] && [ "$b2" -gt 0 ] || fail "the LB did not spread connections"
+
+# IPv6: the same through the ip6ip6 VIP (the backends' ip6tnl0).
+b1=0; b2=0; bad=0
+for i in $(seq 1 40); do
+    case "$(get 2001:db8::53)" in
+        b1) b1=$((b1 + 1)) ;;
+        b2) b2=$((b2 + 1)) ;;
+        *) bad=$((bad + 1)) ;;
+    esac
+done
+echo "XDPLB-VM: 40 new TCP connections to the IPv6 VIP: $b1 to b1, $b2 to b2, $bad failed"
+[ "$bad" = 0 ] || fail "$bad IPv6 connections failed"
+[ "$b1" -gt 0 ] && [ "$b2" -gt 0 ] || fail "the LB did not spread IPv6 connections"
 
 # Failover: b1's server stops. Connections hashed to b1 fail until the
 # LB's check takes it out; then 20 in a row must reach b2 (at most 300

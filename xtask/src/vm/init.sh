@@ -3,7 +3,9 @@
 # eth0 up, then run /roles/<role>.sh for the role= of the kernel command
 # line. Result lines start with XDPLB-VM; a role ends with PASS or FAIL.
 /bin/busybox --install -s /bin
-export PATH=/bin
+export PATH=/usr/sbin:/usr/bin:/bin
+# busybox's shell runs its own applets before PATH: use iproute2's ip.
+ip() { /usr/sbin/ip "$@"; }
 mkdir -p /proc /sys /dev /run /tmp /etc/xdplb
 mount -t proc proc /proc
 mount -t sysfs sys /sys

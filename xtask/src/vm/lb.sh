@@ -1,7 +1,9 @@
-# Role "lb": xdplb on eth0 (native XDP on a multiqueue virtio NIC), one
-# port-less TCP VIP, two ipip backends on the same segment.
+# Role "lb": xdplb on eth0 (native XDP on a multiqueue virtio NIC), a
+# port-less TCP VIP over IPv4 (ipip) and one over IPv6 (ip6ip6), two
+# backends behind the segment's router.
 ip link set eth0 mtu 1600
 ip addr add 198.18.210.2/24 dev eth0
+ip -6 addr add 2001:db8:d2::2/64 dev eth0 nodad
 cat > /etc/xdplb/xdplb.toml <<'CONF'
 interface = "eth0"
 xdp_mode = "native"
@@ -30,6 +32,19 @@ address = "198.18.210.3"
 
 [[vip.backend]]
 address = "198.18.210.4"
+
+[[vip]]
+name = "web6"
+address = "2001:db8::53"
+protocol = "tcp"
+forwarding = "ip6ip6"
+health = { kind = "tcp", port = 80, interval_ms = 300, timeout_ms = 250, rise = 1, fall = 3 }
+
+[[vip.backend]]
+address = "2001:db8:d2::3"
+
+[[vip.backend]]
+address = "2001:db8:d2::4"
 CONF
 xdplb run --config /etc/xdplb/xdplb.toml > /tmp/run.log 2>&1 &
 reported=""
