@@ -567,10 +567,41 @@ impl Bed {
                 "net.ipv4.conf.all.rp_filter=0",
                 "net.ipv4.conf.br0.rp_filter=0",
             ]))?;
+        // The clients' segment, behind the router, with a narrower link
+        // (MTU 1400) than the client's own (1500): a backend's full-size
+        // replies get "fragmentation needed" from the router, sent to the
+        // VIP, which only the LB can hand to the right backend.
+        ip(&["link", "add", "br1", "type", "bridge"])?;
+        ip(&["addr", "add", "198.18.211.254/24", "dev", "br1"])?;
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:d3::fe/64",
+            "dev",
+            "br1",
+            "nodad",
+        ])?;
+        // The VIPs live behind the LB.
+        ip(&["route", "add", "198.18.0.10/32", "via", "198.18.210.2"])?;
+        ip(&[
+            "-6",
+            "route",
+            "add",
+            "2001:db8::53/128",
+            "via",
+            "2001:db8:d2::2",
+        ])?;
         for tap in taps {
+            let (bridge, mtu) = if tap.contains("client") {
+                ("br1", "1500")
+            } else {
+                ("br0", "1600")
+            };
             ip(&["tuntap", "add", "dev", tap, "mode", "tap", "multi_queue"])?;
-            ip(&["link", "set", tap, "mtu", "1600", "master", "br0", "up"])?;
+            ip(&["link", "set", tap, "mtu", mtu, "master", bridge, "up"])?;
         }
+        ip(&["link", "set", "br1", "mtu", "1400", "up"])?;
         Ok(bed)
     }
 }
@@ -685,9 +716,14 @@ pub fn run(root: &Path, xdplb: &Path) -> Result<Vec<Outcome>> {
             consoles.push((role, guest.finish(Duration::ZERO).0));
         }
         drop(bed);
+        // The client's checks passed, and the path-MTU transfer went
+        // through the LB's ICMP forwarding (not around it).
         let client_passed = consoles
             .iter()
-            .any(|(role, c)| *role == "client" && c.lines().any(|l| l == "XDPLB-VM: PASS"));
+            .any(|(role, c)| *role == "client" && c.lines().any(|l| l == "XDPLB-VM: PASS"))
+            && consoles
+                .iter()
+                .any(|(role, c)| *role == "lb" && c.contains("ICMP errors to their backends"));
         for (role, console) in &consoles {
             lines.extend(result_lines(console, role));
             if !client_passed {

@@ -9,6 +9,9 @@ case "$(cat /sys/class/net/eth0/address)" in
 esac
 ip addr add "198.18.210.$n/24" dev eth0
 ip -6 addr add "2001:db8:d2::$n/64" dev eth0 nodad
+# Clients are behind the router.
+ip route add default via 198.18.210.254
+ip -6 route add default via 2001:db8:d2::fe
 dash -e /deploy-backend.sh || fail "the README's backend steps failed"
 for t in tunl0 ip6tnl0; do
     ip link show "$t" | grep -q "UP" || fail "$t is not up after the README's steps"
@@ -16,6 +19,8 @@ done
 echo "XDPLB-VM: $name: README backend steps done: tunl0 and ip6tnl0 up (the kernel's modules), VIPs on lo"
 mkdir -p /www
 echo "backend $name" > /www/index.html
+# 200 KB for the path-MTU check.
+head -c 204800 /dev/zero > /www/big
 httpd -f -p 80 -h /www &
 server=$!
 nc -l -p 9999 -e kill "$server" &

@@ -1,10 +1,11 @@
 # Role "client": HTTP to the VIP through the LB, the backends answering
 # directly (DSR); then backend b1 dies and the traffic moves to b2.
 # (busybox-static's wget crashes; nc speaks HTTP/1.0.)
-ip addr add 198.18.210.1/24 dev eth0
-ip route add 198.18.0.10/32 via 198.18.210.2
-ip -6 addr add 2001:db8:d2::1/64 dev eth0 nodad
-ip -6 route add 2001:db8::53/128 via 2001:db8:d2::2
+# Behind the router, on a segment of its own.
+ip addr add 198.18.211.1/24 dev eth0
+ip route add default via 198.18.211.254
+ip -6 addr add 2001:db8:d3::1/64 dev eth0 nodad
+ip -6 route add default via 2001:db8:d3::fe
 # One request on a new connection to VIP ${1:-198.18.0.10}; the answering
 # backend's name, or nothing.
 get() {
@@ -52,6 +53,16 @@ done
 echo "XDPLB-VM: 40 new TCP connections to the IPv6 VIP: $b1 to b1, $b2 to b2, $bad failed"
 [ "$bad" = 0 ] || fail "$bad IPv6 connections failed"
 [ "$b1" -gt 0 ] && [ "$b2" -gt 0 ] || fail "the LB did not spread IPv6 connections"
+
+# Path MTU: 200 KB from a backend, in 1500-byte packets the router's
+# 1400-byte link refuses. The router's "fragmentation needed" goes to the
+# VIP, the LB hands it to the backend that owns the flow, the backend
+# sends smaller packets: the transfer completes.
+for vip in 198.18.0.10 2001:db8::53; do
+    bytes=$(printf 'GET /big HTTP/1.0\r\n\r\n' | nc -w 10 "$vip" 80 2>/dev/null | sed '1,/^\r$/d' | wc -c)
+    echo "XDPLB-VM: 200 KB over a 1400-byte link from $vip: $bytes bytes arrived"
+    [ "$bytes" = 204800 ] || fail "path MTU discovery through the LB failed for $vip ($bytes of 204800 bytes)"
+done
 
 # Failover: b1's server stops. Connections hashed to b1 fail until the
 # LB's check takes it out; then 20 in a row must reach b2 (at most 300

@@ -55,6 +55,12 @@ for i in $(seq 1 600); do
         echo "XDPLB-VM: backend up in the ring after ${i} s"
         reported=1
     fi
+    # The router's "fragmentation needed" errors, handed to backends.
+    icmp=$(xdplb stats | sed -n 's/^tx_icmp *//p')
+    if [ -n "$icmp" ] && [ "$icmp" != 0 ] && [ "$icmp" != "$told" ]; then
+        echo "XDPLB-VM: forwarded $icmp ICMP errors to their backends"
+        told=$icmp
+    fi
     # What the balancer saw, every 20 s.
     if [ $((i % 20)) = 0 ]; then
         sed 's/^/XDPLB-VM: status: /' /tmp/status
