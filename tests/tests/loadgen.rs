@@ -20,6 +20,14 @@ fn pair() -> (Netns, Netns) {
     veth_pair("gen", "gen0", "genlb", "eth0").unwrap()
 }
 
+/// The number after `prefix` in loadgen's output.
+fn figure(text: &str, prefix: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {prefix:?} in {text}"))
+}
+
 /// `xdplb loadgen` from `gen0` to the VIP, 20,000 frames over 10 flows.
 fn cli_loadgen(gen: &Netns, lb_mac: [u8; 6], extra: &[&str]) -> std::process::Output {
     let mac = lb_mac
@@ -181,19 +189,24 @@ fn generated_frames_cross_the_lb_and_are_counted() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    for line in [
-        "generated 20000 frames (10 flows, 64 bytes)",
-        "left gen0: 20000 (100.0 %)",
-        "arrived at rx:gen0: 20000 (100.0 %)",
-    ] {
-        assert!(text.contains(line), "{line:?} not in {text}");
-    }
+    // At full speed the LB's veth ring may overflow: whatever the figures,
+    // they must agree with what the LB processed.
     assert!(
-        out.stderr.is_empty(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        text.contains("generated 20000 frames (10 flows, 64 bytes)"),
+        "{text}"
     );
-    assert_eq!(dp.stats().unwrap()[reason::TX_ENCAP as usize], 70_000);
+    let left = figure(&text, "left gen0: ");
+    let arrived = figure(&text, "arrived at rx:gen0: ");
+    let encapsulated = dp.stats().unwrap()[reason::TX_ENCAP as usize] - 50_000;
+    assert!(left > 0 && left <= 20_000, "{text}");
+    assert_eq!(encapsulated, left, "the LB processed what left: {text}");
+    assert!(arrived <= left, "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.contains("frames left gen0"),
+        left < 20_000,
+        "a shortfall is warned about, and only then: {err}"
+    );
     let bad = run_in(
         &gen,
         &[
@@ -290,9 +303,12 @@ fn arrivals_are_counted_at_a_running_balancers_socket() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(text.contains("left lb1: 20000 (100.0 %)"), "{text}");
-    assert!(
-        text.contains(&format!("arrived at {count_at}: 20000 (100.0 %)")),
+    // Every frame that left lb1 is counted by the balancer on lb0.
+    let left = figure(&text, "left lb1: ");
+    assert!(left > 0 && left <= 20_000, "{text}");
+    assert_eq!(
+        figure(&text, &format!("arrived at {count_at}: ")),
+        left,
         "{text}"
     );
     daemon.stop().unwrap();

@@ -46,6 +46,7 @@ const ROLES: &[(&str, &str)] = &[
     ("lb", include_str!("vm/lb.sh")),
     ("backend", include_str!("vm/backend.sh")),
     ("client", include_str!("vm/client.sh")),
+    ("gen", include_str!("vm/gen.sh")),
 ];
 
 /// The README's commands for an ipip backend (the first `sh` block of its
@@ -683,11 +684,12 @@ pub fn run(root: &Path, xdplb: &Path) -> Result<Vec<Outcome>> {
         }
 
         println!("vmtest: {package}: client -> LB -> ipip backend");
-        let bed = Bed::create(&["tap-client", "tap-lb", "tap-b1", "tap-b2"])?;
+        let bed = Bed::create(&["tap-client", "tap-lb", "tap-b1", "tap-b2", "tap-gen"])?;
         let guests = [
             ("lb", "52:54:00:00:01:02", "tap-lb"),
             ("backend", "52:54:00:00:01:03", "tap-b1"),
             ("backend", "52:54:00:00:01:04", "tap-b2"),
+            ("gen", "52:54:00:00:01:05", "tap-gen"),
             ("client", "52:54:00:00:01:01", "tap-client"),
         ]
         .into_iter()
@@ -702,11 +704,11 @@ pub fn run(root: &Path, xdplb: &Path) -> Result<Vec<Outcome>> {
             .map(|g| (role, g))
         })
         .collect::<Result<Vec<_>>>()?;
-        // The client decides: it powers off when it is done.
+        // The client and the generator decide: each powers off when done.
         let mut consoles = Vec::new();
         let mut rest = Vec::new();
         for (role, guest) in guests {
-            if role == "client" {
+            if role == "client" || role == "gen" {
                 consoles.push((role, guest.finish(GUEST_LIMIT).0));
             } else {
                 rest.push((role, guest));
@@ -716,6 +718,52 @@ pub fn run(root: &Path, xdplb: &Path) -> Result<Vec<Outcome>> {
             consoles.push((role, guest.finish(Duration::ZERO).0));
         }
         drop(bed);
+        // The generators: what left the generator against what the LB
+        // counted, for xdplb loadgen and for the kernel's pktgen.
+        let last_number = |role: &str, prefix: &str| -> Option<u64> {
+            consoles
+                .iter()
+                .filter(|(r, _)| *r == role)
+                .flat_map(|(_, c)| c.lines())
+                .filter_map(|l| l.strip_prefix(prefix))
+                .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+                .last()
+        };
+        let counted = |vip: &str| -> Option<u64> {
+            consoles
+                .iter()
+                .filter(|(r, _)| *r == "lb")
+                .flat_map(|(_, c)| c.lines())
+                .filter_map(|l| l.strip_prefix("XDPLB-VM: counted "))
+                .filter_map(|l| {
+                    l.split_whitespace()
+                        .find_map(|kv| kv.strip_prefix(&format!("{vip}="))?.parse().ok())
+                })
+                .last()
+        };
+        let mut generators_agree = true;
+        for (tool, sent, vip) in [
+            (
+                "xdplb loadgen",
+                last_number("gen", "XDPLB-VM: loadgen left "),
+                "gen",
+            ),
+            (
+                "pktgen",
+                last_number("gen", "XDPLB-VM: pktgen sent "),
+                "pktgen",
+            ),
+        ] {
+            let arrived = counted(vip);
+            let agree = matches!((sent, arrived), (Some(s), Some(a)) if s > 0 && a <= s && a * 100 >= s * 99);
+            generators_agree &= agree;
+            lines.push(format!(
+                "generators: {tool}: {} sent, {} counted by the LB{}",
+                sent.map_or("?".into(), |s| s.to_string()),
+                arrived.map_or("?".into(), |a| a.to_string()),
+                if agree { "" } else { "  MISMATCH" }
+            ));
+        }
         // The client's checks passed, and the path-MTU transfer went
         // through the LB's ICMP forwarding (not around it).
         let client_passed = consoles
@@ -730,7 +778,7 @@ pub fn run(root: &Path, xdplb: &Path) -> Result<Vec<Outcome>> {
                 println!("--- {role}\n{console}");
             }
         }
-        passed &= client_passed;
+        passed &= client_passed && generators_agree;
         outcomes.push(Outcome {
             kernel: series.to_string(),
             package,

@@ -33,6 +33,29 @@ address = "198.18.210.3"
 [[vip.backend]]
 address = "198.18.210.4"
 
+# Load-generator targets: loadgen on 53, pktgen on 54.
+[[vip]]
+name = "gen"
+address = "198.18.0.10"
+port = 53
+protocol = "udp"
+forwarding = "ipip"
+health = { kind = "none" }
+
+[[vip.backend]]
+address = "198.18.210.3"
+
+[[vip]]
+name = "pktgen"
+address = "198.18.0.10"
+port = 54
+protocol = "udp"
+forwarding = "ipip"
+health = { kind = "none" }
+
+[[vip.backend]]
+address = "198.18.210.3"
+
 [[vip]]
 name = "web6"
 address = "2001:db8::53"
@@ -60,6 +83,12 @@ for i in $(seq 1 600); do
     if [ -n "$icmp" ] && [ "$icmp" != 0 ] && [ "$icmp" != "$told" ]; then
         echo "XDPLB-VM: forwarded $icmp ICMP errors to their backends"
         told=$icmp
+    fi
+    # What the generators' VIPs counted, whenever it changes.
+    counts=$(xdplb stats | sed -n 's/^VIP \(gen\|pktgen\) *\([0-9]*\) packets.*/\1=\2/p' | tr '\n' ' ')
+    if [ "$counts" != "$last_counts" ]; then
+        echo "XDPLB-VM: counted $counts"
+        last_counts=$counts
     fi
     # What the balancer saw, every 20 s.
     if [ $((i % 20)) = 0 ]; then

@@ -1,0 +1,40 @@
+# Role "gen": a packet generator beside the LB. xdplb loadgen sends to the
+# UDP VIP on port 53, the kernel's pktgen to the one on port 54; the LB
+# prints what it counted for each, and vmtest compares.
+ip link set eth0 mtu 1600
+ip addr add 198.18.210.5/24 dev eth0
+# virtio_net transmits XDP frames only with an XDP program attached (its
+# XDP queues); decap passes everything that is not a tunnel to its VIPs.
+xdplb decap attach --interface eth0 --vip 198.18.99.99 --mode native > /tmp/decap 2>&1 \
+    || { cat /tmp/decap; fail "no XDP program on the generator's NIC"; }
+# Let the LB come up first: it answers pings, then its daemon attaches.
+for i in $(seq 1 120); do
+    ping -c 1 -W 1 198.18.210.2 > /dev/null 2>&1 && break
+done
+sleep 8
+xdplb loadgen --interface eth0 --dst-mac 52:54:00:00:01:02 --src 198.18.210.5 \
+    --dst 198.18.0.10 --dport 53 --flows 100 --count 10000 --rate 5000 --duration 20 > /tmp/gen 2>&1 \
+    || { cat /tmp/gen; fail "loadgen"; }
+left=$(sed -n 's/^left eth0: \([0-9]*\) .*/\1/p' /tmp/gen)
+sed 's/^/XDPLB-VM: loadgen: /' /tmp/gen
+echo "XDPLB-VM: loadgen left $left"
+# pktgen: the same count and rate, UDP to port 54.
+pg() { echo "$1" > "$2" || fail "pktgen: $1"; }
+pg "add_device eth0" /proc/net/pktgen/kpktgend_0
+pg "count 10000" /proc/net/pktgen/eth0
+pg "pkt_size 64" /proc/net/pktgen/eth0
+pg "ratep 5000" /proc/net/pktgen/eth0
+pg "dst 198.18.0.10" /proc/net/pktgen/eth0
+pg "src_min 198.18.210.5" /proc/net/pktgen/eth0
+pg "dst_mac 52:54:00:00:01:02" /proc/net/pktgen/eth0
+pg "udp_dst_min 54" /proc/net/pktgen/eth0
+pg "udp_dst_max 54" /proc/net/pktgen/eth0
+pg "udp_src_min 1024" /proc/net/pktgen/eth0
+pg "udp_src_max 1123" /proc/net/pktgen/eth0
+pg "flag UDPSRC_RND" /proc/net/pktgen/eth0
+echo start > /proc/net/pktgen/pgctrl
+sent=$(sed -n 's/.*Result: OK: .* \([0-9]*\) (.*/\1/p;s/^ *Current:$//' /proc/net/pktgen/eth0 | head -1)
+sed -n 's/^\(Result:.*\)/XDPLB-VM: pktgen: \1/p' /proc/net/pktgen/eth0
+sed -n 's/^ *pkts-sofar: \([0-9]*\).*/XDPLB-VM: pktgen sent \1/p' /proc/net/pktgen/eth0
+# Let the LB report its counts before this guest powers off.
+sleep 5
