@@ -727,7 +727,7 @@ pub fn run(root: &Path, xdplb: &Path) -> Result<Vec<Outcome>> {
                 .flat_map(|(_, c)| c.lines())
                 .filter_map(|l| l.strip_prefix(prefix))
                 .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
-                .last()
+                .next_back()
         };
         let counted = |vip: &str| -> Option<u64> {
             consoles
@@ -739,7 +739,7 @@ pub fn run(root: &Path, xdplb: &Path) -> Result<Vec<Outcome>> {
                     l.split_whitespace()
                         .find_map(|kv| kv.strip_prefix(&format!("{vip}="))?.parse().ok())
                 })
-                .last()
+                .next_back()
         };
         let mut generators_agree = true;
         for (tool, sent, vip) in [
