@@ -32,6 +32,7 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     // The VM tests: QEMU and the guest's userland.
     ("qemu-system-x86", "qemu-system-x86_64"),
     ("busybox-static", "busybox"),
+    ("socat", "socat"),
     // The packaging tests: alert rules, dashboard queries, the unit.
     ("prometheus", "promtool"),
     ("systemd", "systemd-analyze"),

@@ -31,6 +31,7 @@ const HOST_TOOLS: &[(&str, &str)] = &[
     ("/usr/bin/ip", "usr/sbin/ip"),
     ("/usr/sbin/sysctl", "usr/sbin/sysctl"),
     ("/bin/dash", "usr/bin/dash"),
+    ("/usr/bin/socat", "usr/bin/socat"),
 ];
 
 /// Longest a guest may run before it is killed.

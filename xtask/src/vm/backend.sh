@@ -23,5 +23,7 @@ echo "backend $name" > /www/index.html
 head -c 204800 /dev/zero > /www/big
 httpd -f -p 80 -h /www &
 server=$!
+# UDP: answers from the VIP (bound to it), as DSR needs.
+socat UDP4-RECVFROM:53,bind=198.18.0.10,fork SYSTEM:"echo backend $name" &
 nc -l -p 9999 -e kill "$server" &
 sleep 600

@@ -41,6 +41,19 @@ echo "XDPLB-VM: 60 new TCP connections: $b1 to b1, $b2 to b2, $bad failed"
 [ "$bad" = 0 ] || fail "$bad connections failed"
 [ "$b1" -gt 0 ] && [ "$b2" -gt 0 ] || fail "the LB did not spread connections"
 
+# UDP: 40 queries, each from a new source port, answered from the VIP.
+b1=0; b2=0; bad=0
+for i in $(seq 1 40); do
+    case "$(echo ping | socat -T 2 - UDP4:198.18.0.10:53 2>/dev/null)" in
+        "backend b1") b1=$((b1 + 1)) ;;
+        "backend b2") b2=$((b2 + 1)) ;;
+        *) bad=$((bad + 1)) ;;
+    esac
+done
+echo "XDPLB-VM: 40 UDP queries to the VIP: $b1 answered by b1, $b2 by b2, $bad unanswered"
+[ "$bad" = 0 ] || fail "$bad UDP queries unanswered"
+[ "$b1" -gt 0 ] && [ "$b2" -gt 0 ] || fail "the LB did not spread UDP flows"
+
 # IPv6: the same through the ip6ip6 VIP (the backends' ip6tnl0).
 b1=0; b2=0; bad=0
 for i in $(seq 1 40); do

@@ -1,5 +1,5 @@
 # Role "gen": a packet generator beside the LB. xdplb loadgen sends to the
-# UDP VIP on port 53, the kernel's pktgen to the one on port 54; the LB
+# UDP VIP on port 55, the kernel's pktgen to the one on port 54; the LB
 # prints what it counted for each, and vmtest compares.
 ip link set eth0 mtu 1600
 ip addr add 198.18.210.5/24 dev eth0
@@ -13,7 +13,7 @@ for i in $(seq 1 120); do
 done
 sleep 8
 xdplb loadgen --interface eth0 --dst-mac 52:54:00:00:01:02 --src 198.18.210.5 \
-    --dst 198.18.0.10 --dport 53 --flows 100 --count 10000 --rate 5000 --duration 20 > /tmp/gen 2>&1 \
+    --dst 198.18.0.10 --dport 55 --flows 100 --count 10000 --rate 5000 --duration 20 > /tmp/gen 2>&1 \
     || { cat /tmp/gen; fail "loadgen"; }
 left=$(sed -n 's/^left eth0: \([0-9]*\) .*/\1/p' /tmp/gen)
 sed 's/^/XDPLB-VM: loadgen: /' /tmp/gen

@@ -9,7 +9,7 @@ interface = "eth0"
 xdp_mode = "native"
 
 [tables]
-max_vips = 4
+max_vips = 8
 max_backends = 16
 ring_size = 13
 max_flows = 4096
@@ -33,11 +33,25 @@ address = "198.18.210.3"
 [[vip.backend]]
 address = "198.18.210.4"
 
-# Load-generator targets: loadgen on 53, pktgen on 54.
+# UDP service on 53; load-generator targets: loadgen on 55, pktgen on 54.
+[[vip]]
+name = "dns"
+address = "198.18.0.10"
+port = 53
+protocol = "udp"
+forwarding = "ipip"
+health = { kind = "none" }
+
+[[vip.backend]]
+address = "198.18.210.3"
+
+[[vip.backend]]
+address = "198.18.210.4"
+
 [[vip]]
 name = "gen"
 address = "198.18.0.10"
-port = 53
+port = 55
 protocol = "udp"
 forwarding = "ipip"
 health = { kind = "none" }
@@ -70,6 +84,11 @@ address = "2001:db8:d2::3"
 address = "2001:db8:d2::4"
 CONF
 xdplb run --config /etc/xdplb/xdplb.toml > /tmp/run.log 2>&1 &
+for i in $(seq 1 60); do
+    xdplb status > /dev/null 2>&1 && break
+    sleep 1
+done
+xdplb status > /dev/null 2>&1 || { sed 's/^/XDPLB-VM: run: /' /tmp/run.log; fail "xdplb run did not start"; }
 reported=""
 for i in $(seq 1 600); do
     sleep 1
