@@ -190,7 +190,7 @@ mod tests {
     use super::*;
     use crate::config::{CheckKind, HealthCheck};
 
-    fn spec(port: u16, interval_ms: u64) -> CheckSpec {
+    fn spec(addr: std::net::SocketAddr, interval_ms: u64) -> CheckSpec {
         let h = HealthCheck {
             kind: CheckKind::Tcp,
             interval_ms,
@@ -198,14 +198,23 @@ mod tests {
             jitter_ms: 0,
             ..HealthCheck::default()
         };
-        CheckSpec::new(&h, ([127, 0, 0, 1], port).into())
+        CheckSpec::new(&h, addr)
     }
 
     #[tokio::test]
     async fn thousands_of_checks_on_one_runtime() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        tokio::spawn(async move { while listener.accept().await.is_ok() {} });
+        // 100 backends on loopback ports, 20 checks each (as 20 VIPs
+        // sharing a backend would): the half-open prober keeps at most 32
+        // probes in flight per backend, which 2,000 checks of one backend
+        // fired at once exceeded on a busy machine (CI saw it).
+        let mut backends = Vec::new();
+        for _ in 0..100 {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+                .await
+                .unwrap();
+            backends.push(listener.local_addr().unwrap());
+            tokio::spawn(async move { while listener.accept().await.is_ok() {} });
+        }
         let (tx, mut rx) = mpsc::channel(4096);
         let mut checks = Checks::new(tx);
         let wanted: HashMap<_, _> = (0..2000u32)
@@ -214,7 +223,7 @@ mod tests {
                     vip: format!("vip{}", i % 10),
                     backend: IpAddr::from([198, 18, (i >> 8) as u8, i as u8]),
                 };
-                (key, spec(port, 2000))
+                (key, spec(backends[i as usize % backends.len()], 2000))
             })
             .collect();
         checks.sync(wanted.clone());
