@@ -334,12 +334,9 @@ fn ensure_bpf_linker(toolchain: &EbpfToolchain, report: &mut Report) -> Result<(
     Ok(())
 }
 
-/// Boot the guest kernels and run the checks in each; a table of results.
-fn vmtest() -> Result<()> {
-    setup()?;
-    let root = workspace_root();
-    // The release binary: a tenth of the debug one's size in the initramfs.
-    run(Command::new("cargo").current_dir(&root).args([
+/// `cargo build --release` of the xdplb binary; its path.
+fn build_release_xdplb(root: &Path) -> Result<PathBuf> {
+    run(Command::new("cargo").current_dir(root).args([
         "build",
         "--release",
         "--package",
@@ -347,7 +344,15 @@ fn vmtest() -> Result<()> {
         "--bin",
         "xdplb",
     ]))?;
-    let outcomes = vm::run(&root, &root.join("target/release/xdplb"))?;
+    Ok(root.join("target/release/xdplb"))
+}
+
+/// Boot the guest kernels and run the checks in each; a table of results.
+fn vmtest() -> Result<()> {
+    setup()?;
+    let root = workspace_root();
+    // The release binary: a tenth of the debug one's size in the initramfs.
+    let outcomes = vm::run(&root, &build_release_xdplb(&root)?)?;
     println!("\nvmtest:");
     for o in &outcomes {
         println!(
@@ -400,17 +405,10 @@ fn package() -> Result<()> {
     if target != root.join("target") {
         bail!("the package's assets are listed under target/; unset CARGO_TARGET_DIR");
     }
-    run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "--package",
-        "xdp-user",
-        "--bin",
-        "xdplb",
-    ]))?;
+    let xdplb = build_release_xdplb(&root)?;
     let assets = target.join("xdplb-assets");
     let _ = std::fs::remove_dir_all(&assets);
-    run(Command::new(target.join("release/xdplb"))
+    run(Command::new(&xdplb)
         .arg("generate")
         .arg("--out")
         .arg(&assets))?;
