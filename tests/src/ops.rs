@@ -159,6 +159,14 @@ pub fn servers(ns: &Netns, addrs: &[&str]) -> Vec<Server> {
         .collect()
 }
 
+/// A MAC address as the CLI takes it: `02:00:00:00:00:01`.
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
 /// The id of the XDP program attached to `dev` in `ns`, if any.
 pub fn xdp_prog(ns: &Netns, dev: &str) -> Option<String> {
     let out = ns.ip(&["-d", "link", "show", dev]).ok()?;

@@ -30,11 +30,7 @@ fn figure(text: &str, prefix: &str) -> u64 {
 
 /// `xdplb loadgen` from `gen0` to the VIP, 20,000 frames over 10 flows.
 fn cli_loadgen(gen: &Netns, lb_mac: [u8; 6], extra: &[&str]) -> std::process::Output {
-    let mac = lb_mac
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
+    let mac = integration_tests::ops::mac_text(lb_mac);
     let mut args = vec![
         "loadgen",
         "--interface",
@@ -265,11 +261,7 @@ fn arrivals_are_counted_at_a_running_balancers_socket() {
     let _backends = servers(&ns, &["198.18.1.1", "198.18.1.2"]);
     let daemon = Daemon::start(&ns, &files.config, &files.socket, files.log("d.log")).unwrap();
     let lb_mac = in_ns(&ns, || interface_mac("lb0")).unwrap().unwrap();
-    let mac = lb_mac
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
+    let mac = integration_tests::ops::mac_text(lb_mac);
     let count_at = format!("socket:{}", files.socket.display());
     let out = run_in(
         &ns,

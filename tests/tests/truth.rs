@@ -17,8 +17,8 @@ use std::{
 use integration_tests::{
     daemon::{in_netns, run_in, wait_for, xdplb, Daemon},
     ops::{
-        fails, http_get, metric, ok, pinned_map_id, ring_of, servers, status, stderr, stdout,
-        topology, veth, xdp_prog, Cfg, Files,
+        fails, http_get, mac_text, metric, ok, pinned_map_id, ring_of, servers, status, stderr,
+        stdout, topology, veth, xdp_prog, Cfg, Files,
     },
     require_root, PinDir,
 };
@@ -617,11 +617,7 @@ fn driver_xdp_tx_drops_are_counted_and_warned_about() {
         let _inside = ns.enter().unwrap();
         xdp_user::loadgen::interface_mac("lb0").unwrap()
     };
-    let mac = mac
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":");
+    let mac = mac_text(mac);
     let out = run_in(
         &ns,
         &[
