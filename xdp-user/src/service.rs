@@ -42,10 +42,6 @@ impl Manager {
         notify(&[NotifyState::Ready, NotifyState::Status(status)]);
     }
 
-    pub fn status(&self, status: &str) {
-        notify(&[NotifyState::Status(status)]);
-    }
-
     /// The controller loop is alive.
     pub fn alive(&self) {
         if self.watchdog.is_some() {
