@@ -539,6 +539,13 @@ pub fn frr(ns: &Netns, config: &Path, dir: &Path, name: &str) -> Result<Vec<Serv
             .context("zebra did not open its socket")?;
         }
     }
+    // vtysh skips, quietly, a daemon whose vty socket is not there yet:
+    // bgpd would then run without `router bgp` and refuse the router.
+    for daemon in ["zebra", "bfdd", "bgpd"] {
+        let socket = run.join(format!("{daemon}.vty"));
+        wait_for(Duration::from_secs(10), || socket.exists().then_some(()))
+            .with_context(|| format!("FRR {daemon} did not open {}", socket.display()))?;
+    }
     let vty = run.to_string_lossy().into_owned();
     let check = |dry: bool| {
         let mut cmd = Command::new("vtysh");
@@ -549,6 +556,17 @@ pub fn frr(ns: &Netns, config: &Path, dir: &Path, name: &str) -> Result<Vec<Serv
     };
     check(true).context("vtysh -C refuses the FRR config")?;
     check(false).context("vtysh could not apply the FRR config")?;
+    let bgp = crate::netns::sh(Command::new("vtysh").args([
+        "--vty_socket",
+        &vty,
+        "-d",
+        "bgpd",
+        "-c",
+        "show running-config",
+    ]))?;
+    if !bgp.contains("router bgp") {
+        bail!("FRR bgpd did not take the config's `router bgp`:\n{bgp}");
+    }
     Ok(daemons)
 }
 
