@@ -290,6 +290,9 @@ pub mod map_names {
     pub const GEN_COUNTER: &str = "GEN_COUNTER";
     pub const GEN_TEMPLATE: &str = "GEN_TEMPLATE";
     pub const SINK_COUNTER: &str = "SINK_COUNTER";
+    pub const BENCH_TARGET: &str = "BENCH_TARGET";
+    /// Read-only global: the benchmark harness's frame length.
+    pub const BENCH_FRAME_LEN_GLOBAL: &str = "BENCH_FRAME_LEN";
     /// Read-only global: flows the load generator cycles through.
     pub const GEN_FLOWS_GLOBAL: &str = "GEN_FLOWS";
     /// Read-only global holding the ring size, set at load time.

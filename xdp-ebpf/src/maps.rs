@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use xdp_common::{
     decap_reason, reason, Backend, Config, Counters, DecapKey, FlowKey, FlowState, VipDrops,
@@ -78,6 +78,10 @@ pub static GEN_COUNTER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static GEN_TEMPLATE: Array<[u8; xdp_common::GEN_HEADER_LEN]> = Array::with_max_entries(1, 0);
 
+/// Benchmark harness: the program under test, at index 0.
+#[map]
+pub static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
 /// Packet sink: frames received, per CPU.
 #[map]
 pub static SINK_COUNTER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -91,6 +95,16 @@ static GEN_FLOWS: u32 = 1;
 pub fn gen_flows() -> u32 {
     // SAFETY: as for RING_SIZE.
     unsafe { core::ptr::read_volatile(&GEN_FLOWS) }
+}
+
+/// Length of the benchmark harness's frame; a read-only global set at load.
+#[unsafe(no_mangle)]
+static BENCH_FRAME_LEN: u32 = 0;
+
+#[inline(always)]
+pub fn bench_frame_len() -> u32 {
+    // SAFETY: as for RING_SIZE.
+    unsafe { core::ptr::read_volatile(&BENCH_FRAME_LEN) }
 }
 
 /// Size of each ring half; a read-only global set at load time.

@@ -744,6 +744,8 @@ pub const SINK_PROGRAM: &str = "xdp_sink";
 pub const SWAP_PROGRAM: &str = "xdp_swap";
 /// The SYN-answering benchmark backend.
 pub const SYNACK_PROGRAM: &str = "xdp_synack";
+/// The per-path benchmark harness.
+pub const BENCH_PROGRAM: &str = "xdp_bench";
 
 /// Load every program of the object into the running kernel (maps at
 /// small sizes, nothing attached): what the verifier says of each, by name.
@@ -764,6 +766,7 @@ pub fn verify_all() -> Vec<(&'static str, Result<()>)> {
         SINK_PROGRAM,
         SWAP_PROGRAM,
         SYNACK_PROGRAM,
+        BENCH_PROGRAM,
     ] {
         out.push((name, AuxProgram::load(name).map(drop)));
     }
@@ -779,30 +782,52 @@ pub struct AuxProgram {
 
 impl AuxProgram {
     pub fn load(name: &'static str) -> Result<Self> {
-        Self::load_with(name, 1)
+        Self::load_with(name, 1, 0)
     }
 
+    /// Writes the first GEN_HEADER_LEN bytes of `template` into GEN_TEMPLATE.
+    fn set_template(&mut self, template: &[u8]) -> Result<()> {
+        let head: [u8; xdp_common::GEN_HEADER_LEN] = template
+            .get(..xdp_common::GEN_HEADER_LEN)
+            .and_then(|h| h.try_into().ok())
+            .ok_or_else(|| anyhow!("template shorter than {} bytes", xdp_common::GEN_HEADER_LEN))?;
+        let mut map: Array<_, [u8; xdp_common::GEN_HEADER_LEN]> =
+            Array::try_from(find_map_mut(&mut self.ebpf, names::GEN_TEMPLATE)?)?;
+        map.set(0, head, 0).context("writing the template")
+    }
+
+    /// The benchmark harness: every run restores `frame` (stamped with one
+    /// of `flows` flows) and tail-calls `target`. Run it with `frame` as
+    /// the test-run input.
+    pub fn bench(flows: u32, frame: &[u8], target: &Xdp) -> Result<Self> {
+        let len = u32::try_from(frame.len()).context("frame length")?;
+        let mut bench = Self::load_with(BENCH_PROGRAM, flows.max(1), len)?;
+        bench.set_template(frame)?;
+        let mut targets = aya::maps::ProgramArray::try_from(find_map_mut(
+            &mut bench.ebpf,
+            names::BENCH_TARGET,
+        )?)?;
+        targets
+            .set(0, target.fd()?, 0)
+            .context("putting the program under test behind the harness")?;
+        Ok(bench)
+    }
     /// The load generator, cycling through `flows` flows, restoring
     /// `template`'s first bytes in every frame.
     pub fn generator(flows: u32, template: &[u8]) -> Result<Self> {
         if flows == 0 {
             bail!("flows must be at least 1");
         }
-        let head: [u8; xdp_common::GEN_HEADER_LEN] = template
-            .get(..xdp_common::GEN_HEADER_LEN)
-            .and_then(|h| h.try_into().ok())
-            .ok_or_else(|| anyhow!("template shorter than {} bytes", xdp_common::GEN_HEADER_LEN))?;
-        let mut gen = Self::load_with(GEN_PROGRAM, flows)?;
-        let mut map: Array<_, [u8; xdp_common::GEN_HEADER_LEN]> =
-            Array::try_from(find_map_mut(&mut gen.ebpf, names::GEN_TEMPLATE)?)?;
-        map.set(0, head, 0)
-            .context("writing the generator's template")?;
+        let mut gen = Self::load_with(GEN_PROGRAM, flows, 0)?;
+        gen.set_template(template)
+            .context("the generator's template")?;
         Ok(gen)
     }
 
-    fn load_with(name: &'static str, flows: u32) -> Result<Self> {
+    fn load_with(name: &'static str, flows: u32, frame_len: u32) -> Result<Self> {
         let mut ebpf = EbpfLoader::new()
             .override_global(names::GEN_FLOWS_GLOBAL, &flows, true)
+            .override_global(names::BENCH_FRAME_LEN_GLOBAL, &frame_len, true)
             .load(object()?)
             .context("loading the eBPF object (map creation)")?;
         load_program(&mut ebpf, name)?;
