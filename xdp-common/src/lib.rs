@@ -125,7 +125,10 @@ pub struct FlowKey {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct FlowState {
     pub backend_id: u32,
-    pub _pad: u32,
+    /// `flow_hash(key, false)`, kept so a packet of a tracked flow need not
+    /// hash it again (outer source, flow label); 0: not kept (entries
+    /// written by older builds), hash again.
+    pub hash: u32,
 }
 
 /// Packet, byte and new-flow counters of one VIP or one backend (per CPU).

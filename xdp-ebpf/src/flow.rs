@@ -16,6 +16,18 @@ pub struct Choice {
     pub backend: Backend,
     /// The flow was (re)assigned by this packet.
     pub new_flow: bool,
+    /// `flow_hash(flow, false)`.
+    pub hash: u32,
+}
+
+/// The flow's 5-tuple hash: the one kept in conntrack, else computed.
+#[inline(always)]
+fn full_hash(flow: &FlowKey, kept: u32) -> u32 {
+    if kept != 0 {
+        kept
+    } else {
+        flow_hash(flow, false)
+    }
 }
 
 /// A backend that keeps the flows it already has: up or draining.
@@ -27,12 +39,16 @@ fn keeps_flows(b: &Backend) -> bool {
 /// The backend the VIP's live ring holds for `flow`, if it may take new
 /// flows (up).
 #[inline(always)]
-fn from_ring(flow: &FlowKey, vip: &VipMeta) -> Option<(u32, Backend)> {
+fn from_ring(flow: &FlowKey, vip: &VipMeta, full: u32) -> Option<(u32, Backend)> {
     let size = ring_size();
     if size == 0 {
         return None;
     }
-    let hash = flow_hash(flow, vip.flags & VIP_F_SOURCE_HASH != 0);
+    let hash = if vip.flags & VIP_F_SOURCE_HASH != 0 {
+        flow_hash(flow, true)
+    } else {
+        full
+    };
     let half = vip.vip_id.wrapping_mul(2).wrapping_add(vip.active_ring & 1);
     let slot = half.wrapping_mul(size).wrapping_add(hash % size);
     let id = *RINGS.get(slot)?;
@@ -50,14 +66,16 @@ fn from_ring(flow: &FlowKey, vip: &VipMeta) -> Option<(u32, Backend)> {
 /// still serves this VIP (backend ids are reused: an id freed by one VIP
 /// may now belong to another's backend).
 #[inline(always)]
-fn tracked(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), bool> {
+fn tracked(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend, u32), bool> {
     // SAFETY: the value is copied out at once; an LRU entry recycled under
     // us yields at worst a stale backend id, which is still bounds-checked.
     let Some(state) = (unsafe { FLOWS.get(flow) }).copied() else {
         return Err(false);
     };
     match BACKENDS.get(state.backend_id) {
-        Some(b) if keeps_flows(b) && b.vip_id == vip.vip_id => Ok((state.backend_id, *b)),
+        Some(b) if keeps_flows(b) && b.vip_id == vip.vip_id => {
+            Ok((state.backend_id, *b, state.hash))
+        }
         // Tracked, but its backend went down, was removed, or its id now
         // serves another VIP.
         _ => Err(true),
@@ -70,21 +88,20 @@ fn tracked(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend), bool> {
 #[inline(always)]
 pub fn select(flow: &FlowKey, vip: &VipMeta) -> Option<Choice> {
     let was_tracked = match tracked(flow, vip) {
-        Ok((backend_id, backend)) => {
+        Ok((backend_id, backend, kept)) => {
             count(reason::FLOW_HIT);
             return Some(Choice {
                 backend_id,
                 backend,
                 new_flow: false,
+                hash: full_hash(flow, kept),
             });
         }
         Err(was_tracked) => was_tracked,
     };
-    let (backend_id, backend) = from_ring(flow, vip)?;
-    let state = FlowState {
-        backend_id,
-        _pad: 0,
-    };
+    let hash = flow_hash(flow, false);
+    let (backend_id, backend) = from_ring(flow, vip, hash)?;
+    let state = FlowState { backend_id, hash };
     if FLOWS.insert(flow, state, 0).is_err() {
         count(reason::FLOW_INSERT_FAILED);
     }
@@ -97,12 +114,20 @@ pub fn select(flow: &FlowKey, vip: &VipMeta) -> Option<Choice> {
         backend_id,
         backend,
         new_flow: true,
+        hash,
     })
 }
 
 /// The backend that owns `flow` without creating state: used for ICMP errors
 /// quoting a flow, which must not open conntrack entries.
 #[inline(always)]
-pub fn owner(flow: &FlowKey, vip: &VipMeta) -> Option<(u32, Backend)> {
-    tracked(flow, vip).ok().or_else(|| from_ring(flow, vip))
+pub fn owner(flow: &FlowKey, vip: &VipMeta) -> Option<(u32, Backend, u32)> {
+    match tracked(flow, vip) {
+        Ok((id, backend, kept)) => Some((id, backend, full_hash(flow, kept))),
+        Err(_) => {
+            let hash = flow_hash(flow, false);
+            let (id, backend) = from_ring(flow, vip, hash)?;
+            Some((id, backend, hash))
+        }
+    }
 }

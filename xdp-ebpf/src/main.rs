@@ -135,7 +135,7 @@ fn balance(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<u32
         return Ok(XDP_DROP);
     };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let action = transmit(ctx, cfg, l3_off, l3, &flow, &vip, &choice.backend)?;
+    let action = transmit(ctx, cfg, l3_off, l3, choice.hash, &vip, &choice.backend)?;
     if action == XDP_TX {
         stats::count_forwarded(vip.vip_id, choice.backend_id, bytes, choice.new_flow);
         count(if vip.mode == fwd::L2_DSR {
@@ -166,12 +166,12 @@ fn icmp_error(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<
         family: l3.family,
         _pad: [0; 2],
     };
-    let Some((backend_id, backend)) = flow::owner(&flow, &vip) else {
+    let Some((backend_id, backend, hash)) = flow::owner(&flow, &vip) else {
         stats::count_vip_drop(vip.vip_id, reason::NO_BACKEND);
         return Ok(XDP_DROP);
     };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let action = transmit(ctx, cfg, l3_off, l3, &flow, &vip, &backend)?;
+    let action = transmit(ctx, cfg, l3_off, l3, hash, &vip, &backend)?;
     if action == XDP_TX {
         stats::count_forwarded(vip.vip_id, backend_id, bytes, false);
         count(reason::TX_ICMP);
@@ -186,7 +186,7 @@ fn transmit(
     cfg: &Config,
     l3_off: usize,
     l3: &L3,
-    flow: &FlowKey,
+    hash: u32,
     vip: &VipMeta,
     backend: &xdp_common::Backend,
 ) -> Result<u32, Malformed> {
@@ -200,7 +200,7 @@ fn transmit(
         ip_len: l3.ip_len,
         tos: l3.tos,
         dont_fragment: l3.dont_fragment,
-        hash: xdp_common::flow_hash(flow, false),
+        hash,
     };
     match forward::encapsulate(ctx, &l2, &inner, backend, cfg)? {
         Ok(()) => Ok(XDP_TX),

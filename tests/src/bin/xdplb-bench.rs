@@ -140,9 +140,16 @@ fn dataplane() -> Result<()> {
         ("IPv4 TCP established, IPv4-in-IPv6", &mixed, 1, tx),
         ("IPv4 UDP, port-less VIP, IPIP", &udp, 1, tx),
         ("IPv4 TCP established, L2 DSR", &dsr, 1, tx),
-        ("new flow (SYN, each a new 5-tuple), IPv4", &syn, u32::MAX, tx),
+        (
+            "new flow (SYN, each a new 5-tuple), IPv4",
+            &syn,
+            u32::MAX,
+            tx,
+        ),
     ];
-    println!("| path | xdp_lb ns (range) | harness + xdp_pass ns | xdp_lb's own ns | xdp_lb Mpps/core |");
+    println!(
+        "| path | xdp_lb ns (range) | harness + xdp_pass ns | xdp_lb's own ns | xdp_lb Mpps/core |"
+    );
     println!("|---|---:|---:|---:|---:|");
     for (path, frame, flows, action) in paths {
         // Interleaved, so drift in the machine hits both columns alike.

@@ -803,10 +803,8 @@ impl AuxProgram {
         let len = u32::try_from(frame.len()).context("frame length")?;
         let mut bench = Self::load_with(BENCH_PROGRAM, flows.max(1), len)?;
         bench.set_template(frame)?;
-        let mut targets = aya::maps::ProgramArray::try_from(find_map_mut(
-            &mut bench.ebpf,
-            names::BENCH_TARGET,
-        )?)?;
+        let mut targets =
+            aya::maps::ProgramArray::try_from(find_map_mut(&mut bench.ebpf, names::BENCH_TARGET)?)?;
         targets
             .set(0, target.fd()?, 0)
             .context("putting the program under test behind the harness")?;
