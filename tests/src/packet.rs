@@ -281,3 +281,67 @@ pub fn expected_l2_dsr(frame: &[u8], backend_mac: [u8; 6]) -> Vec<u8> {
     out[6..12].copy_from_slice(&frame[..6]);
     out
 }
+
+/// The balancer's "too big" answer to `frame` (IP header at `l3`, from a
+/// client to a VIP): to the frame's source MAC from `lb_mac`, keeping any
+/// VLAN tag, from the VIP back to the client, reporting `mtu`, quoting the
+/// first `xdp_common::TOO_BIG_QUOTE` bytes of the IP packet. IPv4 answers
+/// carry the identification `id` (the balancer's counter; the caller reads
+/// it from the output) and no DF.
+pub fn expected_too_big(frame: &[u8], l3: usize, lb_mac: [u8; 6], id: u16, mtu: u32) -> Vec<u8> {
+    let quote = &frame[l3..l3 + xdp_common::TOO_BIG_QUOTE];
+    let v4 = frame[l3] >> 4 == 4;
+    let mut out = frame[6..12].to_vec();
+    out.extend_from_slice(&lb_mac);
+    out.extend_from_slice(&frame[12..l3 - 2]);
+    if v4 {
+        out.extend_from_slice(&0x0800u16.to_be_bytes());
+        let icmp = etherparse::Icmpv4Header::with_checksum(
+            etherparse::Icmpv4Type::DestinationUnreachable(
+                etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: mtu as u16,
+                },
+            ),
+            quote,
+        );
+        let src: [u8; 4] = frame[l3 + 16..l3 + 20].try_into().expect("4 bytes");
+        let dst: [u8; 4] = frame[l3 + 12..l3 + 16].try_into().expect("4 bytes");
+        let mut ip = Ipv4Header::new(
+            (icmp.header_len() + quote.len()) as u16,
+            64,
+            IpNumber::ICMP,
+            src,
+            dst,
+        )
+        .expect("IPv4 header");
+        ip.dont_fragment = false;
+        ip.identification = id;
+        ip.header_checksum = ip.calc_header_checksum();
+        out.extend_from_slice(&ip.to_bytes());
+        out.extend_from_slice(&icmp.to_bytes());
+    } else {
+        out.extend_from_slice(&0x86ddu16.to_be_bytes());
+        let src: [u8; 16] = frame[l3 + 24..l3 + 40].try_into().expect("16 bytes");
+        let dst: [u8; 16] = frame[l3 + 8..l3 + 24].try_into().expect("16 bytes");
+        let icmp = etherparse::Icmpv6Header::with_checksum(
+            etherparse::Icmpv6Type::PacketTooBig { mtu },
+            src,
+            dst,
+            quote,
+        )
+        .expect("ICMPv6 header");
+        let ip = Ipv6Header {
+            traffic_class: 0,
+            flow_label: Ipv6FlowLabel::ZERO,
+            payload_length: (icmp.header_len() + quote.len()) as u16,
+            next_header: IpNumber::IPV6_ICMP,
+            hop_limit: 64,
+            source: src,
+            destination: dst,
+        };
+        out.extend_from_slice(&ip.to_bytes());
+        out.extend_from_slice(&icmp.to_bytes());
+    }
+    out.extend_from_slice(quote);
+    out
+}

@@ -112,16 +112,21 @@ fn random_packets_never_abort_and_counters_add_up() {
         actions[r.action as usize] += 1;
     }
     let after = lab.stats();
-    let counted: u64 = (0..reason::ACTION_COUNT as usize)
-        .map(|i| after[i] - before[i])
+    let counted: u64 = reason::ACTIONS
+        .iter()
+        .map(|&i| after[i as usize] - before[i as usize])
         .sum();
     println!(
         "{PACKETS} packets: pass {} drop {} tx {}; per reason: {}",
         actions[XDP_PASS as usize],
         actions[XDP_DROP as usize],
         actions[XDP_TX as usize],
-        (0..reason::ACTION_COUNT as usize)
-            .map(|i| format!("{}={}", reason::NAMES[i], after[i] - before[i]))
+        reason::ACTIONS
+            .iter()
+            .map(|&i| {
+                let i = i as usize;
+                format!("{}={}", reason::NAMES[i], after[i] - before[i])
+            })
             .collect::<Vec<_>>()
             .join(" ")
     );

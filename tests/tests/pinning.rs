@@ -92,28 +92,28 @@ fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
     assert!(format!("{err:#}").contains("not to lb2"), "{err:#}");
     assert!(xdp_prog(&ns, "lb2").is_none());
 
-    // A map left by an incompatible build (here: STATS pinned as CONFIG,
-    // 8-byte values where CONFIG has 48) is refused, not adopted.
+    // A map left by an incompatible build (here: STATS pinned as VIP_DROPS,
+    // 8-byte values where VIP_DROPS has 16) is refused, not adopted.
     {
-        let config_pin = pins.0.join("CONFIG");
+        let drops_pin = pins.0.join("VIP_DROPS");
         // Hold the real map by fd while its pin is swapped (bpffs has no
         // rename).
-        let real = aya::maps::MapData::from_pin(&config_pin).unwrap();
-        std::fs::remove_file(&config_pin).unwrap();
+        let real = aya::maps::MapData::from_pin(&drops_pin).unwrap();
+        std::fs::remove_file(&drops_pin).unwrap();
         aya::maps::MapData::from_pin(pins.0.join("STATS"))
             .unwrap()
-            .pin(&config_pin)
+            .pin(&drops_pin)
             .unwrap();
         let err = Dataplane::open(SIZES, &pins.0)
             .err()
             .expect("incompatible map refused");
         let msg = format!("{err:#}");
         assert!(
-            msg.contains("CONFIG") && msg.contains("incompatible"),
+            msg.contains("VIP_DROPS") && msg.contains("incompatible"),
             "{msg}"
         );
-        std::fs::remove_file(&config_pin).unwrap();
-        real.pin(&config_pin).unwrap();
+        std::fs::remove_file(&drops_pin).unwrap();
+        real.pin(&drops_pin).unwrap();
     }
 
     // Sizes cannot change under a pinned dataplane.
@@ -131,4 +131,49 @@ fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
     assert!(dataplane::detach(&pins.0).unwrap());
     assert_eq!(xdp_prog(&ns, "lb0"), None, "detach removed the program");
     assert!(!pins.0.exists());
+}
+
+#[test]
+fn an_older_builds_reshaped_config_and_counters_are_carried_over() {
+    if !require_root() {
+        return;
+    }
+    let pins = PinDir::new("pin-up");
+    let older = PinDir::new("pin-older");
+    // The older build's STATS had fewer reasons: the decap program's
+    // three-slot per-CPU counters stand in for it, with counts in them.
+    let decap = dataplane::Decap::open(1, &older.0).unwrap();
+    let prog = decap.program().unwrap();
+    for _ in 0..5 {
+        run(prog, &integration_tests::packet::arp()).unwrap();
+    }
+    let old_counts = decap.stats().unwrap();
+    assert_eq!(old_counts.iter().sum::<u64>(), 5);
+    drop(Dataplane::open(SIZES, &pins.0).unwrap());
+    let older_stats = older.0.join("DECAP_STATS");
+    for name in ["STATS", "CONFIG"] {
+        let pin = pins.0.join(name);
+        std::fs::remove_file(&pin).unwrap();
+        // Its CONFIG: a value of another size (8 bytes).
+        aya::maps::MapData::from_pin(&older_stats)
+            .unwrap()
+            .pin(&pin)
+            .unwrap();
+    }
+    let dp = Dataplane::open(SIZES, &pins.0).expect("an upgrade carries reshaped maps over");
+    assert!(dp.adopted());
+    let stats = dp.stats().unwrap();
+    assert_eq!(stats[..3], old_counts, "counters never go back");
+    assert_eq!(stats[3..].iter().sum::<u64>(), 0);
+    let config = aya::maps::MapData::from_pin(pins.0.join("CONFIG"))
+        .unwrap()
+        .info()
+        .unwrap();
+    assert_eq!(
+        config.value_size() as usize,
+        std::mem::size_of::<xdp_common::Config>(),
+        "CONFIG pinned in this build's shape"
+    );
+    drop(dp);
+    assert!(dataplane::detach(&pins.0).unwrap());
 }

@@ -152,8 +152,8 @@ pub struct VipDrops {
 
 /// Global per-reason counters (STATS map indexes).
 ///
-/// The first `ACTION_COUNT` reasons are exclusive: every packet the balancer
-/// sees is counted in exactly one of them, so they add up to the packets
+/// The reasons in `ACTIONS` are exclusive: every packet the balancer sees
+/// is counted in exactly one of them, so they add up to the packets
 /// received. The rest count events on the way.
 pub mod reason {
     /// Not addressed to a VIP (including non-IP): `XDP_PASS`, untouched.
@@ -176,7 +176,8 @@ pub mod reason {
     pub const TX_ICMP: u32 = 7;
     /// No headroom to encapsulate: dropped.
     pub const ENCAP_FAILED: u32 = 8;
-    /// Number of exclusive action reasons (indexes `0..ACTION_COUNT`).
+    /// The first release's exclusive action reasons (indexes
+    /// `0..ACTION_COUNT`); [`ACTIONS`] lists them all.
     pub const ACTION_COUNT: u32 = 9;
 
     /// Conntrack miss: a backend was chosen through the ring.
@@ -189,8 +190,38 @@ pub mod reason {
     pub const FLOW_INSERT_FAILED: u32 = 12;
     /// Packets that carried one 802.1Q tag.
     pub const VLAN: u32 = 13;
+    /// A new flow balanced through the ring without a conntrack entry: a
+    /// TCP reset, or beyond `Config::conntrack_rate` (a SYN flood).
+    pub const FLOW_UNTRACKED: u32 = 14;
+    /// A VIP packet too big for the tunnel (`Config::tunnel_mtu`), answered
+    /// with ICMP "fragmentation needed" / ICMPv6 "packet too big".
+    pub const TX_TOO_BIG: u32 = 15;
+    /// A VIP packet too big for the tunnel while the ICMP answers of this
+    /// CPU were over their rate: dropped.
+    pub const TOO_BIG_DROPPED: u32 = 16;
     /// Number of STATS entries.
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 17;
+
+    /// The exclusive action reasons (added after the first release, past
+    /// the event reasons, so counters keep their indexes across upgrades).
+    pub const ACTIONS: [u32; 11] = [
+        PASS_NOT_VIP,
+        PASS_UNSUPPORTED,
+        MALFORMED,
+        FRAGMENT,
+        NO_BACKEND,
+        TX_ENCAP,
+        TX_L2_DSR,
+        TX_ICMP,
+        ENCAP_FAILED,
+        TX_TOO_BIG,
+        TOO_BIG_DROPPED,
+    ];
+
+    /// Whether `r` is one of [`ACTIONS`].
+    pub const fn is_action(r: u32) -> bool {
+        r < ACTION_COUNT || r == TX_TOO_BIG || r == TOO_BIG_DROPPED
+    }
 
     /// Operator-facing names, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -208,6 +239,9 @@ pub mod reason {
         "flow_reselected",
         "flow_insert_failed",
         "vlan",
+        "flow_untracked",
+        "tx_too_big",
+        "too_big_dropped",
     ];
 }
 
@@ -217,7 +251,11 @@ pub mod reason {
 pub struct Config {
     /// Destination MAC of encapsulated packets (the next hop to backends).
     pub gateway_mac: [u8; 6],
-    pub _pad: [u8; 2],
+    /// Source MAC of every frame the balancer sends: the interface's own,
+    /// set by the loader at attach. Zero until then: the arriving frame's
+    /// destination MAC is used.
+    pub source_mac: [u8; 6],
+    pub _pad: [u8; 4],
     /// Outer IPv4 source: these bits, with the host bits from the flow hash.
     pub source_v4: [u8; 4],
     /// Host-bit mask (host byte order) applied to the flow hash for IPv4.
@@ -233,13 +271,21 @@ pub struct Config {
     pub malformed_action: u32,
     /// TTL / hop limit of outer headers.
     pub outer_ttl: u32,
+    /// Largest outer IP packet the path to the backends carries; a bigger
+    /// VIP packet is answered with ICMP "fragmentation needed" / ICMPv6
+    /// "packet too big" (when it may not be fragmented). 0: no limit.
+    pub tunnel_mtu: u32,
+    /// New conntrack entries per second per CPU; above it new flows are
+    /// still balanced through the ring but not tracked. 0: no limit.
+    pub conntrack_rate: u32,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             gateway_mac: [0; 6],
-            _pad: [0; 2],
+            source_mac: [0; 6],
+            _pad: [0; 4],
             source_v4: [0; 4],
             source_v4_host_mask: 0,
             source_v6: [0; 16],
@@ -247,6 +293,8 @@ impl Default for Config {
             fragment_action: XDP_PASS,
             malformed_action: XDP_PASS,
             outer_ttl: 64,
+            tunnel_mtu: 0,
+            conntrack_rate: 0,
         }
     }
 }
@@ -276,6 +324,15 @@ pub mod decap_reason {
 /// frame: Ethernet, IPv6 and the ports and length of UDP fit. Also the
 /// smallest frame it sends.
 pub const GEN_HEADER_LEN: usize = 64;
+
+/// Bytes of the offending IP packet an ICMP "too big" answer of the
+/// balancer quotes: its IP header (IPv4 options included) and more than
+/// the 8 bytes of transport header the client's stack needs.
+pub const TOO_BIG_QUOTE: usize = 128;
+
+/// ICMP "too big" answers per second per CPU; beyond it such packets are
+/// dropped (`reason::TOO_BIG_DROPPED`).
+pub const TOO_BIG_PER_SEC: u32 = 1000;
 
 /// Map names, so the loader and the program cannot disagree.
 pub mod map_names {

@@ -1,13 +1,13 @@
 //! Conntrack lookup/insert, ring selection and backend liveness.
 
 use xdp_common::{
-    backend_state, flow_hash, reason, Backend, FlowKey, FlowState, VipMeta, NO_BACKEND,
+    backend_state, flow_hash, reason, Backend, Config, FlowKey, FlowState, VipMeta, NO_BACKEND,
     VIP_F_SOURCE_HASH,
 };
 
 use crate::{
-    maps::{ring_size, BACKENDS, FLOWS, RINGS},
-    stats::count,
+    maps::{ring_size, BACKENDS, FLOWS, RATE_CONNTRACK, RINGS},
+    stats::{count, within_rate},
 };
 
 /// The backend a packet goes to.
@@ -82,11 +82,21 @@ fn tracked(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend, u32), bool> {
     }
 }
 
+/// Whether a flow the ring just placed gets a conntrack entry: not for a
+/// TCP reset (it ends the flow), and not beyond `Config::conntrack_rate`
+/// new entries per second on this CPU, so a SYN flood cannot evict the
+/// established flows (the ring still places the flood's packets).
+#[inline(always)]
+fn may_track(cfg: &Config, reset: bool) -> bool {
+    !reset && (cfg.conntrack_rate == 0 || within_rate(RATE_CONNTRACK, cfg.conntrack_rate))
+}
+
 /// Choose the backend for a packet of `flow` to `vip` and keep conntrack in
 /// step: a hit on a live backend is followed; a miss, or a hit on a backend
-/// that is down, goes through the ring and is (re)written.
+/// that is down, goes through the ring and is (re)written when
+/// [`may_track`] allows. `reset`: the packet is a TCP RST.
 #[inline(always)]
-pub fn select(flow: &FlowKey, vip: &VipMeta) -> Option<Choice> {
+pub fn select(flow: &FlowKey, vip: &VipMeta, cfg: &Config, reset: bool) -> Option<Choice> {
     let was_tracked = match tracked(flow, vip) {
         Ok((backend_id, backend, kept)) => {
             count(reason::FLOW_HIT);
@@ -101,8 +111,12 @@ pub fn select(flow: &FlowKey, vip: &VipMeta) -> Option<Choice> {
     };
     let hash = flow_hash(flow, false);
     let (backend_id, backend) = from_ring(flow, vip, hash)?;
-    let state = FlowState { backend_id, hash };
-    if FLOWS.insert(flow, state, 0).is_err() {
+    if !may_track(cfg, reset) {
+        count(reason::FLOW_UNTRACKED);
+    } else if FLOWS
+        .insert(flow, FlowState { backend_id, hash }, 0)
+        .is_err()
+    {
         count(reason::FLOW_INSERT_FAILED);
     }
     count(if was_tracked {

@@ -53,7 +53,7 @@ impl L2Header {
     }
 
     #[inline(always)]
-    fn len(&self) -> usize {
+    pub fn len(&self) -> usize {
         if self.vlan.is_some() {
             ETH_HDR_LEN + VLAN_HDR_LEN
         } else {
@@ -65,7 +65,7 @@ impl L2Header {
 /// Write an Ethernet header (with the kept VLAN tag) at the packet start.
 /// Encapsulated packets leave from the receiving interface's MAC.
 #[inline(always)]
-fn write_l2(
+pub fn write_l2(
     ctx: &XdpContext,
     l2: &L2Header,
     dst: &[u8; 6],
@@ -88,16 +88,44 @@ fn write_l2(
     Ok(())
 }
 
+/// The source MAC of frames the balancer sends: the interface's own (set
+/// at attach), else the arriving frame's destination.
+#[inline(always)]
+pub fn source_mac(cfg: &Config, arrived_to: &[u8; 6]) -> [u8; 6] {
+    if cfg.source_mac == [0; 6] {
+        *arrived_to
+    } else {
+        cfg.source_mac
+    }
+}
+
 /// L2 direct server return: the packet goes out unchanged but for its MACs.
 #[inline(always)]
-pub fn l2_dsr(ctx: &XdpContext, backend: &Backend) -> Result<(), Malformed> {
-    let own_mac: [u8; 6] = read(ctx, 0)?;
+pub fn l2_dsr(ctx: &XdpContext, backend: &Backend, cfg: &Config) -> Result<(), Malformed> {
+    let src = source_mac(cfg, &read(ctx, 0)?);
     // SAFETY: bounds checked by ptr_at_mut.
     unsafe {
         *ptr_at_mut::<[u8; 6]>(ctx, 0)? = backend.mac;
-        *ptr_at_mut::<[u8; 6]>(ctx, 6)? = own_mac;
+        *ptr_at_mut::<[u8; 6]>(ctx, 6)? = src;
     }
     Ok(())
+}
+
+/// An IPv4 identification for a packet that may be fragmented: a per-CPU
+/// counter, offset per CPU so CPUs walk different sequences.
+#[inline(always)]
+pub fn next_ip_id() -> u16 {
+    // SAFETY: reads the CPU number only.
+    let cpu = unsafe { aya_ebpf::helpers::bpf_get_smp_processor_id() } as u16;
+    let n = match crate::maps::IP_IDS.get_ptr_mut(0) {
+        // SAFETY: per-CPU slot, valid for the program's run.
+        Some(n) => unsafe {
+            *n = (*n).wrapping_add(1);
+            *n as u16
+        },
+        None => 0,
+    };
+    n.wrapping_add(cpu.wrapping_mul(0x9e37))
 }
 
 /// The inner packet being encapsulated.
@@ -164,8 +192,9 @@ pub fn encapsulate(
     }
     let l3_off = l2.len();
     let ttl = cfg.outer_ttl as u8;
+    let src_mac = source_mac(cfg, &l2.dst);
     if outer_v4 {
-        write_l2(ctx, l2, &cfg.gateway_mac, &l2.dst, ETH_P_IP)?;
+        write_l2(ctx, l2, &cfg.gateway_mac, &src_mac, ETH_P_IP)?;
         let tot_len = ((outer_len + inner.ip_len) as u16).to_be_bytes();
         let src = outer_source_v4(cfg, inner.hash);
         let mut hdr = [0u8; IPV4_HDR_LEN];
@@ -175,6 +204,12 @@ pub fn encapsulate(
         hdr[3] = tot_len[1];
         if inner.dont_fragment {
             hdr[6] = 0x40;
+        } else {
+            // The path may fragment it: reassembly needs an identification
+            // (RFC 6864; ID 0 on every packet would mix fragments).
+            let id = next_ip_id().to_be_bytes();
+            hdr[4] = id[0];
+            hdr[5] = id[1];
         }
         hdr[8] = ttl;
         hdr[9] = inner_proto(inner);
@@ -186,7 +221,7 @@ pub fn encapsulate(
         // SAFETY: bounds checked by ptr_at_mut.
         unsafe { *ptr_at_mut::<[u8; IPV4_HDR_LEN]>(ctx, l3_off)? = hdr };
     } else {
-        write_l2(ctx, l2, &cfg.gateway_mac, &l2.dst, ETH_P_IPV6)?;
+        write_l2(ctx, l2, &cfg.gateway_mac, &src_mac, ETH_P_IPV6)?;
         let payload_len = (inner.ip_len as u16).to_be_bytes();
         let first = (6u32 << 28) | (u32::from(inner.tos) << 20) | (inner.hash & 0x000f_ffff);
         let mut hdr = [0u8; IPV6_HDR_LEN];

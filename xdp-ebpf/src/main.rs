@@ -25,6 +25,7 @@ mod forward;
 mod maps;
 mod parse;
 mod stats;
+mod too_big;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use xdp_common::{
@@ -40,7 +41,7 @@ use crate::{
 };
 
 /// The balancer.
-#[xdp]
+#[xdp(frags)]
 pub fn xdp_lb(ctx: XdpContext) -> u32 {
     let Some(cfg) = CONFIG.get(0) else {
         // Unreachable for an array map with one entry; pass rather than guess.
@@ -117,24 +118,36 @@ fn vip_lookup(addr: [u8; 16], port: u16, proto: u8, family: u8) -> Option<VipMet
 /// A TCP or UDP packet: balance it if it is for a VIP.
 #[inline(always)]
 fn balance(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<u32, Malformed> {
-    let (sport, dport) = parse::ports(ctx, l3.proto, l3.l4_off, l3.end_off)?;
-    let Some(vip) = vip_lookup(l3.dst, dport, l3.proto, l3.family) else {
+    let l4 = parse::l4(ctx, l3.proto, l3.l4_off, l3.end_off)?;
+    let Some(vip) = vip_lookup(l3.dst, l4.dport, l3.proto, l3.family) else {
         return pass(reason::PASS_NOT_VIP);
     };
     let flow = FlowKey {
         src: l3.src,
         dst: l3.dst,
-        sport,
-        dport,
+        sport: l4.sport,
+        dport: l4.dport,
         proto: l3.proto,
         family: l3.family,
         _pad: [0; 2],
     };
-    let Some(choice) = flow::select(&flow, &vip) else {
+    let Some(choice) = flow::select(&flow, &vip, cfg, l4.reset) else {
         stats::count_vip_drop(vip.vip_id, reason::NO_BACKEND);
         return Ok(XDP_DROP);
     };
-    let bytes = (ctx.data_end() - ctx.data()) as u64;
+    if l3.dont_fragment && vip.mode != fwd::L2_DSR && cfg.tunnel_mtu != 0 {
+        let outer = if choice.backend.family == u32::from(FAMILY_V4) {
+            parse::IPV4_HDR_LEN
+        } else {
+            parse::IPV6_HDR_LEN
+        };
+        if l3.ip_len + outer > cfg.tunnel_mtu as usize {
+            return answer_too_big(ctx, cfg, l3_off, l3, cfg.tunnel_mtu - outer as u32);
+        }
+    }
+    // The frame's bytes; a multi-buffer (jumbo) frame's first buffer holds
+    // only part of its IP packet.
+    let bytes = parse::packet_len(ctx).max(l3_off + l3.ip_len) as u64;
     let action = transmit(ctx, cfg, l3_off, l3, choice.hash, &vip, &choice.backend)?;
     if action == XDP_TX {
         stats::count_forwarded(vip.vip_id, choice.backend_id, bytes, choice.new_flow);
@@ -145,6 +158,26 @@ fn balance(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<u32
         });
     }
     Ok(action)
+}
+
+/// A VIP packet that would exceed the tunnel MTU once encapsulated and may
+/// not be fragmented: answered with "too big" reporting `mtu`, within this
+/// CPU's rate of such answers, else dropped.
+#[inline(always)]
+fn answer_too_big(
+    ctx: &XdpContext,
+    cfg: &Config,
+    l3_off: usize,
+    l3: &L3,
+    mtu: u32,
+) -> Result<u32, Malformed> {
+    if !stats::within_rate(maps::RATE_TOO_BIG, xdp_common::TOO_BIG_PER_SEC) {
+        count(reason::TOO_BIG_DROPPED);
+        return Ok(XDP_DROP);
+    }
+    too_big::answer(ctx, cfg, l3_off, l3, mtu)?;
+    count(reason::TX_TOO_BIG);
+    Ok(XDP_TX)
 }
 
 /// ICMP "fragmentation needed" / ICMPv6 "packet too big" quoting a VIP flow
@@ -191,7 +224,7 @@ fn transmit(
     backend: &xdp_common::Backend,
 ) -> Result<u32, Malformed> {
     if vip.mode == fwd::L2_DSR {
-        forward::l2_dsr(ctx, backend)?;
+        forward::l2_dsr(ctx, backend, cfg)?;
         return Ok(XDP_TX);
     }
     let l2 = L2Header::read(ctx, l3_off)?;
@@ -214,7 +247,7 @@ fn transmit(
 /// The backend-side decapsulator: IPv4-in-IPv4, IPv6-in-IPv6 and
 /// IPv4-in-IPv6 packets whose inner destination is a configured VIP lose
 /// their outer header and go to the stack; everything else passes untouched.
-#[xdp]
+#[xdp(frags)]
 pub fn decap(ctx: XdpContext) -> u32 {
     match try_decap(&ctx) {
         Ok(reason) => count_decap(reason),
@@ -260,7 +293,7 @@ fn try_decap(ctx: &XdpContext) -> Result<u32, Malformed> {
 /// Passes every packet untouched. The baseline that benchmarks measure
 /// beside `xdp_lb`, and what a veth needs attached for XDP_TX frames from
 /// its peer to arrive (the test networks' router).
-#[xdp]
+#[xdp(frags)]
 pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     XDP_PASS
 }
@@ -295,7 +328,7 @@ pub fn xdp_gen(ctx: XdpContext) -> u32 {
 /// stamped as `xdp_gen` does, so GEN_FLOWS = 1 repeats one flow and a large
 /// GEN_FLOWS makes every run a new one), then tail-calls the program under
 /// test in BENCH_TARGET. Its own cost is measured with `xdp_pass` there.
-#[xdp]
+#[xdp(frags)]
 pub fn xdp_bench(ctx: XdpContext) -> u32 {
     if restore_frame(&ctx).is_err() {
         return XDP_DROP;

@@ -59,6 +59,25 @@ pub static BACKEND_STATS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(
 #[map]
 pub static CONFIG: Array<Config> = Array::with_max_entries(1, 0);
 
+/// A per-CPU one-second window of events, for rate limits.
+pub struct RateWindow {
+    pub start_ns: u64,
+    pub events: u64,
+}
+
+/// Rate-limit windows (per CPU), by `RATE_*` index. Not pinned: a window
+/// restarts with the program.
+#[map]
+pub static RATES: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(2, 0);
+/// RATES index: conntrack inserts (`Config::conntrack_rate`).
+pub const RATE_CONNTRACK: u32 = 0;
+/// RATES index: ICMP "too big" answers.
+pub const RATE_TOO_BIG: u32 = 1;
+
+/// Outer IPv4 IDs of fragmentable packets, counted per CPU. Not pinned.
+#[map]
+pub static IP_IDS: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
 /// Inner destinations the decap program strips tunnels for; written by the
 /// backend-side loader.
 #[map]

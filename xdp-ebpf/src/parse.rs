@@ -5,7 +5,7 @@
 //! truncated or contradict each other yields [`Malformed`]; the caller counts
 //! it and applies the configured action.
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::bpf_xdp_get_buff_len, programs::XdpContext};
 use xdp_common::{FAMILY_V4, FAMILY_V6};
 
 /// Headers are truncated or inconsistent.
@@ -58,10 +58,20 @@ pub fn read<T: Copy>(ctx: &XdpContext, offset: usize) -> Result<T, Malformed> {
     Ok(unsafe { core::ptr::read_unaligned(ptr_at::<T>(ctx, offset)?) })
 }
 
-/// Bytes in the packet.
+/// Bytes in the packet's first buffer (all of it unless it is a
+/// multi-buffer frame: a jumbo frame on a frags-aware driver).
 #[inline(always)]
 pub fn packet_len(ctx: &XdpContext) -> usize {
     ctx.data_end() - ctx.data()
+}
+
+/// Whether the packet holds `len` bytes, counting the fragments of a
+/// multi-buffer frame (asked of the kernel only when the first buffer is
+/// shorter).
+#[inline(always)]
+fn holds(ctx: &XdpContext, len: usize) -> bool {
+    // SAFETY: reads the context's lengths only.
+    len <= packet_len(ctx) || len as u64 <= unsafe { bpf_xdp_get_buff_len(ctx.ctx) }
 }
 
 #[inline(always)]
@@ -147,7 +157,7 @@ pub fn ipv4(ctx: &XdpContext, off: usize) -> Result<L3, Malformed> {
     // zero bytes of range.)
     ptr_at::<[u8; 2]>(ctx, off + hdr_len - 2)?;
     let tot_len = usize::from(u16::from_be_bytes([hdr[2], hdr[3]]));
-    if tot_len < hdr_len || off + tot_len > packet_len(ctx) {
+    if tot_len < hdr_len || !holds(ctx, off + tot_len) {
         return Err(Malformed);
     }
     let frag = u16::from_be_bytes([hdr[6], hdr[7]]);
@@ -187,7 +197,7 @@ pub fn ipv6(ctx: &XdpContext, off: usize) -> Result<L3, Malformed> {
         return Err(Malformed);
     }
     let ip_len = IPV6_HDR_LEN + usize::from(u16::from_be_bytes([hdr[4], hdr[5]]));
-    if off + ip_len > packet_len(ctx) {
+    if !holds(ctx, off + ip_len) {
         return Err(Malformed);
     }
     let proto = hdr[6];
@@ -220,25 +230,42 @@ pub fn ip(ctx: &XdpContext, family: u8, off: usize) -> Result<L3, Malformed> {
     }
 }
 
-/// Source and destination ports (network byte order) of a TCP or UDP header
-/// at `off`. The whole minimal header must lie within the IP packet.
+/// The parts of a TCP or UDP header the balancer uses.
+pub struct L4 {
+    /// Network byte order.
+    pub sport: u16,
+    /// Network byte order.
+    pub dport: u16,
+    /// A TCP segment with RST set.
+    pub reset: bool,
+}
+
+const TCP_RST: u8 = 0x04;
+
+/// Ports (and for TCP the RST flag) of a TCP or UDP header at `off`. The
+/// whole minimal header must lie within the IP packet.
 #[inline(always)]
-pub fn ports(
-    ctx: &XdpContext,
-    proto: u8,
-    off: usize,
-    end_off: usize,
-) -> Result<(u16, u16), Malformed> {
-    let hdr_len = if proto == xdp_common::PROTO_TCP {
-        TCP_HDR_LEN
-    } else {
-        UDP_HDR_LEN
-    };
-    if off + hdr_len > end_off {
+pub fn l4(ctx: &XdpContext, proto: u8, off: usize, end_off: usize) -> Result<L4, Malformed> {
+    if proto == xdp_common::PROTO_TCP {
+        if off + TCP_HDR_LEN > end_off {
+            return Err(Malformed);
+        }
+        let hdr: [u8; 14] = read(ctx, off)?;
+        return Ok(L4 {
+            sport: u16::from_ne_bytes([hdr[0], hdr[1]]),
+            dport: u16::from_ne_bytes([hdr[2], hdr[3]]),
+            reset: hdr[13] & TCP_RST != 0,
+        });
+    }
+    if off + UDP_HDR_LEN > end_off {
         return Err(Malformed);
     }
     let ports: [u16; 2] = read(ctx, off)?;
-    Ok((ports[0], ports[1]))
+    Ok(L4 {
+        sport: ports[0],
+        dport: ports[1],
+        reset: false,
+    })
 }
 
 /// The flow an ICMP error quotes, already turned around into the

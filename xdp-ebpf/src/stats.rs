@@ -60,3 +60,26 @@ pub fn count_forwarded(vip_id: u32, backend_id: u32, bytes: u64, new_flow: bool)
     add(VIP_STATS.get_ptr_mut(vip_id), bytes, new_flow);
     add(BACKEND_STATS.get_ptr_mut(backend_id), bytes, new_flow);
 }
+
+/// Whether one more event fits in this CPU's current one-second window of
+/// RATES slot `which`, allowing `per_sec`; counts it if so.
+#[inline(always)]
+pub fn within_rate(which: u32, per_sec: u32) -> bool {
+    let Some(w) = crate::maps::RATES.get_ptr_mut(which) else {
+        return true;
+    };
+    // SAFETY: reads the clock only.
+    let now = unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() };
+    // SAFETY: per-CPU slot, valid for the program's run.
+    unsafe {
+        if now.wrapping_sub((*w).start_ns) >= 1_000_000_000 {
+            (*w).start_ns = now;
+            (*w).events = 0;
+        }
+        if (*w).events >= u64::from(per_sec) {
+            return false;
+        }
+        (*w).events += 1;
+    }
+    true
+}

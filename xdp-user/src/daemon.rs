@@ -179,8 +179,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // From here a failure must undo what this run pinned.
     let mut dp = Dataplane::open(config.tables.sizes(), &pin_dir)?;
     let adopted_maps = dp.adopted();
-    let adopted = match dp
-        .attach_pinned(&config.interface, config.xdp_mode.into(), options.replace)
+    // The policy goes in before the program: after an upgrade that reshaped
+    // CONFIG, the map the new program reads starts out empty.
+    let adopted = match crate::controller::dataplane_config(&config)
+        .and_then(|policy| dp.set_config(&policy))
+        .and_then(|()| dp.attach_pinned(&config.interface, config.xdp_mode.into(), options.replace))
         .and_then(|link| Ok((link, Adopted::read(&dp)?)))
     {
         Ok(a) => a,

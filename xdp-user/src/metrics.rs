@@ -154,27 +154,27 @@ pub fn render(ctl: &mut Controller, format: Format) -> String {
         "The running build (value 1).",
         [(labels([("version", env!("CARGO_PKG_VERSION"))]), 1)],
     );
-    let reason_samples = |range: std::ops::Range<usize>, key: &'static str| {
-        reason::NAMES[range]
-            .iter()
-            .map(|n| {
+    let reason_samples = |actions: bool, key: &'static str| {
+        (0..)
+            .zip(reason::NAMES)
+            .filter(|(r, _)| reason::is_action(*r) == actions)
+            .map(|(_, n)| {
                 (
                     labels([(key, n)]),
-                    status.reasons.get(*n).copied().unwrap_or(0),
+                    status.reasons.get(n).copied().unwrap_or(0),
                 )
             })
             .collect::<Vec<_>>()
     };
-    let actions = reason::ACTION_COUNT as usize;
     e.counter(
         "xdplb_packets_total",
         "Packets by what the balancer did with them.",
-        reason_samples(0..actions, "reason"),
+        reason_samples(true, "reason"),
     );
     e.counter(
         "xdplb_events_total",
         "Conntrack and parsing events.",
-        reason_samples(actions..reason::NAMES.len(), "event"),
+        reason_samples(false, "event"),
     );
 
     let vip_labels =

@@ -134,6 +134,12 @@ pub enum PacketAction {
     Drop,
 }
 
+/// The flood guard's default: Katran's limit of new flows per CPU.
+pub const DEFAULT_CONNTRACK_RATE: u32 = 125_000;
+
+/// The smallest `forwarding.tunnel_mtu`: IPv6's minimum link MTU.
+pub const MIN_TUNNEL_MTU: u32 = 1280;
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Forwarding {
@@ -147,6 +153,16 @@ pub struct Forwarding {
     pub fragments: PacketAction,
     pub malformed: PacketAction,
     pub outer_ttl: u8,
+    /// Largest outer packet the path to the backends carries (bytes of IP,
+    /// encapsulation included). A VIP packet that would exceed it and may
+    /// not be fragmented is answered with ICMP "fragmentation needed" /
+    /// ICMPv6 "packet too big" instead. 0: no limit (the path's routers
+    /// answer, to the LB's outer source, which drops it).
+    pub tunnel_mtu: u32,
+    /// New conntrack entries per second per CPU (the flood guard): beyond
+    /// it new flows are still balanced through the ring but not tracked,
+    /// so a SYN flood cannot evict established flows. 0: no limit.
+    pub conntrack_rate: u32,
 }
 
 impl Default for Forwarding {
@@ -158,6 +174,8 @@ impl Default for Forwarding {
             fragments: PacketAction::Pass,
             malformed: PacketAction::Pass,
             outer_ttl: 64,
+            tunnel_mtu: 0,
+            conntrack_rate: DEFAULT_CONNTRACK_RATE,
         }
     }
 }
@@ -668,6 +686,15 @@ impl Config {
         }
         if f.outer_ttl == 0 {
             problem("forwarding.outer_ttl".into(), "must be at least 1".into());
+        }
+        if f.tunnel_mtu != 0 && !(MIN_TUNNEL_MTU..=65535).contains(&f.tunnel_mtu) {
+            problem(
+                "forwarding.tunnel_mtu".into(),
+                format!(
+                    "{} is out of range: 0 (no limit) or {MIN_TUNNEL_MTU}..=65535 bytes",
+                    f.tunnel_mtu
+                ),
+            );
         }
 
         if self.vips.len() > t.max_vips as usize {

@@ -150,6 +150,8 @@ pub fn dataplane_config(config: &Config) -> Result<xdp_common::Config> {
         fragment_action: action(f.fragments),
         malformed_action: action(f.malformed),
         outer_ttl: u32::from(f.outer_ttl),
+        tunnel_mtu: f.tunnel_mtu,
+        conntrack_rate: f.conntrack_rate,
         ..xdp_common::Config::default()
     })
 }

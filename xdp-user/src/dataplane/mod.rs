@@ -18,6 +18,7 @@ mod counters;
 mod link;
 mod pins;
 mod sys;
+mod upgrade;
 
 use link::attach_xdp;
 pub use link::{Attachment, LINK_PIN};
@@ -419,6 +420,9 @@ pub struct Dataplane {
     pin_dir: Option<PathBuf>,
     /// The pinned attachment, once attached with [`Dataplane::attach_pinned`].
     attached: Option<Attached>,
+    /// The MAC of the interface attached to: the source of every frame the
+    /// balancer sends, written into CONFIG with the rest of the policy.
+    source_mac: [u8; 6],
 }
 
 /// Where and how the balancer is attached.
@@ -466,9 +470,14 @@ impl Dataplane {
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
+        let carried = match pin_dir {
+            Some(dir) => upgrade::before_load(dir)?,
+            None => upgrade::Carried::default(),
+        };
         let mut ebpf = loader
             .load(object()?)
             .context("loading the eBPF object (map creation)")?;
+        upgrade::after_load(&mut ebpf, carried)?;
         if let Err(e) = check_adopted_maps(&ebpf, &sizes, ring_entries)
             .and_then(|()| load_program(&mut ebpf, LB_PROGRAM).map(drop))
         {
@@ -483,6 +492,7 @@ impl Dataplane {
             adopted,
             pin_dir: pin_dir.map(Path::to_owned),
             attached: None,
+            source_mac: [0; 6],
         };
         if !adopted {
             dataplane.set_config(&Config::default())?;
@@ -501,6 +511,7 @@ impl Dataplane {
 
     /// Attach the balancer to `iface`.
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {
+        self.take_source_mac(iface)?;
         attach_program(&mut self.ebpf, LB_PROGRAM, iface, mode)
     }
 
@@ -517,10 +528,42 @@ impl Dataplane {
         find_map_mut(&mut self.ebpf, name)
     }
 
-    /// Replace the runtime policy (next hop, outer source, odd-packet actions).
+    /// Replace the runtime policy (next hop, outer source, odd-packet
+    /// actions). Its `source_mac` is this dataplane's interface's, once
+    /// attached (or set with [`Dataplane::set_source_mac`]).
     pub fn set_config(&mut self, config: &Config) -> Result<()> {
+        let config = Config {
+            source_mac: self.source_mac,
+            ..*config
+        };
         let mut map: Array<_, Config> = Array::try_from(self.map_mut(names::CONFIG)?)?;
         map.set(0, config, 0).context("writing CONFIG")?;
+        Ok(())
+    }
+
+    /// The policy in force.
+    pub fn config(&self) -> Result<Config> {
+        let map: Array<_, Config> = Array::try_from(self.map(names::CONFIG)?)?;
+        map.get(&0, 0).context("reading CONFIG")
+    }
+
+    /// Send every frame from `mac` (the attached interface's; attaching
+    /// sets it), keeping the rest of the policy in force.
+    pub fn set_source_mac(&mut self, mac: [u8; 6]) -> Result<()> {
+        let config = self.config()?;
+        self.source_mac = mac;
+        self.set_config(&config)
+    }
+
+    /// Take the MAC of `iface` as the frames' source (before attaching to
+    /// it, so the first frame already has it).
+    fn take_source_mac(&mut self, iface: &str) -> Result<()> {
+        let mac = crate::iface::by_name(iface)?
+            .and_then(|i| i.mac)
+            .unwrap_or([0; 6]);
+        if mac != self.source_mac {
+            self.set_source_mac(mac)?;
+        }
         Ok(())
     }
 

@@ -39,6 +39,7 @@ impl Dataplane {
             .pin_dir
             .clone()
             .ok_or_else(|| anyhow!("a dataplane with private maps has no pin directory"))?;
+        self.take_source_mac(iface)?;
         let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
         let link = Attachment::attach(program, LB_PROGRAM, iface, mode, &dir, replace)?;
         let adopted = link.adopted;
@@ -112,6 +113,10 @@ impl Dataplane {
             map.pin(&path)
                 .with_context(|| format!("re-pinning {}", path.display()))?;
             done.push(format!("re-pinned {name}"));
+        }
+        // A re-created interface may have a new MAC.
+        if let Some(iface) = self.attached.as_ref().map(|a| a.iface.clone()) {
+            self.take_source_mac(&iface)?;
         }
         let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
         if let Some(a) = &mut self.attached {
