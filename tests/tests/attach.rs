@@ -184,3 +184,35 @@ fn decap_cli_attaches_pinned_updates_and_detaches() {
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("detached"));
     assert!(xdp_prog_on(&ns, "be0").is_empty(), "detached");
 }
+
+#[test]
+fn jumbo_mtu_interfaces_carry_the_programs_and_frames_leave_from_their_mac() {
+    if !require_root() {
+        return;
+    }
+    let ns = Netns::new("jumbo").unwrap();
+    ns.ip(&[
+        "link", "add", "lb0", "mtu", "9000", "address", "02:00:00:00:90:01", "type", "veth",
+        "peer", "name", "lb1", "mtu", "9000",
+    ])
+    .unwrap();
+    ns.ip(&["link", "set", "lb0", "up"]).unwrap();
+    ns.ip(&["link", "set", "lb1", "up"]).unwrap();
+    let _inside = ns.enter().unwrap();
+    // The old build's programs were not frags-aware: the kernel refused
+    // them on a veth whose MTU exceeds a page.
+    let mut dp = Dataplane::load(SMALL).unwrap();
+    dp.attach("lb0", AttachMode::Native)
+        .expect("the balancer on an MTU 9000 veth");
+    let mut decap = Decap::load(4).unwrap();
+    decap
+        .attach("lb1", AttachMode::Native)
+        .expect("decap on an MTU 9000 veth");
+    assert!(xdp_prog_on(&ns, "lb0").contains("prog/xdp"));
+    assert!(xdp_prog_on(&ns, "lb1").contains("prog/xdp"));
+    assert_eq!(
+        dp.config().unwrap().source_mac,
+        [0x02, 0, 0, 0, 0x90, 0x01],
+        "attaching takes the interface's MAC as the frames' source"
+    );
+}
