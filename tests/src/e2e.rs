@@ -320,7 +320,15 @@ impl Conn {
     /// Send a line and wait up to `limit` for the answer (a stall while
     /// routes converge is not a failure; a reset or close is).
     pub fn ask_within(&mut self, limit: Duration) -> Result<String> {
-        self.writer.write_all(b"ping\n")?;
+        self.send_within(b"ping", limit)
+    }
+
+    /// Send `line` (and a newline), waiting up to `limit` for the answer.
+    pub fn send_within(&mut self, line: &[u8], limit: Duration) -> Result<String> {
+        // A path that drops big segments stalls the write itself.
+        self.writer.set_write_timeout(Some(limit))?;
+        self.writer.write_all(line)?;
+        self.writer.write_all(b"\n")?;
         let deadline = Instant::now() + limit;
         let mut line = String::new();
         loop {

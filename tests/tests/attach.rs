@@ -192,8 +192,20 @@ fn jumbo_mtu_interfaces_carry_the_programs_and_frames_leave_from_their_mac() {
     }
     let ns = Netns::new("jumbo").unwrap();
     ns.ip(&[
-        "link", "add", "lb0", "mtu", "9000", "address", "02:00:00:00:90:01", "type", "veth",
-        "peer", "name", "lb1", "mtu", "9000",
+        "link",
+        "add",
+        "lb0",
+        "mtu",
+        "9000",
+        "address",
+        "02:00:00:00:90:01",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "lb1",
+        "mtu",
+        "9000",
     ])
     .unwrap();
     ns.ip(&["link", "set", "lb0", "up"]).unwrap();

@@ -332,3 +332,67 @@ fn two_lb_hosts_send_a_flow_to_the_same_backend() {
         );
     }
 }
+
+#[test]
+fn a_path_narrower_than_the_tunnel_is_learned_by_the_client_from_the_lb() {
+    if !require_root() {
+        return;
+    }
+    // The router's link to the backend carries 1400 bytes, as the LB's
+    // forwarding.tunnel_mtu says: a full-size client segment plus its outer
+    // header does not fit. The router's own "fragmentation needed" goes to
+    // the LB's outer source, which cannot act on it; the LB answers the
+    // client itself, the client's TCP shrinks its segments, and a 200 KB
+    // upload gets through. (The build before it forwarded the segments to
+    // be dropped: the upload stalled.)
+    let spec = integration_tests::topology::Spec {
+        tag: "pmtu".into(),
+        lbs: 1,
+        backends: 1,
+        clients: 1,
+        vips: vec![VIP4, VIP6],
+        lb_segment: false,
+    };
+    let sys = System::start_spec(&spec, |topo, j, pins, socket| {
+        topo.lb_config(j, pins, socket, integration_tests::e2e::HEALTH, &[], false)
+            .replacen("[forwarding]\n", "[forwarding]\ntunnel_mtu = 1400\n", 1)
+    })
+    .unwrap();
+    sys.wait_checked(Duration::from_secs(10)).unwrap();
+    sys.topo
+        .router
+        .ip(&["link", "set", "rb0", "mtu", "1400"])
+        .unwrap();
+    let upload = vec![b'u'; 200_000];
+    for vip in [VIP4, VIP6] {
+        let started = Instant::now();
+        let answer = sys
+            .from_client(0, || -> anyhow::Result<String> {
+                let mut c = Conn::open(vip)?;
+                c.send_within(&upload, Duration::from_secs(5))
+            })
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{vip}: the 200 KB upload did not get through: {e:#}"));
+        assert_eq!(answer, backend_name(0));
+        let route = sys.topo.clients[0]
+            .ns
+            .ip(&["route", "get", &vip.to_string()])
+            .unwrap();
+        let want = if vip.is_ipv4() {
+            "mtu 1380"
+        } else {
+            "mtu 1360"
+        };
+        assert!(
+            route.contains(want),
+            "{vip}: the client learned the path MTU from the LB: {route}"
+        );
+        println!(
+            "pmtu {vip}: 200 KB upload through a 1400-byte tunnel path in {:?}; client route: {}",
+            started.elapsed(),
+            route.split_whitespace().collect::<Vec<_>>().join(" ")
+        );
+    }
+    let s = sys.status(0).unwrap();
+    assert!(s["reasons"]["tx_too_big"].as_u64().unwrap() > 0);
+}
