@@ -581,3 +581,48 @@ health = { kind = "tcp", rise = 1, fall = 1, init_state = "up" }
         "the walk reached capacity"
     );
 }
+
+#[test]
+fn removing_a_backend_keeps_the_backends_adding_up_to_their_vip() {
+    if !require_root() {
+        return;
+    }
+    let mut ctl = controller();
+    let prog_packets = |ctl: &Controller| {
+        let prog = ctl.dataplane().program().unwrap();
+        for sport in 1000..1300u16 {
+            let frame = integration_tests::packet::tcp4(
+                "198.18.100.1".parse().unwrap(),
+                "198.18.0.10".parse().unwrap(),
+                sport,
+                80,
+                b"x",
+            );
+            integration_tests::run(prog, &frame).unwrap();
+        }
+    };
+    prog_packets(&ctl);
+    let mut c = ctl.config().clone();
+    c.vips[0].backends.remove(0);
+    ctl.apply(c).unwrap();
+    prog_packets(&ctl);
+    let status = ctl.status();
+    let web = status.vips.iter().find(|v| v.name == "web").unwrap();
+    let backends: u64 = web.backends.iter().map(|b| b.counters.packets).sum();
+    assert_eq!(web.counters.packets, 600);
+    assert!(
+        web.removed_backends.packets > 0,
+        "the removed backend had traffic"
+    );
+    assert_eq!(
+        backends + web.removed_backends.packets,
+        web.counters.packets,
+        "backends (with the removed one) add up to the VIP"
+    );
+    let text = xdp_user::metrics::render(&mut ctl, xdp_user::metrics::Format::Prometheus);
+    let removed = format!(
+        "xdplb_backend_packets_total{{vip=\"web\",backend=\"removed\"}} {}",
+        web.removed_backends.packets
+    );
+    assert!(text.contains(&removed), "metrics carry {removed}");
+}

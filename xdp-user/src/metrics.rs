@@ -249,16 +249,27 @@ pub fn render(ctl: &mut Controller, format: Format) -> String {
             2,
         ),
     ] {
+        // Removed backends' counters stay, under the backend "removed", so
+        // the backends of a VIP always add up to it.
+        let removed = status.vips.iter().filter(|v| v.id.is_some()).map(|v| {
+            let c = v.removed_backends;
+            (
+                labels([("vip", v.name.as_str()), ("backend", "removed")]),
+                [c.packets, c.bytes, c.new_flows][pick],
+            )
+        });
         e.counter(
             name,
             help,
-            backends().map(|(v, b)| {
-                let c = b.counters;
-                (
-                    backend_labels(v, b),
-                    [c.packets, c.bytes, c.new_flows][pick],
-                )
-            }),
+            backends()
+                .map(|(v, b)| {
+                    let c = b.counters;
+                    (
+                        backend_labels(v, b),
+                        [c.packets, c.bytes, c.new_flows][pick],
+                    )
+                })
+                .chain(removed),
         );
     }
     e.gauge(

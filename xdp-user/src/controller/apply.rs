@@ -23,6 +23,9 @@ use crate::dataplane::Dataplane;
 pub struct Written {
     pub rings: HashMap<u32, Vec<u32>>,
     pub config: Option<xdp_common::Config>,
+    /// Counters of the backend entries the last apply removed, with their
+    /// VIP's id: the controller adds them to the VIP's retired totals.
+    pub retired: Vec<(u32, xdp_common::Counters)>,
 }
 
 impl Written {
@@ -93,9 +96,14 @@ pub fn apply(
     for &id in &plan.stale_backends {
         let in_use = failed
             .note(dp.backend(id))
-            .map(|b| b.state != backend_state::UNUSED);
-        if in_use == Some(true) {
-            failed.note(dp.remove_backend(id));
+            .filter(|b| b.state != backend_state::UNUSED);
+        if let Some(entry) = in_use {
+            let counters = failed.note(dp.backend_stats(id));
+            if failed.note(dp.remove_backend(id)).is_some() {
+                if let Some(c) = counters {
+                    written.retired.push((entry.vip_id, c));
+                }
+            }
         }
     }
 

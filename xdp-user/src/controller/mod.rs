@@ -12,6 +12,7 @@ mod announce;
 mod apply;
 mod health;
 mod plan;
+mod retired;
 mod selfcheck;
 mod status;
 
@@ -88,6 +89,10 @@ pub struct Controller {
     /// loaded successfully (Unix seconds).
     last_reload: (bool, f64),
     announcer: announce::Announcer,
+    /// Per VIP id: the counters of its backends that were removed, so the
+    /// backends' totals never fall below the VIP's (Prometheus counters
+    /// only grow). Kept in a state file by the daemon.
+    retired: retired::Retired,
 }
 
 fn unix_now() -> f64 {
@@ -173,6 +178,11 @@ impl Controller {
     ) -> Self {
         let announcer =
             announce::Announcer::new(crate::announce::is_withdrawn(&config.daemon.pin_dir));
+        // Kept on disk by a daemon (one with a config file) only.
+        let retired = retired::Retired::load(
+            file.as_ref()
+                .map(|_| crate::lock::state_file("retired-counters", &config.daemon.pin_dir)),
+        );
         let mut controller = Self {
             config,
             file,
@@ -194,6 +204,7 @@ impl Controller {
             rings: plan::RingCache::default(),
             last_reload: (true, unix_now()),
             announcer,
+            retired,
         };
         // Health of adopted backends starts from what the dataplane had.
         for vip in &controller.config.vips {
@@ -291,6 +302,9 @@ impl Controller {
             self.backend_ids = plan.backend_ids.clone();
             apply::apply(&mut self.dp, &plan, &dp_config, &mut self.written)
         })();
+        let live: Vec<u32> = self.vip_ids.values().copied().collect();
+        self.retired
+            .update(std::mem::take(&mut self.written.retired), &live);
         match &result {
             Ok(()) => self.last_error = None,
             Err(e) => {

@@ -63,6 +63,7 @@ impl Controller {
                 check: vip.health.kind,
                 id: vip_id,
                 counters: counters.into(),
+                removed_backends: vip_id.map(|id| self.retired.of(id)).unwrap_or_default(),
                 drops: Drops {
                     no_backend: drops.no_backend,
                     encap_failed: drops.encap_failed,
@@ -164,6 +165,9 @@ pub struct VipStatus {
     pub check: CheckKind,
     pub id: Option<u32>,
     pub counters: Traffic,
+    /// What backends removed from it had forwarded: with the backends'
+    /// own counters, the VIP's.
+    pub removed_backends: Traffic,
     pub drops: Drops,
     pub backends: Vec<BackendStatus>,
 }
