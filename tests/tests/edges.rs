@@ -330,3 +330,67 @@ fn jumbo_frames_in_several_buffers_are_balanced() {
         );
     }
 }
+
+#[test]
+fn a_syn_opens_its_connection_where_the_ring_says_unless_the_guard_holds_it_back() {
+    if !require_root() {
+        return;
+    }
+    pin_to_cpu0();
+    let mut lab = lab_with(Config {
+        conntrack_rate: 1,
+        ..lab_config()
+    });
+    let ring = ring_of(WEB4.backends);
+    let syn = |sport: u16| {
+        let (mut f, key) = big_tcp(&WEB4, sport, 0);
+        f[L3 + 20 + 13] = 0x02;
+        (f, key)
+    };
+    // Entries an earlier connection on the same ports left, each pointing
+    // at a backend the ring would not pick now.
+    let (first, k1) = syn(40700);
+    let (second, k2) = syn(40701);
+    let other = |k: &FlowKey| {
+        let ringed = predicted_backend(&WEB4, &ring, k);
+        *WEB4
+            .backends
+            .iter()
+            .find(|&&b| b != ringed)
+            .expect("another backend")
+    };
+    let (old1, old2) = (other(&k1), other(&k2));
+    lab.dp
+        .set_flows(
+            &[k1, k2],
+            &[
+                xdp_common::FlowState {
+                    backend_id: old1,
+                    hash: 0,
+                },
+                xdp_common::FlowState {
+                    backend_id: old2,
+                    hash: 0,
+                },
+            ],
+        )
+        .expect("seeding FLOWS");
+    let prog = lab.dp.program().expect("program");
+    // Within the rate: the ring places the new connection, and its entry
+    // replaces the old one.
+    let out = run(prog, &first).expect("test run");
+    let ringed = predicted_backend(&WEB4, &ring, &k1);
+    assert_eq!(out.output, expected_forward(&WEB4, &first, L3, &k1, ringed));
+    assert_eq!(
+        lab.dp.flow(&k1).expect("FLOWS").map(|s| s.backend_id),
+        Some(ringed)
+    );
+    // Beyond it (1 per second): the entry cannot be replaced, so the SYN
+    // follows it, as the rest of the connection will.
+    let out = run(prog, &second).expect("test run");
+    assert_eq!(out.output, expected_forward(&WEB4, &second, L3, &k2, old2));
+    assert_eq!(
+        lab.dp.flow(&k2).expect("FLOWS").map(|s| s.backend_id),
+        Some(old2)
+    );
+}

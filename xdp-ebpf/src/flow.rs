@@ -7,6 +7,7 @@ use xdp_common::{
 
 use crate::{
     maps::{ring_size, BACKENDS, FLOWS, RATE_CONNTRACK, RINGS},
+    parse::L4,
     stats::{count, within_rate},
 };
 
@@ -94,10 +95,20 @@ fn may_track(cfg: &Config, reset: bool) -> bool {
 /// Choose the backend for a packet of `flow` to `vip` and keep conntrack in
 /// step: a hit on a live backend is followed; a miss, or a hit on a backend
 /// that is down, goes through the ring and is (re)written when
-/// [`may_track`] allows. `reset`: the packet is a TCP RST.
+/// [`may_track`] allows. A TCP SYN within the rate opens a connection, so
+/// it skips the lookup (as Katran does): the ring places it and its entry
+/// replaces whatever an earlier connection on the same ports left. Beyond
+/// the rate a SYN is looked up like any packet, so it goes where the entry
+/// it may not replace points.
 #[inline(always)]
-pub fn select(flow: &FlowKey, vip: &VipMeta, cfg: &Config, reset: bool) -> Option<Choice> {
-    let was_tracked = match tracked(flow, vip) {
+pub fn select(flow: &FlowKey, vip: &VipMeta, cfg: &Config, l4: &L4) -> Option<Choice> {
+    let syn_tracked = l4.syn && may_track(cfg, false);
+    let looked_up = if syn_tracked {
+        Err(false)
+    } else {
+        tracked(flow, vip)
+    };
+    let was_tracked = match looked_up {
         Ok((backend_id, backend, kept)) => {
             count(reason::FLOW_HIT);
             return Some(Choice {
@@ -111,7 +122,7 @@ pub fn select(flow: &FlowKey, vip: &VipMeta, cfg: &Config, reset: bool) -> Optio
     };
     let hash = flow_hash(flow, false);
     let (backend_id, backend) = from_ring(flow, vip, hash)?;
-    if !may_track(cfg, reset) {
+    if !(syn_tracked || (!l4.syn && may_track(cfg, l4.reset))) {
         count(reason::FLOW_UNTRACKED);
     } else if FLOWS
         .insert(flow, FlowState { backend_id, hash }, 0)

@@ -92,10 +92,15 @@ pub fn write_l2(
 /// at attach), else the arriving frame's destination.
 #[inline(always)]
 pub fn source_mac(cfg: &Config, arrived_to: &[u8; 6]) -> [u8; 6] {
-    if cfg.source_mac == [0; 6] {
+    // Loaded out of the map value first: copied straight from it into the
+    // packet, the compiler calls memmove (it cannot rule out overlap), a
+    // subprogram that costs stack on older verifiers.
+    // SAFETY: a plain read of the map value the caller holds.
+    let own = unsafe { core::ptr::read_volatile(&cfg.source_mac) };
+    if own == [0; 6] {
         *arrived_to
     } else {
-        cfg.source_mac
+        own
     }
 }
 
@@ -103,9 +108,11 @@ pub fn source_mac(cfg: &Config, arrived_to: &[u8; 6]) -> [u8; 6] {
 #[inline(always)]
 pub fn l2_dsr(ctx: &XdpContext, backend: &Backend, cfg: &Config) -> Result<(), Malformed> {
     let src = source_mac(cfg, &read(ctx, 0)?);
+    // SAFETY: a plain read of the caller's value (see `source_mac`).
+    let dst = unsafe { core::ptr::read_volatile(&backend.mac) };
     // SAFETY: bounds checked by ptr_at_mut.
     unsafe {
-        *ptr_at_mut::<[u8; 6]>(ctx, 0)? = backend.mac;
+        *ptr_at_mut::<[u8; 6]>(ctx, 0)? = dst;
         *ptr_at_mut::<[u8; 6]>(ctx, 6)? = src;
     }
     Ok(())

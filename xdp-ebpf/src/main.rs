@@ -40,8 +40,10 @@ use crate::{
     stats::{count, count_decap},
 };
 
-/// The balancer.
+/// The balancer. Inlined into the entry point the macro makes: a frame
+/// fewer, which Debian 12's 6.1 verifier counts against the 512-byte stack.
 #[xdp(frags)]
+#[inline(always)]
 pub fn xdp_lb(ctx: XdpContext) -> u32 {
     let Some(cfg) = CONFIG.get(0) else {
         // Unreachable for an array map with one entry; pass rather than guess.
@@ -131,7 +133,7 @@ fn balance(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<u32
         family: l3.family,
         _pad: [0; 2],
     };
-    let Some(choice) = flow::select(&flow, &vip, cfg, l4.reset) else {
+    let Some(choice) = flow::select(&flow, &vip, cfg, &l4) else {
         stats::count_vip_drop(vip.vip_id, reason::NO_BACKEND);
         return Ok(XDP_DROP);
     };

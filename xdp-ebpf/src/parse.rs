@@ -238,9 +238,13 @@ pub struct L4 {
     pub dport: u16,
     /// A TCP segment with RST set.
     pub reset: bool,
+    /// A TCP SYN without ACK: a connection's first segment.
+    pub syn: bool,
 }
 
 const TCP_RST: u8 = 0x04;
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
 
 /// Ports (and for TCP the RST flag) of a TCP or UDP header at `off`. The
 /// whole minimal header must lie within the IP packet.
@@ -255,6 +259,7 @@ pub fn l4(ctx: &XdpContext, proto: u8, off: usize, end_off: usize) -> Result<L4,
             sport: u16::from_ne_bytes([hdr[0], hdr[1]]),
             dport: u16::from_ne_bytes([hdr[2], hdr[3]]),
             reset: hdr[13] & TCP_RST != 0,
+            syn: hdr[13] & (TCP_SYN | TCP_ACK) == TCP_SYN,
         });
     }
     if off + UDP_HDR_LEN > end_off {
@@ -265,6 +270,7 @@ pub fn l4(ctx: &XdpContext, proto: u8, off: usize, end_off: usize) -> Result<L4,
         sport: ports[0],
         dport: ports[1],
         reset: false,
+        syn: false,
     })
 }
 

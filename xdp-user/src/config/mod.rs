@@ -964,6 +964,13 @@ address = "2001:db8:1::1"
         assert_eq!(c.daemon, Daemon::default());
         assert_eq!(c.announce, Announce::default());
         assert_eq!(
+            c.forwarding,
+            Forwarding {
+                gateway_mac: c.forwarding.gateway_mac.clone(),
+                ..Forwarding::default()
+            }
+        );
+        assert_eq!(
             c.vips[0].health.interval_ms,
             HealthCheck::default().interval_ms
         );
@@ -1062,6 +1069,12 @@ address = "2001:db8:1::1"
                 "[tables]\nmax_flows = 0\n[forwarding]",
                 "tables.max_flows",
                 "at least 1",
+            ),
+            (
+                "[forwarding]",
+                "[forwarding]\ntunnel_mtu = 1000",
+                "forwarding.tunnel_mtu",
+                "1000 is out of range: 0 (no limit) or 1280..=65535",
             ),
             (
                 "[forwarding]",
