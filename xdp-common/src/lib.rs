@@ -334,6 +334,29 @@ pub const TOO_BIG_QUOTE: usize = 128;
 /// dropped (`reason::TOO_BIG_DROPPED`).
 pub const TOO_BIG_PER_SEC: u32 = 1000;
 
+/// The TRACE map's entry: which packets `xdplb trace` wants the balancer's
+/// decision for. All zero: tracing off.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct TraceFilter {
+    /// Non-zero: tracing on.
+    pub enabled: u32,
+    /// Only packets of this VIP id; [`TRACE_ANY_VIP`]: every packet
+    /// (packets for no VIP included).
+    pub vip_id: u32,
+    /// Only clients in this prefix (`client_family` 0: any client).
+    pub client: [u8; 16],
+    pub client_family: u32,
+    /// Prefix length in bits.
+    pub client_len: u32,
+    /// The tracing process, so a second one can tell whether it is alive.
+    pub owner_pid: u32,
+    pub _pad: u32,
+}
+
+/// [`TraceFilter::vip_id`]: any packet.
+pub const TRACE_ANY_VIP: u32 = u32::MAX;
+
 /// Map names, so the loader and the program cannot disagree.
 pub mod map_names {
     pub const VIPS: &str = "VIPS";
@@ -351,6 +374,7 @@ pub mod map_names {
     pub const GEN_TEMPLATE: &str = "GEN_TEMPLATE";
     pub const SINK_COUNTER: &str = "SINK_COUNTER";
     pub const BENCH_TARGET: &str = "BENCH_TARGET";
+    pub const TRACE: &str = "TRACE";
     /// Read-only global: the benchmark harness's frame length.
     pub const BENCH_FRAME_LEN_GLOBAL: &str = "BENCH_FRAME_LEN";
     /// Read-only global: flows the load generator cycles through.
@@ -374,4 +398,5 @@ mod user {
     unsafe impl aya::Pod for VipDrops {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for DecapKey {}
+    unsafe impl aya::Pod for TraceFilter {}
 }

@@ -19,6 +19,9 @@ pub struct Choice {
     pub new_flow: bool,
     /// `flow_hash(flow, false)`.
     pub hash: u32,
+    /// What conntrack did: `reason::FLOW_HIT`, `FLOW_NEW`,
+    /// `FLOW_RESELECTED` or `FLOW_UNTRACKED`.
+    pub conntrack: u32,
 }
 
 /// The flow's 5-tuple hash: the one kept in conntrack, else computed.
@@ -116,30 +119,35 @@ pub fn select(flow: &FlowKey, vip: &VipMeta, cfg: &Config, l4: &L4) -> Option<Ch
                 backend,
                 new_flow: false,
                 hash: full_hash(flow, kept),
+                conntrack: reason::FLOW_HIT,
             });
         }
         Err(was_tracked) => was_tracked,
     };
     let hash = flow_hash(flow, false);
     let (backend_id, backend) = from_ring(flow, vip, hash)?;
+    let placed = if was_tracked {
+        reason::FLOW_RESELECTED
+    } else {
+        reason::FLOW_NEW
+    };
+    count(placed);
+    let mut conntrack = placed;
     if !(syn_tracked || (!l4.syn && may_track(cfg, l4.reset))) {
         count(reason::FLOW_UNTRACKED);
+        conntrack = reason::FLOW_UNTRACKED;
     } else if FLOWS
         .insert(flow, FlowState { backend_id, hash }, 0)
         .is_err()
     {
         count(reason::FLOW_INSERT_FAILED);
     }
-    count(if was_tracked {
-        reason::FLOW_RESELECTED
-    } else {
-        reason::FLOW_NEW
-    });
     Some(Choice {
         backend_id,
         backend,
         new_flow: true,
         hash,
+        conntrack,
     })
 }
 

@@ -26,6 +26,7 @@ mod maps;
 mod parse;
 mod stats;
 mod too_big;
+mod trace;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use xdp_common::{
@@ -117,13 +118,11 @@ fn vip_lookup(addr: [u8; 16], port: u16, proto: u8, family: u8) -> Option<VipMet
     unsafe { VIPS.get(key) }.copied()
 }
 
-/// A TCP or UDP packet: balance it if it is for a VIP.
+/// A TCP or UDP packet: balance it if it is for a VIP, and tell
+/// `xdplb trace` what became of it if it asked.
 #[inline(always)]
 fn balance(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<u32, Malformed> {
     let l4 = parse::l4(ctx, l3.proto, l3.l4_off, l3.end_off)?;
-    let Some(vip) = vip_lookup(l3.dst, l4.dport, l3.proto, l3.family) else {
-        return pass(reason::PASS_NOT_VIP);
-    };
     let flow = FlowKey {
         src: l3.src,
         dst: l3.dst,
@@ -133,10 +132,39 @@ fn balance(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<u32
         family: l3.family,
         _pad: [0; 2],
     };
-    let Some(choice) = flow::select(&flow, &vip, cfg, &l4) else {
+    let mut decision = trace::Decision {
+        vip_id: xdp_common::TRACE_ANY_VIP,
+        reason: reason::PASS_NOT_VIP,
+        conntrack: 0,
+        backend_id: xdp_common::NO_BACKEND,
+    };
+    let action = decide(ctx, cfg, l3_off, l3, &l4, &flow, &mut decision)?;
+    trace::maybe(ctx, &flow, action, &decision);
+    Ok(action)
+}
+
+/// [`balance`]'s decision, noted in `d`.
+#[inline(always)]
+fn decide(
+    ctx: &XdpContext,
+    cfg: &Config,
+    l3_off: usize,
+    l3: &L3,
+    l4: &parse::L4,
+    flow: &FlowKey,
+    d: &mut trace::Decision,
+) -> Result<u32, Malformed> {
+    let Some(vip) = vip_lookup(l3.dst, l4.dport, l3.proto, l3.family) else {
+        return pass(reason::PASS_NOT_VIP);
+    };
+    d.vip_id = vip.vip_id;
+    let Some(choice) = flow::select(flow, &vip, cfg, l4) else {
         stats::count_vip_drop(vip.vip_id, reason::NO_BACKEND);
+        d.reason = reason::NO_BACKEND;
         return Ok(XDP_DROP);
     };
+    d.conntrack = choice.conntrack;
+    d.backend_id = choice.backend_id;
     if l3.dont_fragment && vip.mode != fwd::L2_DSR && cfg.tunnel_mtu != 0 {
         let outer = if choice.backend.family == u32::from(FAMILY_V4) {
             parse::IPV4_HDR_LEN
@@ -144,20 +172,28 @@ fn balance(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<u32
             parse::IPV6_HDR_LEN
         };
         if l3.ip_len + outer > cfg.tunnel_mtu as usize {
-            return answer_too_big(ctx, cfg, l3_off, l3, cfg.tunnel_mtu - outer as u32);
+            let action = answer_too_big(ctx, cfg, l3_off, l3, cfg.tunnel_mtu - outer as u32)?;
+            d.reason = if action == XDP_TX {
+                reason::TX_TOO_BIG
+            } else {
+                reason::TOO_BIG_DROPPED
+            };
+            return Ok(action);
         }
     }
     // The frame's bytes; a multi-buffer (jumbo) frame's first buffer holds
     // only part of its IP packet.
     let bytes = parse::packet_len(ctx).max(l3_off + l3.ip_len) as u64;
     let action = transmit(ctx, cfg, l3_off, l3, choice.hash, &vip, &choice.backend)?;
+    d.reason = reason::ENCAP_FAILED;
     if action == XDP_TX {
         stats::count_forwarded(vip.vip_id, choice.backend_id, bytes, choice.new_flow);
-        count(if vip.mode == fwd::L2_DSR {
+        d.reason = if vip.mode == fwd::L2_DSR {
             reason::TX_L2_DSR
         } else {
             reason::TX_ENCAP
-        });
+        };
+        count(d.reason);
     }
     Ok(action)
 }

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use xdp_common::{
-    decap_reason, reason, Backend, Config, Counters, DecapKey, FlowKey, FlowState, VipDrops,
-    VipKey, VipMeta,
+    decap_reason, reason, Backend, Config, Counters, DecapKey, FlowKey, FlowState, TraceFilter,
+    VipDrops, VipKey, VipMeta,
 };
 
 /// Placeholder size of maps the loader resizes.
@@ -77,6 +77,11 @@ pub const RATE_TOO_BIG: u32 = 1;
 /// Outer IPv4 IDs of fragmentable packets, counted per CPU. Not pinned.
 #[map]
 pub static IP_IDS: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// What `xdplb trace` wants decision events for (one entry; written by it
+/// through the pin, all zero when off).
+#[map]
+pub static TRACE: Array<TraceFilter> = Array::with_max_entries(1, 0);
 
 /// Inner destinations the decap program strips tunnels for; written by the
 /// backend-side loader.

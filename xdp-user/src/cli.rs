@@ -135,6 +135,24 @@ enum Command {
     /// acts on; `[announce]` in the config).
     #[command(subcommand)]
     Announce(AnnounceCommand),
+    /// Print the balancer's decision for each matching packet (VIP, flow,
+    /// verdict and reason, conntrack, backend) until Ctrl-C or --count
+    /// lines: "why doesn't it forward?". Off again when it ends.
+    Trace {
+        /// The daemon's config (pin directory, VIP names).
+        #[arg(long, default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// Only this VIP's packets (default: every TCP and UDP packet,
+        /// those for no VIP included).
+        #[arg(long)]
+        vip: Option<String>,
+        /// Only clients in this prefix (an address, or address/length).
+        #[arg(long)]
+        client: Option<String>,
+        /// Stop after this many lines.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// Write the man pages and shell completions (packaging).
     #[command(hide = true)]
     Generate {
@@ -682,6 +700,17 @@ fn execute(cli: Cli) -> Result<()> {
         Command::Vip { client, cmd } => vip(&socket(client), cmd),
         Command::Backend { client, cmd } => backend(&socket(client), cmd),
         Command::Announce(cmd) => announce(cmd),
+        Command::Trace {
+            config,
+            vip,
+            client,
+            count,
+        } => crate::trace::run(&crate::trace::Request {
+            config: &config,
+            vip: vip.as_deref(),
+            client: client.as_deref(),
+            count,
+        }),
         Command::Generate { out } => generate(&out),
     }
 }

@@ -17,3 +17,4 @@ pub mod maglev;
 pub mod metrics;
 pub mod service;
 pub mod socket;
+pub mod trace;

@@ -112,7 +112,7 @@ pub fn vip_key(vip: &crate::config::Vip) -> VipKey {
     }
 }
 
-fn ip_of(addr: [u8; 16], family: u32) -> IpAddr {
+pub fn ip_of(addr: [u8; 16], family: u32) -> IpAddr {
     if family == u32::from(xdp_common::FAMILY_V4) {
         IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
     } else {

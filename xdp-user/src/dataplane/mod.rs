@@ -18,6 +18,7 @@ mod counters;
 mod link;
 mod pins;
 mod sys;
+pub mod trace;
 mod upgrade;
 
 use link::attach_xdp;
@@ -218,7 +219,7 @@ fn add_counters(a: Counters, b: Counters) -> Counters {
 }
 
 /// Maps of the balancer, all pinned by a daemon.
-const LB_MAPS: [&str; 9] = [
+const LB_MAPS: [&str; 10] = [
     names::VIPS,
     names::RINGS,
     names::BACKENDS,
@@ -228,11 +229,12 @@ const LB_MAPS: [&str; 9] = [
     names::VIP_DROPS,
     names::BACKEND_STATS,
     names::CONFIG,
+    names::TRACE,
 ];
 
 /// Key and value size of every balancer map: the ABI a pinned map must
 /// match to be adopted.
-fn map_layouts() -> [(&'static str, u32, u32); 9] {
+fn map_layouts() -> [(&'static str, u32, u32); 10] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -253,6 +255,7 @@ fn map_layouts() -> [(&'static str, u32, u32); 9] {
         (names::VIP_DROPS, 4, sz(size_of::<VipDrops>())),
         (names::BACKEND_STATS, 4, sz(size_of::<Counters>())),
         (names::CONFIG, 4, sz(size_of::<Config>())),
+        (names::TRACE, 4, sz(size_of::<xdp_common::TraceFilter>())),
     ]
 }
 
