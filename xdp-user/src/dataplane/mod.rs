@@ -544,6 +544,14 @@ impl Dataplane {
         Ok(())
     }
 
+    /// What `xdplb trace` asks decision events for (benchmarks and tests;
+    /// the command writes it through the pin).
+    pub fn set_trace_filter(&mut self, filter: &xdp_common::TraceFilter) -> Result<()> {
+        let mut map: Array<_, xdp_common::TraceFilter> =
+            Array::try_from(self.map_mut(names::TRACE)?)?;
+        map.set(0, filter, 0).context("writing TRACE")
+    }
+
     /// The policy in force.
     pub fn config(&self) -> Result<Config> {
         let map: Array<_, Config> = Array::try_from(self.map(names::CONFIG)?)?;
