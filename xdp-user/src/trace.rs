@@ -92,12 +92,16 @@ impl Printer {
                 .unwrap_or_else(|| format!("VIP #{id}")),
             None => "?".to_owned(),
         };
-        let endpoint = |addr: &str, port: &str| {
-            if addr.contains(':') {
-                format!("[{addr}]:{port}")
-            } else {
-                format!("{addr}:{port}")
+        // Addresses come in their 16-byte form (printed as IPv6); an IPv4
+        // one is in the first 4 bytes.
+        let v4 = number("family") == Some(u32::from(xdp_common::FAMILY_V4));
+        let endpoint = |addr: &str, port: &str| match addr.parse::<std::net::Ipv6Addr>() {
+            Ok(a) if v4 => {
+                let o = a.octets();
+                format!("{}:{port}", std::net::Ipv4Addr::new(o[0], o[1], o[2], o[3]))
             }
+            Ok(a) => format!("[{a}]:{port}"),
+            Err(_) => format!("{addr}:{port}"),
         };
         let proto = match number("proto") {
             Some(6) => "tcp".to_owned(),
@@ -269,11 +273,11 @@ mod tests {
             printed: Arc::default(),
         };
         assert_eq!(
-            p.line("vip=0 src=198.18.10.2 sport=40000 dst=198.18.0.10 dport=80 proto=6 action=3 reason=5 conntrack=9 backend=3"),
+            p.line("vip=0 family=4 src=c612:a02:: sport=40000 dst=c612:a:: dport=80 proto=6 action=3 reason=5 conntrack=9 backend=3"),
             "web 198.18.10.2:40000 > 198.18.0.10:80 tcp: TX tx_encap, conntrack flow_new, backend 198.18.64.2 (#3)"
         );
         assert_eq!(
-            p.line(&format!("vip={TRACE_ANY_VIP} src=2001:db8::1 sport=5 dst=2001:db8::9 dport=53 proto=17 action=2 reason=0 conntrack=0 backend={NO_BACKEND}")),
+            p.line(&format!("vip={TRACE_ANY_VIP} family=6 src=2001:db8::1 sport=5 dst=2001:db8::9 dport=53 proto=17 action=2 reason=0 conntrack=0 backend={NO_BACKEND}")),
             "(no VIP) [2001:db8::1]:5 > [2001:db8::9]:53 udp: PASS pass_not_vip"
         );
     }

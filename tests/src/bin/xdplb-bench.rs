@@ -41,9 +41,9 @@ const SIZES: Sizes = Sizes {
 const RUNS: usize = 11;
 /// Runs per harness call, calls per round, rounds (each round measures the
 /// baseline and xdp_lb once).
-const HARNESS_REPEAT: u32 = 1_000_000;
-const HARNESS_CALLS: usize = 1;
-const HARNESS_ROUNDS: usize = 7;
+const HARNESS_REPEAT: u32 = 100_000;
+const HARNESS_CALLS: usize = 10;
+const HARNESS_ROUNDS: usize = 5;
 
 fn min_f(v: &[f64]) -> f64 {
     v.iter().copied().fold(f64::MAX, f64::min)
