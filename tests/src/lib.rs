@@ -39,6 +39,21 @@ pub fn run(program: &Xdp, packet: &[u8]) -> Result<Run> {
     })
 }
 
+/// Keep the calling thread on CPU 0, for tests of what the dataplane keeps
+/// per CPU (rate limits, conntrack's LRU lists).
+pub fn pin_to_cpu0() {
+    // SAFETY: a zeroed cpu_set_t is valid; the calls only read and write it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0,
+            "pinning the test thread to CPU 0"
+        );
+    }
+}
+
 /// Skip (with a message, not silently) when not root: BPF needs CAP_BPF.
 pub fn require_root() -> bool {
     // SAFETY: geteuid has no preconditions.

@@ -10,23 +10,9 @@ use std::net::IpAddr;
 use integration_tests::{
     lab::*,
     packet::{self, L3, LB_MAC},
-    require_root, run,
+    pin_to_cpu0, require_root, run,
 };
 use xdp_common::{reason, Config, FlowKey, PROTO_TCP, TOO_BIG_PER_SEC, XDP_TX};
-
-/// Keep this thread on CPU 0: the rate limits are per CPU.
-fn pin_to_cpu0() {
-    // SAFETY: a zeroed cpu_set_t is valid; the calls only read and write it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0,
-            "pinning the test thread to CPU 0"
-        );
-    }
-}
 
 fn lab_with(config: Config) -> Lab {
     let mut lab = Lab::new().expect("loading the lab dataplane");

@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use aya::programs::{TestRun, TestRunOptions};
 use integration_tests::{
     lab::{backend_mac, lab_config, ring_of_size, Lab, CLIENT4, WEB4},
-    packet, require_root, run,
+    packet, pin_to_cpu0, require_root, run,
 };
 use xdp_common::{backend_state, reason, Backend, Config, XDP_TX};
 use xdp_user::dataplane::{addr_bytes, AuxProgram, Sizes};
@@ -26,21 +26,6 @@ const ESTABLISHED: u32 = 1000;
 const FLOOD: u32 = 2_000_000;
 /// The backend added half way through the flood.
 const ADDED: u32 = 15;
-
-/// Keep this thread on CPU 0: conntrack's LRU lists and the rate limit
-/// are per CPU, and a flood on every CPU is what a NIC spreading a real
-/// one would make.
-fn pin_to_cpu0() {
-    // SAFETY: a zeroed cpu_set_t is valid; the calls only read and write it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            0
-        );
-    }
-}
 
 fn established_frame(i: u32) -> Vec<u8> {
     let src = Ipv4Addr::from(u32::from(CLIENT4) + i / 50_000);
@@ -61,6 +46,9 @@ fn backend_of(out: &[u8]) -> [u8; 4] {
 
 /// Established flows (of 1,000) that changed backend across the flood.
 fn moved_by_flood(conntrack_rate: u32) -> (usize, u64) {
+    // Conntrack's LRU lists and the rate limit are per CPU: the flood and
+    // the established flows share one, as a NIC spreading a real flood over
+    // every CPU would make them.
     pin_to_cpu0();
     let mut lab = Lab::with_sizes(SIZES).expect("lab dataplane");
     lab.dp
