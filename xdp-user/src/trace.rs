@@ -67,10 +67,11 @@ struct Names {
     backends: BTreeMap<u32, IpAddr>,
 }
 
-/// Prints each event as one line and counts them.
+/// Prints each event as one line and counts them, up to `limit`.
 struct Printer {
     names: Names,
     printed: Arc<AtomicU64>,
+    limit: Option<u64>,
 }
 
 impl Printer {
@@ -144,6 +145,13 @@ impl log::Log for Printer {
     }
 
     fn log(&self, record: &log::Record<'_>) {
+        // One read of the ring can hold more events than are still wanted.
+        if self
+            .limit
+            .is_some_and(|n| self.printed.load(Ordering::Relaxed) >= n)
+        {
+            return;
+        }
         let line = self.line(&record.args().to_string());
         let mut out = std::io::stdout().lock();
         if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
@@ -207,6 +215,7 @@ pub fn run(req: &Request<'_>) -> Result<()> {
         Printer {
             names,
             printed: printed.clone(),
+            limit: req.count,
         },
     )?;
     // SAFETY: installs a handler that only stores to an atomic.
@@ -271,6 +280,7 @@ mod tests {
                 backends: [(3, "198.18.64.2".parse().unwrap())].into(),
             },
             printed: Arc::default(),
+            limit: None,
         };
         assert_eq!(
             p.line("vip=0 family=4 src=c612:a02:: sport=40000 dst=c612:a:: dport=80 proto=6 action=3 reason=5 conntrack=9 backend=3"),
@@ -280,6 +290,27 @@ mod tests {
             p.line(&format!("vip={TRACE_ANY_VIP} family=6 src=2001:db8::1 sport=5 dst=2001:db8::9 dport=53 proto=17 action=2 reason=0 conntrack=0 backend={NO_BACKEND}")),
             "(no VIP) [2001:db8::1]:5 > [2001:db8::9]:53 udp: PASS pass_not_vip"
         );
+    }
+
+    #[test]
+    fn no_more_lines_than_asked_for_whatever_one_read_brings() {
+        use log::Log as _;
+        let p = Printer {
+            names: Names {
+                vips: BTreeMap::new(),
+                backends: BTreeMap::new(),
+            },
+            printed: Arc::default(),
+            limit: Some(2),
+        };
+        for _ in 0..5 {
+            p.log(
+                &log::Record::builder()
+                    .args(format_args!("vip=0 family=4 proto=6"))
+                    .build(),
+            );
+        }
+        assert_eq!(p.printed.load(Ordering::Relaxed), 2);
     }
 
     #[test]
