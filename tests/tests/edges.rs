@@ -380,3 +380,43 @@ fn a_syn_opens_its_connection_where_the_ring_says_unless_the_guard_holds_it_back
         Some(old2)
     );
 }
+
+#[test]
+fn a_vip_address_filter_slot_is_cleared_only_when_no_vip_shares_it() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = lab_with(lab_config());
+    let IpAddr::V4(web) = WEB4.addr else {
+        unreachable!("WEB4 is IPv4")
+    };
+    // An address in WEB4's filter slot, served by a VIP of its own (in
+    // place of the lab's VIP without backends).
+    let slot = xdp_common::vip_filter_slot(&xdp_user::dataplane::addr_bytes(WEB4.addr).0);
+    let shared = (1..=u32::MAX)
+        .map(|i| std::net::Ipv4Addr::from(u32::from(web) + i))
+        .find(|a| {
+            xdp_common::vip_filter_slot(&xdp_user::dataplane::addr_bytes(IpAddr::V4(*a)).0) == slot
+        })
+        .expect("an address sharing the slot");
+    let other = xdp_common::VipKey {
+        addr: xdp_user::dataplane::addr_bytes(IpAddr::V4(shared)).0,
+        ..EMPTY.key()
+    };
+    lab.dp.remove_vip(&EMPTY.key()).unwrap();
+    lab.dp.add_vip(&other, EMPTY.vip_id, 0, EMPTY.mode).unwrap();
+    let to = |addr| packet::tcp4(CLIENT4, addr, 40800, 80, b"x");
+    let action = |lab: &Lab, addr| run(lab.dp.program().unwrap(), &to(addr)).unwrap().action;
+    assert_eq!(action(&lab, web), XDP_TX);
+    assert_eq!(
+        action(&lab, shared),
+        xdp_common::XDP_DROP,
+        "its VIP, no backend"
+    );
+    // WEB4 goes: its address passes, the other VIP in the slot still matches.
+    lab.dp.remove_vip(&WEB4.key()).unwrap();
+    assert_eq!(action(&lab, web), xdp_common::XDP_PASS);
+    assert_eq!(action(&lab, shared), xdp_common::XDP_DROP);
+    lab.dp.remove_vip(&other).unwrap();
+    assert_eq!(action(&lab, shared), xdp_common::XDP_PASS);
+}

@@ -357,6 +357,35 @@ pub struct TraceFilter {
 /// [`TraceFilter::vip_id`]: any packet.
 pub const TRACE_ANY_VIP: u32 = u32::MAX;
 
+/// Slots of the VIP address filter (VIP_FILTER): a packet whose destination
+/// falls in an empty slot is for no VIP, known without a hash lookup.
+pub const VIP_FILTER_SLOTS: u32 = 4096;
+/// VIP_FILTER bit: some VIP with a port has an address in this slot.
+pub const VIP_FILTER_PORTS: u32 = 1;
+/// VIP_FILTER bit: some port-less VIP has an address in this slot.
+pub const VIP_FILTER_PORTLESS: u32 = 2;
+
+/// The VIP_FILTER slot of an address (16-byte form): a multiplicative hash
+/// of its words, the same in the program and the loader.
+#[inline(always)]
+pub fn vip_filter_slot(addr: &[u8; 16]) -> u32 {
+    vip_filter_slot_of(vip_filter_fold(addr))
+}
+
+/// An address's words folded into one, the input of [`vip_filter_slot_of`]:
+/// for an IPv4 address (the other words zero), its first word.
+#[inline(always)]
+pub fn vip_filter_fold(addr: &[u8; 16]) -> u32 {
+    let w = |i: usize| u32::from_le_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    w(0) ^ w(4).rotate_left(8) ^ w(8).rotate_left(16) ^ w(12).rotate_left(24)
+}
+
+/// The slot of an address whose words fold to `folded`.
+#[inline(always)]
+pub fn vip_filter_slot_of(folded: u32) -> u32 {
+    folded.wrapping_mul(0x9e37_79b1) >> 20
+}
+
 /// Map names, so the loader and the program cannot disagree.
 pub mod map_names {
     pub const VIPS: &str = "VIPS";
@@ -375,6 +404,7 @@ pub mod map_names {
     pub const SINK_COUNTER: &str = "SINK_COUNTER";
     pub const BENCH_TARGET: &str = "BENCH_TARGET";
     pub const TRACE: &str = "TRACE";
+    pub const VIP_FILTER: &str = "VIP_FILTER";
     /// Read-only global: the benchmark harness's frame length.
     pub const BENCH_FRAME_LEN_GLOBAL: &str = "BENCH_FRAME_LEN";
     /// Read-only global: flows the load generator cycles through.
@@ -399,4 +429,27 @@ mod user {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for DecapKey {}
     unsafe impl aya::Pod for TraceFilter {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ipv4_address_has_the_slot_of_its_first_word() {
+        for a in [
+            [198u8, 18, 0, 10],
+            [198, 19, 255, 1],
+            [0, 0, 0, 0],
+            [255; 4],
+        ] {
+            let mut full = [0u8; 16];
+            full[..4].copy_from_slice(&a);
+            assert_eq!(
+                vip_filter_slot(&full),
+                vip_filter_slot_of(u32::from_le_bytes(a))
+            );
+            assert!(vip_filter_slot(&full) < VIP_FILTER_SLOTS);
+        }
+    }
 }

@@ -102,19 +102,31 @@ fn try_lb(ctx: &XdpContext, cfg: &Config) -> Result<u32, Malformed> {
 }
 
 /// The VIP for (address, port, protocol), falling back to a port-less VIP.
+/// The address filter says which of the two lookups can hit: an address
+/// of no VIP needs neither, one of port-less VIPs only the second.
 #[inline(always)]
-fn vip_lookup(addr: [u8; 16], port: u16, proto: u8, family: u8) -> Option<VipMeta> {
+fn vip_lookup(addr: [u8; 16], fold: u32, port: u16, proto: u8, family: u8) -> Option<VipMeta> {
+    let kinds = maps::VIP_FILTER
+        .get(xdp_common::vip_filter_slot_of(fold))
+        .copied()
+        .unwrap_or(xdp_common::VIP_FILTER_PORTS | xdp_common::VIP_FILTER_PORTLESS);
     let mut key = VipKey {
         addr,
         port,
         proto,
         family,
     };
-    // SAFETY: copied out at once; VIPS is only replaced whole by userspace.
-    if let Some(meta) = unsafe { VIPS.get(key) } {
-        return Some(*meta);
+    if kinds & xdp_common::VIP_FILTER_PORTS != 0 {
+        // SAFETY: copied out at once; VIPS is only replaced whole by userspace.
+        if let Some(meta) = unsafe { VIPS.get(key) } {
+            return Some(*meta);
+        }
+    }
+    if kinds & xdp_common::VIP_FILTER_PORTLESS == 0 {
+        return None;
     }
     key.port = 0;
+    // SAFETY: as above.
     unsafe { VIPS.get(key) }.copied()
 }
 
@@ -154,7 +166,7 @@ fn decide(
     flow: &FlowKey,
     d: &mut trace::Decision,
 ) -> Result<u32, Malformed> {
-    let Some(vip) = vip_lookup(l3.dst, l4.dport, l3.proto, l3.family) else {
+    let Some(vip) = vip_lookup(l3.dst, l3.dst_fold, l4.dport, l3.proto, l3.family) else {
         return pass(reason::PASS_NOT_VIP);
     };
     d.vip_id = vip.vip_id;
@@ -225,7 +237,8 @@ fn icmp_error(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<
     let Some(quoted) = parse::icmp_quoted(ctx, l3)? else {
         return pass(reason::PASS_NOT_VIP);
     };
-    let Some(vip) = vip_lookup(quoted.vip, quoted.vip_port, quoted.proto, l3.family) else {
+    let fold = xdp_common::vip_filter_fold(&quoted.vip);
+    let Some(vip) = vip_lookup(quoted.vip, fold, quoted.vip_port, quoted.proto, l3.family) else {
         return pass(reason::PASS_NOT_VIP);
     };
     let flow = FlowKey {

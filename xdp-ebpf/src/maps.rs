@@ -22,6 +22,12 @@ const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 #[map]
 pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(SIZED_AT_LOAD, 0);
 
+/// Which VIPS lookups an address can hit, by `vip_filter_slot`
+/// (`VIP_FILTER_PORTS`, `VIP_FILTER_PORTLESS`); written by the loader
+/// before a VIP goes in, cleared after it goes.
+#[map]
+pub static VIP_FILTER: Array<u32> = Array::with_max_entries(xdp_common::VIP_FILTER_SLOTS, 0);
+
 /// Maglev rings: two halves of RING_SIZE backend ids per VIP, at
 /// `(vip_id * 2 + half) * RING_SIZE`; written by the controller.
 #[map]

@@ -122,6 +122,9 @@ pub struct L3 {
     pub proto: u8,
     pub src: [u8; 16],
     pub dst: [u8; 16],
+    /// `dst`'s words folded for `xdp_common::vip_filter_slot_of`, taken
+    /// while the header is in registers.
+    pub dst_fold: u32,
     /// Offset of the L4 header from the start of the packet.
     pub l4_off: usize,
     /// Offset one past the IP packet's declared end.
@@ -168,6 +171,7 @@ pub fn ipv4(ctx: &XdpContext, off: usize) -> Result<L3, Malformed> {
         proto: hdr[9],
         src,
         dst,
+        dst_fold: u32::from_le_bytes([hdr[16], hdr[17], hdr[18], hdr[19]]),
         l4_off: off + hdr_len,
         end_off: off + tot_len,
         ip_len: tot_len,
@@ -209,6 +213,7 @@ pub fn ipv6(ctx: &XdpContext, off: usize) -> Result<L3, Malformed> {
         family: FAMILY_V6,
         proto,
         src,
+        dst_fold: xdp_common::vip_filter_fold(&dst),
         dst,
         l4_off: off + IPV6_HDR_LEN,
         end_off: off + ip_len,

@@ -20,6 +20,7 @@ mod pins;
 mod sys;
 pub mod trace;
 mod upgrade;
+mod vip_filter;
 
 use link::attach_xdp;
 pub use link::{Attachment, LINK_PIN};
@@ -219,7 +220,7 @@ fn add_counters(a: Counters, b: Counters) -> Counters {
 }
 
 /// Maps of the balancer, all pinned by a daemon.
-const LB_MAPS: [&str; 10] = [
+const LB_MAPS: [&str; 11] = [
     names::VIPS,
     names::RINGS,
     names::BACKENDS,
@@ -230,11 +231,12 @@ const LB_MAPS: [&str; 10] = [
     names::BACKEND_STATS,
     names::CONFIG,
     names::TRACE,
+    names::VIP_FILTER,
 ];
 
 /// Key and value size of every balancer map: the ABI a pinned map must
 /// match to be adopted.
-fn map_layouts() -> [(&'static str, u32, u32); 10] {
+fn map_layouts() -> [(&'static str, u32, u32); 11] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -256,6 +258,7 @@ fn map_layouts() -> [(&'static str, u32, u32); 10] {
         (names::BACKEND_STATS, 4, sz(size_of::<Counters>())),
         (names::CONFIG, 4, sz(size_of::<Config>())),
         (names::TRACE, 4, sz(size_of::<xdp_common::TraceFilter>())),
+        (names::VIP_FILTER, 4, 4),
     ]
 }
 
@@ -500,6 +503,9 @@ impl Dataplane {
         if !adopted {
             dataplane.set_config(&Config::default())?;
         }
+        // Before any program runs with it: an older build's dataplane has
+        // VIPs but no filter yet (a fresh, empty one would pass them all).
+        dataplane.filter_rebuild()?;
         Ok(dataplane)
     }
 
@@ -628,6 +634,7 @@ impl Dataplane {
             self.reset_counters::<Counters>(names::VIP_STATS, vip_id)?;
             self.reset_counters::<VipDrops>(names::VIP_DROPS, vip_id)?;
         }
+        self.filter_admit(key)?;
         let active_ring = existing.map_or(0, |m| m.active_ring);
         let meta = VipMeta {
             vip_id,
@@ -646,7 +653,7 @@ impl Dataplane {
         let mut map: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.map_mut(names::VIPS)?)?;
         map.remove(key)
             .with_context(|| format!("removing VIP {key:?}"))?;
-        Ok(())
+        self.filter_forget(key)
     }
 
     /// Write `ring` (one backend id per slot, `ring_size` slots) into the
