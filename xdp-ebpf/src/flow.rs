@@ -124,8 +124,7 @@ pub fn select(flow: &FlowKey, vip: &VipMeta, cfg: &Config, l4: &L4) -> Option<Ch
         }
         Err(was_tracked) => was_tracked,
     };
-    let hash = flow_hash(flow, false);
-    let (backend_id, backend) = from_ring(flow, vip, hash)?;
+    let (backend_id, backend, hash) = placed_by_ring(flow, vip)?;
     let placed = if was_tracked {
         reason::FLOW_RESELECTED
     } else {
@@ -157,10 +156,14 @@ pub fn select(flow: &FlowKey, vip: &VipMeta, cfg: &Config, l4: &L4) -> Option<Ch
 pub fn owner(flow: &FlowKey, vip: &VipMeta) -> Option<(u32, Backend, u32)> {
     match tracked(flow, vip) {
         Ok((id, backend, kept)) => Some((id, backend, full_hash(flow, kept))),
-        Err(_) => {
-            let hash = flow_hash(flow, false);
-            let (id, backend) = from_ring(flow, vip, hash)?;
-            Some((id, backend, hash))
-        }
+        Err(_) => placed_by_ring(flow, vip),
     }
+}
+
+/// The ring's backend for `flow`, with the flow's 5-tuple hash.
+#[inline(always)]
+fn placed_by_ring(flow: &FlowKey, vip: &VipMeta) -> Option<(u32, Backend, u32)> {
+    let hash = flow_hash(flow, false);
+    let (id, backend) = from_ring(flow, vip, hash)?;
+    Some((id, backend, hash))
 }

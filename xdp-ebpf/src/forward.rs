@@ -175,6 +175,16 @@ fn inner_proto(inner: &Inner) -> u8 {
     }
 }
 
+/// Bytes the outer header to `backend` adds (its family picks IPv4 or IPv6).
+#[inline(always)]
+pub fn outer_len(backend: &Backend) -> usize {
+    if backend.family == u32::from(FAMILY_V4) {
+        IPV4_HDR_LEN
+    } else {
+        IPV6_HDR_LEN
+    }
+}
+
 /// Prepend an outer IPv4 or IPv6 header addressed to `backend` (its family
 /// picks which) and a fresh Ethernet header to the configured next hop.
 ///
@@ -188,7 +198,7 @@ pub fn encapsulate(
     cfg: &Config,
 ) -> Result<Result<(), NoRoom>, Malformed> {
     let outer_v4 = backend.family == u32::from(FAMILY_V4);
-    let outer_len = if outer_v4 { IPV4_HDR_LEN } else { IPV6_HDR_LEN };
+    let outer_len = outer_len(backend);
     if inner.ip_len + outer_len > usize::from(u16::MAX) {
         return Ok(Err(NoRoom));
     }

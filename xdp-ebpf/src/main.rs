@@ -178,11 +178,7 @@ fn decide(
     d.conntrack = choice.conntrack;
     d.backend_id = choice.backend_id;
     if l3.dont_fragment && vip.mode != fwd::L2_DSR && cfg.tunnel_mtu != 0 {
-        let outer = if choice.backend.family == u32::from(FAMILY_V4) {
-            parse::IPV4_HDR_LEN
-        } else {
-            parse::IPV6_HDR_LEN
-        };
+        let outer = forward::outer_len(&choice.backend);
         if l3.ip_len + outer > cfg.tunnel_mtu as usize {
             let action = answer_too_big(ctx, cfg, l3_off, l3, cfg.tunnel_mtu - outer as u32)?;
             d.reason = if action == XDP_TX {
@@ -356,20 +352,23 @@ pub fn xdp_pass(_ctx: XdpContext) -> u32 {
 /// are not updated: the balancer under test does not read them.
 #[xdp]
 pub fn xdp_gen(ctx: XdpContext) -> u32 {
-    let Some(counter) = maps::GEN_COUNTER.get_ptr_mut(0) else {
-        return XDP_DROP;
-    };
+    match stamp_next_flow(&ctx) {
+        Ok(()) => XDP_TX,
+        Err(Malformed) => XDP_DROP,
+    }
+}
+
+/// Stamp the frame with the next of GEN_FLOWS flows (this CPU's count).
+#[inline(always)]
+fn stamp_next_flow(ctx: &XdpContext) -> Result<(), Malformed> {
+    let counter = maps::GEN_COUNTER.get_ptr_mut(0).ok_or(Malformed)?;
     // SAFETY: per-CPU slot.
     let n = unsafe {
         *counter += 1;
         *counter
     };
     let flows = maps::gen_flows().max(1);
-    let flow = (n % u64::from(flows)) as u32;
-    match stamp_flow(&ctx, flow) {
-        Ok(()) => XDP_TX,
-        Err(Malformed) => XDP_DROP,
-    }
+    stamp_flow(ctx, (n % u64::from(flows)) as u32)
 }
 
 /// Benchmark harness, run with BPF_PROG_TEST_RUN and a large `repeat`
@@ -401,14 +400,7 @@ fn restore_frame(ctx: &XdpContext) -> Result<(), Malformed> {
     if grown != 0 && unsafe { aya_ebpf::helpers::bpf_xdp_adjust_head(ctx.ctx, grown) } != 0 {
         return Err(Malformed);
     }
-    let counter = maps::GEN_COUNTER.get_ptr_mut(0).ok_or(Malformed)?;
-    // SAFETY: per-CPU slot.
-    let n = unsafe {
-        *counter += 1;
-        *counter
-    };
-    let flows = maps::gen_flows().max(1);
-    stamp_flow(ctx, (n % u64::from(flows)) as u32)
+    stamp_next_flow(ctx)
 }
 
 #[inline(always)]

@@ -44,7 +44,6 @@ pub struct Interface {
     pub tx_packets: u64,
     /// The hardware address, for an Ethernet-like interface.
     pub mac: Option<[u8; 6]>,
-    pub mtu: Option<u32>,
 }
 
 impl Interface {
@@ -152,7 +151,6 @@ fn parse(message: &LinkMessage) -> Interface {
         match attr {
             LinkAttribute::IfName(n) => iface.name = n.clone(),
             LinkAttribute::Address(a) => iface.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
-            LinkAttribute::Mtu(m) => iface.mtu = Some(*m),
             LinkAttribute::Link(peer) => iface.peer_here = Some(*peer),
             LinkAttribute::LinkNetNsId(_) => iface.peer_elsewhere = true,
             LinkAttribute::Stats64(s) => {

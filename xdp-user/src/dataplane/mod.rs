@@ -871,6 +871,7 @@ impl AuxProgram {
             .context("putting the program under test behind the harness")?;
         Ok(bench)
     }
+
     /// The load generator, cycling through `flows` flows, restoring
     /// `template`'s first bytes in every frame.
     pub fn generator(flows: u32, template: &[u8]) -> Result<Self> {
