@@ -345,3 +345,17 @@ pub fn expected_too_big(frame: &[u8], l3: usize, lb_mac: [u8; 6], id: u16, mtu: 
     out.extend_from_slice(quote);
     out
 }
+
+/// TCP flag bits, for [`with_tcp_flags`].
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// `frame` (an untagged TCP/IPv4 or TCP/IPv6 frame without options) with
+/// the TCP flags `flags`. The TCP checksum is left as it was: the balancer
+/// does not read it.
+pub fn with_tcp_flags(mut frame: Vec<u8>, flags: u8) -> Vec<u8> {
+    let ip_len = if frame[L3] >> 4 == 4 { 20 } else { 40 };
+    frame[L3 + ip_len + 13] = flags;
+    frame
+}

@@ -255,8 +255,8 @@ fn resets_and_floods_beyond_the_rate_are_balanced_but_not_tracked() {
     let prog = lab.dp.program().expect("program");
     let ring = ring_of(WEB4.backends);
     // A reset of an unknown flow: forwarded, never tracked.
-    let (mut rst, key) = big_tcp(&WEB4, 40500, 0);
-    rst[L3 + 20 + 13] = 0x04;
+    let (rst, key) = big_tcp(&WEB4, 40500, 0);
+    let rst = packet::with_tcp_flags(rst, packet::TCP_RST);
     let before = lab.stats();
     let out = run(prog, &rst).expect("test run");
     assert_eq!(out.action, XDP_TX);
@@ -278,8 +278,8 @@ fn resets_and_floods_beyond_the_rate_are_balanced_but_not_tracked() {
     // the first RATE tracked.
     let mut tracked = 0;
     for sport in 40510..40510 + 2 * RATE as u16 {
-        let (mut syn, key) = big_tcp(&WEB4, sport, 0);
-        syn[L3 + 20 + 13] = 0x02;
+        let (syn, key) = big_tcp(&WEB4, sport, 0);
+        let syn = packet::with_tcp_flags(syn, packet::TCP_SYN);
         let out = run(prog, &syn).expect("test run");
         let backend = predicted_backend(&WEB4, &ring, &key);
         assert_eq!(out.output, expected_forward(&WEB4, &syn, L3, &key, backend));
@@ -329,9 +329,8 @@ fn a_syn_opens_its_connection_where_the_ring_says_unless_the_guard_holds_it_back
     });
     let ring = ring_of(WEB4.backends);
     let syn = |sport: u16| {
-        let (mut f, key) = big_tcp(&WEB4, sport, 0);
-        f[L3 + 20 + 13] = 0x02;
-        (f, key)
+        let (f, key) = big_tcp(&WEB4, sport, 0);
+        (packet::with_tcp_flags(f, packet::TCP_SYN), key)
     };
     // Entries an earlier connection on the same ports left, each pointing
     // at a backend the ring would not pick now.

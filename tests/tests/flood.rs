@@ -32,9 +32,10 @@ fn established_frame(i: u32) -> Vec<u8> {
     let IpAddr::V4(vip) = WEB4.addr else {
         unreachable!("WEB4 is IPv4")
     };
-    let mut f = packet::tcp4(src, vip, 1024 + (i % 50_000) as u16, WEB4.port, b"data");
-    f[packet::L3 + 20 + 13] = 0x10; // ACK
-    f
+    packet::with_tcp_flags(
+        packet::tcp4(src, vip, 1024 + (i % 50_000) as u16, WEB4.port, b"data"),
+        packet::TCP_ACK,
+    )
 }
 
 /// The outer destination (the backend) of an encapsulated IPv4 frame.
@@ -82,8 +83,10 @@ fn moved_by_flood(conntrack_rate: u32) -> (usize, u64) {
     let IpAddr::V4(vip) = WEB4.addr else {
         unreachable!("WEB4 is IPv4")
     };
-    let mut syn = packet::tcp4(Ipv4Addr::new(198, 18, 200, 0), vip, 1, WEB4.port, &[0; 40]);
-    syn[packet::L3 + 20 + 13] = 0x02;
+    let syn = packet::with_tcp_flags(
+        packet::tcp4(Ipv4Addr::new(198, 18, 200, 0), vip, 1, WEB4.port, &[0; 40]),
+        packet::TCP_SYN,
+    );
     let bench = AuxProgram::bench(u32::MAX, &syn, prog).expect("harness");
     let flood = |runs: u32| {
         let mut out = vec![0u8; syn.len() + 256];

@@ -125,12 +125,6 @@ fn sizes(prog: &Xdp) -> Result<(u32, u32)> {
     Ok((info.size_translated().unwrap_or(0), info.size_jitted()))
 }
 
-/// `frame` (TCP at `l4`) with the TCP flags `flags`.
-fn with_tcp_flags(mut frame: Vec<u8>, l4: usize, flags: u8) -> Vec<u8> {
-    frame[l4 + 13] = flags;
-    frame
-}
-
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -164,16 +158,24 @@ fn dataplane() -> Result<()> {
     let payload = [b'x'; 64];
     let web4 = vip4(&WEB4);
     let non_vip = packet::tcp4(CLIENT4, Ipv4Addr::new(198, 18, 0, 99), 40000, 80, &payload);
-    let established = with_tcp_flags(packet::tcp4(CLIENT4, web4, 40000, 80, &payload), 34, 0x10);
-    let syn = with_tcp_flags(packet::tcp4(CLIENT4, web4, 40000, 80, &payload), 34, 0x02);
+    let established = packet::with_tcp_flags(
+        packet::tcp4(CLIENT4, web4, 40000, 80, &payload),
+        packet::TCP_ACK,
+    );
+    let syn = packet::with_tcp_flags(
+        packet::tcp4(CLIENT4, web4, 40000, 80, &payload),
+        packet::TCP_SYN,
+    );
     let udp = packet::udp4(CLIENT4, vip4(&DNS4), 41000, 53, &payload);
-    let tcp6 = with_tcp_flags(packet::tcp6(CLIENT6, vip6, 40000, 443, &payload), 54, 0x10);
+    let tcp6 = packet::with_tcp_flags(
+        packet::tcp6(CLIENT6, vip6, 40000, 443, &payload),
+        packet::TCP_ACK,
+    );
     let mixed = packet::tcp4(CLIENT4, vip4(&MIXED), 40000, 80, &payload);
     let dsr = packet::tcp4(CLIENT4, vip4(&DSR), 40000, 80, &payload);
-    let jumbo = with_tcp_flags(
+    let jumbo = packet::with_tcp_flags(
         packet::tcp4(CLIENT4, web4, 40001, 80, &[b'j'; 8900]),
-        34,
-        0x10,
+        packet::TCP_ACK,
     );
     let (pass_action, tx) = (xdp_common::XDP_PASS, xdp_common::XDP_TX);
     // (path, frame, flows, action): one flow repeats (established after

@@ -262,6 +262,27 @@ fn map_layouts() -> [(&'static str, u32, u32); 11] {
     ]
 }
 
+/// Every entry of a VIPS map.
+fn vips_in(map: &Map) -> Result<Vec<(VipKey, VipMeta)>> {
+    let map: HashMap<_, VipKey, VipMeta> = HashMap::try_from(map)?;
+    map.iter()
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .context("reading VIPS")
+}
+
+/// The slots of a BACKENDS map in use, with their ids.
+fn backends_in(map: &Map) -> Result<Vec<(u32, Backend)>> {
+    let map: Array<_, Backend> = Array::try_from(map)?;
+    let mut out = Vec::new();
+    for (id, entry) in (0..).zip(map.iter()) {
+        let backend = entry.context("reading BACKENDS")?;
+        if backend.state != backend_state::UNUSED {
+            out.push((id, backend));
+        }
+    }
+    Ok(out)
+}
+
 /// Maps of the decap program, pinned by `xdplb decap`.
 const DECAP_MAPS: [&str; 2] = [names::DECAP_VIPS, names::DECAP_STATS];
 
@@ -753,23 +774,12 @@ impl Dataplane {
 
     /// Every VIP in the map (adoption after a restart).
     pub fn vips(&self) -> Result<Vec<(VipKey, VipMeta)>> {
-        let map: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.map(names::VIPS)?)?;
-        map.iter()
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .context("reading VIPS")
+        vips_in(self.map(names::VIPS)?)
     }
 
     /// Every configured backend slot, with its id (adoption after a restart).
     pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
-        let map: Array<_, Backend> = Array::try_from(self.map(names::BACKENDS)?)?;
-        let mut out = Vec::new();
-        for (id, entry) in (0..).zip(map.iter()) {
-            let backend = entry.context("reading BACKENDS")?;
-            if backend.state != backend_state::UNUSED {
-                out.push((id, backend));
-            }
-        }
-        Ok(out)
+        backends_in(self.map(names::BACKENDS)?)
     }
 }
 

@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context as _, Result};
-use aya::maps::{Array, HashMap, Map, MapData};
-use xdp_common::{map_names as names, Backend, TraceFilter, VipKey, VipMeta};
+use aya::maps::{Array, Map, MapData};
+use xdp_common::{map_names as names, Backend, TraceFilter, VipKey};
 
-use super::{sys, LINK_PIN};
+use super::{backends_in, sys, vips_in, LINK_PIN};
 
 /// A pinned dataplane's maps, opened through their pins.
 pub struct Pinned {
@@ -46,25 +46,13 @@ impl Pinned {
 
     /// Every VIP in the dataplane, with its id.
     pub fn vips(&self) -> Result<Vec<(VipKey, u32)>> {
-        let map: HashMap<_, VipKey, VipMeta> =
-            HashMap::try_from(Map::HashMap(open(&self.dir, names::VIPS)?))?;
-        map.iter()
-            .map(|e| e.map(|(k, m)| (k, m.vip_id)).context("reading VIPS"))
-            .collect()
+        let vips = vips_in(&Map::HashMap(open(&self.dir, names::VIPS)?))?;
+        Ok(vips.into_iter().map(|(k, m)| (k, m.vip_id)).collect())
     }
 
     /// Every backend entry in use, by id.
     pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
-        let map: Array<_, Backend> =
-            Array::try_from(Map::Array(open(&self.dir, names::BACKENDS)?))?;
-        let mut out = Vec::new();
-        for (id, entry) in (0..).zip(map.iter()) {
-            let b = entry.context("reading BACKENDS")?;
-            if b.state != xdp_common::backend_state::UNUSED {
-                out.push((id, b));
-            }
-        }
-        Ok(out)
+        backends_in(&Map::Array(open(&self.dir, names::BACKENDS)?))
     }
 
     fn filter_map(&self) -> Result<Array<MapData, TraceFilter>> {
