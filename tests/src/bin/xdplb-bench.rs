@@ -29,6 +29,7 @@ use xdp_user::{
     controller::Controller,
     dataplane::{AuxProgram, Dataplane, Sizes, PASS_PROGRAM},
     health::{CheckKey, CheckResult, CheckSpec, Checks},
+    loadgen::LoadSpec,
     maglev::{measure_population, populate, RingBackend},
 };
 
@@ -139,7 +140,7 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
 }
 
-fn dataplane() -> Result<()> {
+fn dataplane(path_filter: Option<&str>) -> Result<()> {
     println!(
         "\n## Dataplane: ns per packet, harness method ({HARNESS_CALLS} calls of {HARNESS_REPEAT} runs, each run on a restored frame)"
     );
@@ -205,6 +206,9 @@ fn dataplane() -> Result<()> {
     );
     println!("|---|---:|---:|---:|---:|---:|");
     for (path, frame, flows, action) in paths {
+        if path_filter.is_some_and(|f| !path.contains(f)) {
+            continue;
+        }
         // Interleaved, so drift in the machine hits both columns alike.
         let mut lb_ns = Vec::new();
         let mut base_ns = Vec::new();
@@ -226,6 +230,9 @@ fn dataplane() -> Result<()> {
             mid - base,
             1e3 / (lo - base).max(1.0),
         );
+    }
+    if path_filter.is_some() {
+        return Ok(());
     }
     trace_cost(&mut lab, empty, &established)?;
     let (lb_x, lb_j) = sizes(lab.dp.program()?)?;
@@ -693,7 +700,7 @@ const LT_BACKENDS: [&str; 3] = ["198.18.99.1", "198.18.99.2", "198.18.99.3"];
 fn loadtest() -> Result<()> {
     use xdp_user::{
         dataplane::{AttachMode, SINK_PROGRAM},
-        loadgen::{interface_mac, Generator, LoadSpec},
+        loadgen::interface_mac,
     };
     let window = Duration::from_secs(3);
     println!(
@@ -734,8 +741,10 @@ fn loadtest() -> Result<()> {
         anyhow::Ok(s)
     })??;
 
-    println!("\n| flows | forwarder | sent Mpps | forwarded Mpps | dropped | vs xdplb |");
-    println!("|---:|---|---:|---:|---:|---:|");
+    println!(
+        "\n| flows | forwarder | sent Mpps | forwarded Mpps (best of {LT_ROUNDS}) | each round | dropped | vs xdplb |"
+    );
+    println!("|---:|---|---:|---:|---|---:|---:|");
     for flows in [1u32, 1000, 1_000_000] {
         let spec = LoadSpec {
             interface: "gen0".into(),
@@ -752,47 +761,84 @@ fn loadtest() -> Result<()> {
             rate: None,
             batch: 64,
         };
-        let mut xdplb_mpps = None;
-        for fwd in [
+        // Interleaved rounds: a busy machine only slows a window down, so
+        // each forwarder's best round is its figure, and drift hits all
+        // three alike.
+        let forwarders = [
             Forwarder::Xdplb,
             Forwarder::MacSwap,
             Forwarder::IptablesDnat,
-        ] {
-            let setup = integration_tests::topology::in_ns(&lb, || lt_setup(&lb, fwd, gen_mac))??;
-            let generator = integration_tests::topology::in_ns(&gen, || Generator::new(&spec))??;
-            // Warm-up: every flow seen once (conntrack filled), capped.
-            let warm = (2 * u64::from(flows)).clamp(100_000, 2_500_000);
-            integration_tests::topology::in_ns(&gen, || {
-                generator.send(warm, Duration::from_secs(10), None)
-            })??;
-            let before = sink.counter(xdp_common::map_names::SINK_COUNTER)?;
-            let report = integration_tests::topology::in_ns(&gen, || {
-                generator.send(u64::MAX, window, None)
-            })??;
-            let after = sink.counter(xdp_common::map_names::SINK_COUNTER)?;
-            drop(setup);
-            if fwd == Forwarder::IptablesDnat {
-                lt_teardown_dnat(&lb)?;
-            }
-            let forwarded = after - before;
-            let mpps = forwarded as f64 / report.elapsed.as_secs_f64() / 1e6;
-            let ratio = match xdplb_mpps {
-                None => {
-                    xdplb_mpps = Some(mpps);
-                    "1x".to_owned()
+        ];
+        let mut best: [Option<LtCell>; 3] = [None, None, None];
+        let mut rounds: [Vec<f64>; 3] = Default::default();
+        for _ in 0..LT_ROUNDS {
+            for (i, fwd) in forwarders.into_iter().enumerate() {
+                let cell = lt_cell(&gen, &lb, &sink, fwd, gen_mac, &spec, window)?;
+                rounds[i].push(cell.mpps);
+                if best[i].as_ref().is_none_or(|b| cell.mpps > b.mpps) {
+                    best[i] = Some(cell);
                 }
-                Some(x) => format!("{:.2}x", mpps / x),
-            };
+            }
+        }
+        let xdplb_mpps = best[0].as_ref().map_or(0.0, |c| c.mpps);
+        for (i, fwd) in forwarders.into_iter().enumerate() {
+            let Some(cell) = &best[i] else { continue };
+            let each: Vec<String> = rounds[i].iter().map(|m| format!("{m:.2}")).collect();
             println!(
-                "| {flows} | {} | {:.2} | {mpps:.2} | {:.1}% | {ratio} |",
+                "| {flows} | {} | {:.2} | {:.2} | {} | {:.1}% | {:.2}x |",
                 fwd.label(),
-                report.mpps(),
-                100.0 * (report.sent.saturating_sub(forwarded)) as f64 / report.sent.max(1) as f64
+                cell.sent_mpps,
+                cell.mpps,
+                each.join(", "),
+                cell.dropped_pct,
+                cell.mpps / xdplb_mpps.max(f64::MIN_POSITIVE),
             );
         }
     }
     drop(sink);
     Ok(())
+}
+
+/// Interleaved rounds per load-test row.
+const LT_ROUNDS: usize = 3;
+
+/// One load-test window: what was sent, what the sink counted.
+struct LtCell {
+    sent_mpps: f64,
+    mpps: f64,
+    dropped_pct: f64,
+}
+
+/// Attach `fwd` on the LB, warm it up (every flow seen once, capped), then
+/// send for `window` and count what reaches the sink.
+fn lt_cell(
+    gen: &Netns,
+    lb: &Netns,
+    sink: &AuxProgram,
+    fwd: Forwarder,
+    gen_mac: [u8; 6],
+    spec: &LoadSpec,
+    window: Duration,
+) -> Result<LtCell> {
+    use integration_tests::topology::in_ns;
+    let setup = in_ns(lb, || lt_setup(lb, fwd, gen_mac))??;
+    let generator = in_ns(gen, || xdp_user::loadgen::Generator::new(spec))??;
+    let warm = (2 * u64::from(spec.flows)).clamp(100_000, 2_500_000);
+    in_ns(gen, || generator.send(warm, Duration::from_secs(10), None))??;
+    let before = sink.counter(xdp_common::map_names::SINK_COUNTER)?;
+    let report = in_ns(gen, || generator.send(u64::MAX, window, None))??;
+    let after = sink.counter(xdp_common::map_names::SINK_COUNTER)?;
+    drop(setup);
+    if fwd == Forwarder::IptablesDnat {
+        lt_teardown_dnat(lb)?;
+    }
+    let forwarded = after - before;
+    Ok(LtCell {
+        sent_mpps: report.mpps(),
+        mpps: forwarded as f64 / report.elapsed.as_secs_f64() / 1e6,
+        dropped_pct: 100.0 * (report.sent.saturating_sub(forwarded)) as f64
+            / report.sent.max(1) as f64,
+    })
 }
 
 fn fmt_mac(m: [u8; 6]) -> String {
@@ -936,10 +982,16 @@ fn main() -> Result<()> {
         .position(|a| a == "--only")
         .and_then(|i| args.get(i + 1))
         .map(|list| list.split(',').map(str::to_owned).collect());
+    // `--path TEXT` measures only the dataplane paths whose name holds it.
+    let path_filter = args
+        .iter()
+        .position(|a| a == "--path")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
     let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|n| n == name));
     println!("# xdplb benchmarks\n\nMachine: {}", machine());
     if wanted("dataplane") {
-        dataplane()?;
+        dataplane(path_filter)?;
     }
     if wanted("maglev") {
         maglev();
