@@ -816,3 +816,76 @@ fn a_reused_backend_id_never_carries_another_vips_flows() {
         1
     );
 }
+
+/// The per-CPU flow cache in front of VIPS and FLOWS never outlives what
+/// the controller changes: a VIP's new mode, its removal, a backend going
+/// down and coming back. Each step sends the same established flow again
+/// on the CPU that cached it.
+#[test]
+fn a_cached_flow_follows_every_change_the_controller_makes() {
+    if !require_root() {
+        return;
+    }
+    integration_tests::pin_to_cpu0();
+    let mut lab = Lab::new().unwrap();
+    let p = port_for(1, 30000);
+    let (f, k) = client_tcp4(&WEB4, p);
+    for _ in 0..3 {
+        let r = run(lab.dp.program().unwrap(), &f).unwrap();
+        assert_eq!(r.output, expected_forward(&WEB4, &f, L3, &k, 1));
+    }
+
+    // The backend goes down, the ring moves on, it comes back: conntrack
+    // re-placed the flow while it was down, and the flow stays re-placed.
+    lab.dp.set_backend_state(1, backend_state::DOWN).unwrap();
+    let ring = ring_of(&[0, 2]);
+    lab.dp.write_ring(&WEB4.key(), &ring).unwrap();
+    let moved = predicted_backend(&WEB4, &ring, &k);
+    let r = run(lab.dp.program().unwrap(), &f).unwrap();
+    assert_eq!(r.output, expected_forward(&WEB4, &f, L3, &k, moved));
+    lab.dp.set_backend_state(1, backend_state::UP).unwrap();
+    for _ in 0..2 {
+        let r = run(lab.dp.program().unwrap(), &f).unwrap();
+        assert_eq!(
+            r.output,
+            expected_forward(&WEB4, &f, L3, &k, moved),
+            "the flow stays where conntrack put it"
+        );
+    }
+
+    // The VIP changes mode: the next packet leaves in the new one.
+    let key = WEB4.key();
+    lab.dp
+        .add_vip(&key, WEB4.vip_id, WEB4.flags, xdp_common::fwd::L2_DSR)
+        .unwrap();
+    let stats = lab.stats();
+    let r = run(lab.dp.program().unwrap(), &f).unwrap();
+    assert_eq!(r.action, XDP_TX);
+    assert_eq!(r.output.len(), f.len(), "L2 DSR adds no header");
+    assert_eq!(
+        lab.stats()[TX_L2_DSR as usize] - stats[TX_L2_DSR as usize],
+        1
+    );
+
+    // The VIP goes (its backends still up) while another port of its
+    // address stays a VIP: its packets pass untouched.
+    let neighbour = xdp_common::VipKey {
+        port: 81u16.to_be(),
+        ..key
+    };
+    // (The lab's VIPS is full: STICKY makes room.)
+    lab.dp.remove_vip(&STICKY.key()).unwrap();
+    lab.dp
+        .add_vip(&neighbour, STICKY.vip_id, 0, xdp_common::fwd::ENCAP)
+        .unwrap();
+    assert_eq!(send(&lab, &f), XDP_TX, "cached again");
+    lab.dp.remove_vip(&key).unwrap();
+    let stats = lab.stats();
+    let r = run(lab.dp.program().unwrap(), &f).unwrap();
+    assert_eq!(r.action, XDP_PASS);
+    assert_eq!(r.output, f);
+    assert_eq!(
+        lab.stats()[PASS_NOT_VIP as usize] - stats[PASS_NOT_VIP as usize],
+        1
+    );
+}

@@ -405,6 +405,7 @@ pub mod map_names {
     pub const BENCH_TARGET: &str = "BENCH_TARGET";
     pub const TRACE: &str = "TRACE";
     pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub const FLOW_CACHE_GEN: &str = "FLOW_CACHE_GEN";
     /// Read-only global: the benchmark harness's frame length.
     pub const BENCH_FRAME_LEN_GLOBAL: &str = "BENCH_FRAME_LEN";
     /// Read-only global: flows the load generator cycles through.

@@ -22,6 +22,8 @@ pub struct Choice {
     /// What conntrack did: `reason::FLOW_HIT`, `FLOW_NEW`,
     /// `FLOW_RESELECTED` or `FLOW_UNTRACKED`.
     pub conntrack: u32,
+    /// Conntrack holds the flow on this backend now.
+    pub tracked: bool,
 }
 
 /// The flow's 5-tuple hash: the one kept in conntrack, else computed.
@@ -36,7 +38,7 @@ fn full_hash(flow: &FlowKey, kept: u32) -> u32 {
 
 /// A backend that keeps the flows it already has: up or draining.
 #[inline(always)]
-fn keeps_flows(b: &Backend) -> bool {
+pub fn keeps_flows(b: &Backend) -> bool {
     b.state == backend_state::UP || b.state == backend_state::DRAINING
 }
 
@@ -120,6 +122,7 @@ pub fn select(flow: &FlowKey, vip: &VipMeta, cfg: &Config, l4: &L4) -> Option<Ch
                 new_flow: false,
                 hash: full_hash(flow, kept),
                 conntrack: reason::FLOW_HIT,
+                tracked: true,
             });
         }
         Err(was_tracked) => was_tracked,
@@ -132,6 +135,7 @@ pub fn select(flow: &FlowKey, vip: &VipMeta, cfg: &Config, l4: &L4) -> Option<Ch
     };
     count(placed);
     let mut conntrack = placed;
+    let mut tracked = false;
     if !(syn_tracked || (!l4.syn && may_track(cfg, l4.reset))) {
         count(reason::FLOW_UNTRACKED);
         conntrack = reason::FLOW_UNTRACKED;
@@ -140,6 +144,8 @@ pub fn select(flow: &FlowKey, vip: &VipMeta, cfg: &Config, l4: &L4) -> Option<Ch
         .is_err()
     {
         count(reason::FLOW_INSERT_FAILED);
+    } else {
+        tracked = true;
     }
     Some(Choice {
         backend_id,
@@ -147,6 +153,7 @@ pub fn select(flow: &FlowKey, vip: &VipMeta, cfg: &Config, l4: &L4) -> Option<Ch
         new_flow: true,
         hash,
         conntrack,
+        tracked,
     })
 }
 

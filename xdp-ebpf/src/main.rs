@@ -21,6 +21,7 @@
 #![no_main]
 
 mod flow;
+mod flow_cache;
 mod forward;
 mod maps;
 mod parse;
@@ -106,10 +107,21 @@ fn try_lb(ctx: &XdpContext, cfg: &Config) -> Result<u32, Malformed> {
 /// of no VIP needs neither, one of port-less VIPs only the second.
 #[inline(always)]
 fn vip_lookup(addr: [u8; 16], fold: u32, port: u16, proto: u8, family: u8) -> Option<VipMeta> {
-    let kinds = maps::VIP_FILTER
+    vip_lookup_of(vip_kinds(fold), addr, port, proto, family)
+}
+
+/// Which VIPS lookups an address (folded) can hit: `VIP_FILTER_*` bits.
+#[inline(always)]
+fn vip_kinds(fold: u32) -> u32 {
+    maps::VIP_FILTER
         .get(xdp_common::vip_filter_slot_of(fold))
         .copied()
-        .unwrap_or(xdp_common::VIP_FILTER_PORTS | xdp_common::VIP_FILTER_PORTLESS);
+        .unwrap_or(xdp_common::VIP_FILTER_PORTS | xdp_common::VIP_FILTER_PORTLESS)
+}
+
+/// [`vip_lookup`] for an address of `kinds`.
+#[inline(always)]
+fn vip_lookup_of(kinds: u32, addr: [u8; 16], port: u16, proto: u8, family: u8) -> Option<VipMeta> {
     let mut key = VipKey {
         addr,
         port,
@@ -166,15 +178,61 @@ fn decide(
     flow: &FlowKey,
     d: &mut trace::Decision,
 ) -> Result<u32, Malformed> {
-    let Some(vip) = vip_lookup(l3.dst, l3.dst_fold, l4.dport, l3.proto, l3.family) else {
+    let kinds = vip_kinds(l3.dst_fold);
+    if kinds == 0 {
         return pass(reason::PASS_NOT_VIP);
+    }
+    let generation = flow_cache::generation();
+    let cached = if l4.syn {
+        None
+    } else {
+        flow_cache::lookup(flow, generation)
+    };
+    let (vip, choice) = if let Some(hit) = cached {
+        count(reason::FLOW_HIT);
+        let vip = VipMeta {
+            vip_id: hit.vip_id,
+            flags: 0,
+            mode: hit.mode,
+            active_ring: 0,
+        };
+        let choice = flow::Choice {
+            backend_id: hit.backend_id,
+            backend: hit.backend,
+            new_flow: false,
+            hash: hit.hash,
+            conntrack: reason::FLOW_HIT,
+            tracked: true,
+        };
+        (vip, choice)
+    } else {
+        let Some(vip) = vip_lookup_of(kinds, l3.dst, l4.dport, l3.proto, l3.family) else {
+            return pass(reason::PASS_NOT_VIP);
+        };
+        d.vip_id = vip.vip_id;
+        let Some(choice) = flow::select(flow, &vip, cfg, l4) else {
+            stats::count_vip_drop(vip.vip_id, reason::NO_BACKEND);
+            d.reason = reason::NO_BACKEND;
+            return Ok(XDP_DROP);
+        };
+        // What conntrack now holds, so the flow's next packets skip both
+        // lookups; a flow placed but not tracked must not keep an older
+        // placement in the cache.
+        if choice.tracked {
+            flow_cache::remember(
+                flow,
+                generation,
+                vip.vip_id,
+                vip.mode,
+                choice.backend_id,
+                choice.hash,
+            );
+        } else {
+            flow_cache::forget(flow);
+        }
+        (vip, choice)
     };
     d.vip_id = vip.vip_id;
-    let Some(choice) = flow::select(flow, &vip, cfg, l4) else {
-        stats::count_vip_drop(vip.vip_id, reason::NO_BACKEND);
-        d.reason = reason::NO_BACKEND;
-        return Ok(XDP_DROP);
-    };
     d.conntrack = choice.conntrack;
     d.backend_id = choice.backend_id;
     if l3.dont_fragment && vip.mode != fwd::L2_DSR && cfg.tunnel_mtu != 0 {

@@ -80,6 +80,17 @@ pub const RATE_CONNTRACK: u32 = 0;
 /// RATES index: ICMP "too big" answers.
 pub const RATE_TOO_BIG: u32 = 1;
 
+/// Established flows, per CPU, direct-mapped (`flow_cache`). Not pinned:
+/// a new program starts with it empty.
+#[map]
+pub static FLOW_CACHE: PerCpuArray<crate::flow_cache::Entry> =
+    PerCpuArray::with_max_entries(crate::flow_cache::SLOTS, 0);
+
+/// The flow cache's generation (one entry): userspace bumps it on every
+/// change of VIPs, backends or conntrack; 0 turns the cache off.
+#[map]
+pub static FLOW_CACHE_GEN: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Outer IPv4 IDs of fragmentable packets, counted per CPU. Not pinned.
 #[map]
 pub static IP_IDS: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);

@@ -77,7 +77,8 @@ impl Dataplane {
 
     /// Track `flows` (batched): fills conntrack for tests and benchmarks.
     pub fn set_flows(&mut self, keys: &[FlowKey], states: &[FlowState]) -> Result<()> {
-        update_batch(map_data(self.map(names::FLOWS)?)?, keys, states)
+        update_batch(map_data(self.map(names::FLOWS)?)?, keys, states)?;
+        self.flow_cache_invalidate()
     }
 
     /// A counter of tracked flows that another thread can run: it holds its

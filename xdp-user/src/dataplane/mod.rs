@@ -15,6 +15,7 @@ use aya::{
 };
 
 mod counters;
+mod flow_cache;
 mod link;
 mod pins;
 mod sys;
@@ -220,7 +221,7 @@ fn add_counters(a: Counters, b: Counters) -> Counters {
 }
 
 /// Maps of the balancer, all pinned by a daemon.
-const LB_MAPS: [&str; 11] = [
+const LB_MAPS: [&str; 12] = [
     names::VIPS,
     names::RINGS,
     names::BACKENDS,
@@ -232,11 +233,12 @@ const LB_MAPS: [&str; 11] = [
     names::CONFIG,
     names::TRACE,
     names::VIP_FILTER,
+    names::FLOW_CACHE_GEN,
 ];
 
 /// Key and value size of every balancer map: the ABI a pinned map must
 /// match to be adopted.
-fn map_layouts() -> [(&'static str, u32, u32); 11] {
+fn map_layouts() -> [(&'static str, u32, u32); 12] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -259,6 +261,7 @@ fn map_layouts() -> [(&'static str, u32, u32); 11] {
         (names::CONFIG, 4, sz(size_of::<Config>())),
         (names::TRACE, 4, sz(size_of::<xdp_common::TraceFilter>())),
         (names::VIP_FILTER, 4, 4),
+        (names::FLOW_CACHE_GEN, 4, 4),
     ]
 }
 
@@ -527,6 +530,8 @@ impl Dataplane {
         // Before any program runs with it: an older build's dataplane has
         // VIPs but no filter yet (a fresh, empty one would pass them all).
         dataplane.filter_rebuild()?;
+        // A non-zero generation turns the new program's flow cache on.
+        dataplane.flow_cache_invalidate()?;
         Ok(dataplane)
     }
 
@@ -666,7 +671,7 @@ impl Dataplane {
         let mut map: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.map_mut(names::VIPS)?)?;
         map.insert(key, meta, 0)
             .with_context(|| format!("writing VIP {key:?} (is VIPS full?)"))?;
-        Ok(())
+        self.flow_cache_invalidate()
     }
 
     /// Remove a VIP: its traffic passes to the stack from now on.
@@ -674,6 +679,7 @@ impl Dataplane {
         let mut map: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.map_mut(names::VIPS)?)?;
         map.remove(key)
             .with_context(|| format!("removing VIP {key:?}"))?;
+        self.flow_cache_invalidate()?;
         self.filter_forget(key)
     }
 
@@ -709,7 +715,7 @@ impl Dataplane {
         let mut map: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.map_mut(names::VIPS)?)?;
         map.insert(key, meta, 0)
             .context("flipping the VIP's ring")?;
-        Ok(())
+        self.flow_cache_invalidate()
     }
 
     /// The live ring of a VIP, as the dataplane reads it.
@@ -737,7 +743,7 @@ impl Dataplane {
         let mut map: Array<_, Backend> = Array::try_from(self.map_mut(names::BACKENDS)?)?;
         map.set(backend_id, backend, 0)
             .with_context(|| format!("writing backend {backend_id}"))?;
-        Ok(())
+        self.flow_cache_invalidate()
     }
 
     pub fn backend(&self, backend_id: u32) -> Result<Backend> {
