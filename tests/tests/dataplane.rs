@@ -889,3 +889,42 @@ fn a_cached_flow_follows_every_change_the_controller_makes() {
         1
     );
 }
+
+/// A client reusing a 5-tuple opens a new connection with a SYN, which the
+/// ring places afresh; the packets after it go where the SYN went, not
+/// where the flow cache last saw the old connection.
+#[test]
+fn a_reused_5_tuple_follows_its_new_syn_not_the_cache() {
+    if !require_root() {
+        return;
+    }
+    integration_tests::pin_to_cpu0();
+    let mut lab = Lab::new().unwrap();
+    let p = port_for(1, 30000);
+    let (f, k) = client_tcp4(&WEB4, p);
+    assert_eq!(send(&lab, &f), XDP_TX);
+    // The ring moves on; backend 1 stays up and keeps the old connection,
+    // which is cached there again.
+    let ring = ring_of(&[0, 2]);
+    lab.dp.write_ring(&WEB4.key(), &ring).unwrap();
+    for _ in 0..2 {
+        let r = run(lab.dp.program().unwrap(), &f).unwrap();
+        assert_eq!(r.output, expected_forward(&WEB4, &f, L3, &k, 1));
+    }
+    // The new connection's SYN goes where the ring says, and so does the
+    // rest of it.
+    let placed = predicted_backend(&WEB4, &ring, &k);
+    assert_ne!(placed, 1);
+    let syn = packet::with_tcp_flags(f.clone(), packet::TCP_SYN);
+    let r = run(lab.dp.program().unwrap(), &syn).unwrap();
+    assert_eq!(r.output, expected_forward(&WEB4, &syn, L3, &k, placed));
+    for _ in 0..2 {
+        let r = run(lab.dp.program().unwrap(), &f).unwrap();
+        assert_eq!(
+            r.output,
+            expected_forward(&WEB4, &f, L3, &k, placed),
+            "the new connection's packets follow its SYN"
+        );
+    }
+    assert_eq!(tracked_backend(&lab, &k), Some(placed));
+}

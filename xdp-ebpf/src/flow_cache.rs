@@ -10,8 +10,8 @@ use xdp_common::{Backend, FlowKey};
 
 use crate::maps::{BACKENDS, FLOW_CACHE, FLOW_CACHE_GEN};
 
-/// One cached flow.
-#[repr(C)]
+/// One cached flow (8-byte aligned: the key is read in words).
+#[repr(C, align(8))]
 pub struct Entry {
     pub key: FlowKey,
     /// `FLOW_CACHE_GEN` when written; 0: empty.
@@ -25,26 +25,34 @@ pub struct Entry {
     pub _pad: u32,
 }
 
+/// A flow key on the stack at an 8-byte boundary, so [`slot`] and
+/// [`same`] read it in words the verifier accepts (it refuses misaligned
+/// stack access).
+#[repr(C, align(8))]
+pub struct Aligned(pub FlowKey);
+
 /// Slots per CPU (a power of two).
 pub const SLOTS: u32 = 4096;
 
 /// The flow's slot: its words folded and multiplied (not `flow_hash`,
 /// which costs what the cache saves).
 #[inline(always)]
-fn slot(flow: &FlowKey) -> u32 {
-    // SAFETY: FlowKey is 40 plain bytes; unaligned reads.
-    let w: [u32; 10] = unsafe { core::ptr::read_unaligned((flow as *const FlowKey).cast()) };
+fn slot(flow: &Aligned) -> u32 {
+    // SAFETY: FlowKey is 40 plain bytes, here 8-byte aligned.
+    let w: [u32; 10] = unsafe { core::ptr::read((flow as *const Aligned).cast()) };
     let folded = w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4].rotate_left(7) ^ w[8].rotate_left(13) ^ w[9];
     folded.wrapping_mul(0x9e37_79b1) >> (32 - SLOTS.trailing_zeros())
 }
 
+/// Whether a cached key (at the start of an 8-byte aligned map value) is
+/// `flow`.
 #[inline(always)]
-fn same(a: &FlowKey, b: &FlowKey) -> bool {
-    // SAFETY: as in `slot`.
+fn same(cached: &Entry, flow: &Aligned) -> bool {
+    // SAFETY: both are 40 plain bytes at 8-byte aligned addresses.
     let (x, y): ([u64; 5], [u64; 5]) = unsafe {
         (
-            core::ptr::read_unaligned((a as *const FlowKey).cast()),
-            core::ptr::read_unaligned((b as *const FlowKey).cast()),
+            core::ptr::read((cached as *const Entry).cast()),
+            core::ptr::read((flow as *const Aligned).cast()),
         )
     };
     (x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4]) == 0
@@ -70,14 +78,14 @@ pub struct Hit {
 /// The placement of `flow` cached under `generation`, if its backend
 /// still keeps flows and still serves the VIP.
 #[inline(always)]
-pub fn lookup(flow: &FlowKey, generation: u32) -> Option<Hit> {
+pub fn lookup(flow: &Aligned, generation: u32) -> Option<Hit> {
     if generation == 0 {
         return None;
     }
     let e = FLOW_CACHE.get_ptr(slot(flow))?;
     // SAFETY: this CPU's slot, valid for the program's run.
     let e = unsafe { &*e };
-    if e.generation != generation || !same(&e.key, flow) {
+    if e.generation != generation || !same(e, flow) {
         return None;
     }
     let backend = *BACKENDS.get(e.backend_id)?;
@@ -97,7 +105,7 @@ pub fn lookup(flow: &FlowKey, generation: u32) -> Option<Hit> {
 /// `generation`.
 #[inline(always)]
 pub fn remember(
-    flow: &FlowKey,
+    flow: &Aligned,
     generation: u32,
     vip_id: u32,
     mode: u32,
@@ -112,7 +120,7 @@ pub fn remember(
     };
     // SAFETY: this CPU's slot, valid for the program's run.
     unsafe {
-        (*e).key = *flow;
+        (*e).key = flow.0;
         (*e).generation = generation;
         (*e).vip_id = vip_id;
         (*e).mode = mode;
@@ -124,13 +132,13 @@ pub fn remember(
 /// Forget `flow` if it is cached: conntrack no longer holds what the cache
 /// says (the flow was placed again but not tracked).
 #[inline(always)]
-pub fn forget(flow: &FlowKey) {
+pub fn forget(flow: &Aligned) {
     let Some(e) = FLOW_CACHE.get_ptr_mut(slot(flow)) else {
         return;
     };
     // SAFETY: this CPU's slot, valid for the program's run.
     unsafe {
-        if same(&(*e).key, flow) {
+        if same(&*e, flow) {
             (*e).generation = 0;
         }
     }

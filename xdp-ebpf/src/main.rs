@@ -147,7 +147,7 @@ fn vip_lookup_of(kinds: u32, addr: [u8; 16], port: u16, proto: u8, family: u8) -
 #[inline(always)]
 fn balance(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<u32, Malformed> {
     let l4 = parse::l4(ctx, l3.proto, l3.l4_off, l3.end_off)?;
-    let flow = FlowKey {
+    let flow = flow_cache::Aligned(FlowKey {
         src: l3.src,
         dst: l3.dst,
         sport: l4.sport,
@@ -155,7 +155,7 @@ fn balance(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<u32
         proto: l3.proto,
         family: l3.family,
         _pad: [0; 2],
-    };
+    });
     let mut decision = trace::Decision {
         vip_id: xdp_common::TRACE_ANY_VIP,
         reason: reason::PASS_NOT_VIP,
@@ -163,7 +163,7 @@ fn balance(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<u32
         backend_id: xdp_common::NO_BACKEND,
     };
     let action = decide(ctx, cfg, l3_off, l3, &l4, &flow, &mut decision)?;
-    trace::maybe(ctx, &flow, action, &decision);
+    trace::maybe(ctx, &flow.0, action, &decision);
     Ok(action)
 }
 
@@ -175,7 +175,7 @@ fn decide(
     l3_off: usize,
     l3: &L3,
     l4: &parse::L4,
-    flow: &FlowKey,
+    flow: &flow_cache::Aligned,
     d: &mut trace::Decision,
 ) -> Result<u32, Malformed> {
     let kinds = vip_kinds(l3.dst_fold);
@@ -210,15 +210,17 @@ fn decide(
             return pass(reason::PASS_NOT_VIP);
         };
         d.vip_id = vip.vip_id;
-        let Some(choice) = flow::select(flow, &vip, cfg, l4) else {
+        let Some(choice) = flow::select(&flow.0, &vip, cfg, l4) else {
             stats::count_vip_drop(vip.vip_id, reason::NO_BACKEND);
             d.reason = reason::NO_BACKEND;
             return Ok(XDP_DROP);
         };
-        // What conntrack now holds, so the flow's next packets skip both
-        // lookups; a flow placed but not tracked must not keep an older
-        // placement in the cache.
-        if choice.tracked {
+        // What conntrack now holds for an established flow, so its next
+        // packets skip both lookups. A new flow is cached from its second
+        // packet on, so a SYN flood does not churn the cache; until then,
+        // and for a flow placed but not tracked, an older placement of the
+        // same 5-tuple must not stay cached.
+        if choice.tracked && choice.conntrack != reason::FLOW_NEW {
             flow_cache::remember(
                 flow,
                 generation,
