@@ -62,11 +62,14 @@ fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
 
     // An older build pinned no VIP address filter: the new load builds
     // one from the adopted VIPs before its program runs, or every VIP
-    // packet would pass as "not for a VIP".
+    // packet would pass as "not for a VIP". Nor a flow cache generation:
+    // the new load pins one, so later daemons retire the cache it fills.
     std::fs::remove_file(pins.0.join("VIP_FILTER")).unwrap();
+    std::fs::remove_file(pins.0.join("FLOW_CACHE_GEN")).unwrap();
     {
         let mut dp = Dataplane::open(SIZES, &pins.0).unwrap();
         assert!(dp.adopted());
+        assert!(pins.0.join("FLOW_CACHE_GEN").exists());
         assert!(
             dp.attach_pinned("lb0", AttachMode::Native, false).unwrap(),
             "adopted the link"

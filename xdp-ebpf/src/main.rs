@@ -297,7 +297,7 @@ fn icmp_error(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<
     let Some(vip) = vip_lookup(quoted.vip, fold, quoted.vip_port, quoted.proto, l3.family) else {
         return pass(reason::PASS_NOT_VIP);
     };
-    let flow = FlowKey {
+    let flow = flow_cache::Aligned(FlowKey {
         src: quoted.client,
         dst: quoted.vip,
         sport: quoted.client_port,
@@ -305,8 +305,13 @@ fn icmp_error(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<
         proto: quoted.proto,
         family: l3.family,
         _pad: [0; 2],
+    });
+    // Where the flow's own packets go: the cache first, as for them.
+    let owner = match flow_cache::lookup(&flow, flow_cache::generation()) {
+        Some(hit) if hit.vip_id == vip.vip_id => Some((hit.backend_id, hit.backend, hit.hash)),
+        _ => flow::owner(&flow.0, &vip),
     };
-    let Some((backend_id, backend, hash)) = flow::owner(&flow, &vip) else {
+    let Some((backend_id, backend, hash)) = owner else {
         stats::count_vip_drop(vip.vip_id, reason::NO_BACKEND);
         return Ok(XDP_DROP);
     };
