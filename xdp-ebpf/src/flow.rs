@@ -15,8 +15,6 @@ use crate::{
 pub struct Choice {
     pub backend_id: u32,
     pub backend: Backend,
-    /// The flow was (re)assigned by this packet.
-    pub new_flow: bool,
     /// `flow_hash(flow, false)`.
     pub hash: u32,
     /// What conntrack did: `reason::FLOW_HIT`, `FLOW_NEW`,
@@ -24,6 +22,14 @@ pub struct Choice {
     pub conntrack: u32,
     /// Conntrack holds the flow on this backend now.
     pub tracked: bool,
+}
+
+impl Choice {
+    /// The flow was (re)assigned by this packet: anything but a hit.
+    #[inline(always)]
+    pub fn new_flow(&self) -> bool {
+        self.conntrack != reason::FLOW_HIT
+    }
 }
 
 /// The flow's 5-tuple hash: the one kept in conntrack, else computed.
@@ -119,7 +125,6 @@ pub fn select(flow: &FlowKey, vip: &VipMeta, cfg: &Config, l4: &L4) -> Option<Ch
             return Some(Choice {
                 backend_id,
                 backend,
-                new_flow: false,
                 hash: full_hash(flow, kept),
                 conntrack: reason::FLOW_HIT,
                 tracked: true,
@@ -150,7 +155,6 @@ pub fn select(flow: &FlowKey, vip: &VipMeta, cfg: &Config, l4: &L4) -> Option<Ch
     Some(Choice {
         backend_id,
         backend,
-        new_flow: true,
         hash,
         conntrack,
         tracked,

@@ -199,7 +199,6 @@ fn decide(
         let choice = flow::Choice {
             backend_id: hit.backend_id,
             backend: hit.backend,
-            new_flow: false,
             hash: hit.hash,
             conntrack: reason::FLOW_HIT,
             tracked: true,
@@ -255,7 +254,7 @@ fn decide(
     let action = transmit(ctx, cfg, l3_off, l3, choice.hash, &vip, &choice.backend)?;
     d.reason = reason::ENCAP_FAILED;
     if action == XDP_TX {
-        stats::count_forwarded(vip.vip_id, choice.backend_id, bytes, choice.new_flow);
+        stats::count_forwarded(vip.vip_id, choice.backend_id, bytes, choice.new_flow());
         d.reason = if vip.mode == fwd::L2_DSR {
             reason::TX_L2_DSR
         } else {
