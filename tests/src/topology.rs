@@ -353,7 +353,6 @@ impl Topology {
         udp: bool,
     ) -> String {
         let lb = &self.lbs[j];
-        let m = lb.router_mac;
         let mut out = format!(
             r#"interface = "eth0"
 xdp_mode = "native"
@@ -365,7 +364,7 @@ ring_size = 4093
 max_flows = 65536
 
 [forwarding]
-gateway_mac = "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}"
+gateway_mac = "{}"
 
 [api]
 socket = "{}"
@@ -374,12 +373,7 @@ metrics = "127.0.0.1:9477"
 [daemon]
 pin_dir = "{}"
 "#,
-            m[0],
-            m[1],
-            m[2],
-            m[3],
-            m[4],
-            m[5],
+            crate::ops::mac_text(lb.router_mac),
             socket.display(),
             pin_dir.display()
         );

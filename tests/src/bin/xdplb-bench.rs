@@ -722,7 +722,7 @@ fn loadtest() -> Result<()> {
         "replace",
         "198.18.50.2",
         "lladdr",
-        &fmt_mac(lb_mac),
+        &integration_tests::ops::mac_text(lb_mac),
         "dev",
         "gen0",
     ])?;
@@ -731,7 +731,7 @@ fn loadtest() -> Result<()> {
         "replace",
         "198.18.50.1",
         "lladdr",
-        &fmt_mac(gen_mac),
+        &integration_tests::ops::mac_text(gen_mac),
         "dev",
         "eth0",
     ])?;
@@ -849,13 +849,6 @@ fn lt_cell(
         dropped_pct: 100.0 * (report.sent.saturating_sub(forwarded)) as f64
             / report.sent.max(1) as f64,
     })
-}
-
-fn fmt_mac(m: [u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
 }
 
 /// What keeps a forwarder attached on the LB's eth0 (dropped: detached).
