@@ -207,6 +207,7 @@ impl Lab {
                         family: u32::from(family),
                         state: backend_state::UP,
                         vip_id: vip.vip_id,
+                        generation: 0,
                     },
                 )?;
             }

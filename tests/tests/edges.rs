@@ -352,10 +352,12 @@ fn a_syn_opens_its_connection_where_the_ring_says_unless_the_guard_holds_it_back
                 xdp_common::FlowState {
                     backend_id: old1,
                     hash: 0,
+                    generation: lab.dp.backend(old1).expect("BACKENDS").generation,
                 },
                 xdp_common::FlowState {
                     backend_id: old2,
                     hash: 0,
+                    generation: lab.dp.backend(old2).expect("BACKENDS").generation,
                 },
             ],
         )

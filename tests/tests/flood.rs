@@ -69,6 +69,7 @@ fn moved_by_flood(conntrack_rate: u32) -> (usize, u64) {
                 family: u32::from(family),
                 state: backend_state::UP,
                 vip_id: WEB4.vip_id,
+                generation: 0,
             },
         )
         .expect("the backend to add");

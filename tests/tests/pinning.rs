@@ -42,6 +42,7 @@ fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
                     family: u32::from(family),
                     state: backend_state::UP,
                     vip_id: 0,
+                    generation: 0,
                     ..Backend::default()
                 },
             )
@@ -180,6 +181,149 @@ fn an_older_builds_reshaped_config_and_counters_are_carried_over() {
         config.value_size() as usize,
         std::mem::size_of::<xdp_common::Config>(),
         "CONFIG pinned in this build's shape"
+    );
+    drop(dp);
+    assert!(dataplane::detach(&pins.0).unwrap());
+}
+
+/// `bpf(2)` for the older build's maps this test makes by hand.
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> i64 {
+    // SAFETY: each caller passes the bpf_attr member `cmd` expects, whose
+    // pointers reference live buffers of the sizes it states.
+    unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>()) }
+}
+
+/// A map shaped as an older build made it, pinned at `path`, holding
+/// `entries`.
+fn pin_older_map(
+    path: &std::path::Path,
+    kind: u32,
+    flags: u32,
+    max: u32,
+    entries: &[(Vec<u8>, Vec<u8>)],
+) {
+    #[repr(C)]
+    #[derive(Default)]
+    struct Create {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        map_flags: u32,
+    }
+    #[repr(C)]
+    struct Update {
+        map_fd: u32,
+        _pad: u32,
+        key: u64,
+        value: u64,
+        flags: u64,
+    }
+    #[repr(C)]
+    struct Pin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let (k, v) = (entries[0].0.len() as u32, entries[0].1.len() as u32);
+    let fd = bpf(
+        0,
+        &mut Create {
+            map_type: kind,
+            key_size: k,
+            value_size: v,
+            max_entries: max,
+            map_flags: flags,
+        },
+    );
+    assert!(
+        fd >= 0,
+        "BPF_MAP_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    for (key, value) in entries {
+        let rc = bpf(
+            2,
+            &mut Update {
+                map_fd: fd as u32,
+                _pad: 0,
+                key: key.as_ptr() as u64,
+                value: value.as_ptr() as u64,
+                flags: 0,
+            },
+        );
+        assert_eq!(
+            rc,
+            0,
+            "BPF_MAP_UPDATE_ELEM: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    let rc = bpf(
+        6,
+        &mut Pin {
+            pathname: c.as_ptr() as u64,
+            bpf_fd: fd as u32,
+            file_flags: 0,
+        },
+    );
+    assert_eq!(rc, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: our descriptor; the pin keeps the map.
+    unsafe { libc::close(fd as i32) };
+}
+
+#[test]
+fn an_older_builds_backends_and_conntrack_are_carried_over() {
+    if !require_root() {
+        return;
+    }
+    let pins = PinDir::new("pin-gen");
+    drop(Dataplane::open(SIZES, &pins.0).unwrap());
+    // Before generations: 36-byte backends, 8-byte conntrack values.
+    let backend = Backend {
+        addr: addr_bytes(backend_addr(3)).0,
+        family: 4,
+        state: backend_state::DRAINING,
+        vip_id: WEB4.vip_id,
+        ..Backend::default()
+    };
+    let old_backend = bytemuck::bytes_of(&backend)[..36].to_vec();
+    let (_, flow) = client_flow_frame(40001);
+    let old_flow = [3u32.to_ne_bytes(), 77u32.to_ne_bytes()].concat();
+    for name in ["BACKENDS", "FLOWS"] {
+        std::fs::remove_file(pins.0.join(name)).unwrap();
+    }
+    pin_older_map(
+        &pins.0.join("BACKENDS"),
+        2, // BPF_MAP_TYPE_ARRAY
+        0,
+        SIZES.max_backends,
+        &[(3u32.to_ne_bytes().to_vec(), old_backend)],
+    );
+    pin_older_map(
+        &pins.0.join("FLOWS"),
+        9, // BPF_MAP_TYPE_LRU_HASH
+        2, // BPF_F_NO_COMMON_LRU
+        SIZES.max_flows,
+        &[(bytemuck::bytes_of(&flow).to_vec(), old_flow)],
+    );
+    let dp = Dataplane::open(SIZES, &pins.0).expect("an upgrade carries the older maps over");
+    assert_eq!(
+        dp.backend(3).unwrap(),
+        Backend {
+            generation: 0,
+            ..backend
+        }
+    );
+    assert_eq!(
+        dp.flow(&flow).unwrap(),
+        Some(xdp_common::FlowState {
+            backend_id: 3,
+            hash: 77,
+            generation: 0,
+        }),
+        "conntrack carried over, on the backend's generation"
     );
     drop(dp);
     assert!(dataplane::detach(&pins.0).unwrap());

@@ -103,6 +103,13 @@ pub struct Backend {
     /// in two VIPs has two entries); lets a restarted daemon map pinned
     /// entries back to its config.
     pub vip_id: u32,
+    /// Which backend has held this slot: bumped whenever the slot is given
+    /// to another backend (an unused slot reused, or another address or
+    /// VIP), kept through state changes and while unused. Whatever
+    /// remembers a backend by id (conntrack, the flow cache) remembers its
+    /// generation too, so a flow never follows an id to the backend that
+    /// reused it.
+    pub generation: u32,
 }
 
 /// Key of the FLOWS conntrack table, in the client-to-VIP direction.
@@ -129,6 +136,9 @@ pub struct FlowState {
     /// hash it again (outer source, flow label); 0: not kept (entries
     /// written by older builds), hash again.
     pub hash: u32,
+    /// The backend's `Backend::generation` when the flow was placed: the
+    /// entry holds only while the slot still holds that backend.
+    pub generation: u32,
 }
 
 /// Packet, byte and new-flow counters of one VIP or one backend (per CPU).

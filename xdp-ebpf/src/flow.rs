@@ -74,9 +74,16 @@ fn from_ring(flow: &FlowKey, vip: &VipMeta, full: u32) -> Option<(u32, Backend)>
     Some((id, backend))
 }
 
-/// The conntrack entry of `flow`, if its backend still keeps flows and
-/// still serves this VIP (backend ids are reused: an id freed by one VIP
-/// may now belong to another's backend).
+/// Whether `b`, read from the slot a flow remembers, is still the backend
+/// that placed it (same generation: the slot was not given to another
+/// backend since), still keeps flows, and still serves the flow's VIP.
+#[inline(always)]
+pub fn still_placed(b: &Backend, generation: u32, vip_id: u32) -> bool {
+    b.generation == generation && keeps_flows(b) && b.vip_id == vip_id
+}
+
+/// The conntrack entry of `flow`, if the backend that placed it still
+/// keeps flows and still serves this VIP ([`still_placed`]).
 #[inline(always)]
 fn tracked(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend, u32), bool> {
     // SAFETY: the value is copied out at once; an LRU entry recycled under
@@ -85,11 +92,11 @@ fn tracked(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, Backend, u32), bool> {
         return Err(false);
     };
     match BACKENDS.get(state.backend_id) {
-        Some(b) if keeps_flows(b) && b.vip_id == vip.vip_id => {
+        Some(b) if still_placed(b, state.generation, vip.vip_id) => {
             Ok((state.backend_id, *b, state.hash))
         }
-        // Tracked, but its backend went down, was removed, or its id now
-        // serves another VIP.
+        // Tracked, but its backend went down or was removed (its slot may
+        // now hold another backend, of this VIP or another).
         _ => Err(true),
     }
 }
@@ -145,7 +152,15 @@ pub fn select(flow: &FlowKey, vip: &VipMeta, cfg: &Config, l4: &L4) -> Option<Ch
         count(reason::FLOW_UNTRACKED);
         conntrack = reason::FLOW_UNTRACKED;
     } else if FLOWS
-        .insert(flow, FlowState { backend_id, hash }, 0)
+        .insert(
+            flow,
+            FlowState {
+                backend_id,
+                hash,
+                generation: backend.generation,
+            },
+            0,
+        )
         .is_err()
     {
         count(reason::FLOW_INSERT_FAILED);

@@ -22,7 +22,8 @@ pub struct Entry {
     pub backend_id: u32,
     /// `flow_hash(key, false)`.
     pub hash: u32,
-    pub _pad: u32,
+    /// The backend's generation when cached.
+    pub backend_generation: u32,
 }
 
 /// A flow key on the stack at an 8-byte boundary, so [`slot`] and
@@ -89,7 +90,7 @@ pub fn lookup(flow: &Aligned, generation: u32) -> Option<Hit> {
         return None;
     }
     let backend = *BACKENDS.get(e.backend_id)?;
-    if !crate::flow::keeps_flows(&backend) || backend.vip_id != e.vip_id {
+    if !crate::flow::still_placed(&backend, e.backend_generation, e.vip_id) {
         return None;
     }
     Some(Hit {
@@ -101,8 +102,8 @@ pub fn lookup(flow: &Aligned, generation: u32) -> Option<Hit> {
     })
 }
 
-/// Remember that conntrack holds `flow` on `backend_id`, as read under
-/// `generation`.
+/// Remember that conntrack holds `flow` on `backend_id` (whose entry is
+/// `backend`), as read under `generation`.
 #[inline(always)]
 pub fn remember(
     flow: &Aligned,
@@ -110,6 +111,7 @@ pub fn remember(
     vip_id: u32,
     mode: u32,
     backend_id: u32,
+    backend: &Backend,
     hash: u32,
 ) {
     if generation == 0 {
@@ -126,6 +128,7 @@ pub fn remember(
         (*e).mode = mode;
         (*e).backend_id = backend_id;
         (*e).hash = hash;
+        (*e).backend_generation = backend.generation;
     }
 }
 

@@ -226,6 +226,7 @@ fn decide(
                 vip.vip_id,
                 vip.mode,
                 choice.backend_id,
+                &choice.backend,
                 choice.hash,
             );
         } else {

@@ -65,11 +65,12 @@ impl Change {
             }
             Self::BackendDrain(vip, address, drain) => {
                 let b = find_backend(find_vip(&mut c, vip)?, *address)?;
-                if *drain {
-                    b.state = InitialState::Drain;
-                } else if b.state == InitialState::Drain {
-                    b.state = InitialState::Up;
-                }
+                // Undrain puts a draining or down backend back in service.
+                b.state = if *drain {
+                    InitialState::Drain
+                } else {
+                    InitialState::Up
+                };
             }
             Self::BackendWeight(vip, address, weight) => {
                 if *weight > MAX_WEIGHT {

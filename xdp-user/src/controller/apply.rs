@@ -115,7 +115,14 @@ pub fn apply(
             broken.insert(id);
             continue;
         };
-        if current == *entry {
+        // The plan leaves generations to the dataplane.
+        if current.state != backend_state::UNUSED
+            && current
+                == (xdp_common::Backend {
+                    generation: current.generation,
+                    ..*entry
+                })
+        {
             continue;
         }
         if entry.state == backend_state::UP {

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::Controller;
 use crate::{
-    config::{CheckKind, HealthCheck, InitState, InitialState},
+    config::{CheckKind, HealthCheck, InitState},
     health::{CheckKey, CheckResult, Health, Tracker},
 };
 
@@ -197,21 +197,24 @@ impl Controller {
         &self.local_errors
     }
 
-    /// Health entries follow the config: new backends start in their
-    /// configured state (waiting for a first check where asked), removed
-    /// ones are forgotten.
+    /// Health entries follow the config: a backend of a VIP with checks
+    /// has one (new ones wait for their first check where asked, whatever
+    /// their configured state, so a backend set up later joins by what its
+    /// checks say); backends removed, or of VIPs without checks, have none
+    /// (no check can say they are down).
     pub(super) fn sync_health(&mut self) {
         let mut wanted = BTreeSet::new();
         for vip in &self.config.vips {
+            if vip.health.kind == CheckKind::None {
+                continue;
+            }
             for b in &vip.backends {
                 let key = CheckKey {
                     vip: vip.name.clone(),
                     backend: b.address,
                 };
-                let checked_first = vip.health.init_state == InitState::Checked
-                    && vip.health.kind != CheckKind::None
-                    && b.state == InitialState::Up;
-                let initial = if b.state == InitialState::Down || checked_first {
+                let checked_first = vip.health.init_state == InitState::Checked;
+                let initial = if checked_first {
                     Health::Down
                 } else {
                     Health::Up

@@ -206,12 +206,20 @@ impl Controller {
             announcer,
             retired,
         };
-        // Health of adopted backends starts from what the dataplane had.
+        // Health of adopted, checked backends starts from what the
+        // dataplane had: down there means a check failed, unless the
+        // backend is configured down (then its health is not known).
         for vip in &controller.config.vips {
             let Some(&vip_id) = controller.vip_ids.get(&vip_key(vip)) else {
                 continue;
             };
+            if vip.health.kind == CheckKind::None {
+                continue;
+            }
             for b in &vip.backends {
+                if b.state == crate::config::InitialState::Down {
+                    continue;
+                }
                 if let Some(&state) = adopted.state.get(&(vip_id, b.address)) {
                     let health = if state == backend_state::DOWN {
                         Health::Down

@@ -74,14 +74,16 @@ fn allocate(n: usize, limit: u32, taken: &BTreeSet<u32>, avoid: &BTreeSet<u32>) 
     fresh.into_iter().chain(reused).take(n).collect()
 }
 
-/// The dataplane state of a configured backend: drain wins, then health.
-pub fn desired_state(initial: InitialState, health: Option<Health>) -> u32 {
-    if initial == InitialState::Drain {
-        return backend_state::DRAINING;
-    }
-    match health {
-        Some(Health::Down) => backend_state::DOWN,
-        _ => backend_state::UP,
+/// The dataplane state of a configured backend. `state = "down"` holds it
+/// out whatever its checks say; a failed check takes it out whatever it is
+/// configured (a dead backend cannot serve even the flows it has, so a
+/// draining one that fails is down); a draining one keeps its flows;
+/// otherwise it is up. No health (checks off) is up.
+pub fn desired_state(configured: InitialState, health: Option<Health>) -> u32 {
+    match (configured, health) {
+        (InitialState::Down, _) | (_, Some(Health::Down)) => backend_state::DOWN,
+        (InitialState::Drain, _) => backend_state::DRAINING,
+        (InitialState::Up, _) => backend_state::UP,
     }
 }
 
@@ -176,16 +178,23 @@ pub fn plan(
             wanted_backends.push((vip_id, b.address));
         }
     }
-    let wanted_set: BTreeSet<BackendKey> = wanted_backends.iter().copied().collect();
+    // A backend keeps its id only where its VIP kept its own: a VIP id
+    // freed and handed to another VIP in this plan (a full table) does not
+    // hand that VIP the old one's backends, nor their flows.
+    let kept_vips: BTreeSet<u32> = wanted_vips
+        .iter()
+        .filter_map(|k| vip_ids.get(k).copied())
+        .collect();
     for key in &wanted_backends {
-        if let Some(&id) = backend_ids.get(key) {
+        if let Some(&id) = backend_ids.get(key).filter(|_| kept_vips.contains(&key.0)) {
             plan.backend_ids.insert(*key, id);
         }
     }
+    let carried: BTreeSet<u32> = plan.backend_ids.values().copied().collect();
     plan.stale_backends = backend_ids
-        .iter()
-        .filter(|(k, _)| !wanted_set.contains(k))
-        .map(|(_, id)| *id)
+        .values()
+        .filter(|id| !carried.contains(id))
+        .copied()
         .collect();
     let taken: BTreeSet<u32> = plan.backend_ids.values().copied().collect();
     let new_backends: Vec<BackendKey> = wanted_backends
@@ -234,6 +243,7 @@ pub fn plan(
                     family: u32::from(family),
                     state,
                     vip_id,
+                    generation: 0,
                 },
             );
             if state == backend_state::UP && b.weight > 0 {

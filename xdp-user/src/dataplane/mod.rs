@@ -286,6 +286,23 @@ fn backends_in(map: &Map) -> Result<Vec<(u32, Backend)>> {
     Ok(out)
 }
 
+/// The generation of a backend slot that holds `current` once `next` is
+/// written: the same backend (address, family and VIP) keeps it through
+/// state, weight and MAC changes, an unused slot keeps the last one, and
+/// any other backend (in a slot that was unused, or in place of another)
+/// gets the next, so nothing that remembered the slot's earlier backend
+/// by id follows it to this one.
+pub fn generation_after(current: &Backend, next: &Backend) -> u32 {
+    let unused = |b: &Backend| b.state == backend_state::UNUSED;
+    let same = !unused(current)
+        && (current.addr, current.family, current.vip_id) == (next.addr, next.family, next.vip_id);
+    if unused(next) || same {
+        current.generation
+    } else {
+        current.generation.wrapping_add(1)
+    }
+}
+
 /// Maps of the decap program, pinned by `xdplb decap`.
 const DECAP_MAPS: [&str; 2] = [names::DECAP_VIPS, names::DECAP_STATS];
 
@@ -501,7 +518,7 @@ impl Dataplane {
             loader.map_pin_path(name, path.as_path());
         }
         let carried = match pin_dir {
-            Some(dir) => upgrade::before_load(dir)?,
+            Some(dir) => upgrade::before_load(dir, &sizes)?,
             None => upgrade::Carried::default(),
         };
         let mut ebpf = loader
@@ -731,17 +748,21 @@ impl Dataplane {
             .collect()
     }
 
-    /// Add or replace backend `backend_id`. A slot that was unused gets
-    /// fresh counters.
+    /// Add or replace backend `backend_id`. Its generation is the slot's
+    /// ([`generation_after`]; `backend.generation` is ignored), and a slot
+    /// given to another backend gets fresh counters.
     pub fn set_backend(&mut self, backend_id: u32, backend: &Backend) -> Result<()> {
         self.check_backend_id(backend_id)?;
-        if backend.state != backend_state::UNUSED
-            && self.backend(backend_id)?.state == backend_state::UNUSED
-        {
+        let current = self.backend(backend_id)?;
+        let entry = Backend {
+            generation: generation_after(&current, backend),
+            ..*backend
+        };
+        if entry.state != backend_state::UNUSED && entry.generation != current.generation {
             self.reset_counters::<Counters>(names::BACKEND_STATS, backend_id)?;
         }
         let mut map: Array<_, Backend> = Array::try_from(self.map_mut(names::BACKENDS)?)?;
-        map.set(backend_id, backend, 0)
+        map.set(backend_id, entry, 0)
             .with_context(|| format!("writing backend {backend_id}"))?;
         self.flow_cache_invalidate()
     }

@@ -202,13 +202,25 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
 /// Entries of the hash map behind `fd` (`BPF_MAP_LOOKUP_BATCH`, 4096 at a
 /// time: about 250 syscalls for a million entries instead of a million).
 pub fn count_entries(fd: BorrowedFd<'_>, key_size: usize, value_size: usize) -> Result<u64> {
+    let mut total = 0u64;
+    read_batches(fd, key_size, value_size, |_, _, n| total += n as u64)?;
+    Ok(total)
+}
+
+/// Every entry of the hash map behind `fd`, `BPF_MAP_LOOKUP_BATCH` 4096 at
+/// a time: `chunk(keys, values, n)` gets the raw bytes of `n` entries.
+pub fn read_batches(
+    fd: BorrowedFd<'_>,
+    key_size: usize,
+    value_size: usize,
+    mut chunk: impl FnMut(&[u8], &[u8], usize),
+) -> Result<()> {
     const CHUNK: usize = 4096;
     let mut keys = vec![0u8; key_size * CHUNK];
     let mut values = vec![0u8; value_size * CHUNK];
     // Hash maps' batch position: a bucket index (u32), kept in 8 bytes.
     let mut token_in = 0u64;
     let mut token_out = 0u64;
-    let mut total = 0u64;
     let mut first = true;
     loop {
         let mut attr = BatchAttr {
@@ -225,13 +237,14 @@ pub fn count_entries(fd: BorrowedFd<'_>, key_size: usize, value_size: usize) -> 
             ..BatchAttr::default()
         };
         let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        total += u64::from(attr.count);
+        let n = (attr.count as usize).min(CHUNK);
+        chunk(&keys[..n * key_size], &values[..n * value_size], n);
         match result {
             Ok(_) => {
                 token_in = token_out;
                 first = false;
             }
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(total),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
             Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH"),
         }
     }

@@ -1,40 +1,79 @@
 //! Pinned maps a newer build reshaped, carried over on upgrade instead of
 //! refused: CONFIG (its entry grew; the daemon rewrites it whole before
-//! attaching) and STATS (more reasons; the counts of the reasons both
-//! builds know are copied, so Prometheus counters never go back). The
-//! running program keeps its own maps until the new one replaces it.
-//! Every other map (VIPs, rings, backends, conntrack) must match exactly.
+//! attaching), STATS (more reasons; the counts of the reasons both builds
+//! know are copied, so Prometheus counters never go back), and BACKENDS and
+//! FLOWS of builds before backend generations (every entry copied with
+//! generation 0, so conntrack and the backends' ids survive the upgrade).
+//! The running program keeps its own maps until the new one replaces it;
+//! flows it opens between the copy and the swap are placed again by the
+//! ring. Every other map (VIPs, rings) must match exactly.
 
-use std::path::Path;
+use std::{os::fd::AsFd as _, path::Path};
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use aya::{
-    maps::{MapData, PerCpuArray, PerCpuValues},
+    maps::{Array, MapData, PerCpuArray, PerCpuValues},
     Ebpf,
 };
-use xdp_common::{map_names as names, reason, Config};
+use xdp_common::{map_names as names, reason, Backend, Config, FlowKey, FlowState};
 
-use super::find_map_mut;
+use super::{find_map_mut, map_data, sys, update_batch, Sizes};
+
+/// A BACKENDS value before generations: `Backend` without its last field.
+const BACKEND_V1: usize = std::mem::size_of::<Backend>() - 4;
+/// A FLOWS value before generations: `FlowState` without its last field.
+const FLOW_STATE_V1: usize = std::mem::size_of::<FlowState>() - 4;
 
 /// What was read from reshaped pins before they were removed.
 #[derive(Default)]
 pub(super) struct Carried {
     stats: Vec<PerCpuValues<u64>>,
+    backends: Vec<Backend>,
+    flows: (Vec<FlowKey>, Vec<FlowState>),
 }
 
-/// Remove the pins of CONFIG and STATS under `dir` if this build shapes
-/// them differently, keeping STATS's counts.
-pub(super) fn before_load(dir: &Path) -> Result<Carried> {
+/// Remove the pin `path`, which an older build shaped differently.
+fn replace(path: &Path) -> Result<()> {
+    std::fs::remove_file(path)
+        .with_context(|| format!("replacing the older build's {}", path.display()))
+}
+
+/// Remove the pins of maps under `dir` that this build shapes differently,
+/// keeping what must survive (counters, backends, conntrack). Refused,
+/// removing nothing, when the older maps' sizes are not `sizes`.
+pub(super) fn before_load(dir: &Path, sizes: &Sizes) -> Result<Carried> {
     let mut carried = Carried::default();
-    let config = dir.join(names::CONFIG);
-    if let Ok(map) = MapData::from_pin(&config) {
-        if map.info()?.value_size() as usize != std::mem::size_of::<Config>() {
-            std::fs::remove_file(&config)
-                .with_context(|| format!("replacing the older build's {}", config.display()))?;
+    let pinned = |name: &str| MapData::from_pin(dir.join(name)).ok();
+    let old_backends = pinned(names::BACKENDS).filter(|m| {
+        m.info()
+            .is_ok_and(|i| i.value_size() as usize == BACKEND_V1)
+    });
+    let old_flows = pinned(names::FLOWS).filter(|m| {
+        m.info()
+            .is_ok_and(|i| i.value_size() as usize == FLOW_STATE_V1)
+    });
+    for (map, name, want) in [
+        (&old_backends, names::BACKENDS, sizes.max_backends),
+        (&old_flows, names::FLOWS, sizes.max_flows),
+    ] {
+        if let Some(m) = map {
+            let have = m.info()?.max_entries();
+            if have != want {
+                bail!(
+                    "the pinned dataplane's {name} holds {have} entries but the config asks for {want}: \
+                     table sizes cannot change under a running dataplane; \
+                     run `xdplb detach` (this drops conntrack) or restore the old sizes"
+                );
+            }
         }
     }
-    let stats = dir.join(names::STATS);
-    if let Ok(map) = MapData::from_pin(&stats) {
+
+    if let Some(map) = pinned(names::CONFIG) {
+        if map.info()?.value_size() as usize != std::mem::size_of::<Config>() {
+            replace(&dir.join(names::CONFIG))?;
+        }
+    }
+    if let Some(map) = pinned(names::STATS) {
         let entries = map.info()?.max_entries();
         if entries != reason::COUNT {
             let old: PerCpuArray<_, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(map))?;
@@ -43,23 +82,63 @@ pub(super) fn before_load(dir: &Path) -> Result<Carried> {
                     .stats
                     .push(old.get(&i, 0).context("reading the older build's STATS")?);
             }
-            std::fs::remove_file(&stats)
-                .with_context(|| format!("replacing the older build's {}", stats.display()))?;
+            replace(&dir.join(names::STATS))?;
         }
+    }
+    if let Some(map) = old_backends {
+        let old: Array<_, [u8; BACKEND_V1]> = Array::try_from(aya::maps::Map::Array(map))?;
+        for entry in old.iter() {
+            let bytes = entry.context("reading the older build's BACKENDS")?;
+            let mut full = [0u8; std::mem::size_of::<Backend>()];
+            full[..BACKEND_V1].copy_from_slice(&bytes);
+            carried.backends.push(bytemuck::pod_read_unaligned(&full));
+        }
+        replace(&dir.join(names::BACKENDS))?;
+    }
+    if let Some(map) = old_flows {
+        let (keys, states) = &mut carried.flows;
+        let key_size = std::mem::size_of::<FlowKey>();
+        sys::read_batches(map.fd().as_fd(), key_size, FLOW_STATE_V1, |k, v, n| {
+            for i in 0..n {
+                keys.push(bytemuck::pod_read_unaligned(
+                    &k[i * key_size..(i + 1) * key_size],
+                ));
+                let mut full = [0u8; std::mem::size_of::<FlowState>()];
+                full[..FLOW_STATE_V1]
+                    .copy_from_slice(&v[i * FLOW_STATE_V1..(i + 1) * FLOW_STATE_V1]);
+                states.push(bytemuck::pod_read_unaligned(&full));
+            }
+        })
+        .context("reading the older build's FLOWS")?;
+        replace(&dir.join(names::FLOWS))?;
     }
     Ok(carried)
 }
 
 /// Write what [`before_load`] kept into the new maps.
 pub(super) fn after_load(ebpf: &mut Ebpf, carried: Carried) -> Result<()> {
-    if carried.stats.is_empty() {
-        return Ok(());
+    if !carried.stats.is_empty() {
+        let mut stats: PerCpuArray<_, u64> =
+            PerCpuArray::try_from(find_map_mut(ebpf, names::STATS)?)?;
+        for (i, values) in (0..).zip(carried.stats) {
+            stats
+                .set(i, values, 0)
+                .context("carrying the older build's counters over")?;
+        }
     }
-    let mut stats: PerCpuArray<_, u64> = PerCpuArray::try_from(find_map_mut(ebpf, names::STATS)?)?;
-    for (i, values) in (0..).zip(carried.stats) {
-        stats
-            .set(i, values, 0)
-            .context("carrying the older build's counters over")?;
+    if !carried.backends.is_empty() {
+        let ids: Vec<u32> = (0..).take(carried.backends.len()).collect();
+        update_batch(
+            map_data(find_map_mut(ebpf, names::BACKENDS)?)?,
+            &ids,
+            &carried.backends,
+        )
+        .context("carrying the older build's backends over")?;
+    }
+    let (keys, states) = carried.flows;
+    if !keys.is_empty() {
+        update_batch(map_data(find_map_mut(ebpf, names::FLOWS)?)?, &keys, &states)
+            .context("carrying the older build's conntrack over")?;
     }
     Ok(())
 }
