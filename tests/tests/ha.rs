@@ -279,15 +279,52 @@ fn lb_host_faults_under_load_break_no_connection() {
         },
     ));
 
-    report(
-        "LB-host faults under load (24 long-lived connections, a new one every 5 ms)",
-        &rows,
-    );
+    // (Before the fresh starts replace the daemon.)
     let log = bed.sys.daemons[1]
         .as_ref()
         .map(|d| d.log_text())
         .unwrap_or_default();
     assert!(log.contains("withdrawn"), "{log}");
+
+    // 7. Fresh starts (what a reboot does once the BGP speaker is up
+    // again before xdplb): the daemon dies, its routes and dataplane are
+    // gone (the router drops the host), and it starts with nothing
+    // adopted while BGP is established. It must announce only once its
+    // ring is the other hosts' (every backend's first check done): before,
+    // it announced at the first backend's first check, and flows the
+    // router moved onto it went to other backends (1, 3, 5 and 0 broken
+    // in four starts).
+    for (j, fault) in [
+        (0, "fresh start (pins, program and routes gone), BIRD host"),
+        (2, "fresh start, FRR host"),
+        (1, "fresh start, BIRD host again"),
+        (0, "fresh start, first host again"),
+    ] {
+        rows.push(phase.run(
+            &mut bed,
+            fault,
+            j,
+            true,
+            |bed| {
+                if let Some(d) = bed.sys.daemons[j].take() {
+                    d.signal(libc::SIGKILL);
+                }
+                bed.sys.topo.lbs[j]
+                    .ns
+                    .ip(&["route", "flush", "table", "100", "proto", "250"])
+                    .expect("flush the announced routes");
+                xdp_user::dataplane::detach(&bed.sys.pins[j].0).expect("detach");
+            },
+            |bed| bed.sys.start_daemon(j).expect("fresh start"),
+        ));
+        let s = status(&bed.sys.sockets[j]);
+        assert_eq!(s["adopted"], false, "a fresh start: {s}");
+    }
+
+    report(
+        "LB-host faults under load (24 long-lived connections, a new one every 5 ms)",
+        &rows,
+    );
     // BFD, not the hold timer, noticed the cut link.
     let log = bed.router_bird.0.log_text();
     assert!(!log.contains("Hold timer expired"), "{log}");

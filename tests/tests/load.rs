@@ -501,6 +501,11 @@ address = "198.18.1.2"
     daemon.stop().unwrap();
 }
 
+/// Before: a router's "network unreachable" (ICMP) was taken for a local
+/// error (ENETUNREACH), so a backend behind a dead path stayed up and
+/// `xdplb check` said OK; and a backend whose checks never ran here stayed
+/// up with nothing said but a log line (efc012d: 198.19.6.6 "up", no
+/// `checks_blocked`, check exit 0).
 #[test]
 fn a_check_that_cannot_run_here_is_not_the_backends_fault() {
     if !require_root() {
@@ -508,11 +513,43 @@ fn a_check_that_cannot_run_here_is_not_the_backends_fault() {
     }
     let files = Files::new("load-local");
     let mut cfg = Cfg::new(&files);
-    // 198.19.5.5 has no route in the namespace: connect fails ENETUNREACH.
-    cfg.backends = vec!["198.18.1.1", "198.19.5.5"];
-    cfg.health = "{ kind = \"tcp\", port = 80, interval_ms = 100, timeout_ms = 80, jitter_ms = 10, rise = 1, fall = 1, init_state = \"up\" }".into();
+    // 198.19.5.5 has no route in the namespace: connect fails ENETUNREACH
+    // here. 198.19.6.6 is routed to a router that has no route for it and
+    // answers ICMP "network unreachable": connect fails ENETUNREACH too,
+    // but the answer came from the path.
+    cfg.backends = vec!["198.18.1.1", "198.19.5.5", "198.19.6.6"];
+    cfg.health = "{ kind = \"tcp\", port = 80, interval_ms = 100, timeout_ms = 80, jitter_ms = 10, rise = 1, fall = 1, init_state = \"up\", half_open = false }".into();
     cfg.write(&files.config);
     let ns = topology("load-local");
+    let router = Netns::new("load-local-rt").unwrap();
+    ns.ip(&[
+        "link",
+        "add",
+        "up0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "rt0",
+        "netns",
+        &router.name,
+    ])
+    .unwrap();
+    ns.ip(&["addr", "add", "198.18.99.1/30", "dev", "up0"])
+        .unwrap();
+    ns.ip(&["link", "set", "up0", "up"]).unwrap();
+    ns.ip(&["route", "add", "198.19.6.0/24", "via", "198.18.99.2"])
+        .unwrap();
+    router
+        .ip(&["addr", "add", "198.18.99.2/30", "dev", "rt0"])
+        .unwrap();
+    router.ip(&["link", "set", "rt0", "up"]).unwrap();
+    router
+        .exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        .unwrap();
+    router
+        .exec(&["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"])
+        .unwrap();
     let _backends = servers(&ns, &["198.18.1.1"]);
     let daemon = Daemon::start(&ns, &files.config, &files.socket, files.log("d.log")).unwrap();
     let errors = wait_for(Duration::from_secs(5), || {
@@ -525,18 +562,55 @@ fn a_check_that_cannot_run_here_is_not_the_backends_fault() {
             .contains("xdplb_health_check_errors_total{kind=\"no_route\"}"),
         "kind no_route"
     );
-    assert_eq!(backend_state(&files.socket, "web", "198.19.5.5"), "up");
+    // The router's answer is the backend's failure.
+    let down = wait_for(Duration::from_secs(5), || {
+        (backend_state(&files.socket, "web", "198.19.6.6") == "down").then_some(())
+    });
     let s: Value = status(&files.socket);
+    assert!(
+        down.is_some(),
+        "behind an unreachable network, still up: {s}"
+    );
+    let routed = &s["vips"][0]["backends"][2];
+    assert!(
+        routed["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("answered by the path")),
+        "{routed}"
+    );
+    // Not routed here: not the backend's fault, but not silent either.
+    assert_eq!(backend_state(&files.socket, "web", "198.19.5.5"), "up");
     let b = &s["vips"][0]["backends"][1];
     assert_eq!(b["transitions"], 0, "{b}");
     assert!(
-        daemon
-            .log_text()
-            .contains("could not run for a local reason"),
-        "{}",
-        daemon.log_text()
+        b["checks_blocked"]
+            .as_str()
+            .is_some_and(|e| e.contains("no route from this host")),
+        "{b}"
     );
-    println!("{errors} local check errors, backend still up");
+    let metrics = http_get(&ns, "127.0.0.1:9477", "/metrics").1;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("xdplb_backend_checks_blocked{")
+                && l.contains("198.19.5.5")
+                && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    let check = xdplb(&files.socket, &["check"]);
+    assert_eq!(check.status.code(), Some(1), "{check:?}");
+    assert!(
+        String::from_utf8_lossy(&check.stdout)
+            .contains("not checked for a local reason: 198.19.5.5 of web"),
+        "{check:?}"
+    );
+    let log = daemon.log_text();
+    assert!(log.contains("could not run for a local reason"), "{log}");
+    assert!(
+        log.contains("health of backend 198.19.5.5 of VIP web unknown"),
+        "{log}"
+    );
+    println!("{errors} local check errors, backend still up and reported; the router's answer took its backend down");
     daemon.stop().unwrap();
 }
 

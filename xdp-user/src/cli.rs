@@ -492,9 +492,11 @@ fn print_status(s: &serde_json::Value) -> Result<()> {
                     .map_or("-".into(), |ms| format!("{ms:.1} ms")),
                 b.counters.packets,
                 b.counters.new_flows,
-                b.last_error
-                    .as_deref()
-                    .map_or(String::new(), |e| format!("  (last failure: {e})"))
+                match (&b.checks_blocked, &b.last_error) {
+                    (Some(e), _) => format!("  (NOT CHECKED: {e})"),
+                    (None, Some(e)) => format!("  (last failure: {e})"),
+                    (None, None) => String::new(),
+                }
             );
         }
     }
@@ -540,6 +542,8 @@ struct BackendView {
     last_error: Option<String>,
     awaiting_first_check: bool,
     damped: bool,
+    #[serde(default)]
+    checks_blocked: Option<String>,
     counters: crate::controller::Traffic,
 }
 
@@ -606,6 +610,16 @@ fn nagios(socket: &Path) -> ExitCode {
         .flat_map(|v| &v.backends)
         .filter(|b| b.health.as_deref() == Some("down"))
         .count();
+    let blocked: Vec<String> = status
+        .vips
+        .iter()
+        .flat_map(|v| {
+            v.backends
+                .iter()
+                .filter(|b| b.checks_blocked.is_some())
+                .map(move |b| format!("{} of {}", b.address, v.name))
+        })
+        .collect();
     let empty: Vec<&str> = status
         .vips
         .iter()
@@ -635,6 +649,12 @@ fn nagios(socket: &Path) -> ExitCode {
             empty.join(", ")
         );
         ExitCode::from(2)
+    } else if !blocked.is_empty() {
+        println!(
+            "XDPLB WARNING - not checked for a local reason: {}; {summary}",
+            blocked.join(", ")
+        );
+        ExitCode::from(1)
     } else if down > 0 {
         println!("XDPLB WARNING - {summary}");
         ExitCode::from(1)

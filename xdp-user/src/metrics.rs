@@ -303,6 +303,11 @@ pub fn render(ctl: &mut Controller, format: Format) -> String {
         "Whether flap damping holds the backend down (1) or not (0).",
         backends().map(|(v, b)| (backend_labels(v, b), i64::from(b.damped))),
     );
+    e.gauge(
+        "xdplb_backend_checks_blocked",
+        "Whether the backend's last checks could not run for a reason of this host's (1): its health is not known.",
+        backends().map(|(v, b)| (backend_labels(v, b), i64::from(b.checks_blocked.is_some()))),
+    );
 
     let health: Vec<(Labels, &crate::controller::BackendHealth)> = ctl
         .health()

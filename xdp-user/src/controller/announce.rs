@@ -64,6 +64,43 @@ impl Announcer {
     }
 }
 
+/// A fresh start (nothing adopted: a reboot, or pins detached) announces
+/// only once its rings are the ones the other hosts build: once every
+/// checked backend has a verdict, or, for backends that have none after
+/// [`settle_bound`], once those are counted down (they join at their first
+/// passing check, as the other hosts' do). A restart that adopts the
+/// dataplane is settled at once: its rings are what was announced.
+#[derive(Debug)]
+pub struct Settle {
+    since: Instant,
+    done: bool,
+}
+
+impl Settle {
+    pub fn new(adopted: bool) -> Self {
+        Self {
+            since: Instant::now(),
+            done: adopted,
+        }
+    }
+
+    pub fn done(&self) -> bool {
+        self.done
+    }
+}
+
+/// How long a fresh start waits for first verdicts: two intervals (the
+/// first check runs within one) and a timeout, of the slowest VIP.
+pub fn settle_bound(config: &crate::config::Config) -> Duration {
+    config
+        .vips
+        .iter()
+        .filter(|v| v.health.kind != crate::config::CheckKind::None)
+        .map(|v| Duration::from_millis(2 * v.health.interval_ms + v.health.timeout_ms))
+        .max()
+        .unwrap_or_default()
+}
+
 /// Take the lock on announcing at `target`, or say who holds it.
 pub fn lock_target(target: Target) -> anyhow::Result<crate::lock::Lock> {
     crate::lock::acquire(
@@ -103,6 +140,65 @@ impl Controller {
         (now < until).then(|| until - now)
     }
 
+    /// Why a fresh start may not announce yet, if it may not: backends
+    /// still without a first verdict within the bound. Past the bound they
+    /// are counted down, and it may.
+    fn settling(&mut self, now: Instant) -> Option<String> {
+        if self.settle.done {
+            return None;
+        }
+        let pending: Vec<crate::health::CheckKey> = self
+            .health
+            .iter()
+            .filter(|(_, h)| !h.verdict_known)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let bound = settle_bound(&self.config);
+        let waited = now.duration_since(self.settle.since);
+        if pending.is_empty() {
+            self.settle.done = true;
+            info!(
+                waited_ms = waited.as_millis() as u64,
+                "every backend has a first verdict after {} ms: the rings are the other hosts'",
+                waited.as_millis()
+            );
+            return None;
+        }
+        if waited < bound {
+            return Some(format!(
+                "a fresh start waits for the first check of {} backends ({} ms at most)",
+                pending.len(),
+                (bound - waited).as_millis()
+            ));
+        }
+        self.settle.done = true;
+        let mut changed = false;
+        for key in &pending {
+            let Some(vip) = self.config.vip(&key.vip) else {
+                continue;
+            };
+            let (rise, fall) = (vip.health.rise, vip.health.fall);
+            if let Some(h) = self.health.get_mut(key) {
+                changed |= h.tracker.state != crate::health::Health::Down;
+                h.tracker = crate::health::Tracker::new(crate::health::Health::Down, rise, fall);
+                h.awaiting_first_check = true;
+            }
+            warn!(
+                vip = %key.vip,
+                backend = %key.backend,
+                bound_ms = bound.as_millis() as u64,
+                "backend {} of VIP {} has no verdict {} ms after a fresh start: counted down until its first check passes",
+                key.backend,
+                key.vip,
+                bound.as_millis()
+            );
+        }
+        if changed {
+            self.reconcile_logged();
+        }
+        None
+    }
+
     /// What may be announced now, and why the rest is not.
     fn wanted_announcements(&mut self, now: Instant) -> (BTreeSet<IpAddr>, Option<String>) {
         if !self.self_check.problems.is_empty() {
@@ -128,6 +224,9 @@ impl Controller {
                 BTreeSet::new(),
                 Some("withdrawn by the operator (`xdplb announce restore` ends it)".into()),
             );
+        }
+        if let Some(why) = self.settling(now) {
+            return (BTreeSet::new(), Some(why));
         }
         let want = self.serviceable();
         let configured: BTreeSet<IpAddr> = self.config.vips.iter().map(|v| v.address).collect();

@@ -28,11 +28,23 @@ pub struct BackendHealth {
     /// Not checked yet, and kept out of the ring until the first check
     /// passes (`init_state = "checked"`).
     pub awaiting_first_check: bool,
+    /// A check has given this backend a verdict (passed or failed), or
+    /// its health was adopted from the dataplane: what this host says of
+    /// it is what the other hosts say.
+    pub verdict_known: bool,
     /// When its recent state changes happened (flap damping).
     flips: VecDeque<Instant>,
     /// Held down by flap damping until then.
     pub damped_until: Option<Instant>,
+    /// Checks in a row that could not run for a local reason, and the last
+    /// such reason.
+    local_in_a_row: u32,
+    last_local_error: Option<String>,
 }
+
+/// Checks in a row that could not run for a local reason before the
+/// backend is reported as not checked (status, metrics, `xdplb check`).
+pub const BLOCKED_AFTER: u32 = 3;
 
 impl BackendHealth {
     pub fn new(state: Health, rise: u32, fall: u32) -> Self {
@@ -44,9 +56,20 @@ impl BackendHealth {
             checks_failed: 0,
             transitions: 0,
             awaiting_first_check: false,
+            verdict_known: false,
             flips: VecDeque::new(),
             damped_until: None,
+            local_in_a_row: 0,
+            last_local_error: None,
         }
+    }
+
+    /// Why the backend's checks have not run for [`BLOCKED_AFTER`] checks
+    /// or more: its health is not known, whatever it was.
+    pub fn checks_blocked(&self) -> Option<&str> {
+        (self.local_in_a_row >= BLOCKED_AFTER)
+            .then_some(self.last_local_error.as_deref())
+            .flatten()
     }
 
     /// The health the dataplane follows: down while damped.
@@ -92,6 +115,7 @@ impl Controller {
         let Some(vip) = self.config.vip(&result.key.vip) else {
             return false;
         };
+        let settling = !self.settle.done();
         let Some(h) = self.health.get_mut(&result.key) else {
             return false;
         };
@@ -99,6 +123,19 @@ impl Controller {
             if let Some(kind) = e.local {
                 // The host could not make the check: say so, count it, and
                 // leave the backend's health as it was.
+                h.local_in_a_row += 1;
+                h.last_local_error = Some(e.reason.clone());
+                if h.local_in_a_row == BLOCKED_AFTER {
+                    warn!(
+                        vip = %result.key.vip,
+                        backend = %result.key.backend,
+                        checks = BLOCKED_AFTER,
+                        error = %e,
+                        "health of backend {} of VIP {} unknown: its last {BLOCKED_AFTER} checks could not run here ({e})",
+                        result.key.backend,
+                        result.key.vip
+                    );
+                }
                 let n = self.local_errors.entry(kind).or_insert(0);
                 *n += 1;
                 if n.is_power_of_two() {
@@ -114,6 +151,11 @@ impl Controller {
                 return false;
             }
         }
+        h.local_in_a_row = 0;
+        // A fresh start's last missing verdict lets it announce: say so
+        // at once rather than at the next tick.
+        let first_while_settling = settling && !h.verdict_known;
+        h.verdict_known = true;
         let ok = result.result.is_ok();
         match &result.result {
             Ok(latency) => {
@@ -139,7 +181,7 @@ impl Controller {
             h.tracker.record(ok).map(|t| (t.from, t.to))
         };
         let Some((from, to)) = transition else {
-            return false;
+            return first_while_settling;
         };
         h.transitions += 1;
         let damped = h.flip(now, &vip.health);
@@ -166,7 +208,7 @@ impl Controller {
                 "backend flapping: held down by flap damping"
             );
         }
-        h.effective(now) != before
+        h.effective(now) != before || first_while_settling
     }
 
     /// Record a check result and, if it changed a backend's health,

@@ -89,6 +89,9 @@ pub struct Controller {
     /// loaded successfully (Unix seconds).
     last_reload: (bool, f64),
     announcer: announce::Announcer,
+    /// A fresh start's wait for every backend's first verdict before it
+    /// announces anything.
+    settle: announce::Settle,
     /// Per VIP id: the counters of its backends that were removed, so the
     /// backends' totals never fall below the VIP's (Prometheus counters
     /// only grow). Kept in a state file by the daemon.
@@ -183,7 +186,9 @@ impl Controller {
             file.as_ref()
                 .map(|_| crate::lock::state_file("retired-counters", &config.daemon.pin_dir)),
         );
+        let settle = announce::Settle::new(dp.adopted());
         let mut controller = Self {
+            settle,
             config,
             file,
             dp,
@@ -226,12 +231,14 @@ impl Controller {
                     } else {
                         Health::Up
                     };
+                    let mut h = BackendHealth::new(health, vip.health.rise, vip.health.fall);
+                    h.verdict_known = true;
                     controller.health.insert(
                         CheckKey {
                             vip: vip.name.clone(),
                             backend: b.address,
                         },
-                        BackendHealth::new(health, vip.health.rise, vip.health.fall),
+                        h,
                     );
                 }
             }

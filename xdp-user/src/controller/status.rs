@@ -46,6 +46,7 @@ impl Controller {
                     transitions: h.map_or(0, |h| h.transitions),
                     damped: h.is_some_and(|h| h.damped(std::time::Instant::now())),
                     awaiting_first_check: h.is_some_and(|h| h.awaiting_first_check),
+                    checks_blocked: h.and_then(|h| h.checks_blocked()).map(str::to_owned),
                     counters: counters.into(),
                 });
             }
@@ -146,6 +147,9 @@ pub struct BackendStatus {
     pub damped: bool,
     /// Not checked yet; joins the ring at its first passing check.
     pub awaiting_first_check: bool,
+    /// Its last checks could not run for a reason of this host's (the
+    /// last one): its health is not known.
+    pub checks_blocked: Option<String>,
     pub counters: Traffic,
 }
 

@@ -76,17 +76,19 @@ impl From<&str> for CheckError {
 }
 
 /// Every kind of local error, as `local_kind` names them.
-pub const LOCAL_ERROR_KINDS: [&str; 6] = [
+pub const LOCAL_ERROR_KINDS: [&str; 7] = [
     "emfile",
     "enfile",
     "enobufs",
     "enomem",
     "no_route",
     "eaddrnotavail",
+    "eperm",
 ];
 
-/// The kind of a local error, if `e` is one: the host cannot make the
-/// check, whatever the backend's health.
+/// The kind of a local error, if `e` is one: this host refused to make the
+/// check without sending anything, whatever the backend's health. An
+/// unreachable network or host may be either: see [`io_error_to`].
 pub fn local_kind(e: &std::io::Error) -> Option<&'static str> {
     match e.raw_os_error()? {
         libc::EMFILE => Some("emfile"),
@@ -95,7 +97,45 @@ pub fn local_kind(e: &std::io::Error) -> Option<&'static str> {
         libc::ENOMEM => Some("enomem"),
         libc::ENETUNREACH => Some("no_route"),
         libc::EADDRNOTAVAIL => Some("eaddrnotavail"),
+        // A local firewall rule (an OUTPUT drop answers EPERM).
+        libc::EPERM => Some("eperm"),
         _ => None,
+    }
+}
+
+/// Whether this host's own routing refuses `target`: a UDP socket's
+/// connect looks the route up and sends nothing.
+fn no_local_route(target: std::net::SocketAddr) -> bool {
+    let any: std::net::SocketAddr = if target.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    std::net::UdpSocket::bind(any).is_ok_and(|s| s.connect(target).is_err())
+}
+
+/// An I/O error of step `what` towards `target`, classified. "Network" or
+/// "host unreachable" is local only when this host has no route to the
+/// backend; with a route, it is an answer from the path (a router's ICMP
+/// unreachable) and fails the check, as any answer from elsewhere does.
+fn io_error_to(what: &str, e: std::io::Error, target: std::net::SocketAddr) -> CheckError {
+    let unreachable = matches!(
+        e.raw_os_error(),
+        Some(libc::ENETUNREACH | libc::EHOSTUNREACH)
+    );
+    if !unreachable {
+        return io_error(what, e);
+    }
+    if no_local_route(target) {
+        CheckError {
+            reason: format!("{what}: {e} (no route from this host)"),
+            local: Some("no_route"),
+        }
+    } else {
+        CheckError {
+            reason: format!("{what}: {e} (answered by the path: this host has a route)"),
+            local: None,
+        }
     }
 }
 
@@ -181,7 +221,7 @@ pub async fn run_check_with(
 async fn connect(target: std::net::SocketAddr) -> Result<TcpStream, CheckError> {
     let stream = TcpStream::connect(target)
         .await
-        .map_err(|e| io_error("connect", e))?;
+        .map_err(|e| io_error_to("connect", e, target))?;
     let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
     Ok(stream)
 }
@@ -204,7 +244,7 @@ async fn http(spec: &CheckSpec) -> Result<(), CheckError> {
     stream
         .write_all(request.as_bytes())
         .await
-        .map_err(|e| io_error("sending request", e))?;
+        .map_err(|e| io_error_to("sending request", e, spec.target))?;
     // The status line fits in the first read of any sane server; read until
     // it is complete or the server closes.
     let mut buf = Vec::with_capacity(256);
@@ -213,7 +253,7 @@ async fn http(spec: &CheckSpec) -> Result<(), CheckError> {
         let n = stream
             .read(&mut chunk)
             .await
-            .map_err(|e| io_error("reading response", e))?;
+            .map_err(|e| io_error_to("reading response", e, spec.target))?;
         if n == 0 {
             break;
         }
@@ -249,12 +289,12 @@ async fn udp(spec: &CheckSpec) -> Result<(), CheckError> {
     socket
         .send(&spec.send)
         .await
-        .map_err(|e| io_error("send", e))?;
+        .map_err(|e| io_error_to("send", e, spec.target))?;
     let mut buf = [0u8; 2048];
     let n = socket
         .recv(&mut buf)
         .await
-        .map_err(|e| io_error("no reply", e))?;
+        .map_err(|e| io_error_to("no reply", e, spec.target))?;
     if buf[..n].starts_with(&spec.expect) {
         Ok(())
     } else {
@@ -285,6 +325,24 @@ mod tests {
             let e = std::io::Error::from_raw_os_error(errno);
             assert_eq!(local_kind(&e), kind, "{e}");
         }
+    }
+
+    #[test]
+    fn unreachable_with_a_route_is_the_backends_failure() {
+        // Loopback always has a route: "network unreachable" towards it
+        // can only have come from elsewhere.
+        let target: SocketAddr = "127.0.0.1:80".parse().unwrap();
+        for errno in [libc::ENETUNREACH, libc::EHOSTUNREACH] {
+            let e = io_error_to("connect", std::io::Error::from_raw_os_error(errno), target);
+            assert_eq!(e.local, None, "{}", e.reason);
+            assert!(e.reason.contains("answered by the path"), "{}", e.reason);
+        }
+        let e = io_error_to(
+            "connect",
+            std::io::Error::from_raw_os_error(libc::EMFILE),
+            target,
+        );
+        assert_eq!(e.local, Some("emfile"));
     }
     use tokio::net::TcpListener;
 
