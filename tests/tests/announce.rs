@@ -226,3 +226,121 @@ fn two_daemons_never_share_an_announcement_table() {
     d2.stop().unwrap();
     first.stop().unwrap();
 }
+
+/// Before: a foreign `unreachable 198.18.0.11 proto bgp` in the table was
+/// replaced by xdplb's blackhole and gone after a withdraw, and a foreign
+/// /32 carrying xdplb's protocol number was deleted (efc012d). Now only
+/// routes this instance added are touched; a conflict is reported.
+#[test]
+fn routes_xdplb_did_not_add_are_never_taken() {
+    if !require_root() {
+        return;
+    }
+    let files = Files::new("announce-foreign");
+    let mut cfg = Cfg::new(&files);
+    cfg.extra = ANNOUNCE.into();
+    cfg.write(&files.config);
+    let ns = topology("announce-foreign");
+    ns.ip(&[
+        "route",
+        "add",
+        "unreachable",
+        "198.18.0.10",
+        "table",
+        "100",
+        "proto",
+        "bgp",
+    ])
+    .unwrap();
+    ns.ip(&[
+        "route",
+        "add",
+        "198.18.0.99/32",
+        "dev",
+        "lo",
+        "table",
+        "100",
+        "proto",
+        "250",
+    ])
+    .unwrap();
+    let _backends = servers(&ns, &["198.18.1.1", "198.18.1.2"]);
+    let daemon = Daemon::start(&ns, &files.config, &files.socket, files.log("d.log")).unwrap();
+    let all = || {
+        ns.ip(&["route", "show", "table", "100"])
+            .unwrap_or_default()
+    };
+    let v6 = || {
+        ns.ip(&["-6", "route", "show", "table", "100"])
+            .unwrap_or_default()
+    };
+    wait_for(Duration::from_secs(5), || {
+        v6().contains("blackhole 2001:db8::53").then_some(())
+    })
+    .unwrap_or_else(|| panic!("the free address is announced: {}", v6()));
+    let s = status(&files.socket);
+    assert!(
+        s["announce"]["conflicts"]["198.18.0.10"]
+            .as_str()
+            .is_some_and(|w| w.contains("unreachable")),
+        "{s}"
+    );
+    assert!(
+        s["announce"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("a route xdplb did not add holds 198.18.0.10")),
+        "{s}"
+    );
+    assert_eq!(
+        metric(
+            &ns,
+            "xdplb_vip_address_announce_conflict{address=\"198.18.0.10\"}"
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&ns, "xdplb_vip_address_announced{address=\"198.18.0.10\"}"),
+        Some(0.0)
+    );
+    let routes = all();
+    assert!(
+        routes.contains("unreachable 198.18.0.10 proto bgp"),
+        "{routes}"
+    );
+    assert!(routes.contains("198.18.0.99 dev lo proto 250"), "{routes}");
+    assert!(
+        daemon.log_text().contains("not announcing 198.18.0.10"),
+        "{}",
+        daemon.log_text()
+    );
+
+    // The operator removes the foreign route: the address is announced.
+    ns.ip(&[
+        "route",
+        "del",
+        "unreachable",
+        "198.18.0.10",
+        "table",
+        "100",
+        "proto",
+        "bgp",
+    ])
+    .unwrap();
+    wait_routes(&ns, "100", true, "the conflict ended");
+    assert_eq!(
+        metric(
+            &ns,
+            "xdplb_vip_address_announce_conflict{address=\"198.18.0.10\"}"
+        ),
+        Some(0.0)
+    );
+
+    // A withdrawal removes ours and only ours.
+    ok(&xdplb(&files.socket, &["announce", "withdraw"]));
+    let routes = all();
+    assert!(!routes.contains("198.18.0.10"), "{routes}");
+    assert!(routes.contains("198.18.0.99 dev lo proto 250"), "{routes}");
+    assert!(!v6().contains("2001:db8::53"), "{}", v6());
+    ok(&xdplb(&files.socket, &["announce", "restore"]));
+    daemon.stop().unwrap();
+}

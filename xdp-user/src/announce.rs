@@ -18,7 +18,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE};
+use netlink_packet_core::{NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL};
 use netlink_packet_route::{
     route::{
         RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
@@ -74,10 +74,16 @@ fn route(target: Target, addr: IpAddr) -> RouteMessage {
     m
 }
 
-/// The host routes of protocol `target.protocol` in `target.table`: the
-/// addresses announced now.
-pub fn announced(target: Target) -> Result<BTreeSet<IpAddr>> {
-    let mut out = BTreeSet::new();
+/// A host route in a table: its address, protocol and type.
+struct HostRoute {
+    addr: IpAddr,
+    protocol: RouteProtocol,
+    kind: RouteType,
+}
+
+/// Every host route (/32, /128) in `target.table`, whoever added it.
+fn host_routes(target: Target) -> Result<Vec<HostRoute>> {
+    let mut out = Vec::new();
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
         let replies = crate::iface::transact(
             RouteNetlinkMessage::GetRoute(message(target, family)),
@@ -88,9 +94,7 @@ pub fn announced(target: Target) -> Result<BTreeSet<IpAddr>> {
             let RouteNetlinkMessage::NewRoute(m) = reply else {
                 continue;
             };
-            if m.header.protocol != RouteProtocol::from(target.protocol)
-                || !matches!(m.header.destination_prefix_length, 32 | 128)
-            {
+            if !matches!(m.header.destination_prefix_length, 32 | 128) {
                 continue;
             }
             let table = m
@@ -105,33 +109,132 @@ pub fn announced(target: Target) -> Result<BTreeSet<IpAddr>> {
                 continue;
             }
             for a in &m.attributes {
-                match a {
-                    RouteAttribute::Destination(RouteAddress::Inet(v)) => {
-                        out.insert(IpAddr::V4(*v));
-                    }
-                    RouteAttribute::Destination(RouteAddress::Inet6(v)) => {
-                        out.insert(IpAddr::V6(*v));
-                    }
-                    _ => {}
-                }
+                let addr = match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(v)) => IpAddr::V4(*v),
+                    RouteAttribute::Destination(RouteAddress::Inet6(v)) => IpAddr::V6(*v),
+                    _ => continue,
+                };
+                out.push(HostRoute {
+                    addr,
+                    protocol: m.header.protocol,
+                    kind: m.header.kind,
+                });
             }
         }
     }
     Ok(out)
 }
 
-/// Announce `addr` (idempotent).
-pub fn add(target: Target, addr: IpAddr) -> Result<()> {
-    crate::iface::transact(
-        RouteNetlinkMessage::NewRoute(route(target, addr)),
-        NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
-    )
-    .with_context(|| format!("adding the route {addr} to {target}"))?;
-    Ok(())
+impl HostRoute {
+    /// Shaped as this daemon adds routes: a blackhole of its protocol.
+    fn shaped_as_ours(&self, target: Target) -> bool {
+        self.protocol == RouteProtocol::from(target.protocol) && self.kind == RouteType::BlackHole
+    }
+
+    fn describe(&self) -> String {
+        format!("{:?} route proto {:?}", self.kind, self.protocol).to_lowercase()
+    }
 }
 
-/// Withdraw `addr`; withdrawing what is not announced is not an error.
-pub fn remove(target: Target, addr: IpAddr) -> Result<()> {
+/// The addresses whose routes this instance added. Routes are kernel state
+/// and outlive the daemon, so the record is too: a state file beside the
+/// other per-instance state (gone at reboot with the routes). Only these
+/// routes are ever replaced or removed; anything else in the table, even
+/// a route carrying xdplb's protocol number, is someone else's.
+#[derive(Debug, Default)]
+pub struct Owned {
+    path: Option<PathBuf>,
+    addrs: BTreeSet<IpAddr>,
+}
+
+impl Owned {
+    /// The record of `pin_dir`'s instance. Without one, an instance that
+    /// already ran (`earlier`: an upgrade from a build that kept no
+    /// record) owns the routes shaped as its own for its `configured`
+    /// addresses; a fresh one owns nothing.
+    pub fn load(
+        pin_dir: &Path,
+        target: Target,
+        configured: &BTreeSet<IpAddr>,
+        earlier: bool,
+    ) -> Result<Self> {
+        let path = crate::lock::state_file("announced", pin_dir);
+        let addrs = match std::fs::read_to_string(&path) {
+            Ok(text) => text.lines().filter_map(|l| l.trim().parse().ok()).collect(),
+            // (A reader without access to the runtime directory, such as
+            // a track script run as another user, sees the routes too.)
+            Err(e)
+                if earlier
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                    ) =>
+            {
+                host_routes(target)?
+                    .into_iter()
+                    .filter(|r| r.shaped_as_ours(target) && configured.contains(&r.addr))
+                    .map(|r| r.addr)
+                    .collect()
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeSet::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        Ok(Self {
+            path: Some(path),
+            addrs,
+        })
+    }
+
+    fn save(&self) -> Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if let Some(dir) = path.parent() {
+            crate::lock::create_private_dir(dir)?;
+        }
+        let text: String = self.addrs.iter().map(|a| format!("{a}\n")).collect();
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    }
+}
+
+/// What a [`sync`] did, and what it could not take.
+#[derive(Debug, Default)]
+pub struct Synced {
+    pub added: Vec<IpAddr>,
+    pub removed: Vec<IpAddr>,
+    /// Wanted addresses whose route in the table is not ours, with what
+    /// is there: never replaced, not announced.
+    pub conflicts: std::collections::BTreeMap<IpAddr, String>,
+}
+
+/// The addresses announced now by routes this instance owns.
+pub fn announced(target: Target, owned: &Owned) -> Result<BTreeSet<IpAddr>> {
+    Ok(host_routes(target)?
+        .into_iter()
+        .filter(|r| r.shaped_as_ours(target) && owned.addrs.contains(&r.addr))
+        .map(|r| r.addr)
+        .collect())
+}
+
+/// Add our route for `addr`; an existing route for it is left alone
+/// (`Ok(false)`).
+fn add(target: Target, addr: IpAddr) -> Result<bool> {
+    match crate::iface::transact(
+        RouteNetlinkMessage::NewRoute(route(target, addr)),
+        NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+    ) {
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+        other => other
+            .map(|_| true)
+            .with_context(|| format!("adding the route {addr} to {target}")),
+    }
+}
+
+/// Remove our route for `addr` (the kernel matches its type and protocol,
+/// so no other route for the address goes); gone already is not an error.
+fn remove(target: Target, addr: IpAddr) -> Result<()> {
     match crate::iface::transact(
         RouteNetlinkMessage::DelRoute(route(target, addr)),
         NLM_F_ACK,
@@ -143,17 +246,39 @@ pub fn remove(target: Target, addr: IpAddr) -> Result<()> {
     }
 }
 
-/// Make the announced set `want`: add what is missing, remove the rest.
-/// Returns what was added and what was removed. Every address is tried;
-/// the first failure is returned after the others were attempted.
-pub fn sync(target: Target, want: &BTreeSet<IpAddr>) -> Result<(Vec<IpAddr>, Vec<IpAddr>)> {
-    let have = announced(target)?;
+/// Make the announced set `want`, touching only routes `owned` records:
+/// add what is missing where the table has no route for the address
+/// (conflicts are reported, not replaced), remove our routes for the rest.
+/// Every address is tried; the first failure is returned after the others
+/// were attempted, with the record kept up to date either way.
+pub fn sync(target: Target, want: &BTreeSet<IpAddr>, owned: &mut Owned) -> Result<Synced> {
+    let routes = host_routes(target)?;
+    let have: BTreeSet<IpAddr> = routes
+        .iter()
+        .filter(|r| r.shaped_as_ours(target) && owned.addrs.contains(&r.addr))
+        .map(|r| r.addr)
+        .collect();
+    // A recorded route someone removed is no longer ours.
+    let before = owned.addrs.len();
+    owned.addrs.retain(|a| have.contains(a));
+    let mut changed = before != owned.addrs.len();
     let mut first_error = None;
-    let mut added = Vec::new();
-    let mut removed = Vec::new();
+    let mut done = Synced::default();
     for addr in want.difference(&have) {
+        if let Some(r) = routes.iter().find(|r| r.addr == *addr) {
+            done.conflicts.insert(*addr, r.describe());
+            continue;
+        }
         match add(target, *addr) {
-            Ok(()) => added.push(*addr),
+            Ok(true) => {
+                owned.addrs.insert(*addr);
+                changed = true;
+                done.added.push(*addr);
+            }
+            Ok(false) => {
+                done.conflicts
+                    .insert(*addr, "a route added meanwhile".into());
+            }
             Err(e) => {
                 first_error.get_or_insert(e);
             }
@@ -161,21 +286,30 @@ pub fn sync(target: Target, want: &BTreeSet<IpAddr>) -> Result<(Vec<IpAddr>, Vec
     }
     for addr in have.difference(want) {
         match remove(target, *addr) {
-            Ok(()) => removed.push(*addr),
+            Ok(()) => {
+                owned.addrs.remove(addr);
+                changed = true;
+                done.removed.push(*addr);
+            }
             Err(e) => {
                 first_error.get_or_insert(e);
             }
         }
     }
+    if changed {
+        if let Err(e) = owned.save() {
+            first_error.get_or_insert(e);
+        }
+    }
     match first_error {
         Some(e) => Err(e),
-        None => Ok((added, removed)),
+        None => Ok(done),
     }
 }
 
-/// Withdraw everything announced in `target`.
-pub fn withdraw_all(target: Target) -> Result<Vec<IpAddr>> {
-    sync(target, &BTreeSet::new()).map(|(_, removed)| removed)
+/// Withdraw every route this instance owns in `target`.
+pub fn withdraw_all(target: Target, owned: &mut Owned) -> Result<Vec<IpAddr>> {
+    sync(target, &BTreeSet::new(), owned).map(|s| s.removed)
 }
 
 /// The file that marks an operator's withdrawal for the instance pinned at

@@ -818,7 +818,7 @@ fn announce(cmd: AnnounceCommand) -> Result<()> {
     }
     crate::announce::set_withdrawn(&config.daemon.pin_dir, withdraw)?;
     if withdraw {
-        let gone = crate::announce::withdraw_all(a.into())?;
+        let gone = crate::announce::withdraw_all(a.into(), &mut owned_routes(&config)?)?;
         println!(
             "announcements withdrawn ({} routes removed); no daemon runs, the next one keeps them withdrawn",
             gone.len()
@@ -829,6 +829,18 @@ fn announce(cmd: AnnounceCommand) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The announcement routes `config`'s instance added (read while no daemon
+/// runs; routes of a build that kept no record count for its addresses).
+fn owned_routes(config: &Config) -> Result<crate::announce::Owned> {
+    let configured = config.vips.iter().map(|v| v.address).collect();
+    crate::announce::Owned::load(
+        &config.daemon.pin_dir,
+        (&config.announce).into(),
+        &configured,
+        true,
+    )
 }
 
 /// Whether a client error means no daemon listens on the socket.
@@ -850,7 +862,7 @@ fn announce_check(config: &Path, addresses: &[IpAddr]) -> ExitCode {
         if !c.announce.enabled {
             bail!("announcing is off in {}", config.display());
         }
-        let have = crate::announce::announced((&c.announce).into())?;
+        let have = crate::announce::announced((&c.announce).into(), &owned_routes(&c)?)?;
         let need: Vec<IpAddr> = if addresses.is_empty() {
             c.vips.iter().map(|v| v.address).collect()
         } else {
@@ -941,14 +953,12 @@ fn detach(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Result<()> {
     let (dir, announce) = match (config, pin_dir) {
         (Some(c), _) => {
             let c = Config::load(&c)?;
-            (c.daemon.pin_dir, Some(c.announce))
+            (c.daemon.pin_dir.clone(), Some(c))
         }
         (None, given) => {
             let default = Config::load(Path::new(DEFAULT_CONFIG)).ok();
             let dir = given.unwrap_or_else(|| crate::config::Daemon::default().pin_dir);
-            let announce = default
-                .filter(|c| c.daemon.pin_dir == dir)
-                .map(|c| c.announce);
+            let announce = default.filter(|c| c.daemon.pin_dir == dir);
             (dir, announce)
         }
     };
@@ -960,8 +970,8 @@ fn detach(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Result<()> {
             dir.display()
         ),
     };
-    if let Some(a) = announce.filter(|a| a.enabled) {
-        let gone = crate::announce::withdraw_all((&a).into())?;
+    if let Some(c) = announce.filter(|c| c.announce.enabled) {
+        let gone = crate::announce::withdraw_all((&c.announce).into(), &mut owned_routes(&c)?)?;
         if !gone.is_empty() {
             println!("withdrew the announcements of {gone:?}");
         }

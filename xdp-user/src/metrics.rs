@@ -427,6 +427,16 @@ pub fn render(ctl: &mut Controller, format: Format) -> String {
             }),
         );
         e.gauge(
+            "xdplb_vip_address_announce_conflict",
+            "Whether the announcement table holds a route for the VIP address that xdplb did not add (1): left alone, and the address is not announced.",
+            addresses.iter().map(|addr| {
+                (
+                    labels([("address", &addr.to_string())]),
+                    i64::from(a.conflicts.contains_key(addr)),
+                )
+            }),
+        );
+        e.gauge(
             "xdplb_announce_withdrawn",
             "Whether the operator withdrew this host's announcements (`xdplb announce withdraw`).",
             Exposition::one(i64::from(a.withdrawn_by_operator)),

@@ -37,6 +37,11 @@ pub struct Announcer {
     changes: u64,
     /// The lock on `target`: one daemon per table and protocol.
     lock: Option<crate::lock::Lock>,
+    /// The routes this instance added: the only ones it touches.
+    owned: announce::Owned,
+    /// Wanted addresses whose route in the table is someone else's, with
+    /// what is there.
+    conflicts: std::collections::BTreeMap<IpAddr, String>,
 }
 
 /// The announcement part of `xdplb status`.
@@ -53,12 +58,31 @@ pub struct AnnounceStatus {
     pub reason: Option<String>,
     pub last_error: Option<String>,
     pub changes: u64,
+    /// Addresses not announced because the table holds a route xdplb did
+    /// not add for them, with what is there.
+    #[serde(default)]
+    pub conflicts: std::collections::BTreeMap<IpAddr, String>,
 }
 
 impl Announcer {
-    pub fn new(withdrawn: bool) -> Self {
+    /// The announcer of `config`'s instance, with the routes it owns (an
+    /// instance that already ran, `earlier`, may have routes of a build
+    /// that kept no record of them).
+    pub fn new(config: &crate::config::Config, earlier: bool) -> Self {
+        let pin_dir = &config.daemon.pin_dir;
+        let configured: BTreeSet<IpAddr> = config.vips.iter().map(|v| v.address).collect();
+        let owned = if config.announce.enabled {
+            announce::Owned::load(pin_dir, (&config.announce).into(), &configured, earlier)
+                .unwrap_or_else(|e| {
+                    warn!(error = %format!("{e:#}"), "cannot read which announcement routes are ours; taking none");
+                    announce::Owned::default()
+                })
+        } else {
+            announce::Owned::default()
+        };
         Self {
-            withdrawn,
+            withdrawn: announce::is_withdrawn(pin_dir),
+            owned,
             ..Self::default()
         }
     }
@@ -259,7 +283,7 @@ impl Controller {
                 }
             };
             if let Some(old) = self.announcer.target {
-                match announce::withdraw_all(old) {
+                match announce::withdraw_all(old, &mut self.announcer.owned) {
                     Ok(gone) => {
                         info!(%old, withdrawn = ?gone, "announcement settings changed; withdrew from the old table")
                     }
@@ -275,23 +299,31 @@ impl Controller {
         let Some(target) = target else {
             return;
         };
-        let (want, reason) = self.wanted_announcements(Instant::now());
-        if reason != self.announcer.reason {
-            if let Some(r) = &reason {
-                warn!(reason = %r, "not announcing every VIP address");
-            }
-            self.announcer.reason = reason;
-        }
-        match announce::sync(target, &want) {
-            Ok((added, removed)) => {
-                for addr in &added {
-                    info!(%addr, %target, "announcing");
+        let (want, mut reason) = self.wanted_announcements(Instant::now());
+        match announce::sync(target, &want, &mut self.announcer.owned) {
+            Ok(done) => {
+                for addr in &done.added {
+                    info!(%addr, %target, "announcing {addr} in {target}");
                 }
-                for addr in &removed {
-                    warn!(%addr, %target, reason = ?self.announcer.reason, "withdrawn");
+                for addr in &done.removed {
+                    warn!(%addr, %target, reason = ?reason, "withdrawn {addr} from {target}");
                 }
-                self.announcer.changes += (added.len() + removed.len()) as u64;
-                self.announcer.announced = want;
+                if done.conflicts != self.announcer.conflicts {
+                    for (addr, what) in &done.conflicts {
+                        tracing::error!(
+                            %addr,
+                            %target,
+                            existing = %what,
+                            "not announcing {addr}: {target} holds a {what} that xdplb did not add; it is left alone"
+                        );
+                    }
+                    self.announcer.conflicts = done.conflicts;
+                }
+                self.announcer.changes += (done.added.len() + done.removed.len()) as u64;
+                self.announcer.announced = want
+                    .into_iter()
+                    .filter(|a| !self.announcer.conflicts.contains_key(a))
+                    .collect();
                 self.announcer.last_error = None;
             }
             Err(e) => {
@@ -301,6 +333,25 @@ impl Controller {
                     self.announcer.last_error = Some(e);
                 }
             }
+        }
+        if !self.announcer.conflicts.is_empty() {
+            let held: Vec<String> = self
+                .announcer
+                .conflicts
+                .keys()
+                .map(ToString::to_string)
+                .collect();
+            let why = format!("a route xdplb did not add holds {}", held.join(", "));
+            reason = Some(match reason {
+                Some(r) => format!("{r}; {why}"),
+                None => why,
+            });
+        }
+        if reason != self.announcer.reason {
+            if let Some(r) = &reason {
+                warn!(reason = %r, "not announcing every VIP address: {r}");
+            }
+            self.announcer.reason = reason;
         }
     }
 
@@ -341,6 +392,7 @@ impl Controller {
             reason: self.announcer.reason.clone(),
             last_error: self.announcer.last_error.clone(),
             changes: self.announcer.changes,
+            conflicts: self.announcer.conflicts.clone(),
         }
     }
 }

@@ -179,8 +179,7 @@ impl Controller {
         dp: Dataplane,
         adopted: Adopted,
     ) -> Self {
-        let announcer =
-            announce::Announcer::new(crate::announce::is_withdrawn(&config.daemon.pin_dir));
+        let announcer = announce::Announcer::new(&config, dp.adopted());
         // Kept on disk by a daemon (one with a config file) only.
         let retired = retired::Retired::load(
             file.as_ref()
