@@ -9,7 +9,7 @@
 use std::{
     io::{Read as _, Write as _},
     os::unix::fs::{MetadataExt as _, PermissionsExt as _},
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Duration,
 };
@@ -172,7 +172,49 @@ fn a_second_daemon_is_refused_and_the_first_keeps_working() {
     fails(&out, "interface lb0");
     assert!(stderr(&out).contains("pid "), "{}", stderr(&out));
     assert!(!other_pins.0.exists(), "the refused daemon left pins");
+    assert_eq!(xdp_prog(&ns, "lb0"), Some(prog.clone()));
+
+    // The same pin directory spelled otherwise, and the same interface by
+    // an altname: the same instance, refused (efc012d started both, and
+    // they took the first daemon's maps and link over: it reported NOT
+    // ATTACHED, and stayed so once they exited).
+    let pins = &files.pins.0;
+    let respelled = PathBuf::from(format!(
+        "{}//./{}",
+        pins.parent().unwrap().display(),
+        pins.file_name().unwrap().to_str().unwrap()
+    ));
+    ns.ip(&["link", "add", "lb2", "type", "veth", "peer", "name", "lb3"])
+        .unwrap();
+    ns.ip(&["link", "set", "lb2", "up"]).unwrap();
+    let fourth = files.scratch.0.join("fourth.toml");
+    Cfg {
+        socket: &other_socket,
+        metrics: "127.0.0.1:9478",
+        pins: &respelled,
+        interface: "lb2",
+        ..Cfg::new(&files)
+    }
+    .write(&fourth);
+    fails(&run(&fourth), "already runs on pin directory");
+    ns.ip(&[
+        "link", "property", "add", "dev", "lb0", "altname", "uplink-a",
+    ])
+    .unwrap();
+    let fifth = files.scratch.0.join("fifth.toml");
+    Cfg {
+        socket: &other_socket,
+        metrics: "127.0.0.1:9478",
+        pins: &other_pins.0,
+        interface: "uplink-a",
+        ..Cfg::new(&files)
+    }
+    .write(&fifth);
+    let out = run(&fifth);
+    fails(&out, "already runs on interface uplink-a (index");
+    assert!(!other_pins.0.exists(), "the refused daemon left pins");
     assert_eq!(xdp_prog(&ns, "lb0"), Some(prog));
+    assert!(ok(&xdplb(&files.socket, &["check"])).starts_with("XDPLB OK"));
     daemon.stop().unwrap();
 
     // A foreign XDP program: never replaced without --replace.

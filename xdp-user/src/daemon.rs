@@ -148,16 +148,19 @@ pub async fn run(options: RunOptions) -> Result<()> {
         &lock::pin_dir_lock(&pin_dir),
         &format!("pin directory {}", pin_dir.display()),
     )?;
+    let interface = iface::require(&config.interface)?;
     let iface_lock = lock::acquire(
-        &lock::interface_lock(&config.interface)?,
-        &format!("interface {}", config.interface),
+        &lock::interface_lock(interface.index)?,
+        &format!(
+            "interface {} (index {}; under any of its names)",
+            config.interface, interface.index
+        ),
     )?;
     let announce_lock = config
         .announce
         .enabled
         .then(|| crate::controller::lock_announce_target((&config.announce).into()))
         .transpose()?;
-    let interface = iface::require(&config.interface)?;
     let group = config
         .api
         .socket_group

@@ -32,9 +32,46 @@ fn escape(key: &str) -> String {
         .collect()
 }
 
-/// The lock file for the pin directory `pin_dir`.
+/// What `dir` names, however it is spelled: the existing part of the path
+/// with its symlinks resolved, the rest (not created yet) normalised
+/// (`//`, `.` and `..` segments), so `/sys/fs/bpf//x`, `/sys/fs/bpf/./x`
+/// and a symlink to it are one instance.
+pub fn resolved_dir(dir: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut lexical = PathBuf::new();
+    for c in dir.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                lexical.pop();
+            }
+            other => lexical.push(other),
+        }
+    }
+    let mut missing = Vec::new();
+    let mut existing = lexical.as_path();
+    loop {
+        if let Ok(mut real) = existing.canonicalize() {
+            real.extend(missing.iter().rev());
+            return real;
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                missing.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return lexical,
+        }
+    }
+}
+
+/// The lock file for the pin directory `pin_dir` (as [`resolved_dir`]
+/// names it).
 pub fn pin_dir_lock(pin_dir: &Path) -> PathBuf {
-    Path::new(LOCK_DIR).join(format!("pin-{}.lock", escape(&pin_dir.to_string_lossy())))
+    Path::new(LOCK_DIR).join(format!(
+        "pin-{}.lock",
+        escape(&resolved_dir(pin_dir).to_string_lossy())
+    ))
 }
 
 /// Where per-instance state files live (tmpfs, like the locks).
@@ -42,7 +79,10 @@ pub const STATE_DIR: &str = "/run/xdplb/state";
 
 /// The state file `kind` of the instance pinned at `pin_dir`.
 pub fn state_file(kind: &str, pin_dir: &Path) -> PathBuf {
-    Path::new(STATE_DIR).join(format!("{kind}-{}", escape(&pin_dir.to_string_lossy())))
+    Path::new(STATE_DIR).join(format!(
+        "{kind}-{}",
+        escape(&resolved_dir(pin_dir).to_string_lossy())
+    ))
 }
 
 /// This process's network namespace (its inode: names of interfaces and
@@ -54,9 +94,10 @@ fn netns() -> Result<u64> {
         .ino())
 }
 
-/// The lock file for interface `name` in this process's network namespace.
-pub fn interface_lock(name: &str) -> Result<PathBuf> {
-    Ok(Path::new(LOCK_DIR).join(format!("if-{}-{}.lock", netns()?, escape(name))))
+/// The lock file for the interface with index `index` in this process's
+/// network namespace (its name or any altname resolves to the index).
+pub fn interface_lock(index: u32) -> Result<PathBuf> {
+    Ok(Path::new(LOCK_DIR).join(format!("ifindex-{}-{index}.lock", netns()?)))
 }
 
 /// The lock file for announcing in routing table `table` with route
@@ -148,6 +189,26 @@ pub fn create_private_dir(dir: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_pin_directory_is_one_lock_however_spelled() {
+        let tmp = std::env::temp_dir().join(format!("xdplb-resolve-{}", std::process::id()));
+        std::fs::create_dir_all(tmp.join("real")).unwrap();
+        std::os::unix::fs::symlink(tmp.join("real"), tmp.join("link")).unwrap();
+        let want = tmp.canonicalize().unwrap().join("real/pins");
+        for spelling in [
+            "real/pins",
+            "real//pins",
+            "./real/./pins",
+            "link/pins",
+            "real/x/../pins",
+        ] {
+            let p = PathBuf::from(format!("{}/{spelling}", tmp.display()));
+            assert_eq!(resolved_dir(&p), want, "{spelling}");
+            assert_eq!(pin_dir_lock(&p), pin_dir_lock(&want), "{spelling}");
+        }
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
 
     #[test]
     fn escaped_names_are_distinct_and_flat() {
