@@ -1,9 +1,20 @@
 //! The read-only HTTP listener: `/metrics` and `/healthz`, served by hyper
 //! with a cap on connections, a header size limit and timeouts, so no
 //! client, however many connections it opens or however slowly it writes,
-//! can hold the daemon's descriptors or its controller.
+//! can hold the daemon's descriptors or its controller. Connections are
+//! always accepted: at the cap, the oldest one not in the middle of a
+//! request makes room, so idle connections held open (by anyone) cannot
+//! keep the monitor that fails a host over from `/healthz`.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{
+    collections::VecDeque,
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -11,13 +22,13 @@ use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{
     net::TcpListener,
-    sync::{mpsc, oneshot, Semaphore},
+    sync::{mpsc, oneshot},
 };
 use tracing::{debug, warn};
 
 use crate::{api::Query, metrics::Format};
 
-/// Connections served at once; more wait in the listen backlog.
+/// Connections held at once; a new one beyond it closes the oldest idle.
 pub const MAX_CONNECTIONS: usize = 64;
 /// A request's head must arrive within this.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -83,14 +94,37 @@ async fn handle(
     })
 }
 
+/// One connection being served: whether a request is being answered on
+/// it now, and how to close it.
+struct Held {
+    busy: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Make room for one more connection: forget finished ones, then, at the
+/// cap, close the oldest that is not answering a request. False when every
+/// held connection is mid-request.
+fn make_room(held: &mut VecDeque<Held>) -> bool {
+    held.retain(|h| !h.task.is_finished());
+    if held.len() < MAX_CONNECTIONS {
+        return true;
+    }
+    match held.iter().position(|h| !h.busy.load(Ordering::Relaxed)) {
+        Some(i) => {
+            if let Some(h) = held.remove(i) {
+                h.task.abort();
+            }
+            true
+        }
+        None => false,
+    }
+}
+
 /// Serve `/metrics` and `/healthz` until the runtime stops.
 pub async fn serve(listener: TcpListener, queries: mpsc::Sender<Query>) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut held: VecDeque<Held> = VecDeque::with_capacity(MAX_CONNECTIONS);
     let mut last_error = None;
     loop {
-        let Ok(permit) = permits.clone().acquire_owned().await else {
-            return;
-        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
@@ -106,10 +140,24 @@ pub async fn serve(listener: TcpListener, queries: mpsc::Sender<Query>) {
             }
         };
         last_error = None;
+        if !make_room(&mut held) {
+            // Every connection is being answered: this one closes now, and
+            // its client retries.
+            continue;
+        }
         let queries = queries.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let service = hyper::service::service_fn(move |req| handle(req, queries.clone()));
+        let busy = Arc::new(AtomicBool::new(false));
+        let flag = busy.clone();
+        let task = tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let (queries, flag) = (queries.clone(), flag.clone());
+                async move {
+                    flag.store(true, Ordering::Relaxed);
+                    let response = handle(req, queries).await;
+                    flag.store(false, Ordering::Relaxed);
+                    response
+                }
+            });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_TIMEOUT)
@@ -119,5 +167,6 @@ pub async fn serve(listener: TcpListener, queries: mpsc::Sender<Query>) {
                 debug!(error = %e, "metrics connection");
             }
         });
+        held.push_back(Held { busy, task });
     }
 }
