@@ -735,6 +735,18 @@ fn a_refused_start_leaves_nothing_behind() {
     fails(&out, "binding the metrics listener");
     assert!(!files.pins.0.exists(), "pins left behind");
     assert!(!files.socket.exists(), "socket left behind");
+    // With the socket in directories the start creates: they go too
+    // (efc012d left them).
+    let made = files.scratch.0.join("made");
+    let nested = made.join("for/admin.sock");
+    Cfg {
+        socket: &nested,
+        ..Cfg::new(&files)
+    }
+    .write(&files.config);
+    fails(&run(), "binding the metrics listener");
+    assert!(!made.exists(), "the socket's directories left behind");
+    Cfg::new(&files).write(&files.config);
     drop(blocker);
 
     // The next start works without `xdplb detach`.

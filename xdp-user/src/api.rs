@@ -5,7 +5,7 @@
 
 use std::{net::IpAddr, path::Path, sync::Arc, time::Duration};
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -330,19 +330,31 @@ async fn admin_connection(
 
 /// Client side: send one request to the daemon at `socket`.
 pub fn call(socket: &Path, request: &Request) -> Result<Response> {
-    use std::io::{BufRead as _, Write as _};
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
+    let stream = std::os::unix::net::UnixStream::connect(socket).with_context(|| {
         format!(
             "connecting to the xdplb daemon at {} (is `xdplb run` running?)",
             socket.display()
         )
     })?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    exchange(stream, request)
+}
+
+/// Send `request` on `stream` and read the answer. A daemon that refuses
+/// the connection (busy) answers and closes at once, maybe before the
+/// request is written: its answer, not the broken pipe, is what counts.
+fn exchange(mut stream: std::os::unix::net::UnixStream, request: &Request) -> Result<Response> {
+    use std::io::{BufRead as _, Write as _};
     let mut text = serde_json::to_string(request)?;
     text.push('\n');
-    stream.write_all(text.as_bytes())?;
+    let written = stream.write_all(text.as_bytes());
     let mut line = String::new();
-    std::io::BufReader::new(stream).read_line(&mut line)?;
+    let read = std::io::BufReader::new(stream).read_line(&mut line);
+    if line.trim().is_empty() {
+        written.context("sending the request to the daemon")?;
+        read.context("reading the daemon's answer")?;
+        bail!("the daemon closed the connection without an answer");
+    }
     serde_json::from_str(&line).with_context(|| format!("bad response from the daemon: {line:?}"))
 }
 
@@ -350,6 +362,25 @@ pub fn call(socket: &Path, request: &Request) -> Result<Response> {
 mod tests {
     use super::*;
     use crate::config::{Config, InitialState};
+
+    /// efc012d wrote first and gave up on EPIPE: the CLI printed "Broken
+    /// pipe" where the daemon had said why it refused.
+    #[test]
+    fn a_refusal_sent_before_the_request_is_read_is_the_answer() {
+        use std::io::Write as _;
+        let (client, mut daemon) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut busy =
+            serde_json::to_string(&Response::error("the daemon is busy: retry")).unwrap();
+        busy.push('\n');
+        daemon.write_all(busy.as_bytes()).unwrap();
+        drop(daemon);
+        let r = exchange(client, &Request::Status {}).expect("the answer, not EPIPE");
+        assert_eq!(r.error.as_deref(), Some("the daemon is busy: retry"));
+        let (client, daemon) = std::os::unix::net::UnixStream::pair().unwrap();
+        drop(daemon);
+        let e = format!("{:#}", exchange(client, &Request::Status {}).unwrap_err());
+        assert!(e.contains("sending the request"), "{e}");
+    }
 
     fn mutate(c: &Config, r: &Request) -> Result<Config> {
         r.change()

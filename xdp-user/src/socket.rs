@@ -12,12 +12,14 @@ use tokio::net::UnixListener;
 
 use crate::lock::create_private_dir;
 
-/// The bound socket file; removed on drop if the path still names it.
+/// The bound socket file; removed on drop if the path still names it,
+/// with the directories made for it (those left empty).
 #[derive(Debug)]
 pub struct SocketFile {
     path: PathBuf,
     dev: u64,
     ino: u64,
+    _dirs: CreatedDirs,
 }
 
 impl Drop for SocketFile {
@@ -26,6 +28,19 @@ impl Drop for SocketFile {
             if m.file_type().is_socket() && m.dev() == self.dev && m.ino() == self.ino {
                 let _ = std::fs::remove_file(&self.path);
             }
+        }
+    }
+}
+
+/// Directories this run created (innermost first): removed when dropped,
+/// if empty, so a start refused after making them leaves none behind.
+#[derive(Debug)]
+struct CreatedDirs(Vec<PathBuf>);
+
+impl Drop for CreatedDirs {
+    fn drop(&mut self) {
+        for d in &self.0 {
+            let _ = std::fs::remove_dir(d);
         }
     }
 }
@@ -82,6 +97,28 @@ pub async fn bind(path: &Path, group: Option<u32>) -> Result<(UnixListener, Sock
         .unwrap_or(Path::new("."));
     let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
     create_private_dir(dir)?;
+    // Declared before the listener: a refusal from here drops the listener
+    // (and its file) first, then these.
+    let dirs = CreatedDirs(missing.iter().map(|d| d.to_path_buf()).collect());
+    let (listener, dev, ino) = bind_in(path, dir, &missing, group).await?;
+    Ok((
+        listener,
+        SocketFile {
+            path: path.to_owned(),
+            dev,
+            ino,
+            _dirs: dirs,
+        },
+    ))
+}
+
+/// [`bind`] once `dir` exists (`missing`: the directories it created).
+async fn bind_in(
+    path: &Path,
+    dir: &Path,
+    missing: &[&Path],
+    group: Option<u32>,
+) -> Result<(UnixListener, u64, u64)> {
     if let Some(gid) = group {
         for d in missing {
             std::os::unix::fs::chown(d, None, Some(gid))
@@ -124,22 +161,25 @@ pub async fn bind(path: &Path, group: Option<u32>) -> Result<(UnixListener, Sock
         let _mask = Umask::set(0o177);
         UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?
     };
-    if let Some(gid) = group {
-        std::os::unix::fs::chown(path, None, Some(gid))
-            .with_context(|| format!("chgrp {}", path.display()))?;
+    let finish = || -> Result<(u64, u64)> {
+        if let Some(gid) = group {
+            std::os::unix::fs::chown(path, None, Some(gid))
+                .with_context(|| format!("chgrp {}", path.display()))?;
+        }
+        let mode = if group.is_some() { 0o660 } else { 0o600 };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("chmod {mode:o} {}", path.display()))?;
+        let m = std::fs::symlink_metadata(path)?;
+        Ok((m.dev(), m.ino()))
+    };
+    match finish() {
+        Ok((dev, ino)) => Ok((listener, dev, ino)),
+        Err(e) => {
+            // The socket this run just bound: not left behind.
+            let _ = std::fs::remove_file(path);
+            Err(e)
+        }
     }
-    let mode = if group.is_some() { 0o660 } else { 0o600 };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("chmod {mode:o} {}", path.display()))?;
-    let m = std::fs::symlink_metadata(path)?;
-    Ok((
-        listener,
-        SocketFile {
-            path: path.to_owned(),
-            dev: m.dev(),
-            ino: m.ino(),
-        },
-    ))
 }
 
 fn describe(m: &std::fs::Metadata) -> &'static str {

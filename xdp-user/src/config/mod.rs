@@ -591,6 +591,14 @@ impl Config {
                 problem(format!("tables.{name}"), "must be at least 1".into());
             }
         }
+        for (location, path) in [
+            ("daemon.pin_dir", &self.daemon.pin_dir),
+            ("api.socket", &self.api.socket),
+        ] {
+            if let Some(why) = path_problem(path) {
+                problem(location.into(), why);
+            }
+        }
         let a = &self.announce;
         // 253 default, 254 main, 255 local: routes there would steer this
         // host's own traffic.
@@ -720,6 +728,14 @@ impl Config {
             let at = format!("vip[{i}] {}", vip.label());
             if vip.name.trim().is_empty() {
                 problem(format!("vip[{i}]"), "name must not be empty".into());
+            } else if vip.name.chars().any(char::is_control) {
+                problem(
+                    format!("vip[{i}]"),
+                    format!(
+                        "name {:?} contains a line break or control character",
+                        vip.name
+                    ),
+                );
             } else if !names.insert(vip.name.as_str()) {
                 problem(at.clone(), format!("duplicate VIP name {:?}", vip.name));
             }
@@ -752,6 +768,18 @@ impl Config {
                 );
             }
             self.health_problems(&at, vip, &mut problem);
+            if let Some(need) = ring_needed(vip).filter(|n| *n > u64::from(t.ring_size)) {
+                problem(
+                    at.clone(),
+                    format!(
+                        "tables.ring_size {} cannot give each backend its weight's share: \
+                         the smallest share (weight {} of {}) needs a ring of at least {need} slots",
+                        t.ring_size,
+                        vip.backends.iter().map(|b| b.weight).filter(|w| *w > 0).min().unwrap_or(0),
+                        vip.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>(),
+                    ),
+                );
+            }
             let mut seen = HashSet::new();
             for (j, b) in vip.backends.iter().enumerate() {
                 let bat = format!("{at}.backend[{j}] ({})", b.address);
@@ -852,6 +880,15 @@ impl Config {
                 if !h.path.starts_with('/') {
                     problem(hat.clone(), format!("path {:?} must start with /", h.path));
                 }
+                if h.path.chars().any(char::is_whitespace) {
+                    problem(
+                        hat.clone(),
+                        format!(
+                            "path {:?} contains whitespace (it would split the request line; write a space as %20)",
+                            h.path
+                        ),
+                    );
+                }
                 if !(100..=599).contains(&h.expect_status) {
                     problem(
                         hat.clone(),
@@ -883,6 +920,36 @@ impl Config {
     pub fn vip(&self, name: &str) -> Option<&Vip> {
         self.vips.iter().find(|v| v.name == name)
     }
+}
+
+/// Why `path` cannot name a file (a NUL byte, a control character, or not
+/// absolute), if it cannot.
+fn path_problem(path: &Path) -> Option<String> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.contains(&0) {
+        Some(format!("{path:?} contains a NUL byte"))
+    } else if bytes.iter().any(|b| b.is_ascii_control()) {
+        Some(format!("{path:?} contains a control character"))
+    } else if !path.is_absolute() {
+        Some(format!("{path:?} is not an absolute path"))
+    } else {
+        None
+    }
+}
+
+/// The ring a VIP needs so that every backend gets its weight's share: at
+/// least one slot for the smallest share (Maglev's accumulation keeps
+/// each backend within one slot of its share), so the total weight over
+/// the smallest weight. None without weighted backends.
+fn ring_needed(vip: &Vip) -> Option<u64> {
+    let weights = vip
+        .backends
+        .iter()
+        .map(|b| u64::from(b.weight))
+        .filter(|w| *w > 0);
+    let smallest = weights.clone().min()?;
+    Some(weights.sum::<u64>().div_ceil(smallest))
 }
 
 #[cfg(test)]
@@ -1207,6 +1274,45 @@ address = "2001:db8:1::1"
         ];
         for (replace, by, location, reason) in cases {
             assert_problem(&with(replace, by), location, reason);
+        }
+    }
+
+    /// Each accepted on efc012d.
+    #[test]
+    fn paths_names_and_rings_that_cannot_work_are_refused() {
+        for (text, location, reason) in [
+            (
+                format!("{GOOD}\n[tables]\nring_size = 2\n"),
+                "vip[0] web",
+                "the smallest share (weight 50 of 150) needs a ring of at least 3 slots",
+            ),
+            (
+                format!("{GOOD}\n[daemon]\npin_dir = \"/sys/fs/bpf/x\\u0000y\"\n"),
+                "daemon.pin_dir",
+                "NUL byte",
+            ),
+            (
+                format!("{GOOD}\n[api]\nsocket = \"/run/a\\u0000.sock\"\n"),
+                "api.socket",
+                "NUL byte",
+            ),
+            (
+                format!("{GOOD}\n[api]\nsocket = \"run/a.sock\"\n"),
+                "api.socket",
+                "not an absolute path",
+            ),
+            (
+                with("name = \"web\"", "name = \"web\\nFORGED 1\""),
+                "vip[0]",
+                "line break or control character",
+            ),
+            (
+                with("path = \"/healthz\"", "path = \"/a b\""),
+                "health",
+                "contains whitespace",
+            ),
+        ] {
+            assert_problem(&text, location, reason);
         }
     }
 
