@@ -269,6 +269,14 @@ fn table() -> Vec<Case> {
         packet::with_ipv6_extension(&f6, 43),
         PASS_UNSUPPORTED,
     ));
+    // Counted pass_not_vip on efc012d.
+    for (what, next) in [("ESP", 50), ("AH", 51), ("Mobility", 135), ("HIP", 139)] {
+        cases.push(passed(
+            &format!("ipv6 {what} header to a vip"),
+            packet::with_ipv6_extension(&f6, next),
+            PASS_UNSUPPORTED,
+        ));
+    }
     cases.push(passed(
         "two VLAN tags (QinQ)",
         packet::with_vlan(&packet::with_vlan(&f, 0x8100, 5), 0x88a8, 6),

@@ -31,8 +31,8 @@ mod trace;
 
 use aya_ebpf::{macros::xdp, programs::XdpContext};
 use xdp_common::{
-    decap_reason, fwd, reason, Config, DecapKey, FlowKey, VipKey, VipMeta, FAMILY_V4, PROTO_TCP,
-    PROTO_UDP, XDP_DROP, XDP_PASS, XDP_TX,
+    decap_reason, fwd, reason, Config, DecapKey, FlowKey, VipKey, VipMeta, FAMILY_V4, FAMILY_V6,
+    PROTO_TCP, PROTO_UDP, XDP_DROP, XDP_PASS, XDP_TX,
 };
 
 use crate::{
@@ -237,7 +237,11 @@ fn decide(
     d.vip_id = vip.vip_id;
     d.conntrack = choice.conntrack;
     d.backend_id = choice.backend_id;
-    if l3.dont_fragment && vip.mode != fwd::L2_DSR && cfg.tunnel_mtu != 0 {
+    // IPv6 routers never fragment, and XDP cannot: an IPv4 packet too big
+    // for an IPv6 tunnel is answered whatever its DF bit (its sender
+    // lowers its path MTU; TCP its segment size).
+    let may_fragment = !l3.dont_fragment && choice.backend.family != u32::from(FAMILY_V6);
+    if !may_fragment && vip.mode != fwd::L2_DSR && cfg.tunnel_mtu != 0 {
         let outer = forward::outer_len(&choice.backend);
         if l3.ip_len + outer > cfg.tunnel_mtu as usize {
             let action = answer_too_big(ctx, cfg, l3_off, l3, cfg.tunnel_mtu - outer as u32)?;

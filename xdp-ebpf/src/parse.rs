@@ -32,6 +32,14 @@ const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_DSTOPTS: u8 = 60;
+const IPPROTO_ESP: u8 = 50;
+const IPPROTO_AH: u8 = 51;
+const IPPROTO_MOBILITY: u8 = 135;
+const IPPROTO_HIP: u8 = 139;
+const IPPROTO_SHIM6: u8 = 140;
+/// IANA's experimental extension header numbers (RFC 3692).
+const IPPROTO_EXPERIMENT1: u8 = 253;
+const IPPROTO_EXPERIMENT2: u8 = 254;
 
 /// Pointer to a `T` at `offset` from the start of the packet, if the packet
 /// holds all of it.
@@ -221,7 +229,20 @@ pub fn ipv6(ctx: &XdpContext, off: usize) -> Result<L3, Malformed> {
         tos: (hdr[0] << 4) | (hdr[1] >> 4),
         fragment: proto == IPPROTO_FRAGMENT,
         dont_fragment: true,
-        extension: matches!(proto, IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS),
+        // Every IPv6 extension header IANA lists, but Fragment.
+        extension: matches!(
+            proto,
+            IPPROTO_HOPOPTS
+                | IPPROTO_ROUTING
+                | IPPROTO_DSTOPTS
+                | IPPROTO_ESP
+                | IPPROTO_AH
+                | IPPROTO_MOBILITY
+                | IPPROTO_HIP
+                | IPPROTO_SHIM6
+                | IPPROTO_EXPERIMENT1
+                | IPPROTO_EXPERIMENT2
+        ),
     })
 }
 
