@@ -132,8 +132,28 @@ health = {health}
 }
 
 /// A namespace with the LB's veth pair (lb0, lb1) and backend addresses
-/// 198.18.1.1-8 on loopback.
+/// 198.18.1.1-8 on loopback; lb1 runs an XDP program, as it must for
+/// lb0's XDP_TX frames to arrive (`tests/tests/veth_tx.rs`).
 pub fn topology(tag: &str) -> Netns {
+    let ns = topology_bare(tag);
+    peer_xdp(&ns, "lb1");
+    ns
+}
+
+/// Attach `xdp_pass` to `dev` in `ns` for the rest of the test process
+/// (the namespace's removal takes the device and the attachment with it).
+pub fn peer_xdp(ns: &Netns, dev: &str) {
+    let _inside = ns.enter().unwrap();
+    let mut pass =
+        xdp_user::dataplane::AuxProgram::load(xdp_user::dataplane::PASS_PROGRAM).unwrap();
+    pass.attach(dev, xdp_user::dataplane::AttachMode::Native)
+        .unwrap();
+    std::mem::forget(pass);
+}
+
+/// [`topology`] without the program on lb1: every XDP_TX frame of lb0 is
+/// lost there.
+pub fn topology_bare(tag: &str) -> Netns {
     let ns = Netns::new(tag).unwrap();
     veth(&ns);
     for i in 1..=8 {

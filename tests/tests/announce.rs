@@ -199,11 +199,16 @@ fn two_daemons_never_share_an_announcement_table() {
     let first = Daemon::start(&ns, &files.config, &files.socket, files.log("d1.log")).unwrap();
     wait_routes(&ns, "100", true, "first daemon");
 
-    // A second daemon on the other interface, same table and protocol: it
+    // A second daemon on another interface, same table and protocol: it
     // would withdraw the first one's routes. Refused, naming the holder.
+    ns.ip(&["link", "add", "lb2", "type", "veth", "peer", "name", "lb3"])
+        .unwrap();
+    ns.ip(&["link", "set", "lb2", "up"]).unwrap();
+    ns.ip(&["link", "set", "lb3", "up"]).unwrap();
+    integration_tests::ops::peer_xdp(&ns, "lb3");
     let other = Files::new("announce-two-b");
     let mut second = Cfg::new(&other);
-    second.interface = "lb1";
+    second.interface = "lb2";
     second.metrics = "127.0.0.1:9478";
     second.extra = ANNOUNCE.into();
     second.write(&other.config);

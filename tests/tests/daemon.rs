@@ -114,6 +114,7 @@ fn topology(tag: &str) -> Netns {
         .unwrap();
     ns.ip(&["link", "set", "lb0", "up"]).unwrap();
     ns.ip(&["link", "set", "lb1", "up"]).unwrap();
+    integration_tests::ops::peer_xdp(&ns, "lb1");
     for a in WEB {
         ns.ip(&["addr", "add", &format!("{a}/32"), "dev", "lo"])
             .unwrap();

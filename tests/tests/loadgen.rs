@@ -250,14 +250,14 @@ fn frames_a_driver_drops_silently_are_not_reported_as_sent() {
 fn arrivals_are_counted_at_a_running_balancers_socket() {
     use integration_tests::{
         daemon::Daemon,
-        ops::{servers, topology, Cfg, Files},
+        ops::{servers, topology_bare, Cfg, Files},
     };
     if !require_root() {
         return;
     }
     let files = Files::new("loadgen-socket");
     Cfg::new(&files).write(&files.config);
-    let ns = topology("loadgen-socket");
+    let ns = topology_bare("loadgen-socket");
     let _backends = servers(&ns, &["198.18.1.1", "198.18.1.2"]);
     let daemon = Daemon::start(&ns, &files.config, &files.socket, files.log("d.log")).unwrap();
     let lb_mac = in_ns(&ns, || interface_mac("lb0")).unwrap().unwrap();

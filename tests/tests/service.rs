@@ -421,10 +421,10 @@ fn the_units_sandbox_leaves_the_daemon_working() {
     // A change is written back to the config (ReadWritePaths).
     ok(&xdplb(
         &files.socket,
-        &["backend", "weight", "web", "198.18.1.2", "7"],
+        &["backend", "weight", "web", "198.18.1.2", "50"],
     ));
     let text = std::fs::read_to_string(&files.config).unwrap();
-    assert!(text.contains("weight = 7"), "{text}");
+    assert!(text.contains("weight = 50"), "{text}");
     // The operator's withdrawal is kept under /run/xdplb.
     ok(&xdplb(&files.socket, &["announce", "withdraw"]));
     ok(&xdplb(&files.socket, &["announce", "restore"]));

@@ -18,7 +18,7 @@ use integration_tests::{
     daemon::{in_netns, run_in, wait_for, xdplb, Daemon},
     ops::{
         fails, http_get, mac_text, metric, ok, pinned_map_id, ring_of, servers, status, stderr,
-        stdout, topology, veth, xdp_prog, Cfg, Files,
+        stdout, topology, topology_bare, veth, xdp_prog, Cfg, Files,
     },
     require_root, PinDir,
 };
@@ -94,6 +94,7 @@ fn a_lost_dataplane_is_reported_then_reattached() {
 
     // It comes back: re-attached on its own, healthy again.
     veth(&ns);
+    integration_tests::ops::peer_xdp(&ns, "lb1");
     wait_for(Duration::from_secs(3), || xdp_prog(&ns, "lb0")).expect("re-attached within 3 s");
     wait_for(Duration::from_secs(3), || {
         http_get(&ns, "127.0.0.1:9477", "/healthz")
@@ -645,15 +646,50 @@ fn driver_xdp_tx_drops_are_counted_and_warned_about() {
         return;
     }
     let files = Files::new("truth-txerr");
-    Cfg::new(&files).write(&files.config);
-    let ns = topology("truth-txerr");
+    Cfg {
+        extra: "\n[announce]\nenabled = true\n".into(),
+        ..Cfg::new(&files)
+    }
+    .write(&files.config);
+    let ns = topology_bare("truth-txerr");
     let _backends = servers(&ns, &["198.18.1.1", "198.18.1.2"]);
     let daemon = Daemon::start(&ns, &files.config, &files.socket, files.log("d.log")).unwrap();
-    // lb1, lb0's peer, has no XDP program: every XDP_TX frame is dropped.
+    // lb1, lb0's peer, has no XDP program: every XDP_TX frame is lost,
+    // and the daemon knows it. It does not claim to forward, and does not
+    // announce (efc012d: "GRO on the peer" was said to suffice, the host
+    // announced and `check` said OK).
     assert!(
-        daemon.log_text().contains("lb1 has no XDP program"),
+        daemon
+            .log_text()
+            .contains("NOT forwarding: lb0 is a veth and its peer lb1 runs no XDP program"),
         "{}",
         daemon.log_text()
+    );
+    let check = xdplb(&files.socket, &["check"]);
+    assert_eq!(check.status.code(), Some(2), "{}", stdout(&check));
+    assert!(
+        stdout(&check).starts_with("XDPLB CRITICAL - not forwarding"),
+        "{}",
+        stdout(&check)
+    );
+    let (line, body) = http_get(&ns, "127.0.0.1:9477", "/healthz");
+    assert!(
+        line.contains("503") && body.contains("not forwarding"),
+        "{line} {body}"
+    );
+    let s = status(&files.socket);
+    assert_eq!(s["forwarding"], false, "{s}");
+    assert!(
+        s["announce"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("the transmit path drops every frame")),
+        "{s}"
+    );
+    assert!(
+        s["announce"]["announced"]
+            .as_array()
+            .is_some_and(Vec::is_empty),
+        "{s}"
     );
     let mac = {
         let _inside = ns.enter().unwrap();
@@ -694,7 +730,16 @@ fn driver_xdp_tx_drops_are_counted_and_warned_about() {
     println!("driver XDP errors after 500 frames: {lost}");
     let text = ok(&xdplb(&files.socket, &["status"]));
     assert!(text.contains("WARNING: the driver dropped"), "{text}");
-    assert!(text.contains("lb1 has no XDP program"), "{text}");
+    assert!(text.contains("NOT FORWARDING: lb0 is a veth"), "{text}");
+
+    // An XDP program on the peer: forwarding, announced.
+    integration_tests::ops::peer_xdp(&ns, "lb1");
+    wait_for(Duration::from_secs(5), || {
+        let s = status(&files.socket);
+        (s["forwarding"] == true && s["announce"]["announced"][0] == "198.18.0.10").then_some(())
+    })
+    .unwrap_or_else(|| panic!("{}", status(&files.socket)));
+    assert!(ok(&xdplb(&files.socket, &["check"])).starts_with("XDPLB OK"));
     daemon.stop().unwrap();
 }
 

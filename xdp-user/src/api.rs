@@ -187,6 +187,9 @@ pub fn healthz(ctl: &Controller) -> (bool, String) {
             ),
         );
     }
+    if let Some(why) = ctl.transmit_problem() {
+        return (false, format!("not forwarding: {why}\n"));
+    }
     match &ctl.last_error {
         None => (true, "ok: dataplane attached, maps in sync\n".into()),
         Some(e) => (false, format!("out of sync: {e}\n")),

@@ -418,6 +418,9 @@ fn print_status(s: &serde_json::Value) -> Result<()> {
     for p in &status.dataplane_problems {
         println!("  dataplane problem: {p}");
     }
+    if let Some(why) = &status.transmit_problem {
+        println!("  NOT FORWARDING: {why}");
+    }
     if let Some(e) = &status.last_error {
         println!("  last error: {e}");
     }
@@ -510,6 +513,8 @@ struct StatusView {
     adopted: bool,
     attached: bool,
     dataplane_problems: Vec<String>,
+    #[serde(default)]
+    transmit_problem: Option<String>,
     driver_xdp_errors: std::collections::BTreeMap<String, u64>,
     warnings: Vec<String>,
     in_sync: bool,
@@ -636,6 +641,9 @@ fn nagios(socket: &Path) -> ExitCode {
             "XDPLB CRITICAL - dataplane not attached as configured: {}",
             status.dataplane_problems.join("; ")
         );
+        ExitCode::from(2)
+    } else if let Some(why) = &status.transmit_problem {
+        println!("XDPLB CRITICAL - not forwarding: {why}");
         ExitCode::from(2)
     } else if !status.in_sync {
         println!(

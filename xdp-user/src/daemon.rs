@@ -132,7 +132,7 @@ pub struct RunOptions {
 struct Claimed {
     _pin_lock: lock::Lock,
     _iface_lock: lock::Lock,
-    _socket: socket::SocketFile,
+    socket: socket::SocketFile,
 }
 
 pub async fn run(options: RunOptions) -> Result<()> {
@@ -171,10 +171,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let metrics = TcpListener::bind(config.api.metrics)
         .await
         .with_context(|| format!("binding the metrics listener {}", config.api.metrics))?;
-    let _claimed = Claimed {
+    let mut claimed = Claimed {
         _pin_lock: pin_lock,
         _iface_lock: iface_lock,
-        _socket: socket_file,
+        socket: socket_file,
     };
     let health_runtime =
         crate::health::own_runtime().context("starting the health-check thread")?;
@@ -220,7 +220,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
         }
         Err(e) => warn!(error = %format!("{e:#}"), "no background flow counter"),
     }
+    claimed.socket.started();
     ctl.reconcile_logged();
+    // Before anything is announced: whether frames get out at all.
+    ctl.self_check();
     ctl.announce();
     let (check_tx, mut check_rx) = mpsc::channel(4096);
     let mut checks = Checks::on(health_runtime, check_tx);
@@ -263,9 +266,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut last_reconcile = Instant::now();
 
     loop {
+        let status = match ctl.transmit_problem() {
+            Some(why) => format!("NOT forwarding: {why}"),
+            None => "forwarding".to_owned(),
+        };
+        // Ready once attached and in sync, and saying whether frames get
+        // out (a start that cannot transmit still serves status and check).
         manager.ready_when(
             ctl.in_sync() && ctl.self_check_problems().is_empty(),
-            "forwarding",
+            &status,
         );
         tokio::select! {
             // The watchdog is fed from this loop: a wedged controller stops

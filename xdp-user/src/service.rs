@@ -11,6 +11,8 @@ use tracing::debug;
 #[derive(Debug, Default)]
 pub struct Manager {
     ready: bool,
+    /// The status line last sent.
+    status: String,
     /// How often to tell the watchdog we are alive (half its timeout).
     pub watchdog: Option<Duration>,
 }
@@ -28,18 +30,30 @@ impl Manager {
             .then(|| Duration::from_micros(usec / 2).max(Duration::from_millis(10)));
         Self {
             ready: false,
+            status: String::new(),
             watchdog,
         }
     }
 
     /// Report readiness once, when the dataplane is attached and in sync
     /// (the first reconcile applied); until then keep the manager waiting.
+    /// From then on keep the status line (`systemctl status`) saying
+    /// whether it forwards.
     pub fn ready_when(&mut self, in_service: bool, status: &str) {
-        if self.ready || !in_service {
+        if !self.ready && !in_service {
             return;
         }
+        if self.ready && self.status == status {
+            return;
+        }
+        let first = !self.ready;
         self.ready = true;
-        notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+        self.status = status.to_owned();
+        if first {
+            notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+        } else {
+            notify(&[NotifyState::Status(status)]);
+        }
     }
 
     /// The controller loop is alive.

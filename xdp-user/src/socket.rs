@@ -13,13 +13,22 @@ use tokio::net::UnixListener;
 use crate::lock::create_private_dir;
 
 /// The bound socket file; removed on drop if the path still names it,
-/// with the directories made for it (those left empty).
+/// with the directories made for it (those left empty) unless the start
+/// succeeded.
 #[derive(Debug)]
 pub struct SocketFile {
     path: PathBuf,
     dev: u64,
     ino: u64,
-    _dirs: CreatedDirs,
+    dirs: CreatedDirs,
+}
+
+impl SocketFile {
+    /// The start succeeded: the directories made for the socket stay
+    /// when it goes (as `/run/xdplb` does).
+    pub fn started(&mut self) {
+        self.dirs.0.clear();
+    }
 }
 
 impl Drop for SocketFile {
@@ -107,7 +116,7 @@ pub async fn bind(path: &Path, group: Option<u32>) -> Result<(UnixListener, Sock
             path: path.to_owned(),
             dev,
             ino,
-            _dirs: dirs,
+            dirs,
         },
     ))
 }

@@ -24,7 +24,15 @@ const KERNELS: &[(&str, &str)] = &[
 ];
 
 /// Modules the guest loads (with their dependencies, from modules.dep).
-const MODULES: &[&str] = &["virtio_pci", "virtio_net", "ipip", "ip6_tunnel", "pktgen"];
+const MODULES: &[&str] = &[
+    "virtio_pci",
+    "virtio_net",
+    "ipip",
+    "ip6_tunnel",
+    "pktgen",
+    "veth",
+    "bridge",
+];
 
 /// Host programs the guests get (host path, guest path).
 const HOST_TOOLS: &[(&str, &str)] = &[
@@ -32,6 +40,7 @@ const HOST_TOOLS: &[(&str, &str)] = &[
     ("/usr/sbin/sysctl", "usr/sbin/sysctl"),
     ("/bin/dash", "usr/bin/dash"),
     ("/usr/bin/socat", "usr/bin/socat"),
+    ("/usr/sbin/ethtool", "usr/sbin/ethtool"),
 ];
 
 /// Longest a guest may run before it is killed.

@@ -314,12 +314,14 @@ pub struct Vip {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum InitialState {
-    /// In the ring from the start; checks take it out after `fall` failures.
+    /// In service: its checks decide (`fall` failures take it out).
     #[default]
     Up,
-    /// Out of the ring until `rise` checks pass.
+    /// Held out whatever its checks say: no new flows, its flows placed
+    /// again. Checks still run, so its health shows.
     Down,
-    /// Keeps existing flows, receives no new ones.
+    /// Keeps existing flows, receives no new ones (a failed check takes
+    /// it down).
     Drain,
 }
 

@@ -228,6 +228,12 @@ impl Controller {
         if !self.self_check.problems.is_empty() {
             return (BTreeSet::new(), Some("the dataplane is lost".into()));
         }
+        if let Some(why) = self.transmit_problem() {
+            return (
+                BTreeSet::new(),
+                Some(format!("the transmit path drops every frame: {why}")),
+            );
+        }
         if let Some(e) = &self.last_error {
             return (
                 BTreeSet::new(),

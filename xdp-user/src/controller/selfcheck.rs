@@ -22,12 +22,17 @@ pub struct SelfCheck {
     /// When the check last found the dataplane not as the daemon left it
     /// (announcements are held down for a while after it).
     pub(super) last_loss: Option<std::time::Instant>,
+    /// Why what the program sends is lost before it leaves this host, when
+    /// this host can tell (`iface::tx_delivers`): the dataplane is not
+    /// forwarding, whatever it is attached to.
+    pub transmit: Option<String>,
 }
 
 impl Controller {
     /// Verify the dataplane is attached and pinned as the daemon left it;
     /// on loss report it, then repair what can be repaired.
     pub fn self_check(&mut self) {
+        self.check_transmit();
         let problems = self.dp.problems();
         if problems.is_empty() {
             if !self.self_check.problems.is_empty() {
@@ -70,6 +75,37 @@ impl Controller {
         }
     }
 
+    /// Whether the interface delivers what the program sends; a change is
+    /// logged once.
+    fn check_transmit(&mut self) {
+        let now = match crate::iface::by_name(&self.config.interface) {
+            Ok(Some(i)) => crate::iface::tx_delivers(&i).err(),
+            // A missing interface is the self-check's to report.
+            _ => None,
+        };
+        if now != self.self_check.transmit {
+            match &now {
+                Some(why) => error!(reason = %why, "NOT forwarding: {why}"),
+                None if self.self_check.transmit.is_some() => {
+                    info!("the interface delivers what the program sends again")
+                }
+                None => {}
+            }
+            self.self_check.transmit = now;
+        }
+    }
+
+    /// Why the program's frames are lost on this host, if they are.
+    pub fn transmit_problem(&self) -> Option<&str> {
+        self.self_check.transmit.as_deref()
+    }
+
+    /// Whether the dataplane forwards: attached as configured, in sync,
+    /// and what it sends gets out.
+    pub fn forwarding(&self) -> bool {
+        self.self_check.problems.is_empty() && self.in_sync() && self.transmit_problem().is_none()
+    }
+
     /// What the self-check found wrong now (empty: all is well).
     pub fn self_check_problems(&self) -> &[String] {
         &self.self_check.problems
@@ -83,7 +119,9 @@ impl Controller {
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         if let Ok(Some(i)) = crate::iface::by_name(&self.config.interface) {
-            if let Some(w) = crate::iface::tx_loss_warning(&i) {
+            if let Some(w) = crate::iface::tx_loss_warning(&i)
+                .filter(|w| Some(w.as_str()) != self.transmit_problem())
+            {
                 out.push(w);
             }
         }

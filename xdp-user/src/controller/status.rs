@@ -92,6 +92,8 @@ impl Controller {
             adopted: self.dp.adopted(),
             attached: self.self_check.problems.is_empty(),
             dataplane_problems: self.self_check.problems.clone(),
+            forwarding: self.forwarding(),
+            transmit_problem: self.transmit_problem().map(str::to_owned),
             driver_xdp_errors,
             warnings: self.warnings(),
             in_sync: self.in_sync(),
@@ -185,6 +187,10 @@ pub struct Status {
     pub attached: bool,
     /// What the self-check found wrong, if anything.
     pub dataplane_problems: Vec<String>,
+    /// Attached, in sync, and what the program sends gets out.
+    pub forwarding: bool,
+    /// Why what the program sends is lost on this host, when it can tell.
+    pub transmit_problem: Option<String>,
     /// The driver's XDP TX/redirect error counters (ethtool), by name:
     /// frames the balancer sent that the kernel dropped.
     pub driver_xdp_errors: BTreeMap<String, u64>,
