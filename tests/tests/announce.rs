@@ -349,3 +349,56 @@ fn routes_xdplb_did_not_add_are_never_taken() {
     ok(&xdplb(&files.socket, &["announce", "restore"]));
     daemon.stop().unwrap();
 }
+
+/// A fresh start announces only once every checked backend has a first
+/// verdict, or, for one that never gets one (its checks cannot run here),
+/// after two intervals and a timeout, with that backend counted down
+/// (efc012d announced at the first backend's first check, and kept the
+/// unanswered one in its ring: `init_state = "up"`).
+#[test]
+fn a_fresh_start_announces_with_every_backend_judged() {
+    if !require_root() {
+        return;
+    }
+    let files = Files::new("announce-fresh");
+    let mut cfg = Cfg::new(&files);
+    // 198.19.5.5 has no route here: its checks never give a verdict.
+    cfg.backends = vec!["198.18.1.1", "198.19.5.5"];
+    cfg.health = "{ kind = \"tcp\", port = 80, interval_ms = 1000, timeout_ms = 500, jitter_ms = 10, rise = 1, fall = 1, init_state = \"up\" }".into();
+    cfg.extra = "\n[announce]\nenabled = true\nhold_down_ms = 500\n".into();
+    cfg.write(&files.config);
+    let ns = topology("announce-fresh");
+    let _backends = servers(&ns, &["198.18.1.1"]);
+    let started = std::time::Instant::now();
+    let daemon = Daemon::start(&ns, &files.config, &files.socket, files.log("d.log")).unwrap();
+    let s = status(&files.socket);
+    let waited = started.elapsed();
+    assert!(
+        s["announce"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("a fresh start waits for the first check of")),
+        "{waited:?}: {s}"
+    );
+    assert!(!routes(&ns, "100").contains("198.18.0.10"));
+    // The bound: 2 x 1000 ms + 500 ms.
+    wait_routes(&ns, "100", true, "announced after the bound");
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(2000),
+        "announced after {took:?}"
+    );
+    let s = status(&files.socket);
+    let unjudged = &s["vips"][0]["backends"][1];
+    assert_eq!(
+        unjudged["dataplane_state"], "down",
+        "counted down: {unjudged}"
+    );
+    assert_eq!(s["vips"][0]["backends"][0]["dataplane_state"], "up", "{s}");
+    assert!(
+        daemon.log_text().contains("has no verdict"),
+        "{}",
+        daemon.log_text()
+    );
+    println!("a fresh start announced {took:?} after it began, the unjudged backend counted down");
+    daemon.stop().unwrap();
+}

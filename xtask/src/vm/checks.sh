@@ -100,7 +100,8 @@ CONF
         sleep 0.2
     done
     if [ "$4" = yes ]; then
-        xdplb decap attach --interface lb1 --vip 198.18.5.99 --mode native > /tmp/veth-decap 2>&1 \
+        xdplb decap attach --interface lb1 --vip 198.18.5.99 --mode native \
+            --pin-dir /sys/fs/bpf/veth-decap > /tmp/veth-decap 2>&1 \
             || { cat /tmp/veth-decap; fail "veth: no XDP program on lb1"; }
     fi
     sleep 1.5
@@ -113,7 +114,7 @@ CONF
     grep -q '"forwarding": true' /tmp/veth-status && forwarding=yes
     echo "XDPLB-VM: veth: peer $1: ${arrived:-?} of 200 arrived; the daemon says forwarding=$forwarding"
     kill "$pid"; wait "$pid" 2>/dev/null
-    [ "$4" = yes ] && xdplb decap detach > /dev/null 2>&1
+    [ "$4" = yes ] && xdplb decap detach --pin-dir /sys/fs/bpf/veth-decap > /dev/null 2>&1
     xdplb detach --pin-dir /sys/fs/bpf/veth > /dev/null 2>&1
     ip link del lb0
     [ "$3" = yes ] && ip link del br0
