@@ -24,7 +24,8 @@ const FRAMES: u64 = 200;
 struct Peer {
     gro: bool,
     bridge_port: bool,
-    xdp: bool,
+    /// An XDP program on the peer, and in which mode.
+    xdp: Option<AttachMode>,
 }
 
 /// A packet socket on `dev` (in the calling thread's namespace): sees
@@ -133,8 +134,8 @@ fn measure(peer: Peer) -> (u64, bool, Vec<(String, u64)>) {
     let mut bounce = AuxProgram::load(SWAP_PROGRAM).unwrap();
     bounce.attach("lb0", AttachMode::Native).unwrap();
     let mut pass = AuxProgram::load(PASS_PROGRAM).unwrap();
-    if peer.xdp {
-        pass.attach("lb1", AttachMode::Native).unwrap();
+    if let Some(mode) = peer.xdp {
+        pass.attach("lb1", mode).unwrap();
     }
     let predicted = iface::tx_delivers(&iface::require("lb0").unwrap()).is_ok();
     let tap = tap("lb1");
@@ -172,32 +173,19 @@ fn what_a_veth_delivers_is_what_the_daemon_believes() {
     );
     let mut wrong = Vec::new();
     for peer in [
-        Peer {
-            gro: false,
-            bridge_port: false,
-            xdp: false,
-        },
-        Peer {
-            gro: true,
-            bridge_port: false,
-            xdp: false,
-        },
-        Peer {
-            gro: true,
-            bridge_port: true,
-            xdp: false,
-        },
-        Peer {
-            gro: false,
-            bridge_port: false,
-            xdp: true,
-        },
-        Peer {
-            gro: true,
-            bridge_port: true,
-            xdp: true,
-        },
-    ] {
+        (false, false, None),
+        (true, false, None),
+        (true, true, None),
+        (false, false, Some(AttachMode::Native)),
+        (true, true, Some(AttachMode::Native)),
+        (false, false, Some(AttachMode::Generic)),
+        (true, false, Some(AttachMode::Generic)),
+    ]
+    .map(|(gro, bridge_port, xdp)| Peer {
+        gro,
+        bridge_port,
+        xdp,
+    }) {
         let (arrived, predicted, stats) = measure(peer);
         let delivered = arrived >= FRAMES * 9 / 10;
         table += &format!(

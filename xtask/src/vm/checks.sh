@@ -57,7 +57,7 @@ sed 's/^/XDPLB-VM: loadgen: /' /tmp/gen
 # cautious, never optimistic). The balancer on lb0 encapsulates what the
 # generator sends from lb1 and sends it back out of lb0; lb1's RX counts
 # what arrived.
-veth_case() { # name gro(on|off) bridge(yes|no) xdp(yes|no)
+veth_case() { # name gro(on|off) bridge(yes|no) xdp(no|native|generic)
     ip link add lb0 type veth peer name lb1 || fail "veth: no veth"
     ip link set lb0 up
     if [ "$3" = yes ]; then
@@ -99,8 +99,8 @@ CONF
             && grep -q '"in_sync": true' /tmp/veth-status && break
         sleep 0.2
     done
-    if [ "$4" = yes ]; then
-        xdplb decap attach --interface lb1 --vip 198.18.5.99 --mode native \
+    if [ "$4" != no ]; then
+        xdplb decap attach --interface lb1 --vip 198.18.5.99 --mode "$4" \
             --pin-dir /sys/fs/bpf/veth-decap > /tmp/veth-decap 2>&1 \
             || { cat /tmp/veth-decap; fail "veth: no XDP program on lb1"; }
     fi
@@ -114,7 +114,7 @@ CONF
     grep -q '"forwarding": true' /tmp/veth-status && forwarding=yes
     echo "XDPLB-VM: veth: peer $1: ${arrived:-?} of 200 arrived; the daemon says forwarding=$forwarding"
     kill "$pid"; wait "$pid" 2>/dev/null
-    [ "$4" = yes ] && xdplb decap detach --pin-dir /sys/fs/bpf/veth-decap > /dev/null 2>&1
+    [ "$4" != no ] && xdplb decap detach --pin-dir /sys/fs/bpf/veth-decap > /dev/null 2>&1
     xdplb detach --pin-dir /sys/fs/bpf/veth > /dev/null 2>&1
     ip link del lb0
     [ "$3" = yes ] && ip link del br0
@@ -126,6 +126,7 @@ CONF
 veth_case "no XDP, GRO off" off no no
 veth_case "no XDP, GRO on" on no no
 veth_case "no XDP, GRO on, bridge port" on yes no
-veth_case "XDP program" off no yes
+veth_case "XDP program" off no native
+veth_case "XDP program in generic mode" off no generic
 
 echo "XDPLB-VM: PASS"
