@@ -391,7 +391,7 @@ pub fn tx_loss_warning(iface: &Interface) -> Option<String> {
     if iface.is_veth() && iface.peer_elsewhere {
         return Some(format!(
             "{} is a veth whose peer is in another network namespace: XDP_TX frames arrive only if \
-             the peer runs an XDP program; otherwise they are lost without an error counter",
+             the peer runs an XDP program in native mode; otherwise they are lost without an error counter",
             iface.name
         ));
     }
