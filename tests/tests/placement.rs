@@ -589,59 +589,35 @@ fn random_operations_keep_flows_on_their_backends() {
                 }
             }
         };
-        let op: Option<(String, Result<(), String>)> = match (what, vip) {
-            (0 | 1, Some(v)) => {
-                let b = BackendConfig {
+        // An operator's change through the API, or else a reload or a check.
+        let change = match (what, &vip) {
+            (0 | 1, Some(v)) => Some(Change::BackendAdd(
+                v.clone(),
+                BackendConfig {
                     address: addr,
                     weight: rng.below(3) as u32,
                     mac: None,
                     state,
-                };
-                let c = Change::BackendAdd(v, b);
-                Some((
-                    format!("{c:?}"),
-                    ctl.change(&c).map_err(|e| format!("{e:#}")),
-                ))
-            }
-            (2, Some(v)) => {
-                let c = Change::BackendDel(v, addr);
-                Some((
-                    format!("{c:?}"),
-                    ctl.change(&c).map_err(|e| format!("{e:#}")),
-                ))
-            }
-            (3, Some(v)) => {
-                let c = Change::BackendDrain(v, addr, rng.below(2) == 0);
-                Some((
-                    format!("{c:?}"),
-                    ctl.change(&c).map_err(|e| format!("{e:#}")),
-                ))
-            }
-            (4, Some(v)) => {
-                let c = Change::BackendWeight(v, addr, rng.below(3) as u32);
-                Some((
-                    format!("{c:?}"),
-                    ctl.change(&c).map_err(|e| format!("{e:#}")),
-                ))
-            }
+                },
+            )),
+            (2, Some(v)) => Some(Change::BackendDel(v.clone(), addr)),
+            (3, Some(v)) => Some(Change::BackendDrain(v.clone(), addr, rng.below(2) == 0)),
+            (4, Some(v)) => Some(Change::BackendWeight(v.clone(), addr, rng.below(3) as u32)),
             (5, _) => {
                 let mut v = vip_template(rng.below(4));
                 if rng.below(2) == 0 {
                     v.backends.push(backend("198.18.1.1", InitialState::Up));
                 }
-                let c = Change::VipAdd(v);
-                Some((
-                    format!("{c:?}"),
-                    ctl.change(&c).map_err(|e| format!("{e:#}")),
-                ))
+                Some(Change::VipAdd(v))
             }
-            (6, Some(v)) if rng.below(3) == 0 => {
-                let c = Change::VipDel(v);
-                Some((
-                    format!("{c:?}"),
-                    ctl.change(&c).map_err(|e| format!("{e:#}")),
-                ))
-            }
+            (6, Some(v)) if rng.below(3) == 0 => Some(Change::VipDel(v.clone())),
+            _ => None,
+        };
+        let op: Option<(String, Result<(), String>)> = match (what, vip) {
+            _ if change.is_some() => change.map(|c| {
+                let result = ctl.change(&c).map_err(|e| format!("{e:#}"));
+                (format!("{c:?}"), result)
+            }),
             (7 | 8, _) => reload(&mut rng, &model.config)
                 .map(|(what, c)| (what, ctl.apply(c).map_err(|e| format!("{e:#}")))),
             (_, Some(v)) => {

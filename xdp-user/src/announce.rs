@@ -148,17 +148,13 @@ pub struct Owned {
 }
 
 impl Owned {
-    /// The record of `pin_dir`'s instance. Without one, an instance that
+    /// The record of `config`'s instance. Without one, an instance that
     /// already ran (`earlier`: an upgrade from a build that kept no
-    /// record) owns the routes shaped as its own for its `configured`
+    /// record) owns the routes shaped as its own for its configured VIP
     /// addresses; a fresh one owns nothing.
-    pub fn load(
-        pin_dir: &Path,
-        target: Target,
-        configured: &BTreeSet<IpAddr>,
-        earlier: bool,
-    ) -> Result<Self> {
-        let path = crate::lock::state_file("announced", pin_dir);
+    pub fn load(config: &crate::config::Config, earlier: bool) -> Result<Self> {
+        let target = Target::from(&config.announce);
+        let path = crate::lock::state_file("announced", &config.daemon.pin_dir);
         let addrs = match std::fs::read_to_string(&path) {
             Ok(text) => text.lines().filter_map(|l| l.trim().parse().ok()).collect(),
             // (A reader without access to the runtime directory, such as
@@ -170,6 +166,7 @@ impl Owned {
                         std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
                     ) =>
             {
+                let configured: BTreeSet<IpAddr> = config.vips.iter().map(|v| v.address).collect();
                 host_routes(target)?
                     .into_iter()
                     .filter(|r| r.shaped_as_ours(target) && configured.contains(&r.addr))
@@ -189,13 +186,18 @@ impl Owned {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        if let Some(dir) = path.parent() {
-            crate::lock::create_private_dir(dir)?;
-        }
         let text: String = self.addrs.iter().map(|a| format!("{a}\n")).collect();
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+        crate::lock::write_state(path, text.as_bytes())
+    }
+
+    /// The addresses of `routes` that are this instance's: recorded, and
+    /// still shaped as it adds them.
+    fn present(&self, routes: &[HostRoute], target: Target) -> BTreeSet<IpAddr> {
+        routes
+            .iter()
+            .filter(|r| r.shaped_as_ours(target) && self.addrs.contains(&r.addr))
+            .map(|r| r.addr)
+            .collect()
     }
 }
 
@@ -211,11 +213,7 @@ pub struct Synced {
 
 /// The addresses announced now by routes this instance owns.
 pub fn announced(target: Target, owned: &Owned) -> Result<BTreeSet<IpAddr>> {
-    Ok(host_routes(target)?
-        .into_iter()
-        .filter(|r| r.shaped_as_ours(target) && owned.addrs.contains(&r.addr))
-        .map(|r| r.addr)
-        .collect())
+    Ok(owned.present(&host_routes(target)?, target))
 }
 
 /// Add our route for `addr`; an existing route for it is left alone
@@ -253,11 +251,7 @@ fn remove(target: Target, addr: IpAddr) -> Result<()> {
 /// were attempted, with the record kept up to date either way.
 pub fn sync(target: Target, want: &BTreeSet<IpAddr>, owned: &mut Owned) -> Result<Synced> {
     let routes = host_routes(target)?;
-    let have: BTreeSet<IpAddr> = routes
-        .iter()
-        .filter(|r| r.shaped_as_ours(target) && owned.addrs.contains(&r.addr))
-        .map(|r| r.addr)
-        .collect();
+    let have = owned.present(&routes, target);
     // A recorded route someone removed is no longer ours.
     let before = owned.addrs.len();
     owned.addrs.retain(|a| have.contains(a));
@@ -327,11 +321,7 @@ pub fn is_withdrawn(pin_dir: &Path) -> bool {
 pub fn set_withdrawn(pin_dir: &Path, withdrawn: bool) -> Result<()> {
     let path = withdrawn_marker(pin_dir);
     if withdrawn {
-        if let Some(dir) = path.parent() {
-            crate::lock::create_private_dir(dir)?;
-        }
-        std::fs::write(&path, b"withdrawn by `xdplb announce withdraw`\n")
-            .with_context(|| format!("writing {}", path.display()))
+        crate::lock::write_state(&path, b"withdrawn by `xdplb announce withdraw`\n")
     } else {
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {

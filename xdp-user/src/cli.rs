@@ -842,13 +842,7 @@ fn announce(cmd: AnnounceCommand) -> Result<()> {
 /// The announcement routes `config`'s instance added (read while no daemon
 /// runs; routes of a build that kept no record count for its addresses).
 fn owned_routes(config: &Config) -> Result<crate::announce::Owned> {
-    let configured = config.vips.iter().map(|v| v.address).collect();
-    crate::announce::Owned::load(
-        &config.daemon.pin_dir,
-        (&config.announce).into(),
-        &configured,
-        true,
-    )
+    crate::announce::Owned::load(config, true)
 }
 
 /// Whether a client error means no daemon listens on the socket.

@@ -266,15 +266,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut last_reconcile = Instant::now();
 
     loop {
-        let status = match ctl.transmit_problem() {
-            Some(why) => format!("NOT forwarding: {why}"),
-            None => "forwarding".to_owned(),
-        };
         // Ready once attached and in sync, and saying whether frames get
         // out (a start that cannot transmit still serves status and check).
         manager.ready_when(
             ctl.in_sync() && ctl.self_check_problems().is_empty(),
-            &status,
+            ctl.transmit_problem(),
         );
         tokio::select! {
             // The watchdog is fed from this loop: a wedged controller stops

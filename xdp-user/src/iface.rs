@@ -384,18 +384,22 @@ pub fn tx_delivers(iface: &Interface) -> std::result::Result<(), String> {
     ))
 }
 
-/// Why XDP_TX frames from `iface` may be silently dropped, if they may:
-/// what [`tx_delivers`] knows, and a veth whose peer is in another
-/// namespace (not inspectable from here).
-pub fn tx_loss_warning(iface: &Interface) -> Option<String> {
-    if iface.is_veth() && iface.peer_elsewhere {
-        return Some(format!(
+/// Why XDP_TX frames from `iface` may be lost where [`tx_delivers`]
+/// cannot tell: a veth whose peer is in another namespace.
+pub fn peer_unseen_warning(iface: &Interface) -> Option<String> {
+    (iface.is_veth() && iface.peer_elsewhere).then(|| {
+        format!(
             "{} is a veth whose peer is in another network namespace: XDP_TX frames arrive only if \
              the peer runs an XDP program in native mode; otherwise they are lost without an error counter",
             iface.name
-        ));
-    }
-    tx_delivers(iface).err()
+        )
+    })
+}
+
+/// Why XDP_TX frames from `iface` may be silently dropped, if they may:
+/// what [`tx_delivers`] knows, and [`peer_unseen_warning`].
+pub fn tx_loss_warning(iface: &Interface) -> Option<String> {
+    peer_unseen_warning(iface).or_else(|| tx_delivers(iface).err())
 }
 
 /// The interface must exist, with this message when it does not.

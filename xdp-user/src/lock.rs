@@ -85,6 +85,18 @@ pub fn state_file(kind: &str, pin_dir: &Path) -> PathBuf {
     ))
 }
 
+/// Replace the state file `path` with `bytes` (beside it, then renamed:
+/// a reader sees the old contents or the new, never half), making its
+/// private directory first.
+pub fn write_state(path: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        create_private_dir(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+}
+
 /// This process's network namespace (its inode: names of interfaces and
 /// routing tables repeat across namespaces, inodes do not).
 fn netns() -> Result<u64> {

@@ -11,8 +11,9 @@ use tracing::debug;
 #[derive(Debug, Default)]
 pub struct Manager {
     ready: bool,
-    /// The status line last sent.
-    status: String,
+    /// Why the dataplane was not forwarding at the last status line (None:
+    /// it was).
+    not_forwarding: Option<String>,
     /// How often to tell the watchdog we are alive (half its timeout).
     pub watchdog: Option<Duration>,
 }
@@ -30,7 +31,7 @@ impl Manager {
             .then(|| Duration::from_micros(usec / 2).max(Duration::from_millis(10)));
         Self {
             ready: false,
-            status: String::new(),
+            not_forwarding: None,
             watchdog,
         }
     }
@@ -38,21 +39,25 @@ impl Manager {
     /// Report readiness once, when the dataplane is attached and in sync
     /// (the first reconcile applied); until then keep the manager waiting.
     /// From then on keep the status line (`systemctl status`) saying
-    /// whether it forwards.
-    pub fn ready_when(&mut self, in_service: bool, status: &str) {
+    /// whether it forwards: "forwarding", or "NOT forwarding: <why>".
+    pub fn ready_when(&mut self, in_service: bool, not_forwarding: Option<&str>) {
         if !self.ready && !in_service {
             return;
         }
-        if self.ready && self.status == status {
+        if self.ready && self.not_forwarding.as_deref() == not_forwarding {
             return;
         }
+        let status = match not_forwarding {
+            Some(why) => format!("NOT forwarding: {why}"),
+            None => "forwarding".to_owned(),
+        };
         let first = !self.ready;
         self.ready = true;
-        self.status = status.to_owned();
+        self.not_forwarding = not_forwarding.map(str::to_owned);
         if first {
-            notify(&[NotifyState::Ready, NotifyState::Status(status)]);
+            notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
         } else {
-            notify(&[NotifyState::Status(status)]);
+            notify(&[NotifyState::Status(&status)]);
         }
     }
 

@@ -106,8 +106,8 @@ pub async fn bind(path: &Path, group: Option<u32>) -> Result<(UnixListener, Sock
         .unwrap_or(Path::new("."));
     let missing: Vec<&Path> = dir.ancestors().take_while(|d| !d.exists()).collect();
     create_private_dir(dir)?;
-    // Declared before the listener: a refusal from here drops the listener
-    // (and its file) first, then these.
+    // Dropped on a refusal below (`bind_in` removes a socket file it bound
+    // first), taking the directories made here with it.
     let dirs = CreatedDirs(missing.iter().map(|d| d.to_path_buf()).collect());
     let (listener, dev, ino) = bind_in(path, dir, &missing, group).await?;
     Ok((

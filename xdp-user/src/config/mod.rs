@@ -770,15 +770,13 @@ impl Config {
                 );
             }
             self.health_problems(&at, vip, &mut problem);
-            if let Some(need) = ring_needed(vip).filter(|n| *n > u64::from(t.ring_size)) {
+            if let Some(ring) = RingNeed::of(vip).filter(|r| r.slots > u64::from(t.ring_size)) {
                 problem(
                     at.clone(),
                     format!(
                         "tables.ring_size {} cannot give each backend its weight's share: \
-                         the smallest share (weight {} of {}) needs a ring of at least {need} slots",
-                        t.ring_size,
-                        vip.backends.iter().map(|b| b.weight).filter(|w| *w > 0).min().unwrap_or(0),
-                        vip.backends.iter().map(|b| u64::from(b.weight)).sum::<u64>(),
+                         the smallest share (weight {} of {}) needs a ring of at least {} slots",
+                        t.ring_size, ring.smallest, ring.total, ring.slots
                     ),
                 );
             }
@@ -943,15 +941,29 @@ fn path_problem(path: &Path) -> Option<String> {
 /// The ring a VIP needs so that every backend gets its weight's share: at
 /// least one slot for the smallest share (Maglev's accumulation keeps
 /// each backend within one slot of its share), so the total weight over
-/// the smallest weight. None without weighted backends.
-fn ring_needed(vip: &Vip) -> Option<u64> {
-    let weights = vip
-        .backends
-        .iter()
-        .map(|b| u64::from(b.weight))
-        .filter(|w| *w > 0);
-    let smallest = weights.clone().min()?;
-    Some(weights.sum::<u64>().div_ceil(smallest))
+/// the smallest weight.
+struct RingNeed {
+    slots: u64,
+    smallest: u64,
+    total: u64,
+}
+
+impl RingNeed {
+    /// None without weighted backends.
+    fn of(vip: &Vip) -> Option<Self> {
+        let weights = vip
+            .backends
+            .iter()
+            .map(|b| u64::from(b.weight))
+            .filter(|w| *w > 0);
+        let smallest = weights.clone().min()?;
+        let total: u64 = weights.sum();
+        Some(Self {
+            slots: total.div_ceil(smallest),
+            smallest,
+            total,
+        })
+    }
 }
 
 #[cfg(test)]

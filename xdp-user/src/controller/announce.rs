@@ -69,11 +69,8 @@ impl Announcer {
     /// instance that already ran, `earlier`, may have routes of a build
     /// that kept no record of them).
     pub fn new(config: &crate::config::Config, earlier: bool) -> Self {
-        let pin_dir = &config.daemon.pin_dir;
-        let configured: BTreeSet<IpAddr> = config.vips.iter().map(|v| v.address).collect();
         let owned = if config.announce.enabled {
-            announce::Owned::load(pin_dir, (&config.announce).into(), &configured, earlier)
-                .unwrap_or_else(|e| {
+            announce::Owned::load(config, earlier).unwrap_or_else(|e| {
                     warn!(error = %format!("{e:#}"), "cannot read which announcement routes are ours; taking none");
                     announce::Owned::default()
                 })
@@ -81,7 +78,7 @@ impl Announcer {
             announce::Owned::default()
         };
         Self {
-            withdrawn: announce::is_withdrawn(pin_dir),
+            withdrawn: announce::is_withdrawn(&config.daemon.pin_dir),
             owned,
             ..Self::default()
         }

@@ -6,7 +6,7 @@
 
 use std::{collections::BTreeMap, path::PathBuf};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use tracing::warn;
 use xdp_common::Counters;
 
@@ -64,12 +64,6 @@ impl Retired {
         let Some(path) = &self.path else {
             return Ok(());
         };
-        if let Some(dir) = path.parent() {
-            crate::lock::create_private_dir(dir)?;
-        }
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, serde_json::to_vec(&self.totals)?)
-            .with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+        crate::lock::write_state(path, &serde_json::to_vec(&self.totals)?)
     }
 }

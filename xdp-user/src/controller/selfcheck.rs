@@ -115,15 +115,12 @@ impl Controller {
         (self.self_check.losses, self.self_check.repairs)
     }
 
-    /// Conditions that silently lose packets.
+    /// Conditions that may lose packets silently, beyond what
+    /// [`Controller::transmit_problem`] reports.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
         if let Ok(Some(i)) = crate::iface::by_name(&self.config.interface) {
-            if let Some(w) = crate::iface::tx_loss_warning(&i)
-                .filter(|w| Some(w.as_str()) != self.transmit_problem())
-            {
-                out.push(w);
-            }
+            out.extend(crate::iface::peer_unseen_warning(&i));
         }
         out
     }

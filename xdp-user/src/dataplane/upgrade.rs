@@ -32,6 +32,14 @@ pub(super) struct Carried {
     flows: (Vec<FlowKey>, Vec<FlowState>),
 }
 
+/// A value of an older build's shape (this build's without its last
+/// fields), widened with those fields zero.
+fn widened<T: bytemuck::Pod>(old: &[u8]) -> T {
+    let mut full = T::zeroed();
+    bytemuck::bytes_of_mut(&mut full)[..old.len()].copy_from_slice(old);
+    full
+}
+
 /// Remove the pin `path`, which an older build shaped differently.
 fn replace(path: &Path) -> Result<()> {
     std::fs::remove_file(path)
@@ -89,9 +97,7 @@ pub(super) fn before_load(dir: &Path, sizes: &Sizes) -> Result<Carried> {
         let old: Array<_, [u8; BACKEND_V1]> = Array::try_from(aya::maps::Map::Array(map))?;
         for entry in old.iter() {
             let bytes = entry.context("reading the older build's BACKENDS")?;
-            let mut full = [0u8; std::mem::size_of::<Backend>()];
-            full[..BACKEND_V1].copy_from_slice(&bytes);
-            carried.backends.push(bytemuck::pod_read_unaligned(&full));
+            carried.backends.push(widened(&bytes));
         }
         replace(&dir.join(names::BACKENDS))?;
     }
@@ -103,10 +109,7 @@ pub(super) fn before_load(dir: &Path, sizes: &Sizes) -> Result<Carried> {
                 keys.push(bytemuck::pod_read_unaligned(
                     &k[i * key_size..(i + 1) * key_size],
                 ));
-                let mut full = [0u8; std::mem::size_of::<FlowState>()];
-                full[..FLOW_STATE_V1]
-                    .copy_from_slice(&v[i * FLOW_STATE_V1..(i + 1) * FLOW_STATE_V1]);
-                states.push(bytemuck::pod_read_unaligned(&full));
+                states.push(widened(&v[i * FLOW_STATE_V1..(i + 1) * FLOW_STATE_V1]));
             }
         })
         .context("reading the older build's FLOWS")?;

@@ -31,13 +31,18 @@ health = { kind = "none" }
 [[vip.backend]]
 address = "198.18.200.2"
 CONF
+# Wait up to 20 s for the daemon on socket $1 to be in sync; its status
+# is left in $2.
+wait_in_sync() {
+    for i in $(seq 1 100); do
+        xdplb status --socket "$1" --json > "$2" 2>/dev/null \
+            && grep -q '"in_sync": true' "$2" && return
+        sleep 0.2
+    done
+}
+
 xdplb run --config /etc/xdplb/xdplb.toml > /tmp/run.log 2>&1 &
-for i in $(seq 1 100); do
-    if xdplb status --json > /tmp/status 2>/dev/null && grep -q '"in_sync": true' /tmp/status; then
-        break
-    fi
-    sleep 0.2
-done
+wait_in_sync /run/xdplb/admin.sock /tmp/status
 grep -q '"attached": true' /tmp/status || { cat /tmp/run.log; fail "the balancer did not attach to eth0"; }
 echo "XDPLB-VM: balancer attached to eth0 in native mode, in sync"
 
@@ -94,11 +99,7 @@ address = "198.18.5.20"
 CONF
     xdplb run --config /etc/xdplb/veth.toml > /tmp/veth-run.log 2>&1 &
     pid=$!
-    for i in $(seq 1 100); do
-        xdplb status --socket /run/xdplb/veth.sock --json > /tmp/veth-status 2>/dev/null \
-            && grep -q '"in_sync": true' /tmp/veth-status && break
-        sleep 0.2
-    done
+    wait_in_sync /run/xdplb/veth.sock /tmp/veth-status
     if [ "$4" != no ]; then
         xdplb decap attach --interface lb1 --vip 198.18.5.99 --mode "$4" \
             --pin-dir /sys/fs/bpf/veth-decap > /tmp/veth-decap 2>&1 \
