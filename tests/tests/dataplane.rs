@@ -31,7 +31,8 @@ fn ip6(vip: &LabVip) -> Ipv6Addr {
 }
 
 /// A packet of flow `key` to `vip`, sent by the LB to the backend its ring
-/// predicts; `flow_reason` is FLOW_NEW or FLOW_HIT.
+/// predicts; `flow_reason` is how it was placed (FLOW_RING: the ring
+/// alone, its slot unchanged).
 fn forwarded(
     name: &str,
     vip: &LabVip,
@@ -112,7 +113,7 @@ fn table() -> Vec<Case> {
         f.clone(),
         L3,
         k,
-        FLOW_NEW,
+        FLOW_RING,
     ));
     cases.push(forwarded(
         "ipv4 tcp vip, same flow again: conntrack hit",
@@ -120,7 +121,7 @@ fn table() -> Vec<Case> {
         f,
         L3,
         k,
-        FLOW_HIT,
+        FLOW_RING,
     ));
     for sport in [40002, 40003, 40004, 40005] {
         let (f, k) = client_tcp4(&WEB4, sport);
@@ -130,7 +131,7 @@ fn table() -> Vec<Case> {
             f,
             L3,
             k,
-            FLOW_NEW,
+            FLOW_RING,
         ));
     }
     for dport in [5353u16, 53] {
@@ -142,7 +143,7 @@ fn table() -> Vec<Case> {
             f,
             L3,
             k,
-            FLOW_NEW,
+            FLOW_RING,
         ));
     }
     let (f, k) = client_tcp6(&WEB6, 40001);
@@ -152,7 +153,7 @@ fn table() -> Vec<Case> {
         f,
         L3,
         k,
-        FLOW_NEW,
+        FLOW_RING,
     ));
     let f = packet::udp6(CLIENT6, ip6(&DNS6), 41000, 53, b"query");
     let k = flow(CLIENT6.into(), DNS6.addr, 41000, 53, PROTO_UDP);
@@ -162,7 +163,7 @@ fn table() -> Vec<Case> {
         f,
         L3,
         k,
-        FLOW_NEW,
+        FLOW_RING,
     ));
     let (f, k) = client_tcp4(&MIXED, 40001);
     cases.push(forwarded(
@@ -171,7 +172,7 @@ fn table() -> Vec<Case> {
         f,
         L3,
         k,
-        FLOW_NEW,
+        FLOW_RING,
     ));
     let (f, k) = client_tcp4(&DSR, 40001);
     cases.push(forwarded(
@@ -180,7 +181,7 @@ fn table() -> Vec<Case> {
         f,
         L3,
         k,
-        FLOW_NEW,
+        FLOW_RING,
     ));
     for sport in [1000, 2000, 3000] {
         let (f, k) = client_tcp4(&STICKY, sport);
@@ -190,7 +191,7 @@ fn table() -> Vec<Case> {
             f,
             L3,
             k,
-            FLOW_NEW,
+            FLOW_RING,
         ));
     }
 
@@ -207,7 +208,7 @@ fn table() -> Vec<Case> {
         f,
         L3,
         k,
-        FLOW_NEW,
+        FLOW_RING,
     ));
 
     // VLAN tags and IPv4 options.
@@ -218,7 +219,7 @@ fn table() -> Vec<Case> {
         packet::with_vlan(&f, 0x8100, 100),
         VLAN_L3,
         k,
-        FLOW_NEW,
+        FLOW_RING,
     ));
     let (f, k) = client_tcp6(&WEB6, 40020);
     cases.push(forwarded(
@@ -227,7 +228,7 @@ fn table() -> Vec<Case> {
         packet::with_vlan(&f, 0x88a8, 7),
         VLAN_L3,
         k,
-        FLOW_NEW,
+        FLOW_RING,
     ));
     for words in [1, 3, 10] {
         let (f, k) = client_tcp4(&WEB4, 40030 + words as u16);
@@ -237,7 +238,7 @@ fn table() -> Vec<Case> {
             packet::with_ipv4_options(&f, words),
             L3,
             k,
-            FLOW_NEW,
+            FLOW_RING,
         ));
     }
 
@@ -500,7 +501,8 @@ fn fragment_and_malformed_actions_follow_config() {
     );
 }
 
-/// The backend a test run sent `frame` to, read from the conntrack table.
+/// The backend a test run sent `frame` to, read from the conntrack table
+/// (`None`: untracked, as every flow in a slot that never changed is).
 fn tracked_backend(lab: &Lab, key: &FlowKey) -> Option<u32> {
     lab.dp
         .flow(key)
@@ -514,6 +516,22 @@ fn send(lab: &Lab, frame: &[u8]) -> u32 {
         .action
 }
 
+/// The backend of `vip` a run of `frame` (flow `k`) was sent to, read from
+/// the output bytes.
+fn sent_to(lab: &Lab, vip: &LabVip, frame: &[u8], k: &FlowKey) -> u32 {
+    let r = run(lab.dp.program().unwrap(), frame).expect("test run");
+    assert_eq!(r.action, XDP_TX);
+    vip.backends
+        .iter()
+        .copied()
+        .find(|&b| r.output == expected_forward(vip, frame, L3, k, b))
+        .expect("forwarded to one of the VIP's backends")
+}
+
+fn syn(frame: Vec<u8>) -> Vec<u8> {
+    packet::with_tcp_flags(frame, packet::TCP_SYN)
+}
+
 /// A client port of WEB4 whose flow the standard ring sends to `backend`.
 fn port_for(backend: u32, from: u16) -> u16 {
     (from..)
@@ -525,27 +543,30 @@ fn port_for(backend: u32, from: u16) -> u16 {
 }
 
 #[test]
-fn conntrack_keeps_flows_across_a_ring_change() {
+fn flows_keep_their_backend_across_a_ring_change_with_state_only_where_it_moved() {
     if !require_root() {
         return;
     }
     let mut lab = Lab::new().unwrap();
     let key = WEB4.key();
-    // Three flows, one per backend.
+    // Three flows, one per backend: placed by the ring alone, no state.
     let ports: Vec<u16> = (0..3)
         .map(|b| port_for(b, 30000 + b as u16 * 1000))
         .collect();
-    for (b, &p) in ports.iter().enumerate() {
+    let stats = lab.stats();
+    for &p in &ports {
         let (f, k) = client_tcp4(&WEB4, p);
         assert_eq!(send(&lab, &f), XDP_TX);
-        assert_eq!(
-            tracked_backend(&lab, &k),
-            Some(b as u32),
-            "flow {p} tracked to its ring backend"
-        );
+        assert_eq!(tracked_backend(&lab, &k), None, "flow {p} untracked");
     }
+    assert_eq!(
+        lab.stats()[FLOW_RING as usize] - stats[FLOW_RING as usize],
+        3
+    );
+    assert_eq!(lab.dp.flow_count().unwrap(), 0);
     let before = lab.dp.vip(&key).unwrap().unwrap().active_ring;
-    // The new ring sends everything to backend 2.
+    // The new ring sends everything to backend 2; 0 and 1 stay up, so the
+    // slots they gave away are marked.
     let new_ring = ring_of(&[2]);
     lab.dp.write_ring(&key, &new_ring).unwrap();
     assert_ne!(
@@ -554,6 +575,9 @@ fn conntrack_keeps_flows_across_a_ring_change() {
         "the write flipped the live half"
     );
     assert_eq!(lab.dp.ring(&key).unwrap(), new_ring);
+    let marks = lab.dp.marks().unwrap();
+    let moved = ring_of(WEB4.backends).iter().filter(|&&b| b != 2).count();
+    assert_eq!(marks.len(), moved, "one mark per slot that changed owner");
     let stats = lab.stats();
     for (b, &p) in ports.iter().enumerate() {
         let (f, k) = client_tcp4(&WEB4, p);
@@ -565,24 +589,37 @@ fn conntrack_keeps_flows_across_a_ring_change() {
             "established flow {p} stays on backend {b}"
         );
     }
-    assert_eq!(lab.stats()[FLOW_HIT as usize] - stats[FLOW_HIT as usize], 3);
-    // A new flow follows the new ring.
+    // Backends 0 and 1: taken for flows from before the change, now
+    // tracked; backend 2's slot never moved.
+    assert_eq!(
+        lab.stats()[FLOW_PREVIOUS as usize] - stats[FLOW_PREVIOUS as usize],
+        2
+    );
+    for (b, &p) in ports.iter().enumerate().take(2) {
+        let (_, k) = client_tcp4(&WEB4, p);
+        assert_eq!(tracked_backend(&lab, &k), Some(b as u32));
+    }
+    assert_eq!(
+        lab.stats()[FLOW_RING as usize] - stats[FLOW_RING as usize],
+        1
+    );
+    // A new connection (SYN) in a moved slot follows the new ring, tracked.
     let (f, k) = client_tcp4(&WEB4, port_for(0, 50000));
+    let f = syn(f);
     let r = run(lab.dp.program().unwrap(), &f).unwrap();
     assert_eq!(r.output, expected_forward(&WEB4, &f, L3, &k, 2));
     assert_eq!(tracked_backend(&lab, &k), Some(2));
 }
 
 #[test]
-fn flows_of_a_down_backend_are_reselected() {
+fn flows_of_a_down_backend_are_placed_again() {
     if !require_root() {
         return;
     }
     let mut lab = Lab::new().unwrap();
     let p = port_for(1, 30000);
     let (f, k) = client_tcp4(&WEB4, p);
-    assert_eq!(send(&lab, &f), XDP_TX);
-    assert_eq!(tracked_backend(&lab, &k), Some(1));
+    assert_eq!(sent_to(&lab, &WEB4, &f, &k), 1);
 
     // Marked down but still in the ring: not forwarded to a dead backend.
     lab.dp.set_backend_state(1, backend_state::DOWN).unwrap();
@@ -600,46 +637,39 @@ fn flows_of_a_down_backend_are_reselected() {
     );
     assert_eq!(lab.dp.vip_drops(DNS4.vip_id).unwrap().no_backend, 0);
 
-    // Ring rebuilt without it: the flow moves and conntrack follows.
+    // Ring rebuilt without it: the flow is placed again by the ring, and
+    // tracked there (its slot changed owner), so it stays when backend 1
+    // comes back up.
     let ring = ring_of(&[0, 2]);
     lab.dp.write_ring(&WEB4.key(), &ring).unwrap();
     let expected = predicted_backend(&WEB4, &ring, &k);
-    let stats = lab.stats();
-    let new_flows = lab.dp.backend_stats(expected).unwrap().new_flows;
     let r = run(lab.dp.program().unwrap(), &f).unwrap();
     assert_eq!(r.action, XDP_TX);
     assert_eq!(r.output, expected_forward(&WEB4, &f, L3, &k, expected));
     assert_eq!(tracked_backend(&lab, &k), Some(expected));
-    assert_eq!(
-        lab.stats()[FLOW_RESELECTED as usize] - stats[FLOW_RESELECTED as usize],
-        1
-    );
-    assert_eq!(
-        lab.dp.backend_stats(expected).unwrap().new_flows,
-        new_flows + 1
-    );
+    lab.dp.set_backend_state(1, backend_state::UP).unwrap();
+    assert_eq!(sent_to(&lab, &WEB4, &f, &k), expected, "it stays placed");
+    lab.dp.set_backend_state(1, backend_state::DOWN).unwrap();
 
     // Removed outright: same.
     let p = port_for(0, 40000);
     let (f, k) = client_tcp4(&WEB4, p);
+    lab.dp.set_backend_state(1, backend_state::UP).unwrap();
     lab.dp
         .write_ring(&WEB4.key(), &ring_of(WEB4.backends))
         .unwrap();
-    lab.dp.set_backend_state(1, backend_state::UP).unwrap();
-    assert_eq!(send(&lab, &f), XDP_TX);
-    assert_eq!(tracked_backend(&lab, &k), Some(0));
+    assert_eq!(sent_to(&lab, &WEB4, &f, &k), 0);
     lab.dp.remove_backend(0).unwrap();
     lab.dp.write_ring(&WEB4.key(), &ring_of(&[1, 2])).unwrap();
-    assert_eq!(send(&lab, &f), XDP_TX);
     assert_ne!(
-        tracked_backend(&lab, &k),
-        Some(0),
+        sent_to(&lab, &WEB4, &f, &k),
+        0,
         "a removed backend's flow moved"
     );
 }
 
 #[test]
-fn a_draining_backend_keeps_its_flows_and_gets_no_new_ones() {
+fn a_draining_backend_keeps_its_flows_and_gets_no_new_connections() {
     if !require_root() {
         return;
     }
@@ -659,10 +689,11 @@ fn a_draining_backend_keeps_its_flows_and_gets_no_new_ones() {
             "existing flow stays on the draining backend"
         );
     }
-    // A new flow the old ring would have given backend 1 goes elsewhere.
+    // A new connection the old ring would have given backend 1 goes
+    // elsewhere.
     let p2 = port_for(1, p + 1);
     let (f2, k2) = client_tcp4(&WEB4, p2);
-    assert_eq!(send(&lab, &f2), XDP_TX);
+    assert_eq!(send(&lab, &syn(f2)), XDP_TX);
     let got = tracked_backend(&lab, &k2).unwrap();
     assert_ne!(got, 1);
     assert_eq!(got, predicted_backend(&WEB4, &ring_of(&[0, 2]), &k2));
@@ -680,9 +711,10 @@ fn vip_and_backend_counters_add_up() {
     for p in 0..flows {
         let (f, k) = client_tcp4(&WEB4, 20000 + p);
         let b = predicted_backend(&WEB4, &ring_of(WEB4.backends), &k);
-        for _ in 0..3 {
-            assert_eq!(send(&lab, &f), XDP_TX);
-            bytes += f.len() as u64;
+        // A connection: its SYN counts the new flow.
+        for frame in [syn(f.clone()), f.clone(), f] {
+            assert_eq!(send(&lab, &frame), XDP_TX);
+            bytes += frame.len() as u64;
             per_backend[b as usize] += 1;
         }
     }
@@ -754,8 +786,7 @@ fn source_hash_vip_pins_a_client_to_one_backend() {
     let mut seen = std::collections::BTreeSet::new();
     for p in 0..50 {
         let (f, k) = client_tcp4(&STICKY, 10000 + p);
-        assert_eq!(send(&lab, &f), XDP_TX);
-        seen.insert(tracked_backend(&lab, &k).unwrap());
+        seen.insert(sent_to(&lab, &STICKY, &f, &k));
     }
     assert_eq!(seen.len(), 1, "one client, one backend: {seen:?}");
     // Different clients do spread.
@@ -763,9 +794,8 @@ fn source_hash_vip_pins_a_client_to_one_backend() {
     for c in 1..=50u8 {
         let src = Ipv4Addr::new(198, 18, 101, c);
         let f = packet::tcp4(src, ip4(&STICKY), 5000, 80, b"x");
-        assert_eq!(send(&lab, &f), XDP_TX);
         let k = flow(src.into(), STICKY.addr, 5000, 80, PROTO_TCP);
-        clients.insert(tracked_backend(&lab, &k).unwrap());
+        clients.insert(sent_to(&lab, &STICKY, &f, &k));
     }
     assert_eq!(clients.len(), 3, "50 clients reach all three backends");
 }
@@ -802,8 +832,7 @@ fn a_reused_backend_id_never_carries_another_vips_flows() {
     let mut lab = Lab::new().unwrap();
     let p = port_for(1, 30000);
     let (f, k) = client_tcp4(&WEB4, p);
-    assert_eq!(send(&lab, &f), XDP_TX);
-    assert_eq!(tracked_backend(&lab, &k), Some(1));
+    assert_eq!(sent_to(&lab, &WEB4, &f, &k), 1);
     // Backend 1 leaves WEB4 and its id is handed to another VIP's backend,
     // up and healthy, while WEB4's ring moves on without it.
     lab.dp.write_ring(&WEB4.key(), &ring_of(&[0, 2])).unwrap();
@@ -819,10 +848,12 @@ fn a_reused_backend_id_never_carries_another_vips_flows() {
         "re-selected within WEB4"
     );
     assert_eq!(tracked_backend(&lab, &k), Some(moved_to));
+    // Not taken for the slot's previous owner: that one is gone.
     assert_eq!(
-        lab.stats()[FLOW_RESELECTED as usize] - stats[FLOW_RESELECTED as usize],
-        1
+        lab.stats()[FLOW_PREVIOUS as usize] - stats[FLOW_PREVIOUS as usize],
+        0
     );
+    assert_eq!(lab.stats()[FLOW_NEW as usize] - stats[FLOW_NEW as usize], 1);
 }
 
 /// The per-CPU flow cache in front of VIPS and FLOWS never outlives what

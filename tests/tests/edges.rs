@@ -102,7 +102,7 @@ fn a_packet_too_big_for_the_tunnel_is_answered_with_icmp() {
             integration_tests::hex(&expected),
             "{what}: the answer differs from the model"
         );
-        let mut want = vec![("flow_new", 1), ("tx_too_big", 1)];
+        let mut want = vec![("flow_ring", 1), ("tx_too_big", 1)];
         if l3 != L3 {
             want.push(("vlan", 1));
         }
@@ -253,10 +253,20 @@ fn resets_and_floods_beyond_the_rate_are_balanced_but_not_tracked() {
     }
     pin_to_cpu0();
     const RATE: u32 = 10;
-    let lab = lab_with(Config {
+    let mut lab = lab_with(Config {
         conntrack_rate: RATE,
         ..lab_config()
     });
+    // The guard limits entries where flows are tracked: in changed slots,
+    // and everywhere in a VIP that tracks every flow, as this one does.
+    lab.dp
+        .add_vip(
+            &WEB4.key(),
+            WEB4.vip_id,
+            xdp_common::VIP_F_TRACK_ALL,
+            WEB4.mode,
+        )
+        .expect("tracking every flow");
     let prog = lab.dp.program().expect("program");
     let ring = ring_of(WEB4.backends);
     // A reset of an unknown flow: forwarded, never tracked.
@@ -333,6 +343,16 @@ fn a_syn_opens_its_connection_where_the_ring_says_unless_the_guard_holds_it_back
         ..lab_config()
     });
     let ring = ring_of(WEB4.backends);
+    // Conntrack is consulted where the ring changed, and everywhere in a
+    // VIP that tracks every flow: this one, so every slot behaves so.
+    lab.dp
+        .add_vip(
+            &WEB4.key(),
+            WEB4.vip_id,
+            xdp_common::VIP_F_TRACK_ALL,
+            WEB4.mode,
+        )
+        .expect("tracking every flow");
     let syn = |sport: u16| {
         let (f, key) = big_tcp(&WEB4, sport, 0);
         (packet::with_tcp_flags(f, packet::TCP_SYN), key)
@@ -356,13 +376,13 @@ fn a_syn_opens_its_connection_where_the_ring_says_unless_the_guard_holds_it_back
             &[
                 xdp_common::FlowState {
                     backend_id: old1,
-                    hash: 0,
                     generation: lab.dp.backend(old1).expect("BACKENDS").generation,
+                    ..Default::default()
                 },
                 xdp_common::FlowState {
                     backend_id: old2,
-                    hash: 0,
                     generation: lab.dp.backend(old2).expect("BACKENDS").generation,
+                    ..Default::default()
                 },
             ],
         )

@@ -144,7 +144,8 @@ fn generated_frames_cross_the_lb_and_are_counted() {
             proto: 17,
             family: vfamily,
         };
-        dp.add_vip(&key, 0, 0, xdp_common::fwd::ENCAP)?;
+        // Tracking every flow, so conntrack counts the distinct ones.
+        dp.add_vip(&key, 0, xdp_common::VIP_F_TRACK_ALL, xdp_common::fwd::ENCAP)?;
         dp.write_ring(&key, &vec![0; 251])?;
         dp.attach("eth0", AttachMode::Native)?;
         anyhow::Ok(dp)

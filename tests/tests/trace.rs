@@ -82,14 +82,14 @@ fn trace_names_each_decision_it_was_asked_for_and_turns_itself_off() {
     assert!(
         lines[0].starts_with(&format!("web0 {client}:"))
             && lines[0].contains(&format!(
-                "> {VIP4}:80 tcp: TX tx_encap, conntrack flow_new, backend {backend} (#"
+                "> {VIP4}:80 tcp: TX tx_encap, placed flow_ring, backend {backend} (#"
             )),
         "the SYN: {}",
         lines[0]
     );
     for l in &lines[1..] {
         assert!(
-            l.contains("TX tx_encap, conntrack flow_hit") && l.contains(&backend.to_string()),
+            l.contains("TX tx_encap, placed flow_ring") && l.contains(&backend.to_string()),
             "the rest of the connection: {l}"
         );
     }

@@ -48,6 +48,10 @@ pub struct VipKey {
 /// Per-VIP flag: hash on the client's source address only, so every
 /// connection of a client lands on the same backend.
 pub const VIP_F_SOURCE_HASH: u32 = 1;
+/// `VipMeta::flags` bit: track every flow of the VIP, in every ring slot
+/// (it shares its address and protocol with another VIP, one of them
+/// port-less, so a flow can move between the two as VIPs come and go).
+pub const VIP_F_TRACK_ALL: u32 = 2;
 
 /// How packets of a VIP reach its backends.
 pub mod fwd {
@@ -127,18 +131,106 @@ pub struct FlowKey {
     pub _pad: [u8; 2],
 }
 
-/// Value of the FLOWS conntrack table.
+/// Value of the FLOWS conntrack table. Only flows in a ring slot whose
+/// owner changed ([`SLOT_CHANGED`]) are tracked: elsewhere the ring alone
+/// places every packet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct FlowState {
     pub backend_id: u32,
-    /// `flow_hash(key, false)`, kept so a packet of a tracked flow need not
-    /// hash it again (outer source, flow label); 0: not kept (entries
-    /// written by older builds), hash again.
-    pub hash: u32,
     /// The backend's `Backend::generation` when the flow was placed: the
     /// entry holds only while the slot still holds that backend.
     pub generation: u32,
+    /// When a packet of the flow was last seen, in whole seconds of
+    /// CLOCK_MONOTONIC (the program's coarse clock); written at most once a
+    /// second. An entry idle longer than the daemon's idle bound no longer
+    /// keeps its slot marked.
+    pub last_seen: u32,
+    /// The serial (`VIP_SERIALS`) of the VIP that placed the flow: an
+    /// entry whose backend left is the flow's last placement only if its
+    /// VIP is this one or came later (else the ring's later placements,
+    /// which leave no entry, are newer).
+    pub vip_serial: u32,
+}
+
+/// Bit of a RINGS entry: the slot's owner changed since flows could have
+/// begun on its previous owner, so packets in it consult conntrack (and
+/// PREVIOUS, keyed by [`slot_key`]). Backend ids stay below it.
+pub const SLOT_CHANGED: u32 = 1 << 31;
+
+/// 64-bit words of one epoch of the SEEN filter (1 MiB).
+pub const SEEN_WORDS: u32 = 1 << 17;
+/// Epochs the SEEN filter keeps: the current one and the one before.
+pub const SEEN_EPOCHS: u32 = 2;
+
+/// A second summary of a flow key beside `flow_hash`, independent of it:
+/// the SEEN filter draws its bits from this one, so two flows whose
+/// `flow_hash` collides are still told apart.
+#[inline(always)]
+pub fn flow_fold(key: &FlowKey) -> u32 {
+    let w = |b: &[u8; 16], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let ports = u32::from(key.sport) | (u32::from(key.dport) << 16);
+    let kind = u32::from(key.proto) | (u32::from(key.family) << 8);
+    let mut h = w(&key.src, 0).wrapping_mul(0x2c1b_3c6d)
+        ^ w(&key.src, 4).rotate_left(5)
+        ^ w(&key.src, 8).rotate_left(9)
+        ^ w(&key.src, 12).rotate_left(13);
+    h = h.wrapping_mul(0x297a_2d39)
+        ^ w(&key.dst, 0).rotate_left(3)
+        ^ w(&key.dst, 4).rotate_left(7)
+        ^ w(&key.dst, 8).rotate_left(11)
+        ^ w(&key.dst, 12).rotate_left(17);
+    h = (h ^ ports.rotate_left(19)).wrapping_mul(0x9e37_79b1) ^ kind;
+    h ^ (h >> 15)
+}
+
+/// Where the SEEN filter records that a flow (its `flow_hash` and
+/// [`flow_fold`]) was placed on backend `backend_id` of `generation`: a
+/// word of an epoch, and four bits of it (fewer when two coincide).
+/// Placements on different backends are different records, so a flow seen
+/// on one backend is never taken for a flow of another.
+#[inline(always)]
+pub fn seen_probe(hash: u32, fold: u32, backend_id: u32, generation: u32) -> (u32, u64) {
+    let salt = backend_id.wrapping_mul(0x9e37_79b1) ^ generation.rotate_left(16);
+    let finish = |mut h: u32| {
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
+    };
+    let word = finish(hash ^ salt) % SEEN_WORDS;
+    let b = finish(fold ^ salt.rotate_left(7));
+    let bits = (1u64 << (b & 63))
+        | (1u64 << ((b >> 6) & 63))
+        | (1u64 << ((b >> 12) & 63))
+        | (1u64 << ((b >> 18) & 63));
+    (word, bits)
+}
+
+/// Key of a ring slot in PREVIOUS: the same for both halves of a VIP's
+/// ring, so a mark survives a flip.
+#[inline(always)]
+pub fn slot_key(vip_id: u32, ring_size: u32, position: u32) -> u32 {
+    vip_id.wrapping_mul(ring_size).wrapping_add(position)
+}
+
+/// Value of the PREVIOUS map: who owned a changed slot before, for flows
+/// that began there before the change. Written by the daemon.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct SlotPrevious {
+    /// The previous owner, while packets without conntrack state are taken
+    /// for its flows ("taking over"); `NO_BACKEND` once the idle bound has
+    /// passed ("settling": such packets follow the ring, tracked flows keep
+    /// their backend).
+    pub backend_id: u32,
+    /// The previous owner's `Backend::generation`.
+    pub generation: u32,
+    /// When the slot changed owner (CLOCK_MONOTONIC seconds).
+    pub since: u32,
+    /// When taking over ended (CLOCK_MONOTONIC seconds); 0 until then.
+    pub settled: u32,
 }
 
 /// Packet, byte and new-flow counters of one VIP or one backend (per CPU).
@@ -190,18 +282,20 @@ pub mod reason {
     /// `0..ACTION_COUNT`); [`ACTIONS`] lists them all.
     pub const ACTION_COUNT: u32 = 9;
 
-    /// Conntrack miss: a backend was chosen through the ring.
+    /// In a changed slot: a conntrack entry was written for a flow the
+    /// ring (or the slot's previous owner) placed.
     pub const FLOW_NEW: u32 = 9;
-    /// Conntrack hit on a usable backend.
+    /// In a changed slot: a conntrack hit on a usable backend.
     pub const FLOW_HIT: u32 = 10;
-    /// Conntrack hit on a down backend: re-selected through the ring.
+    /// In a changed slot: a conntrack hit on a backend that no longer
+    /// keeps the flow: placed again through the ring.
     pub const FLOW_RESELECTED: u32 = 11;
     /// The conntrack insert failed (the packet was still forwarded).
     pub const FLOW_INSERT_FAILED: u32 = 12;
     /// Packets that carried one 802.1Q tag.
     pub const VLAN: u32 = 13;
-    /// A new flow balanced through the ring without a conntrack entry: a
-    /// TCP reset, or beyond `Config::conntrack_rate` (a SYN flood).
+    /// In a changed slot: placed without the conntrack entry it would have
+    /// got: a TCP reset, or beyond `Config::conntrack_rate` (a flood).
     pub const FLOW_UNTRACKED: u32 = 14;
     /// A VIP packet too big for the tunnel (`Config::tunnel_mtu`), answered
     /// with ICMP "fragmentation needed" / ICMPv6 "packet too big".
@@ -209,8 +303,14 @@ pub mod reason {
     /// A VIP packet too big for the tunnel while the ICMP answers of this
     /// CPU were over their rate: dropped.
     pub const TOO_BIG_DROPPED: u32 = 16;
+    /// A packet in a slot whose owner never changed: placed by the ring
+    /// alone, no conntrack lookup.
+    pub const FLOW_RING: u32 = 17;
+    /// In a changed slot, a packet without conntrack state taken for a flow
+    /// that began before the change: sent to the slot's previous owner.
+    pub const FLOW_PREVIOUS: u32 = 18;
     /// Number of STATS entries.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 19;
 
     /// The exclusive action reasons (added after the first release, past
     /// the event reasons, so counters keep their indexes across upgrades).
@@ -252,6 +352,8 @@ pub mod reason {
         "flow_untracked",
         "tx_too_big",
         "too_big_dropped",
+        "flow_ring",
+        "flow_previous",
     ];
 }
 
@@ -402,6 +504,10 @@ pub mod map_names {
     pub const RINGS: &str = "RINGS";
     pub const BACKENDS: &str = "BACKENDS";
     pub const FLOWS: &str = "FLOWS";
+    pub const PREVIOUS: &str = "PREVIOUS";
+    pub const SEEN: &str = "SEEN";
+    pub const SEEN_EPOCH: &str = "SEEN_EPOCH";
+    pub const VIP_SERIALS: &str = "VIP_SERIALS";
     pub const STATS: &str = "STATS";
     pub const VIP_STATS: &str = "VIP_STATS";
     pub const BACKEND_STATS: &str = "BACKEND_STATS";
@@ -435,6 +541,7 @@ mod user {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
+    unsafe impl aya::Pod for SlotPrevious {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for VipDrops {}
     unsafe impl aya::Pod for Config {}

@@ -1,12 +1,15 @@
 //! A per-CPU, direct-mapped cache of established flows in front of the
-//! VIPS and FLOWS hash lookups. An entry is a flow conntrack placed on a
-//! backend that was live when the entry was written; it is used only
-//! while its generation matches the one userspace bumps on every change
-//! of VIPs, backends or conntrack it makes, and while its backend still
-//! keeps flows and still serves its VIP (checked live on every hit, as a
-//! conntrack hit is).
+//! VIPS lookup, the flow hash, the ring and conntrack. An entry is where a
+//! flow's last packet went (placed by the ring alone, or by a conntrack
+//! hit) on a backend that was live then; it is used only while its
+//! generation matches the one userspace bumps on every change of VIPs,
+//! backends, rings, marks or conntrack it makes, and while its backend
+//! still keeps flows and still serves its VIP (checked live on every hit,
+//! as a conntrack hit is).
 
-use xdp_common::{Backend, FlowKey};
+use xdp_common::{Backend, FlowKey, VipMeta};
+
+use crate::flow::Choice;
 
 use crate::maps::{BACKENDS, FLOW_CACHE, FLOW_CACHE_GEN};
 
@@ -18,7 +21,9 @@ pub struct Entry {
     pub generation: u32,
     pub vip_id: u32,
     /// The VIP's `fwd::*` mode.
-    pub mode: u32,
+    pub mode: u16,
+    /// How the flow was placed (`reason::FLOW_RING` or `FLOW_HIT`).
+    pub placed: u16,
     pub backend_id: u32,
     /// `flow_hash(key, false)`.
     pub hash: u32,
@@ -71,8 +76,9 @@ pub fn generation() -> u32 {
 pub struct Hit {
     pub vip_id: u32,
     pub mode: u32,
+    pub placed: u32,
     pub backend_id: u32,
-    pub backend: Backend,
+    pub backend: &'static Backend,
     pub hash: u32,
 }
 
@@ -89,31 +95,24 @@ pub fn lookup(flow: &Aligned, generation: u32) -> Option<Hit> {
     if e.generation != generation || !same(e, flow) {
         return None;
     }
-    let backend = *BACKENDS.get(e.backend_id)?;
-    if !crate::flow::still_placed(&backend, e.backend_generation, e.vip_id) {
+    let backend = BACKENDS.get(e.backend_id)?;
+    if !crate::flow::still_placed(backend, e.backend_generation, e.vip_id) {
         return None;
     }
     Some(Hit {
         vip_id: e.vip_id,
-        mode: e.mode,
+        mode: u32::from(e.mode),
+        placed: u32::from(e.placed),
         backend_id: e.backend_id,
         backend,
         hash: e.hash,
     })
 }
 
-/// Remember that conntrack holds `flow` on `backend_id` (whose entry is
-/// `backend`), as read under `generation`.
+/// Remember that `flow` went to `choice`'s backend for `vip`, as read
+/// under `generation`.
 #[inline(always)]
-pub fn remember(
-    flow: &Aligned,
-    generation: u32,
-    vip_id: u32,
-    mode: u32,
-    backend_id: u32,
-    backend: &Backend,
-    hash: u32,
-) {
+pub fn remember(flow: &Aligned, generation: u32, vip: &VipMeta, choice: &Choice) {
     if generation == 0 {
         return;
     }
@@ -124,16 +123,17 @@ pub fn remember(
     unsafe {
         (*e).key = flow.0;
         (*e).generation = generation;
-        (*e).vip_id = vip_id;
-        (*e).mode = mode;
-        (*e).backend_id = backend_id;
-        (*e).hash = hash;
-        (*e).backend_generation = backend.generation;
+        (*e).vip_id = vip.vip_id;
+        (*e).mode = vip.mode as u16;
+        (*e).placed = choice.placed as u16;
+        (*e).backend_id = choice.backend_id;
+        (*e).hash = choice.hash;
+        (*e).backend_generation = choice.backend.generation;
     }
 }
 
-/// Forget `flow` if it is cached: conntrack no longer holds what the cache
-/// says (the flow was placed again but not tracked).
+/// Forget `flow` if it is cached: it was placed in a way the next packet
+/// may not repeat (a SYN, a new conntrack entry, or none it wanted).
 #[inline(always)]
 pub fn forget(flow: &Aligned) {
     let Some(e) = FLOW_CACHE.get_ptr_mut(slot(flow)) else {

@@ -189,7 +189,7 @@ fn decide(
         flow_cache::lookup(flow, generation)
     };
     let (vip, choice) = if let Some(hit) = cached {
-        count(reason::FLOW_HIT);
+        count(hit.placed);
         let vip = VipMeta {
             vip_id: hit.vip_id,
             flags: 0,
@@ -200,8 +200,8 @@ fn decide(
             backend_id: hit.backend_id,
             backend: hit.backend,
             hash: hit.hash,
-            conntrack: reason::FLOW_HIT,
-            tracked: true,
+            placed: hit.placed,
+            new_flow: false,
         };
         (vip, choice)
     } else {
@@ -214,35 +214,27 @@ fn decide(
             d.reason = reason::NO_BACKEND;
             return Ok(XDP_DROP);
         };
-        // What conntrack now holds for an established flow, so its next
-        // packets skip both lookups. A new flow is cached from its second
-        // packet on, so a SYN flood does not churn the cache; until then,
-        // and for a flow placed but not tracked, an older placement of the
-        // same 5-tuple must not stay cached.
-        if choice.tracked && choice.conntrack != reason::FLOW_NEW {
-            flow_cache::remember(
-                flow,
-                generation,
-                vip.vip_id,
-                vip.mode,
-                choice.backend_id,
-                &choice.backend,
-                choice.hash,
-            );
+        // Where an established flow went, so its next packets skip the
+        // VIP lookup, the hash and the ring. A new flow is cached from its
+        // second packet on, so a SYN flood does not churn the cache; a
+        // placement the next packet may not repeat (a new conntrack entry,
+        // or none it wanted) must not leave an older one cached.
+        if !l4.syn && (choice.placed == reason::FLOW_RING || choice.placed == reason::FLOW_HIT) {
+            flow_cache::remember(flow, generation, &vip, &choice);
         } else {
             flow_cache::forget(flow);
         }
         (vip, choice)
     };
     d.vip_id = vip.vip_id;
-    d.conntrack = choice.conntrack;
+    d.conntrack = choice.placed;
     d.backend_id = choice.backend_id;
     // IPv6 routers never fragment, and XDP cannot: an IPv4 packet too big
     // for an IPv6 tunnel is answered whatever its DF bit (its sender
     // lowers its path MTU; TCP its segment size).
     let may_fragment = !l3.dont_fragment && choice.backend.family != u32::from(FAMILY_V6);
     if !may_fragment && vip.mode != fwd::L2_DSR && cfg.tunnel_mtu != 0 {
-        let outer = forward::outer_len(&choice.backend);
+        let outer = forward::outer_len(choice.backend);
         if l3.ip_len + outer > cfg.tunnel_mtu as usize {
             let action = answer_too_big(ctx, cfg, l3_off, l3, cfg.tunnel_mtu - outer as u32)?;
             d.reason = if action == XDP_TX {
@@ -256,10 +248,10 @@ fn decide(
     // The frame's bytes; a multi-buffer (jumbo) frame's first buffer holds
     // only part of its IP packet.
     let bytes = parse::packet_len(ctx).max(l3_off + l3.ip_len) as u64;
-    let action = transmit(ctx, cfg, l3_off, l3, choice.hash, &vip, &choice.backend)?;
+    let action = transmit(ctx, cfg, l3_off, l3, choice.hash, &vip, choice.backend)?;
     d.reason = reason::ENCAP_FAILED;
     if action == XDP_TX {
-        stats::count_forwarded(vip.vip_id, choice.backend_id, bytes, choice.new_flow());
+        stats::count_forwarded(vip.vip_id, choice.backend_id, bytes, choice.new_flow);
         d.reason = if vip.mode == fwd::L2_DSR {
             reason::TX_L2_DSR
         } else {
@@ -320,7 +312,7 @@ fn icmp_error(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<
         return Ok(XDP_DROP);
     };
     let bytes = (ctx.data_end() - ctx.data()) as u64;
-    let action = transmit(ctx, cfg, l3_off, l3, hash, &vip, &backend)?;
+    let action = transmit(ctx, cfg, l3_off, l3, hash, &vip, backend)?;
     if action == XDP_TX {
         stats::count_forwarded(vip.vip_id, backend_id, bytes, false);
         count(reason::TX_ICMP);

@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use xdp_common::{
-    decap_reason, reason, Backend, Config, Counters, DecapKey, FlowKey, FlowState, TraceFilter,
-    VipDrops, VipKey, VipMeta,
+    decap_reason, reason, Backend, Config, Counters, DecapKey, FlowKey, FlowState, SlotPrevious,
+    TraceFilter, VipDrops, VipKey, VipMeta,
 };
 
 /// Placeholder size of maps the loader resizes.
@@ -17,6 +17,9 @@ const SIZED_AT_LOAD: u32 = 1;
 /// Flag of LRU hash maps: one LRU list per CPU, so CPUs never contend on
 /// eviction.
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+/// Flag of hash maps: entries are allocated as they are added.
+const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// VIPs by (address, port, protocol); written by the controller.
 #[map]
@@ -42,6 +45,30 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(SIZED_AT_LOAD, 0);
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(SIZED_AT_LOAD, BPF_F_NO_COMMON_LRU);
+
+/// The previous owner of each changed ring slot, by `slot_key`; written by
+/// the daemon when it marks a slot, removed when it clears the mark. Not
+/// preallocated: it holds only the slots marked now.
+#[map]
+pub static PREVIOUS: HashMap<u32, SlotPrevious> =
+    HashMap::with_max_entries(SIZED_AT_LOAD, BPF_F_NO_PREALLOC);
+
+/// Which flows were placed on which backend lately: `SEEN_EPOCHS` epochs
+/// of `SEEN_WORDS` words, four bits per placement (`seen_probe`); set by
+/// the program on every placement by the ring, an epoch cleared by the
+/// daemon before it becomes current again.
+#[map]
+pub static SEEN: Array<u64> =
+    Array::with_max_entries(xdp_common::SEEN_WORDS * xdp_common::SEEN_EPOCHS, 0);
+
+/// Each VIP's serial, by vip_id: a number the daemon gives every new VIP,
+/// larger than any before (`FlowState::vip_serial`).
+#[map]
+pub static VIP_SERIALS: Array<u32> = Array::with_max_entries(SIZED_AT_LOAD, 0);
+
+/// The current SEEN epoch (one entry); written by the daemon.
+#[map]
+pub static SEEN_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Global per-reason packet counters (`xdp_common::reason`), per CPU.
 #[map]

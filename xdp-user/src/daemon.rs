@@ -59,32 +59,45 @@ fn raise_fd_limit() -> u64 {
     lim.rlim_cur
 }
 
-/// Count conntrack entries every few seconds on a thread of its own, so a
-/// large table never blocks the controller.
-fn spawn_flow_counter(
-    counter: crate::dataplane::FlowCounter,
-) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+/// Sweep conntrack every few seconds on a thread of its own, so a large
+/// table never blocks the controller: count its entries, find which
+/// backends the flows of changed ring slots are on, delete what no packet
+/// can use.
+fn spawn_flow_sweeper(
+    sweeper: crate::dataplane::FlowSweeper,
+) -> std::sync::Arc<crate::dataplane::Swept> {
     use std::sync::{atomic::Ordering, Arc};
-    let flows = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let out = Arc::downgrade(&flows);
+    let shared = Arc::new(crate::dataplane::Swept::default());
+    shared
+        .idle
+        .store(crate::config::DEFAULT_FLOW_IDLE_TIMEOUT, Ordering::Relaxed);
+    let out = Arc::downgrade(&shared);
     std::thread::Builder::new()
-        .name("flow-count".into())
+        .name("flow-sweep".into())
         .spawn(move || {
-            while let Some(flows) = out.upgrade() {
+            while let Some(shared) = out.upgrade() {
                 let started = std::time::Instant::now();
-                if let Ok(n) = counter.count() {
-                    flows.store(n, Ordering::Relaxed);
+                match sweeper.sweep(shared.idle.load(Ordering::Relaxed), true) {
+                    Ok(sweep) => {
+                        if let Ok(n) = sweeper.count() {
+                            shared.flows.store(n, Ordering::Relaxed);
+                        }
+                        if let Ok(mut latest) = shared.latest.lock() {
+                            *latest = Some(sweep);
+                        }
+                    }
+                    Err(e) => warn!(error = %format!("{e:#}"), "sweeping conntrack failed"),
                 }
-                drop(flows);
+                drop(shared);
                 // Never more than a fifth of a core, however large the table.
                 std::thread::sleep(Duration::from_secs(2).max(started.elapsed() * 4));
             }
         })
         .map(drop)
         .unwrap_or_else(
-            |e| warn!(error = %e, "cannot start the flow counter; status counts flows itself"),
+            |e| warn!(error = %e, "cannot start the conntrack sweeper; changed ring slots stay marked"),
         );
-    flows
+    shared
 }
 
 /// Install the log subscriber (`RUST_LOG` filters; default info): the
@@ -213,12 +226,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
     if let Some(lock) = announce_lock {
         ctl.hold_announce_lock(lock);
     }
-    match ctl.dataplane().flow_counter() {
-        Ok(counter) => {
-            let flows = spawn_flow_counter(counter);
-            ctl.count_flows_with(flows);
+    match ctl.dataplane().flow_sweeper() {
+        Ok(sweeper) => ctl.sweep_with(spawn_flow_sweeper(sweeper)),
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "no conntrack sweeper; changed ring slots stay marked")
         }
-        Err(e) => warn!(error = %format!("{e:#}"), "no background flow counter"),
     }
     claimed.socket.started();
     ctl.reconcile_logged();
@@ -318,6 +330,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = int.recv() => break,
             _ = tick.tick() => {
                 ctl.self_check();
+                ctl.review_marks();
                 pending |= ctl.expire_damping();
                 if !ctl.in_sync() {
                     warn!("dataplane out of sync; retrying reconcile");

@@ -1,7 +1,7 @@
 //! `xdplb trace`: "why doesn't it forward?" Turns on the balancer's
 //! decision events for the packets asked for (a VIP, a client prefix),
-//! prints one line per packet (VIP, flow, verdict and its reason, what
-//! conntrack did, the backend) until stopped or `--count` lines, and turns
+//! prints one line per packet (VIP, flow, verdict and its reason, how
+//! the flow was placed, the backend) until stopped or `--count` lines, and turns
 //! the events off again on the way out, Ctrl-C and SIGTERM included. Off,
 //! the dataplane pays one map lookup per packet.
 
@@ -126,7 +126,7 @@ impl Printer {
             name(number("reason")),
         );
         if let Some(c) = number("conntrack").filter(|&c| c != 0) {
-            out.push_str(&format!(", conntrack {}", name(Some(c))));
+            out.push_str(&format!(", placed {}", name(Some(c))));
         }
         match number("backend") {
             Some(NO_BACKEND) | None => {}
@@ -284,7 +284,7 @@ mod tests {
         };
         assert_eq!(
             p.line("vip=0 family=4 src=c612:a02:: sport=40000 dst=c612:a:: dport=80 proto=6 action=3 reason=5 conntrack=9 backend=3"),
-            "web 198.18.10.2:40000 > 198.18.0.10:80 tcp: TX tx_encap, conntrack flow_new, backend 198.18.64.2 (#3)"
+            "web 198.18.10.2:40000 > 198.18.0.10:80 tcp: TX tx_encap, placed flow_new, backend 198.18.64.2 (#3)"
         );
         assert_eq!(
             p.line(&format!("vip={TRACE_ANY_VIP} family=6 src=2001:db8::1 sport=5 dst=2001:db8::9 dport=53 proto=17 action=2 reason=0 conntrack=0 backend={NO_BACKEND}")),

@@ -163,7 +163,15 @@ pub struct Forwarding {
     /// it new flows are still balanced through the ring but not tracked,
     /// so a SYN flood cannot evict established flows. 0: no limit.
     pub conntrack_rate: u32,
+    /// Seconds a flow in a changed ring slot may send nothing and still
+    /// keep its backend. A slot that changed owner takes packets without
+    /// conntrack state for flows of its previous owner this long, then
+    /// follows the ring; its mark goes once no tracked flow needs it.
+    pub flow_idle_timeout: u32,
 }
+
+/// `forwarding.flow_idle_timeout` by default: IPVS's UDP timeout.
+pub const DEFAULT_FLOW_IDLE_TIMEOUT: u32 = 300;
 
 impl Default for Forwarding {
     fn default() -> Self {
@@ -176,6 +184,7 @@ impl Default for Forwarding {
             outer_ttl: 64,
             tunnel_mtu: 0,
             conntrack_rate: DEFAULT_CONNTRACK_RATE,
+            flow_idle_timeout: DEFAULT_FLOW_IDLE_TIMEOUT,
         }
     }
 }
@@ -704,6 +713,13 @@ impl Config {
                     "{} is out of range: 0 (no limit) or {MIN_TUNNEL_MTU}..=65535 bytes",
                     f.tunnel_mtu
                 ),
+            );
+        }
+
+        if !(1..=86_400).contains(&f.flow_idle_timeout) {
+            problem(
+                "forwarding.flow_idle_timeout".into(),
+                format!("{} is out of range: 1..=86400 seconds", f.flow_idle_timeout),
             );
         }
 

@@ -12,7 +12,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use anyhow::{anyhow, Context as _, Result};
-use xdp_common::backend_state;
+use xdp_common::{backend_state, VIP_F_TRACK_ALL};
 
 use super::plan::Plan;
 use crate::dataplane::Dataplane;
@@ -45,9 +45,13 @@ impl Failures {
     }
 }
 
+/// Write a VIP's ring. A slot given away by a backend that stays in the
+/// VIP under `plan` (in any state: a backend down now may come back before
+/// its silent flows are placed again) is marked.
 fn write_ring(
     dp: &mut Dataplane,
     written: &mut Written,
+    plan: &Plan,
     key: &xdp_common::VipKey,
     id: u32,
     ring: &[u32],
@@ -55,7 +59,12 @@ fn write_ring(
     if written.rings.get(&id).map(Vec::as_slice) == Some(ring) {
         return Ok(());
     }
-    dp.write_ring(key, ring)
+    let stays = |backend: u32| {
+        plan.entries
+            .get(&backend)
+            .is_some_and(|b| b.state != backend_state::UNUSED)
+    };
+    dp.write_ring_keeping(key, ring, &stays)
         .with_context(|| format!("writing the ring of VIP id {id}"))?;
     written.rings.insert(id, ring.to_vec());
     Ok(())
@@ -89,7 +98,7 @@ pub fn apply(
         };
         if let Some(Some(meta)) = failed.note(dp.vip(&vip.key)) {
             if meta.vip_id == vip.id {
-                failed.note(write_ring(dp, written, &vip.key, vip.id, interim));
+                failed.note(write_ring(dp, written, plan, &vip.key, vip.id, interim));
             }
         }
     }
@@ -142,11 +151,17 @@ pub fn apply(
             Some(m) => m,
             None => continue,
         };
-        let same = current
-            .is_some_and(|m| m.vip_id == vip.id && m.flags == vip.flags && m.mode == vip.mode);
+        // A VIP that tracked every flow keeps doing so: its entries are the
+        // last placement of flows that went to a VIP gone since.
+        let flags = vip.flags
+            | current
+                .filter(|m| m.vip_id == vip.id)
+                .map_or(0, |m| m.flags & VIP_F_TRACK_ALL);
+        let same =
+            current.is_some_and(|m| m.vip_id == vip.id && m.flags == flags && m.mode == vip.mode);
         if !same {
             if failed
-                .note(dp.add_vip(&vip.key, vip.id, vip.flags, vip.mode))
+                .note(dp.add_vip(&vip.key, vip.id, flags, vip.mode))
                 .is_none()
             {
                 continue;
@@ -160,7 +175,7 @@ pub fn apply(
             ));
             continue;
         }
-        failed.note(write_ring(dp, written, &vip.key, vip.id, &vip.ring));
+        failed.note(write_ring(dp, written, plan, &vip.key, vip.id, &vip.ring));
     }
 
     // 4. Backends that leave the rings.

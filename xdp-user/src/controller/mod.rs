@@ -80,8 +80,9 @@ pub struct Controller {
     pub reconciles: u64,
     pub reconcile_failures: u64,
     flows_cache: Option<(Instant, usize)>,
-    /// Counted by a background thread, when one runs (the daemon).
-    flows_counted: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// Conntrack as a background thread sweeps it, when one runs (the
+    /// daemon).
+    swept: Option<std::sync::Arc<crate::dataplane::Swept>>,
     self_check: SelfCheck,
     local_errors: BTreeMap<&'static str, u64>,
     rings: plan::RingCache,
@@ -199,7 +200,7 @@ impl Controller {
             reconciles: 0,
             reconcile_failures: 0,
             flows_cache: None,
-            flows_counted: None,
+            swept: None,
             self_check: SelfCheck::default(),
             local_errors: crate::health::LOCAL_ERROR_KINDS
                 .iter()
@@ -420,17 +421,35 @@ impl Controller {
         self.rings.computed()
     }
 
-    /// Take flow counts from `counter` (kept by a background thread)
+    /// Take flow counts and conntrack sweeps from a background thread
     /// instead of walking the table on this thread.
-    pub fn count_flows_with(&mut self, counter: std::sync::Arc<std::sync::atomic::AtomicU64>) {
-        self.flows_counted = Some(counter);
+    pub fn sweep_with(&mut self, swept: std::sync::Arc<crate::dataplane::Swept>) {
+        self.swept = Some(swept);
+    }
+
+    /// Take the changed ring slots' marks one step: settle those past the
+    /// idle bound, clear those the last sweep found no other flows in.
+    pub fn review_marks(&mut self) {
+        use std::sync::atomic::Ordering;
+        let idle = self.config.forwarding.flow_idle_timeout;
+        let sweep = self.swept.as_ref().and_then(|s| {
+            s.idle.store(idle, Ordering::Relaxed);
+            s.latest.lock().ok().and_then(|l| l.clone())
+        });
+        match self.dp.review_marks(idle, sweep.as_ref()) {
+            Ok((0, 0)) => {}
+            Ok((settled, cleared)) => {
+                tracing::debug!(settled, cleared, "changed ring slots")
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "reviewing changed ring slots failed"),
+        }
     }
 
     /// Flows in the conntrack table: the background count where one runs,
     /// else counted here at most every 2 s.
     pub fn flows_in_use(&mut self) -> usize {
-        if let Some(c) = &self.flows_counted {
-            return c.load(std::sync::atomic::Ordering::Relaxed) as usize;
+        if let Some(s) = &self.swept {
+            return s.flows.load(std::sync::atomic::Ordering::Relaxed) as usize;
         }
         if let Some((at, n)) = self.flows_cache {
             if at.elapsed() < Duration::from_secs(2) {

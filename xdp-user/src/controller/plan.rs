@@ -10,7 +10,7 @@ use std::{
     net::IpAddr,
 };
 
-use xdp_common::{backend_state, fwd, Backend, VipKey, VIP_F_SOURCE_HASH};
+use xdp_common::{backend_state, fwd, Backend, VipKey, VIP_F_SOURCE_HASH, VIP_F_TRACK_ALL};
 
 use crate::{
     config::{parse_mac, Config, ForwardingMode, InitialState},
@@ -268,11 +268,15 @@ pub fn plan(
         plan.vips.push(VipPlan {
             key,
             id: vip_id,
-            flags: if vip.source_hash {
+            flags: (if vip.source_hash {
                 VIP_F_SOURCE_HASH
             } else {
                 0
-            },
+            }) | (if overlaps(config, vip) {
+                VIP_F_TRACK_ALL
+            } else {
+                0
+            }),
             mode: if vip.forwarding == ForwardingMode::L2dsr {
                 fwd::L2_DSR
             } else {
@@ -283,6 +287,19 @@ pub fn plan(
         });
     }
     Ok(plan)
+}
+
+/// Whether a packet of `vip` may match another VIP as VIPs come and go:
+/// it shares its address and protocol with another VIP, one of them
+/// port-less. A flow can then move between the two, and only conntrack on
+/// every flow knows where it went last.
+fn overlaps(config: &Config, vip: &crate::config::Vip) -> bool {
+    config.vips.iter().any(|other| {
+        other.name != vip.name
+            && other.address == vip.address
+            && other.protocol == vip.protocol
+            && (other.port.is_none() || vip.port.is_none())
+    })
 }
 
 #[cfg(test)]

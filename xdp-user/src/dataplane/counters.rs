@@ -6,9 +6,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, PerCpuArray, PerCpuValues};
 use xdp_common::{map_names as names, reason, Counters, FlowKey, FlowState, VipDrops};
 
-use super::{
-    add_counters, map_data, sum_counters, sum_per_cpu, update_batch, Dataplane, FlowCounter,
-};
+use super::{add_counters, map_data, sum_counters, sum_per_cpu, update_batch, Dataplane};
 
 impl Dataplane {
     /// Total run time and run count of the balancer program, as the kernel
@@ -65,7 +63,12 @@ impl Dataplane {
     pub fn flow_count(&self) -> Result<usize> {
         use std::os::fd::AsFd as _;
         let map = map_data(self.map(names::FLOWS)?)?;
-        Ok(FlowCounter::count_fd(map.fd().as_fd())? as usize)
+        let n = super::sys::count_entries(
+            map.fd().as_fd(),
+            std::mem::size_of::<xdp_common::FlowKey>(),
+            std::mem::size_of::<xdp_common::FlowState>(),
+        )?;
+        Ok(n as usize)
     }
 
     /// Number of tracked flows, one lookup per entry: the baseline the
@@ -79,20 +82,6 @@ impl Dataplane {
     pub fn set_flows(&mut self, keys: &[FlowKey], states: &[FlowState]) -> Result<()> {
         update_batch(map_data(self.map(names::FLOWS)?)?, keys, states)?;
         self.flow_cache_invalidate()
-    }
-
-    /// A counter of tracked flows that another thread can run: it holds its
-    /// own descriptor of the conntrack map.
-    pub fn flow_counter(&self) -> Result<FlowCounter> {
-        use std::os::fd::AsFd as _;
-        let map = map_data(self.map(names::FLOWS)?)?;
-        Ok(FlowCounter {
-            fd: map
-                .fd()
-                .as_fd()
-                .try_clone_to_owned()
-                .context("duplicating the conntrack map's descriptor")?,
-        })
     }
 
     /// Global per-reason counters, summed over CPUs, indexed by

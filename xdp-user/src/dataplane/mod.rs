@@ -17,7 +17,9 @@ use aya::{
 mod counters;
 mod flow_cache;
 mod link;
+pub mod marks;
 mod pins;
+mod slots;
 mod sys;
 pub mod trace;
 mod upgrade;
@@ -25,6 +27,7 @@ mod vip_filter;
 
 use link::attach_xdp;
 pub use link::{Attachment, LINK_PIN};
+pub use slots::{monotonic_secs, FlowSweeper, Swept};
 use sys::update_batch;
 use xdp_common::{
     backend_state, decap_reason, map_names as names, Backend, Config, Counters, DecapKey, FlowKey,
@@ -90,8 +93,8 @@ impl Sizes {
                 bail!("{name} must be at least 1");
             }
         }
-        if self.max_backends == xdp_common::NO_BACKEND {
-            bail!("max_backends must be below {}", xdp_common::NO_BACKEND);
+        if self.max_backends >= marks::NO_OWNER {
+            bail!("max_backends must be below {}", marks::NO_OWNER);
         }
         self.ring_entries().map(drop)
     }
@@ -221,9 +224,13 @@ fn add_counters(a: Counters, b: Counters) -> Counters {
 }
 
 /// Maps of the balancer, all pinned by a daemon.
-const LB_MAPS: [&str; 12] = [
+const LB_MAPS: [&str; 16] = [
     names::VIPS,
+    names::VIP_SERIALS,
     names::RINGS,
+    names::PREVIOUS,
+    names::SEEN,
+    names::SEEN_EPOCH,
     names::BACKENDS,
     names::FLOWS,
     names::STATS,
@@ -238,7 +245,7 @@ const LB_MAPS: [&str; 12] = [
 
 /// Key and value size of every balancer map: the ABI a pinned map must
 /// match to be adopted.
-fn map_layouts() -> [(&'static str, u32, u32); 12] {
+fn map_layouts() -> [(&'static str, u32, u32); 16] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -248,6 +255,14 @@ fn map_layouts() -> [(&'static str, u32, u32); 12] {
             sz(size_of::<VipMeta>()),
         ),
         (names::RINGS, 4, 4),
+        (
+            names::PREVIOUS,
+            4,
+            sz(size_of::<xdp_common::SlotPrevious>()),
+        ),
+        (names::SEEN, 4, 8),
+        (names::VIP_SERIALS, 4, 4),
+        (names::SEEN_EPOCH, 4, 4),
         (names::BACKENDS, 4, sz(size_of::<Backend>())),
         (
             names::FLOWS,
@@ -405,7 +420,9 @@ fn check_adopted_maps(ebpf: &Ebpf, sizes: &Sizes, ring_entries: u32) -> Result<(
         (names::VIPS, sizes.max_vips),
         (names::VIP_STATS, sizes.max_vips),
         (names::VIP_DROPS, sizes.max_vips),
+        (names::VIP_SERIALS, sizes.max_vips),
         (names::RINGS, ring_entries),
+        (names::PREVIOUS, ring_entries / 2),
         (names::BACKENDS, sizes.max_backends),
         (names::BACKEND_STATS, sizes.max_backends),
         (names::FLOWS, sizes.max_flows),
@@ -470,6 +487,9 @@ pub struct Dataplane {
     /// The MAC of the interface attached to: the source of every frame the
     /// balancer sends, written into CONFIG with the rest of the policy.
     source_mac: [u8; 6],
+    /// When this process last turned the SEEN filter's epoch
+    /// (CLOCK_MONOTONIC seconds); None until its first review.
+    seen_turned: Option<u32>,
 }
 
 /// Where and how the balancer is attached.
@@ -505,10 +525,12 @@ impl Dataplane {
             .map_max_entries(names::VIPS, sizes.max_vips)
             .map_max_entries(names::VIP_STATS, sizes.max_vips)
             .map_max_entries(names::VIP_DROPS, sizes.max_vips)
+            .map_max_entries(names::VIP_SERIALS, sizes.max_vips)
             .map_max_entries(names::RINGS, ring_entries)
             .map_max_entries(names::BACKENDS, sizes.max_backends)
             .map_max_entries(names::BACKEND_STATS, sizes.max_backends)
             .map_max_entries(names::FLOWS, sizes.max_flows)
+            .map_max_entries(names::PREVIOUS, ring_entries / 2)
             .override_global(names::RING_SIZE_GLOBAL, &sizes.ring_size, true);
         let pins: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => LB_MAPS.iter().map(|&n| (n, dir.join(n))).collect(),
@@ -524,7 +546,7 @@ impl Dataplane {
         let mut ebpf = loader
             .load(object()?)
             .context("loading the eBPF object (map creation)")?;
-        upgrade::after_load(&mut ebpf, carried)?;
+        let carried_flows = upgrade::after_load(&mut ebpf, carried)?;
         if let Err(e) = check_adopted_maps(&ebpf, &sizes, ring_entries)
             .and_then(|()| load_program(&mut ebpf, LB_PROGRAM).map(drop))
         {
@@ -540,6 +562,7 @@ impl Dataplane {
             pin_dir: pin_dir.map(Path::to_owned),
             attached: None,
             source_mac: [0; 6],
+            seen_turned: None,
         };
         if !adopted {
             dataplane.set_config(&Config::default())?;
@@ -547,6 +570,17 @@ impl Dataplane {
         // Before any program runs with it: an older build's dataplane has
         // VIPs but no filter yet (a fresh, empty one would pass them all).
         dataplane.filter_rebuild()?;
+        // Before the new program runs: flows an older build tracked on
+        // another backend than the ring's keep it.
+        if carried_flows {
+            let marked = dataplane
+                .mark_held(None)
+                .context("marking the ring slots of carried conntrack")?;
+            tracing::info!(
+                marked,
+                "ring slots marked for conntrack carried over from an older build"
+            );
+        }
         // A non-zero generation turns the new program's flow cache on.
         dataplane.flow_cache_invalidate()?;
         Ok(dataplane)
@@ -676,8 +710,30 @@ impl Dataplane {
                 .context("clearing the new VIP's ring")?;
             self.reset_counters::<Counters>(names::VIP_STATS, vip_id)?;
             self.reset_counters::<VipDrops>(names::VIP_DROPS, vip_id)?;
+            // A serial above every other VIP's, before any packet can match
+            // it: conntrack entries older VIPs left are older than the
+            // placements this one makes.
+            let mut serials: Array<_, u32> = Array::try_from(self.map_mut(names::VIP_SERIALS)?)?;
+            let highest = serials
+                .iter()
+                .collect::<std::result::Result<Vec<u32>, _>>()
+                .context("reading VIP_SERIALS")?
+                .into_iter()
+                .max()
+                .unwrap_or(0);
+            serials
+                .set(vip_id, highest.wrapping_add(1), 0)
+                .context("writing the new VIP's serial")?;
         }
         self.filter_admit(key)?;
+        // A VIP that stops tracking every flow keeps the flows tracked on
+        // another backend than the ring's: their slots are marked first.
+        let untracks = existing.is_some_and(|m| {
+            m.flags & xdp_common::VIP_F_TRACK_ALL != 0 && flags & xdp_common::VIP_F_TRACK_ALL == 0
+        });
+        if untracks {
+            self.mark_held(Some(vip_id))?;
+        }
         let active_ring = existing.map_or(0, |m| m.active_ring);
         let meta = VipMeta {
             vip_id,
@@ -693,59 +749,28 @@ impl Dataplane {
 
     /// Remove a VIP: its traffic passes to the stack from now on.
     pub fn remove_vip(&mut self, key: &VipKey) -> Result<()> {
+        let vip_id = self.vip(key)?.map(|m| m.vip_id);
         let mut map: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.map_mut(names::VIPS)?)?;
         map.remove(key)
             .with_context(|| format!("removing VIP {key:?}"))?;
         self.flow_cache_invalidate()?;
+        if let Some(id) = vip_id {
+            self.forget_marks(id)?;
+        }
         self.filter_forget(key)
     }
 
-    /// Write `ring` (one backend id per slot, `ring_size` slots) into the
-    /// VIP's inactive half, then flip the VIP to it in one map write, so no
-    /// packet ever sees a half-written ring.
-    pub fn write_ring(&mut self, key: &VipKey, ring: &[u32]) -> Result<()> {
-        let size = self.sizes.ring_size;
-        if ring.len() != size as usize {
-            bail!(
-                "ring has {} slots, the dataplane's ring_size is {size}",
-                ring.len()
-            );
-        }
-        let Some(mut meta) = self.vip(key)? else {
-            bail!("no VIP {key:?} to write a ring for");
-        };
-        if let Some(bad) = ring
-            .iter()
-            .find(|&&id| id != xdp_common::NO_BACKEND && id >= self.sizes.max_backends)
-        {
-            bail!(
-                "ring names backend id {bad}, beyond max_backends {}",
-                self.sizes.max_backends
-            );
-        }
-        let inactive = (meta.active_ring & 1) ^ 1;
-        let base = (meta.vip_id * 2 + inactive) * size;
-        let slots: Vec<u32> = (base..base + size).collect();
-        update_batch(array_data(self.map(names::RINGS)?)?, &slots, ring)
-            .context("writing the VIP's inactive ring half")?;
-        meta.active_ring = inactive;
-        let mut map: HashMap<_, VipKey, VipMeta> = HashMap::try_from(self.map_mut(names::VIPS)?)?;
-        map.insert(key, meta, 0)
-            .context("flipping the VIP's ring")?;
-        self.flow_cache_invalidate()
-    }
-
-    /// The live ring of a VIP, as the dataplane reads it.
+    /// The live ring of a VIP, as the dataplane places by it: a backend id
+    /// per slot, `NO_BACKEND` for none (marks left out).
     pub fn ring(&self, key: &VipKey) -> Result<Vec<u32>> {
         let Some(meta) = self.vip(key)? else {
             bail!("no VIP {key:?}");
         };
-        let size = self.sizes.ring_size;
-        let base = (meta.vip_id * 2 + (meta.active_ring & 1)) * size;
-        let rings: Array<_, u32> = Array::try_from(self.map(names::RINGS)?)?;
-        (base..base + size)
-            .map(|slot| rings.get(&slot, 0).context("reading RINGS"))
-            .collect()
+        Ok(self
+            .ring_entries(&meta)?
+            .into_iter()
+            .map(|e| marks::owner(e).unwrap_or(xdp_common::NO_BACKEND))
+            .collect())
     }
 
     /// Add or replace backend `backend_id`. Its generation is the slot's
@@ -807,27 +832,6 @@ impl Dataplane {
     /// Every configured backend slot, with its id (adoption after a restart).
     pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
         backends_in(self.map(names::BACKENDS)?)
-    }
-}
-
-/// Counts conntrack entries off the controller's thread.
-pub struct FlowCounter {
-    fd: std::os::fd::OwnedFd,
-}
-
-impl FlowCounter {
-    fn count_fd(fd: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
-        sys::count_entries(
-            fd,
-            std::mem::size_of::<FlowKey>(),
-            std::mem::size_of::<FlowState>(),
-        )
-    }
-
-    /// Entries in the conntrack table now.
-    pub fn count(&self) -> Result<u64> {
-        use std::os::fd::AsFd as _;
-        Self::count_fd(self.fd.as_fd())
     }
 }
 

@@ -1,5 +1,6 @@
-//! Raw `bpf(2)` commands aya 0.14 does not offer: batched array updates and
-//! the link operations the self-check and `--replace` need.
+//! Raw `bpf(2)` commands aya 0.14 does not offer: batched array updates,
+//! deletes through a bare descriptor, and the link operations the
+//! self-check and `--replace` need.
 
 use std::{
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
@@ -9,6 +10,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::maps::MapData;
 
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -43,6 +45,28 @@ struct BatchAttr {
     map_fd: u32,
     elem_flags: u64,
     flags: u64,
+}
+
+/// `union bpf_attr`, the map element member (BPF_MAP_*_ELEM).
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// `BPF_MAP_DELETE_ELEM` of `key` in the map behind `fd` (the map's own fd,
+/// not an aya handle: sweeps run on threads that hold only descriptors).
+pub fn delete<K: aya::Pod>(fd: BorrowedFd<'_>, key: &K) -> std::io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        ..ElemAttr::default()
+    };
+    bpf(BPF_MAP_DELETE_ELEM, &mut attr).map(drop)
 }
 
 /// `union bpf_attr`, the `BPF_OBJ_*` member.

@@ -1,9 +1,11 @@
 //! Pinned maps a newer build reshaped, carried over on upgrade instead of
 //! refused: CONFIG (its entry grew; the daemon rewrites it whole before
 //! attaching), STATS (more reasons; the counts of the reasons both builds
-//! know are copied, so Prometheus counters never go back), and BACKENDS and
-//! FLOWS of builds before backend generations (every entry copied with
-//! generation 0, so conntrack and the backends' ids survive the upgrade).
+//! know are copied, so Prometheus counters never go back), BACKENDS of
+//! builds before backend generations (copied with generation 0), and FLOWS
+//! of builds that tracked every flow (copied, seen now; the loader then
+//! marks every ring slot where a carried flow is on another backend than
+//! the ring's, so it keeps that backend).
 //! The running program keeps its own maps until the new one replaces it;
 //! flows it opens between the copy and the swap are placed again by the
 //! ring. Every other map (VIPs, rings) must match exactly.
@@ -21,8 +23,25 @@ use super::{find_map_mut, map_data, sys, update_batch, Sizes};
 
 /// A BACKENDS value before generations: `Backend` without its last field.
 const BACKEND_V1: usize = std::mem::size_of::<Backend>() - 4;
-/// A FLOWS value before generations: `FlowState` without its last field.
-const FLOW_STATE_V1: usize = std::mem::size_of::<FlowState>() - 4;
+/// A FLOWS value before generations: backend id, hash.
+const FLOW_STATE_V1: usize = 8;
+/// A FLOWS value of builds that tracked every flow: backend id, hash,
+/// generation.
+const FLOW_STATE_V2: usize = 12;
+
+/// An older FLOWS value as this build's: the flow seen `now`.
+fn flow_state(old: &[u8], now: u32) -> FlowState {
+    let word = |i: usize| {
+        old.get(i * 4..i * 4 + 4)
+            .map_or(0, |w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]))
+    };
+    FlowState {
+        backend_id: word(0),
+        generation: word(2),
+        last_seen: now,
+        vip_serial: 0,
+    }
+}
 
 /// What was read from reshaped pins before they were removed.
 #[derive(Default)]
@@ -58,7 +77,7 @@ pub(super) fn before_load(dir: &Path, sizes: &Sizes) -> Result<Carried> {
     });
     let old_flows = pinned(names::FLOWS).filter(|m| {
         m.info()
-            .is_ok_and(|i| i.value_size() as usize == FLOW_STATE_V1)
+            .is_ok_and(|i| matches!(i.value_size() as usize, FLOW_STATE_V1 | FLOW_STATE_V2))
     });
     for (map, name, want) in [
         (&old_backends, names::BACKENDS, sizes.max_backends),
@@ -104,12 +123,14 @@ pub(super) fn before_load(dir: &Path, sizes: &Sizes) -> Result<Carried> {
     if let Some(map) = old_flows {
         let (keys, states) = &mut carried.flows;
         let key_size = std::mem::size_of::<FlowKey>();
-        sys::read_batches(map.fd().as_fd(), key_size, FLOW_STATE_V1, |k, v, n| {
+        let value_size = map.info()?.value_size() as usize;
+        let now = super::monotonic_secs();
+        sys::read_batches(map.fd().as_fd(), key_size, value_size, |k, v, n| {
             for i in 0..n {
                 keys.push(bytemuck::pod_read_unaligned(
                     &k[i * key_size..(i + 1) * key_size],
                 ));
-                states.push(widened(&v[i * FLOW_STATE_V1..(i + 1) * FLOW_STATE_V1]));
+                states.push(flow_state(&v[i * value_size..(i + 1) * value_size], now));
             }
         })
         .context("reading the older build's FLOWS")?;
@@ -118,8 +139,9 @@ pub(super) fn before_load(dir: &Path, sizes: &Sizes) -> Result<Carried> {
     Ok(carried)
 }
 
-/// Write what [`before_load`] kept into the new maps.
-pub(super) fn after_load(ebpf: &mut Ebpf, carried: Carried) -> Result<()> {
+/// Write what [`before_load`] kept into the new maps; whether conntrack
+/// was carried (its slots are still to be marked).
+pub(super) fn after_load(ebpf: &mut Ebpf, carried: Carried) -> Result<bool> {
     if !carried.stats.is_empty() {
         let mut stats: PerCpuArray<_, u64> =
             PerCpuArray::try_from(find_map_mut(ebpf, names::STATS)?)?;
@@ -143,5 +165,5 @@ pub(super) fn after_load(ebpf: &mut Ebpf, carried: Carried) -> Result<()> {
         update_batch(map_data(find_map_mut(ebpf, names::FLOWS)?)?, &keys, &states)
             .context("carrying the older build's conntrack over")?;
     }
-    Ok(())
+    Ok(!keys.is_empty())
 }
