@@ -4,6 +4,7 @@
 pub mod daemon;
 pub mod e2e;
 pub mod ha;
+pub mod katran;
 pub mod netns;
 pub mod ops;
 pub mod packet;

@@ -531,15 +531,30 @@ fn daemon_restart_keeps_pins_state_and_flows() {
 
     let daemon = Daemon::start(&ns, &config_path, &socket, scratch.0.join("daemon1.log")).unwrap();
     let first_prog = prog_id().expect("attached");
+    // A flow through the pinned maps (a program instance of our own shares
+    // them) on 198.18.1.2, which then drains: the flow stays, and from then
+    // on conntrack holds it (its ring slot changed owner).
+    let frame_from = |sport: u16| {
+        packet::tcp4(
+            "198.18.100.1".parse().unwrap(),
+            "198.18.0.10".parse().unwrap(),
+            sport,
+            80,
+            b"GET /",
+        )
+    };
+    let outer_dst = |out: &[u8]| -> [u8; 4] { out[30..34].try_into().unwrap() };
+    let (sport, frame) = {
+        let dp = Dataplane::open(config.tables.sizes(), &pins.0).unwrap();
+        (40000..41000)
+            .map(|p| (p, frame_from(p)))
+            .find(|(_, f)| {
+                let out = run(dp.program().unwrap(), f).unwrap();
+                out.action == XDP_TX && outer_dst(&out.output) == [198, 18, 1, 2]
+            })
+            .expect("a client port the ring gives 198.18.1.2")
+    };
     ok(&xdplb(&socket, &["backend", "drain", "web", "198.18.1.2"]));
-    // A flow through the pinned maps (a program instance of our own shares them).
-    let frame = packet::tcp4(
-        "198.18.100.1".parse().unwrap(),
-        "198.18.0.10".parse().unwrap(),
-        40000,
-        80,
-        b"GET /",
-    );
     let flow = xdp_common::FlowKey {
         src: {
             let mut a = [0; 16];
@@ -551,7 +566,7 @@ fn daemon_restart_keeps_pins_state_and_flows() {
             a[..4].copy_from_slice(&[198, 18, 0, 10]);
             a
         },
-        sport: 40000u16.to_be(),
+        sport: sport.to_be(),
         dport: 80u16.to_be(),
         proto: 6,
         family: 4,
@@ -559,13 +574,18 @@ fn daemon_restart_keeps_pins_state_and_flows() {
     };
     let tracked = {
         let dp = Dataplane::open(config.tables.sizes(), &pins.0).unwrap();
-        let action = run(dp.program().unwrap(), &frame).unwrap().action;
+        let out = run(dp.program().unwrap(), &frame).unwrap();
         assert_eq!(
-            action,
+            out.action,
             XDP_TX,
             "stats {:?} status {}",
             dp.stats().unwrap(),
             status(&socket)
+        );
+        assert_eq!(
+            outer_dst(&out.output),
+            [198, 18, 1, 2],
+            "kept by the draining backend"
         );
         dp.flow(&flow).unwrap().expect("flow tracked").backend_id
     };
@@ -621,6 +641,12 @@ fn daemon_restart_keeps_pins_state_and_flows() {
             dp.flow(&flow).unwrap().map(|f| f.backend_id),
             Some(tracked),
             "conntrack kept"
+        );
+        let out = run(dp.program().unwrap(), &frame).unwrap();
+        assert_eq!(
+            outer_dst(&out.output),
+            [198, 18, 1, 2],
+            "the flow kept its backend"
         );
     }
     // JSON logs: every line is an object; the adoption is reported.

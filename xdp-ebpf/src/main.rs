@@ -3,7 +3,7 @@
 //! and, for tests and benchmarks, `xdp_pass` (empty), `xdp_gen` (live-frames
 //! load generator), `xdp_sink` (counting sink), `xdp_swap` (MAC-swap
 //! forwarder baseline), `xdp_synack` (a SYN-answering benchmark backend) and
-//! `xdp_bench` (the per-path benchmark harness).
+//! `xdp_bench` / `xdp_bench_plain` (the per-path benchmark harness).
 //!
 //! Odd-packet policy, each counted under its `xdp_common::reason`:
 //! - not IP, or not addressed to a VIP: `XDP_PASS`, untouched;
@@ -441,12 +441,25 @@ fn stamp_next_flow(ctx: &XdpContext) -> Result<(), Malformed> {
 /// test in BENCH_TARGET. Its own cost is measured with `xdp_pass` there.
 #[xdp(frags)]
 pub fn xdp_bench(ctx: XdpContext) -> u32 {
-    if restore_frame(&ctx).is_err() {
+    bench_run(&ctx)
+}
+
+/// [`xdp_bench`] for programs under test that are not `xdp.frags` (a
+/// program array takes only programs of its first one's kind): another
+/// balancer measured side by side.
+#[xdp]
+pub fn xdp_bench_plain(ctx: XdpContext) -> u32 {
+    bench_run(&ctx)
+}
+
+#[inline(always)]
+fn bench_run(ctx: &XdpContext) -> u32 {
+    if restore_frame(ctx).is_err() {
         return XDP_DROP;
     }
     // SAFETY: the context is the program's own; on success this does not
     // return.
-    unsafe { maps::BENCH_TARGET.tail_call(&ctx, 0) };
+    unsafe { maps::BENCH_TARGET.tail_call(ctx, 0) };
     // No program under test.
     XDP_DROP
 }

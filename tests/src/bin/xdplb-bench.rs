@@ -140,13 +140,181 @@ fn machine() -> String {
     format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
 }
 
-fn dataplane(path_filter: Option<&str>) -> Result<()> {
+/// One path of the dataplane bench: a frame, how many flows the harness
+/// cycles through (u32::MAX: a new one every run), the verdict, and
+/// whether the peer balancer has it too.
+struct Path {
+    name: &'static str,
+    frame: Vec<u8>,
+    flows: u32,
+    action: u32,
+    peer: bool,
+}
+
+/// Harness calls before measuring: enough runs to visit every flow once
+/// (and fill a 1M-entry table for new flows).
+fn warm_up_calls(flows: u32) -> usize {
+    let runs = if flows == u32::MAX {
+        1_200_000
+    } else {
+        u64::from(flows)
+    };
+    (runs.div_ceil(u64::from(HARNESS_REPEAT)) as usize).max(1)
+}
+
+/// A harness kept across rounds, so a round-robin walks on where the last
+/// call stopped.
+struct Harnessed {
+    bench: AuxProgram,
+    frame: Vec<u8>,
+    action: u32,
+}
+
+impl Harnessed {
+    fn new(target: &Xdp, plain: bool, path: &Path) -> Result<Self> {
+        let bench = if plain {
+            AuxProgram::bench_plain(path.flows, &path.frame, target)?
+        } else {
+            AuxProgram::bench(path.flows, &path.frame, target)?
+        };
+        Ok(Self {
+            bench,
+            frame: path.frame.clone(),
+            action: path.action,
+        })
+    }
+
+    /// ns per run of each of `calls` calls.
+    fn calls(&self, calls: usize) -> Result<Vec<f64>> {
+        let prog = self.bench.program()?;
+        let mut out = vec![0u8; self.frame.len() + 256];
+        let mut samples = Vec::with_capacity(calls);
+        for _ in 0..calls {
+            let r = prog.test_run(TestRunOptions {
+                data_in: Some(&self.frame),
+                data_out: Some(&mut out),
+                repeat: HARNESS_REPEAT,
+                ..TestRunOptions::default()
+            })?;
+            if r.return_value != self.action {
+                bail!("expected action {}, got {}", self.action, r.return_value);
+            }
+            samples.push(r.duration.as_nanos() as f64);
+        }
+        Ok(samples)
+    }
+
+    fn median(&self) -> Result<f64> {
+        let mut v = self.calls(HARNESS_CALLS)?;
+        v.sort_by(f64::total_cmp);
+        Ok(v[v.len() / 2])
+    }
+}
+
+fn median_f(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Each program's own ns on `path` (its harness minus the empty program's,
+/// per round), the median over interleaved rounds.
+fn own_ns(empty: &Xdp, subjects: &[(&Xdp, bool)], path: &Path) -> Result<Vec<f64>> {
+    let base = Harnessed::new(
+        empty,
+        false,
+        &Path {
+            action: xdp_common::XDP_PASS,
+            ..path.clone()
+        },
+    )?;
+    let under: Vec<Harnessed> = subjects
+        .iter()
+        .map(|&(prog, plain)| Harnessed::new(prog, plain, path))
+        .collect::<Result<_>>()?;
+    for h in &under {
+        h.calls(warm_up_calls(path.flows))?;
+    }
+    let mut own = vec![Vec::new(); under.len()];
+    for _ in 0..HARNESS_ROUNDS {
+        let b = base.median()?;
+        for (i, h) in under.iter().enumerate() {
+            own[i].push(h.median()? - b);
+        }
+    }
+    Ok(own.into_iter().map(median_f).collect())
+}
+
+impl Clone for Path {
+    fn clone(&self) -> Self {
+        Self {
+            name: self.name,
+            frame: self.frame.clone(),
+            flows: self.flows,
+            action: self.action,
+            peer: self.peer,
+        }
+    }
+}
+
+/// Katran beside xdp_lb, when `--peer katran=DIR` names a checkout.
+struct Peer {
+    katran: integration_tests::katran::Katran,
+    commit: String,
+}
+
+fn katran_peer(dir: &std::path::Path) -> Result<Peer> {
+    use integration_tests::katran::{build, commit, Katran};
+    let out = std::env::temp_dir().join(format!("xdplb-bench-katran-{}", std::process::id()));
+    let object = build(dir, &out)?;
+    let mut katran = Katran::load(&object)?;
+    let _ = std::fs::remove_dir_all(&out);
+    let ring_of = |n: usize| -> Vec<u32> {
+        let members: Vec<RingBackend> = (0..n as u32)
+            .map(|id| RingBackend {
+                identity: id.to_be_bytes().to_vec(),
+                weight: 1,
+                id,
+            })
+            .collect();
+        populate(&members, integration_tests::katran::RING_SIZE)
+    };
+    let gateway = integration_tests::packet::GATEWAY_MAC;
+    let addrs = |v: &integration_tests::lab::LabVip| -> Vec<IpAddr> {
+        v.backends
+            .iter()
+            .map(|&id| integration_tests::lab::backend_addr(id))
+            .collect()
+    };
+    katran.add_vip(
+        0,
+        (WEB4.addr, WEB4.port, WEB4.proto),
+        &addrs(&WEB4),
+        1,
+        &ring_of(3),
+        gateway,
+    )?;
+    katran.add_vip(
+        1,
+        (WEB6.addr, WEB6.port, WEB6.proto),
+        &addrs(&WEB6),
+        4,
+        &ring_of(2),
+        gateway,
+    )?;
+    Ok(Peer {
+        katran,
+        commit: commit(dir),
+    })
+}
+
+fn dataplane(path_filter: Option<&str>, peer_dir: Option<&std::path::Path>) -> Result<()> {
     println!(
-        "\n## Dataplane: ns per packet, harness method ({HARNESS_CALLS} calls of {HARNESS_REPEAT} runs, each run on a restored frame)"
+        "\n## Dataplane: ns per packet, harness method ({HARNESS_ROUNDS} rounds of {HARNESS_CALLS} calls of {HARNESS_REPEAT} runs, each run on a restored frame; medians)"
     );
     let mut lab = Lab::with_sizes(SIZES)?;
     let pass = AuxProgram::load(PASS_PROGRAM)?;
     let empty = pass.program()?;
+    let peer = peer_dir.map(katran_peer).transpose()?;
     let vip4 = |v: &integration_tests::lab::LabVip| match v.addr {
         IpAddr::V4(a) => a,
         IpAddr::V6(_) => unreachable!(),
@@ -158,92 +326,250 @@ fn dataplane(path_filter: Option<&str>) -> Result<()> {
     // 64 bytes of payload: every frame is longer than the harness template.
     let payload = [b'x'; 64];
     let web4 = vip4(&WEB4);
-    let non_vip = packet::tcp4(CLIENT4, Ipv4Addr::new(198, 18, 0, 99), 40000, 80, &payload);
-    let established = packet::with_tcp_flags(
-        packet::tcp4(CLIENT4, web4, 40000, 80, &payload),
-        packet::TCP_ACK,
-    );
+    let ack = |f: Vec<u8>| packet::with_tcp_flags(f, packet::TCP_ACK);
+    let established = ack(packet::tcp4(CLIENT4, web4, 40000, 80, &payload));
     let syn = packet::with_tcp_flags(
         packet::tcp4(CLIENT4, web4, 40000, 80, &payload),
         packet::TCP_SYN,
     );
-    let udp = packet::udp4(CLIENT4, vip4(&DNS4), 41000, 53, &payload);
-    let tcp6 = packet::with_tcp_flags(
+    let tcp6 = ack(packet::tcp6(CLIENT6, vip6, 40000, 443, &payload));
+    let syn6 = packet::with_tcp_flags(
         packet::tcp6(CLIENT6, vip6, 40000, 443, &payload),
-        packet::TCP_ACK,
-    );
-    let mixed = packet::tcp4(CLIENT4, vip4(&MIXED), 40000, 80, &payload);
-    let dsr = packet::tcp4(CLIENT4, vip4(&DSR), 40000, 80, &payload);
-    let jumbo = packet::with_tcp_flags(
-        packet::tcp4(CLIENT4, web4, 40001, 80, &[b'j'; 8900]),
-        packet::TCP_ACK,
+        packet::TCP_SYN,
     );
     let (pass_action, tx) = (xdp_common::XDP_PASS, xdp_common::XDP_TX);
-    // (path, frame, flows, action): one flow repeats (established after
-    // its first run); u32::MAX flows makes every run a new 5-tuple.
-    let paths: [(&str, &Vec<u8>, u32, u32); 8] = [
-        ("not for a VIP (pass)", &non_vip, 1, pass_action),
-        ("IPv4 TCP established, IPIP", &established, 1, tx),
-        ("IPv6 TCP established, IPv6-in-IPv6", &tcp6, 1, tx),
-        ("IPv4 TCP established, IPv4-in-IPv6", &mixed, 1, tx),
-        ("IPv4 UDP, port-less VIP, IPIP", &udp, 1, tx),
-        ("IPv4 TCP established, L2 DSR", &dsr, 1, tx),
-        (
-            "IPv4 TCP established, 8954-byte jumbo frame (multi-buffer), IPIP",
-            &jumbo,
+    let path = |name, frame: &Vec<u8>, flows, action, peer| Path {
+        name,
+        frame: frame.clone(),
+        flows,
+        action,
+        peer,
+    };
+    let mut paths = vec![
+        path(
+            "not for a VIP (pass)",
+            &packet::tcp4(CLIENT4, Ipv4Addr::new(198, 18, 0, 99), 40000, 80, &payload),
+            1,
+            pass_action,
+            true,
+        ),
+        path(
+            "IPv4 TCP established, one flow repeated",
+            &established,
             1,
             tx,
+            true,
         ),
-        (
-            "new flow (SYN, each a new 5-tuple), IPv4",
+        path(
+            "IPv6 TCP established, one flow repeated",
+            &tcp6,
+            1,
+            tx,
+            true,
+        ),
+        path(
+            "IPv4 TCP established, 1,000 flows round-robin",
+            &established,
+            1_000,
+            tx,
+            true,
+        ),
+        path(
+            "IPv4 TCP established, 100,000 flows round-robin",
+            &established,
+            100_000,
+            tx,
+            true,
+        ),
+        path(
+            "IPv4 TCP established, 1,000,000 flows round-robin",
+            &established,
+            1_000_000,
+            tx,
+            true,
+        ),
+        path(
+            "IPv6 TCP established, 100,000 flows round-robin",
+            &tcp6,
+            100_000,
+            tx,
+            true,
+        ),
+        path(
+            "new flow (SYN, a new 5-tuple each), IPv4",
             &syn,
             u32::MAX,
             tx,
+            true,
+        ),
+        path(
+            "new flow (SYN, a new 5-tuple each), IPv6",
+            &syn6,
+            u32::MAX,
+            tx,
+            true,
+        ),
+        path(
+            "IPv4 TCP established, IPv4-in-IPv6",
+            &packet::tcp4(CLIENT4, vip4(&MIXED), 40000, 80, &payload),
+            1,
+            tx,
+            false,
+        ),
+        path(
+            "IPv4 UDP, port-less VIP, IPIP",
+            &packet::udp4(CLIENT4, vip4(&DNS4), 41000, 53, &payload),
+            1,
+            tx,
+            false,
+        ),
+        path(
+            "IPv4 TCP established, L2 DSR",
+            &packet::tcp4(CLIENT4, vip4(&DSR), 40000, 80, &payload),
+            1,
+            tx,
+            false,
+        ),
+        path(
+            "IPv4 TCP established, 8954-byte jumbo frame (multi-buffer), IPIP",
+            &ack(packet::tcp4(CLIENT4, web4, 40001, 80, &[b'j'; 8900])),
+            1,
+            tx,
+            false,
         ),
     ];
-    println!(
-        "| path | xdp_lb ns: min / median / max | harness + xdp_pass ns (min) | xdp_lb's own ns (min - min) | median - min | xdp_lb Mpps/core |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|");
-    for (path, frame, flows, action) in paths {
-        if path_filter.is_some_and(|f| !path.contains(f)) {
-            continue;
+    paths.retain(|p| path_filter.is_none_or(|f| p.name.contains(f)));
+    match &peer {
+        Some(p) => {
+            println!("\nKatran: `balancer.bpf.c` at {}, built here with clang; one 1M-entry LRU per CPU.\n", p.commit);
+            println!("| path | xdp_lb ns | Katran ns | xdp_lb / Katran |\n|---|---:|---:|---:|");
         }
-        // Interleaved, so drift in the machine hits both columns alike.
-        let mut lb_ns = Vec::new();
-        let mut base_ns = Vec::new();
-        for _ in 0..HARNESS_ROUNDS {
-            base_ns.extend(harnessed(empty, frame, flows, pass_action)?);
-            lb_ns.extend(harnessed(lab.dp.program()?, frame, flows, action)?);
+        None => println!("\n| path | xdp_lb ns |\n|---|---:|"),
+    }
+    for p in &paths {
+        match (&peer, p.peer) {
+            (Some(peer), true) => {
+                let ns = own_ns(
+                    empty,
+                    &[(lab.dp.program()?, false), (peer.katran.program(), true)],
+                    p,
+                )?;
+                println!(
+                    "| {} | {:.0} | {:.0} | {:.2} |",
+                    p.name,
+                    ns[0],
+                    ns[1],
+                    ns[0] / ns[1].max(1.0)
+                );
+            }
+            (Some(_), false) => {
+                let ns = own_ns(empty, &[(lab.dp.program()?, false)], p)?;
+                println!("| {} | {:.0} | | |", p.name, ns[0]);
+            }
+            (None, _) => {
+                let ns = own_ns(empty, &[(lab.dp.program()?, false)], p)?;
+                println!("| {} | {:.0} |", p.name, ns[0]);
+            }
         }
-        // A busy machine only ever adds time: the least of each column is
-        // the steadiest estimate of its cost.
-        // The median too: for new flows the least is a call that found
-        // free entries; the median is a full table's eviction.
-        let (lo, hi) = (min_f(&lb_ns), lb_ns.iter().copied().fold(0.0, f64::max));
-        lb_ns.sort_by(f64::total_cmp);
-        let mid = lb_ns[lb_ns.len() / 2];
-        let base = min_f(&base_ns);
-        println!(
-            "| {path} | {lo:.0} / {mid:.0} / {hi:.0} | {base:.0} | {:.0} | {:.0} | {:.2} |",
-            lo - base,
-            mid - base,
-            1e3 / (lo - base).max(1.0),
-        );
     }
     if path_filter.is_some() {
         return Ok(());
     }
+    // Where the ring changed, xdp_lb tracks flows as conntrack does: the
+    // cost of a slot while it is marked, measured with every slot tracked.
+    lab.dp.add_vip(
+        &WEB4.key(),
+        WEB4.vip_id,
+        xdp_common::VIP_F_TRACK_ALL,
+        WEB4.mode,
+    )?;
+    println!(
+        "\nxdp_lb where conntrack is in use (every slot of the VIP tracked, `VIP_F_TRACK_ALL`):\n"
+    );
+    println!("| path | xdp_lb ns |\n|---|---:|");
+    for (name, frame, flows) in [
+        (
+            "IPv4 TCP established, 100,000 flows round-robin, tracked",
+            &established,
+            100_000,
+        ),
+        (
+            "new flow (SYN, a new 5-tuple each), IPv4, tracked",
+            &syn,
+            u32::MAX,
+        ),
+    ] {
+        let ns = own_ns(
+            empty,
+            &[(lab.dp.program()?, false)],
+            &path(name, frame, flows, tx, false),
+        )?;
+        println!("| {name} | {:.0} |", ns[0]);
+    }
+    lab.dp
+        .add_vip(&WEB4.key(), WEB4.vip_id, WEB4.flags, WEB4.mode)?;
     trace_cost(&mut lab, empty, &established)?;
     let (lb_x, lb_j) = sizes(lab.dp.program()?)?;
     let (pass_x, pass_j) = sizes(empty)?;
     println!("\n| program | xlated bytes | jited bytes |\n|---|---:|---:|");
     println!("| xdp_lb | {lb_x} | {lb_j} |\n| xdp_pass | {pass_x} | {pass_j} |");
+    if let Some(p) = &peer {
+        let (k_x, k_j) = sizes(p.katran.program())?;
+        println!("| Katran | {k_x} | {k_j} |");
+    }
+    memory(peer.as_ref())?;
     println!(
         "\nThe harness restores the frame (packet start, first {} bytes, the flow's source) and \
-         tail-calls the program; `xdp_lb's own ns` is xdp_lb behind it minus xdp_pass behind it.",
+         tail-calls the program; each program's own ns is its figure behind the harness minus \
+         the empty program's behind it, per round.",
         xdp_common::GEN_HEADER_LEN
     );
+    Ok(())
+}
+
+/// Kernel memory of the maps for a million active flows: this build at its
+/// default sizes, the build before ring-first placement (whose conntrack
+/// needed an entry per active flow), and Katran.
+fn memory(peer: Option<&Peer>) -> Result<()> {
+    let defaults = Sizes::default();
+    let dp = Dataplane::load(defaults)?;
+    let maps = dp.memory()?;
+    let total: u64 = maps.iter().map(|(_, b)| b).sum();
+    let flows = maps
+        .iter()
+        .find(|(n, _)| *n == xdp_common::map_names::FLOWS)
+        .map_or(0, |m| m.1);
+    // The build before: the same maps but for FLOWS of 1M entries with
+    // 12-byte values, and without SEEN, PREVIOUS and VIP_SERIALS.
+    let new_only: u64 = maps
+        .iter()
+        .filter(|(n, _)| {
+            [
+                xdp_common::map_names::SEEN,
+                xdp_common::map_names::PREVIOUS,
+                xdp_common::map_names::VIP_SERIALS,
+            ]
+            .contains(n)
+        })
+        .map(|m| m.1)
+        .sum();
+    let old_flows = xdp_user::dataplane::lru_memory(40, 12, 1 << 20)?;
+    let before = total - flows - new_only + old_flows;
+    println!("\nKernel memory (memlock) for 1,000,000 active flows, default sizes ({} VIPs, ring {}, {} conntrack entries):\n", defaults.max_vips, defaults.ring_size, defaults.max_flows);
+    println!("| dataplane | MiB | of which conntrack |\n|---|---:|---:|");
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    println!("| xdp_lb now | {:.1} | {:.1} |", mib(total), mib(flows));
+    println!(
+        "| xdp_lb before ring-first placement (1M entries) | {:.1} | {:.1} |",
+        mib(before),
+        mib(old_flows)
+    );
+    if let Some(p) = peer {
+        println!(
+            "| Katran (512 VIPs' rings, an LRU of 1M per CPU) | {:.1} | |",
+            mib(p.katran.memory()?)
+        );
+    }
     Ok(())
 }
 
@@ -993,8 +1319,19 @@ fn main() -> Result<()> {
         .map(String::as_str);
     let wanted = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|n| n == name));
     println!("# xdplb benchmarks\n\nMachine: {}", machine());
+    // `--peer katran=DIR` measures Katran's balancer, built from the
+    // checkout at DIR, beside xdp_lb.
+    let peer = args
+        .iter()
+        .position(|a| a == "--peer")
+        .and_then(|i| args.get(i + 1))
+        .map(|p| match p.strip_prefix("katran=") {
+            Some(dir) => Ok(std::path::PathBuf::from(dir)),
+            None => Err(anyhow::anyhow!("--peer takes katran=DIR, not {p:?}")),
+        })
+        .transpose()?;
     if wanted("dataplane") {
-        dataplane(path_filter)?;
+        dataplane(path_filter, peer.as_deref())?;
     }
     if wanted("maglev") {
         maglev();

@@ -58,6 +58,21 @@ impl Dataplane {
         }
     }
 
+    /// The bytes the kernel charges each of the balancer's maps.
+    pub fn memory(&self) -> Result<Vec<(&'static str, u64)>> {
+        use std::os::fd::AsFd as _;
+        super::LB_MAPS
+            .iter()
+            .map(|&name| {
+                let fd = map_data(self.map(name)?)?
+                    .fd()
+                    .as_fd()
+                    .try_clone_to_owned()?;
+                Ok((name, super::sys::memlock(fd.as_fd())?))
+            })
+            .collect()
+    }
+
     /// Number of tracked flows (reads the table in batches: for status,
     /// not hot paths).
     pub fn flow_count(&self) -> Result<usize> {

@@ -54,7 +54,7 @@ pub struct Marked {
 
 /// Mark `ring` (backend ids, `NO_BACKEND` for none) against the `live`
 /// half's entries. `record(position)` is the PREVIOUS record of a marked
-/// live slot; `stays(id)` the generation of a backend still in the VIP once
+/// live slot (asked only for marked slots that move); `stays(id)` the generation of a backend still in the VIP once
 /// this change is applied, in any state (one down now may come back, and
 /// its silent flows with it), `None` for one removed: its flows are placed
 /// again anyway, so giving its slots away needs no mark.
@@ -86,23 +86,15 @@ pub fn mark(
         };
         let marked = if was_marked {
             // Still taking over: the flows without state are the first
-            // previous owner's; they keep it. Settled: a new previous owner
-            // (with flows of its own, untracked) takes over again.
-            let current = record(position);
-            let still_taking_over = current.is_some_and(|r| r.backend_id != NO_BACKEND);
-            if let (Some(r), false) = (fresh, still_taking_over) {
-                out.records.push((position, r));
-            } else if current.is_none() {
-                // A mark without its record (a failed write): settle it.
-                out.records.push((
-                    position,
-                    SlotPrevious {
-                        backend_id: NO_BACKEND,
-                        generation: 0,
-                        since: now,
-                        settled: now,
-                    },
-                ));
+            // previous owner's; they keep it. Settled (or without a record,
+            // which the program reads as settled): a new previous owner,
+            // with flows of its own without state, takes over again.
+            if let Some(r) = fresh {
+                let still_taking_over =
+                    record(position).is_some_and(|r| r.backend_id != NO_BACKEND);
+                if !still_taking_over {
+                    out.records.push((position, r));
+                }
             }
             true
         } else if let Some(r) = fresh {

@@ -62,10 +62,15 @@ impl Default for Sizes {
             max_vips: 64,
             max_backends: 4096,
             ring_size: 65537,
-            max_flows: 1 << 20,
+            max_flows: DEFAULT_MAX_FLOWS,
         }
     }
 }
+
+/// Conntrack entries by default: flows are tracked only in ring slots that
+/// changed owner, so a quarter of a million covers a million active flows
+/// while a quarter of the ring changes at once.
+pub const DEFAULT_MAX_FLOWS: u32 = 1 << 18;
 
 impl Sizes {
     /// Entries of the RINGS array: two halves per VIP.
@@ -490,6 +495,9 @@ pub struct Dataplane {
     /// When this process last turned the SEEN filter's epoch
     /// (CLOCK_MONOTONIC seconds); None until its first review.
     seen_turned: Option<u32>,
+    /// This process's copy of PREVIOUS (it is the only writer), read from
+    /// the map on first use.
+    records: Option<std::collections::HashMap<u32, xdp_common::SlotPrevious>>,
 }
 
 /// Where and how the balancer is attached.
@@ -546,7 +554,7 @@ impl Dataplane {
         let mut ebpf = loader
             .load(object()?)
             .context("loading the eBPF object (map creation)")?;
-        let carried_flows = upgrade::after_load(&mut ebpf, carried)?;
+        let (carried_keys, carried_states) = upgrade::after_load(&mut ebpf, carried)?;
         if let Err(e) = check_adopted_maps(&ebpf, &sizes, ring_entries)
             .and_then(|()| load_program(&mut ebpf, LB_PROGRAM).map(drop))
         {
@@ -563,6 +571,7 @@ impl Dataplane {
             attached: None,
             source_mac: [0; 6],
             seen_turned: None,
+            records: None,
         };
         if !adopted {
             dataplane.set_config(&Config::default())?;
@@ -572,13 +581,15 @@ impl Dataplane {
         dataplane.filter_rebuild()?;
         // Before the new program runs: flows an older build tracked on
         // another backend than the ring's keep it.
-        if carried_flows {
-            let marked = dataplane
-                .mark_held(None)
-                .context("marking the ring slots of carried conntrack")?;
+        if !carried_keys.is_empty() {
+            let (kept, marked) = dataplane
+                .carry_flows(&carried_keys, &carried_states)
+                .context("carrying the older build's conntrack over")?;
             tracing::info!(
+                carried = carried_keys.len(),
+                kept,
                 marked,
-                "ring slots marked for conntrack carried over from an older build"
+                "conntrack of an older build: kept the flows the ring now places elsewhere, their slots marked"
             );
         }
         // A non-zero generation turns the new program's flow cache on.
@@ -835,6 +846,19 @@ impl Dataplane {
     }
 }
 
+/// The bytes the kernel charges an LRU hash map with per-CPU lists (as
+/// FLOWS is made) of `entries` entries of these sizes: what a conntrack
+/// table of another shape would cost.
+pub fn lru_memory(key: u32, value: u32, entries: u32) -> Result<u64> {
+    use std::os::fd::AsFd as _;
+    /// `BPF_MAP_TYPE_LRU_HASH`, `BPF_F_NO_COMMON_LRU`.
+    const LRU_HASH: u32 = 9;
+    const NO_COMMON_LRU: u32 = 1 << 1;
+    let fd = sys::map_create(LRU_HASH, key, value, entries, NO_COMMON_LRU)
+        .context("creating an LRU map to measure")?;
+    sys::memlock(fd.as_fd())
+}
+
 /// The empty program: a benchmark baseline, and what a veth peer needs
 /// attached for XDP_TX frames to arrive.
 pub const PASS_PROGRAM: &str = "xdp_pass";
@@ -848,6 +872,8 @@ pub const SWAP_PROGRAM: &str = "xdp_swap";
 pub const SYNACK_PROGRAM: &str = "xdp_synack";
 /// The per-path benchmark harness.
 pub const BENCH_PROGRAM: &str = "xdp_bench";
+/// The harness for programs under test that are not `xdp.frags`.
+pub const BENCH_PLAIN_PROGRAM: &str = "xdp_bench_plain";
 
 /// Load every program of the object into the running kernel (maps at
 /// small sizes, nothing attached): what the verifier says of each, by name.
@@ -869,6 +895,7 @@ pub fn verify_all() -> Vec<(&'static str, Result<()>)> {
         SWAP_PROGRAM,
         SYNACK_PROGRAM,
         BENCH_PROGRAM,
+        BENCH_PLAIN_PROGRAM,
     ] {
         out.push((name, AuxProgram::load(name).map(drop)));
     }
@@ -902,8 +929,18 @@ impl AuxProgram {
     /// of `flows` flows) and tail-calls `target`. Run it with `frame` as
     /// the test-run input.
     pub fn bench(flows: u32, frame: &[u8], target: &Xdp) -> Result<Self> {
+        Self::bench_with(BENCH_PROGRAM, flows, frame, target)
+    }
+
+    /// [`AuxProgram::bench`] for a program under test that is not
+    /// `xdp.frags` (another balancer, measured side by side).
+    pub fn bench_plain(flows: u32, frame: &[u8], target: &Xdp) -> Result<Self> {
+        Self::bench_with(BENCH_PLAIN_PROGRAM, flows, frame, target)
+    }
+
+    fn bench_with(name: &'static str, flows: u32, frame: &[u8], target: &Xdp) -> Result<Self> {
         let len = u32::try_from(frame.len()).context("frame length")?;
-        let mut bench = Self::load_with(BENCH_PROGRAM, flows.max(1), len)?;
+        let mut bench = Self::load_with(name, flows.max(1), len)?;
         bench.set_template(frame)?;
         let mut targets =
             aya::maps::ProgramArray::try_from(find_map_mut(&mut bench.ebpf, names::BENCH_TARGET)?)?;

@@ -37,23 +37,44 @@ impl Dataplane {
     pub fn ring_entries(&self, meta: &VipMeta) -> Result<Vec<u32>> {
         let size = self.sizes.ring_size;
         let base = (meta.vip_id * 2 + (meta.active_ring & 1)) * size;
-        let rings: Array<_, u32> = Array::try_from(self.map(names::RINGS)?)?;
-        (base..base + size)
-            .map(|slot| rings.get(&slot, 0).context("reading RINGS"))
-            .collect()
+        let fd = map_data(self.map(names::RINGS)?)?
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()?;
+        sys::read_array_u32(fd.as_fd(), base, size).context("reading RINGS")
     }
 
     fn previous_map(&mut self) -> Result<HashMap<&mut MapData, u32, SlotPrevious>> {
         Ok(HashMap::try_from(self.map_mut(names::PREVIOUS)?)?)
     }
 
-    /// The PREVIOUS record of a slot.
-    fn previous(&self, key: u32) -> Result<Option<SlotPrevious>> {
-        let map: HashMap<_, u32, SlotPrevious> = HashMap::try_from(self.map(names::PREVIOUS)?)?;
-        match map.get(&key, 0) {
-            Ok(r) => Ok(Some(r)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(e).context("reading PREVIOUS"),
+    /// The PREVIOUS records, from this process's copy.
+    fn records(&mut self) -> Result<&mut std::collections::HashMap<u32, SlotPrevious>> {
+        if self.records.is_none() {
+            self.records = Some(self.marks()?.into_iter().collect());
+        }
+        // Just filled.
+        self.records.as_mut().context("PREVIOUS records")
+    }
+
+    /// Write PREVIOUS records, in the map and the copy.
+    fn put_records(&mut self, keys: &[u32], values: &[SlotPrevious]) -> Result<()> {
+        self.records()?;
+        update_batch(map_data(self.map(names::PREVIOUS)?)?, keys, values)
+            .context("recording the previous owners of changed ring slots (is PREVIOUS full?)")?;
+        let records = self.records()?;
+        for (k, v) in keys.iter().zip(values) {
+            records.insert(*k, *v);
+        }
+        Ok(())
+    }
+
+    /// Remove a PREVIOUS record, from the map and the copy.
+    fn drop_record(&mut self, key: u32) -> Result<()> {
+        self.records()?.remove(&key);
+        match self.previous_map()?.remove(&key) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).context("removing a PREVIOUS record"),
         }
     }
 
@@ -97,15 +118,30 @@ impl Dataplane {
             );
         }
         let live = self.ring_entries(&meta)?;
-        let backends: std::collections::HashMap<u32, Backend> =
-            self.backends()?.into_iter().collect();
         let vip_id = meta.vip_id;
+        // The backends that give slots away, and the VIP's records.
+        let mut backends: std::collections::HashMap<u32, Backend> = Default::default();
+        for (&old, &new) in live.iter().zip(ring) {
+            if let Some(id) = marks::owner(old).filter(|&id| new != id) {
+                if let std::collections::hash_map::Entry::Vacant(e) = backends.entry(id) {
+                    e.insert(self.backend(id)?);
+                }
+            }
+        }
+        // The records of marked slots that move again.
+        let records: std::collections::HashMap<u32, SlotPrevious> = {
+            let all = self.records()?;
+            (0u32..)
+                .zip(live.iter().zip(ring))
+                .filter(|(_, (&old, &new))| marks::is_marked(old) && marks::owner(old) != Some(new))
+                .filter_map(|(p, _)| {
+                    all.get(&xdp_common::slot_key(vip_id, size, p))
+                        .map(|r| (p, *r))
+                })
+                .collect()
+        };
         let marked = {
-            let record = |position| {
-                self.previous(xdp_common::slot_key(vip_id, size, position))
-                    .ok()
-                    .flatten()
-            };
+            let record = |position| records.get(&position).copied();
             let generation = |id: u32| {
                 backends
                     .get(&id)
@@ -121,9 +157,7 @@ impl Dataplane {
                 .map(|(p, _)| xdp_common::slot_key(vip_id, size, *p))
                 .collect();
             let values: Vec<SlotPrevious> = marked.records.iter().map(|(_, r)| *r).collect();
-            update_batch(map_data(self.map(names::PREVIOUS)?)?, &keys, &values).context(
-                "recording the previous owners of changed ring slots (is PREVIOUS full?)",
-            )?;
+            self.put_records(&keys, &values)?;
         }
         let inactive = (meta.active_ring & 1) ^ 1;
         let base = (vip_id * 2 + inactive) * size;
@@ -162,10 +196,22 @@ impl Dataplane {
 
     /// Every changed-slot record: (PREVIOUS key, record).
     pub fn marks(&self) -> Result<Vec<(u32, SlotPrevious)>> {
-        let map: HashMap<_, u32, SlotPrevious> = HashMap::try_from(self.map(names::PREVIOUS)?)?;
-        map.iter()
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .context("reading PREVIOUS")
+        let fd = map_data(self.map(names::PREVIOUS)?)?
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()?;
+        let value_size = std::mem::size_of::<SlotPrevious>();
+        let mut out = Vec::new();
+        sys::read_batches(fd.as_fd(), 4, value_size, |k, v, n| {
+            for i in 0..n {
+                out.push((
+                    bytemuck::pod_read_unaligned(&k[i * 4..(i + 1) * 4]),
+                    bytemuck::pod_read_unaligned(&v[i * value_size..(i + 1) * value_size]),
+                ));
+            }
+        })
+        .context("reading PREVIOUS")?;
+        Ok(out)
     }
 
     /// Forget the marks of VIP `vip_id` (the VIP is gone; its id may be
@@ -173,14 +219,13 @@ impl Dataplane {
     pub(super) fn forget_marks(&mut self, vip_id: u32) -> Result<()> {
         let size = self.sizes.ring_size;
         let keys: Vec<u32> = self
-            .marks()?
-            .into_iter()
-            .map(|(k, _)| k)
+            .records()?
+            .keys()
+            .copied()
             .filter(|k| k / size == vip_id)
             .collect();
-        let mut map = self.previous_map()?;
         for k in keys {
-            map.remove(&k).context("removing a PREVIOUS record")?;
+            self.drop_record(k)?;
         }
         Ok(())
     }
@@ -226,18 +271,26 @@ impl Dataplane {
         let now = monotonic_secs();
         let (mut settled, mut cleared) = (0, 0);
         let mut rings: std::collections::HashMap<u32, Vec<u32>> = Default::default();
-        for (key, record) in self.marks()? {
+        let records: Vec<(u32, SlotPrevious)> =
+            self.records()?.iter().map(|(k, r)| (*k, *r)).collect();
+        for (key, record) in records {
             let (vip_id, position) = (key / size, key % size);
             let Some(meta) = vips.get(&vip_id) else {
-                self.previous_map()?
-                    .remove(&key)
-                    .context("removing a PREVIOUS record")?;
+                self.drop_record(key)?;
                 continue;
             };
-            let entry = match rings.entry(vip_id) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(self.ring_entries(meta)?),
-            }[position as usize];
+            // The owner matters only to a settled mark, with a sweep.
+            let entry = if record.backend_id == NO_BACKEND && sweep.is_some() {
+                let ring = match rings.entry(vip_id) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(self.ring_entries(meta)?)
+                    }
+                };
+                ring[position as usize]
+            } else {
+                NO_BACKEND
+            };
             match marks::review(key, &record, marks::owner(entry), now, idle, sweep) {
                 None => {}
                 Some(Step::Settle) => {
@@ -246,9 +299,7 @@ impl Dataplane {
                         settled: now,
                         ..record
                     };
-                    self.previous_map()?
-                        .insert(key, r, 0)
-                        .context("settling a changed ring slot")?;
+                    self.put_records(&[key], &[r])?;
                     settled += 1;
                 }
                 Some(Step::Clear) => {
@@ -263,9 +314,7 @@ impl Dataplane {
                     };
                     ring.set(slot, unmarked, 0)
                         .context("clearing a changed ring slot")?;
-                    self.previous_map()?
-                        .remove(&key)
-                        .context("removing a PREVIOUS record")?;
+                    self.drop_record(key)?;
                     cleared += 1;
                 }
             }
@@ -312,9 +361,7 @@ impl Dataplane {
                 since: now,
                 settled: now,
             };
-            self.previous_map()?
-                .insert(key, record, 0)
-                .context("recording a changed ring slot")?;
+            self.put_records(&[key], &[record])?;
             let mut ring: Array<_, u32> = Array::try_from(self.map_mut(names::RINGS)?)?;
             let marked_entry = match owner {
                 Some(id) => SLOT_CHANGED | id,
@@ -328,6 +375,59 @@ impl Dataplane {
             self.flow_cache_invalidate()?;
         }
         Ok(marked)
+    }
+
+    /// Keep, of conntrack carried over from a build that tracked every
+    /// flow, the live entries of flows the ring would now place on another
+    /// backend (the rest the ring places as their entries did), then mark
+    /// their slots: (entries kept, slots marked).
+    pub(super) fn carry_flows(
+        &mut self,
+        keys: &[FlowKey],
+        states: &[FlowState],
+    ) -> Result<(usize, usize)> {
+        let size = self.sizes.ring_size;
+        let backends: std::collections::HashMap<u32, Backend> =
+            self.backends()?.into_iter().collect();
+        let vips: std::collections::HashMap<VipKey, VipMeta> = self.vips()?.into_iter().collect();
+        let mut rings: std::collections::HashMap<u32, Vec<u32>> = Default::default();
+        let (mut kept_keys, mut kept) = (Vec::new(), Vec::new());
+        for (key, state) in keys.iter().zip(states) {
+            let Some(vip) = vip_of(&vips, key) else {
+                continue;
+            };
+            let placed = backends.get(&state.backend_id).is_some_and(|b| {
+                b.generation == state.generation
+                    && b.vip_id == vip.vip_id
+                    && matches!(
+                        b.state,
+                        xdp_common::backend_state::UP | xdp_common::backend_state::DRAINING
+                    )
+            });
+            let ring = match rings.entry(vip.vip_id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(self.ring_entries(&vip)?),
+            };
+            let owner = marks::owner(ring[position(key, &vip, size) as usize]);
+            if placed && owner != Some(state.backend_id) {
+                kept_keys.push(*key);
+                kept.push(*state);
+            }
+        }
+        if kept.len() > self.sizes.max_flows as usize {
+            bail!(
+                "{} carried flows are on another backend than the ring's, more than tables.max_flows ({}): \
+                 raise max_flows for this upgrade",
+                kept.len(),
+                self.sizes.max_flows
+            );
+        }
+        if !kept.is_empty() {
+            update_batch(map_data(self.map(names::FLOWS)?)?, &kept_keys, &kept)
+                .context("writing the carried flows")?;
+        }
+        let marked = self.mark_held(None)?;
+        Ok((kept.len(), marked))
     }
 
     /// A sweeper of conntrack that another thread can run: it holds its own

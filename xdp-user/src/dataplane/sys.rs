@@ -10,6 +10,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::maps::MapData;
 
+const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
@@ -67,6 +68,45 @@ pub fn delete<K: aya::Pod>(fd: BorrowedFd<'_>, key: &K) -> std::io::Result<()> {
         ..ElemAttr::default()
     };
     bpf(BPF_MAP_DELETE_ELEM, &mut attr).map(drop)
+}
+
+/// `union bpf_attr`, the BPF_MAP_CREATE member (its first fields).
+#[repr(C)]
+#[derive(Default)]
+struct CreateAttr {
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+    map_flags: u32,
+}
+
+/// A new map, owned by nothing but the returned descriptor.
+pub fn map_create(
+    map_type: u32,
+    key: u32,
+    value: u32,
+    entries: u32,
+    flags: u32,
+) -> std::io::Result<OwnedFd> {
+    let mut attr = CreateAttr {
+        map_type,
+        key_size: key,
+        value_size: value,
+        max_entries: entries,
+        map_flags: flags,
+    };
+    bpf(BPF_MAP_CREATE, &mut attr).map(owned_fd)
+}
+
+/// The bytes the kernel charges a map (`memlock` in its fdinfo).
+pub fn memlock(fd: BorrowedFd<'_>) -> Result<u64> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+        .context("reading the map's fdinfo")?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("memlock:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no memlock in the map's fdinfo")
 }
 
 /// `union bpf_attr`, the `BPF_OBJ_*` member.
@@ -221,6 +261,46 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
         file_flags: 0,
     };
     bpf(BPF_OBJ_PIN, &mut attr).map(drop)
+}
+
+/// `count` values of the u32 array behind `fd` from index `start`,
+/// `BPF_MAP_LOOKUP_BATCH` (a few syscalls for a whole ring, not one per
+/// slot).
+pub fn read_array_u32(fd: BorrowedFd<'_>, start: u32, count: u32) -> Result<Vec<u32>> {
+    let mut keys = vec![0u32; count as usize];
+    let mut values = vec![0u32; count as usize];
+    let mut done = 0usize;
+    // The batch position is the key before the next one returned (none:
+    // from the first).
+    let mut after = start.checked_sub(1);
+    while done < count as usize {
+        let mut token_out = 0u32;
+        let mut attr = BatchAttr {
+            in_batch: after.as_mut().map_or(0, |k| k as *mut u32 as u64),
+            out_batch: &mut token_out as *mut u32 as u64,
+            keys: keys[done..].as_mut_ptr() as u64,
+            values: values[done..].as_mut_ptr() as u64,
+            count: (count as usize - done) as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let result = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        done += attr.count as usize;
+        match result {
+            Ok(_) if attr.count == 0 => bail!("BPF_MAP_LOOKUP_BATCH made no progress at {done}"),
+            Ok(_) => after = Some(token_out),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => break,
+            Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH"),
+        }
+    }
+    if done < count as usize {
+        bail!(
+            "the array ends {} entries before index {}",
+            count as usize - done,
+            start + count
+        );
+    }
+    Ok(values)
 }
 
 /// Entries of the hash map behind `fd` (`BPF_MAP_LOOKUP_BATCH`, 4096 at a

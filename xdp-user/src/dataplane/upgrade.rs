@@ -3,9 +3,9 @@
 //! attaching), STATS (more reasons; the counts of the reasons both builds
 //! know are copied, so Prometheus counters never go back), BACKENDS of
 //! builds before backend generations (copied with generation 0), and FLOWS
-//! of builds that tracked every flow (copied, seen now; the loader then
-//! marks every ring slot where a carried flow is on another backend than
-//! the ring's, so it keeps that backend).
+//! of builds that tracked every flow (the loader keeps, seen now, the
+//! entries of flows the ring would now place on another backend, into a
+//! table of the configured size, and marks their slots, so they keep it).
 //! The running program keeps its own maps until the new one replaces it;
 //! flows it opens between the copy and the swap are placed again by the
 //! ring. Every other map (VIPs, rings) must match exactly.
@@ -79,10 +79,9 @@ pub(super) fn before_load(dir: &Path, sizes: &Sizes) -> Result<Carried> {
         m.info()
             .is_ok_and(|i| matches!(i.value_size() as usize, FLOW_STATE_V1 | FLOW_STATE_V2))
     });
-    for (map, name, want) in [
-        (&old_backends, names::BACKENDS, sizes.max_backends),
-        (&old_flows, names::FLOWS, sizes.max_flows),
-    ] {
+    // Conntrack is carried into a new table of the configured size (only
+    // the flows the ring would now place elsewhere need entries).
+    for (map, name, want) in [(&old_backends, names::BACKENDS, sizes.max_backends)] {
         if let Some(m) = map {
             let have = m.info()?.max_entries();
             if have != want {
@@ -139,9 +138,12 @@ pub(super) fn before_load(dir: &Path, sizes: &Sizes) -> Result<Carried> {
     Ok(carried)
 }
 
-/// Write what [`before_load`] kept into the new maps; whether conntrack
-/// was carried (its slots are still to be marked).
-pub(super) fn after_load(ebpf: &mut Ebpf, carried: Carried) -> Result<bool> {
+/// Write what [`before_load`] kept into the new maps, but for conntrack:
+/// returned, for the loader to keep what it needs once the maps are there.
+pub(super) fn after_load(
+    ebpf: &mut Ebpf,
+    carried: Carried,
+) -> Result<(Vec<FlowKey>, Vec<FlowState>)> {
     if !carried.stats.is_empty() {
         let mut stats: PerCpuArray<_, u64> =
             PerCpuArray::try_from(find_map_mut(ebpf, names::STATS)?)?;
@@ -160,10 +162,5 @@ pub(super) fn after_load(ebpf: &mut Ebpf, carried: Carried) -> Result<bool> {
         )
         .context("carrying the older build's backends over")?;
     }
-    let (keys, states) = carried.flows;
-    if !keys.is_empty() {
-        update_batch(map_data(find_map_mut(ebpf, names::FLOWS)?)?, &keys, &states)
-            .context("carrying the older build's conntrack over")?;
-    }
-    Ok(!keys.is_empty())
+    Ok(carried.flows)
 }
