@@ -8,7 +8,7 @@ use integration_tests::{
     ops::xdp_prog,
     require_root, run, PinDir,
 };
-use xdp_common::{backend_state, Backend, XDP_TX};
+use xdp_common::{backend_state, Backend, FlowState, XDP_TX};
 use xdp_user::dataplane::{self, addr_bytes, AttachMode, Dataplane};
 
 #[test]
@@ -281,8 +281,14 @@ fn an_older_builds_backends_and_conntrack_are_carried_over() {
         return;
     }
     let pins = PinDir::new("pin-gen");
-    drop(Dataplane::open(SIZES, &pins.0).unwrap());
-    // Before generations: 36-byte backends, 8-byte conntrack values.
+    {
+        let mut dp = Dataplane::open(SIZES, &pins.0).unwrap();
+        dp.add_vip(&WEB4.key(), WEB4.vip_id, 0, 0).unwrap();
+        dp.write_ring(&WEB4.key(), &ring_of(&[0, 1, 2])).unwrap();
+    }
+    // Before generations: 36-byte backends, 8-byte conntrack values; the
+    // flow is on backend 3, which the ring does not name, so its entry is
+    // kept.
     let backend = Backend {
         addr: addr_bytes(backend_addr(3)).0,
         family: 4,
@@ -327,4 +333,105 @@ fn an_older_builds_backends_and_conntrack_are_carried_over() {
     assert!(carried.last_seen > 0, "carried as seen now");
     drop(dp);
     assert!(dataplane::detach(&pins.0).unwrap());
+}
+
+/// The release before ring-first placement (85c6d68) tracked every flow,
+/// with 12-byte conntrack values. An upgrade keeps the entries of flows the
+/// ring now places on another backend (they were placed before a ring
+/// change) and marks their slots, so they keep their backend; the rest the
+/// ring places as their entries did, without state.
+#[test]
+fn the_previous_releases_conntrack_keeps_every_flow_on_its_backend() {
+    if !require_root() {
+        return;
+    }
+    let pins = PinDir::new("pin-ringfirst");
+    let ring = ring_of(&[0, 1, 2]);
+    let generations = {
+        let mut dp = Dataplane::open(SIZES, &pins.0).unwrap();
+        dp.set_config(&lab_config()).unwrap();
+        for id in 0..3 {
+            let (addr, family) = addr_bytes(backend_addr(id));
+            dp.set_backend(
+                id,
+                &Backend {
+                    addr,
+                    family: u32::from(family),
+                    state: backend_state::UP,
+                    vip_id: WEB4.vip_id,
+                    ..Backend::default()
+                },
+            )
+            .unwrap();
+        }
+        dp.add_vip(&WEB4.key(), WEB4.vip_id, 0, 0).unwrap();
+        dp.write_ring(&WEB4.key(), &ring).unwrap();
+        (0..3)
+            .map(|id| dp.backend(id).unwrap().generation)
+            .collect::<Vec<_>>()
+    };
+    // Flow `a` on a backend its ring slot does not name now; flow `b` on
+    // the one it does.
+    let owner = |port| {
+        let (_, k) = client_flow_frame(port);
+        integration_tests::lab::predicted_backend(&WEB4, &ring, &k)
+    };
+    let (fa, a) = client_flow_frame(40001);
+    let (fb, b) = client_flow_frame(40002);
+    let a_on = (owner(40001) + 1) % 3;
+    let b_on = owner(40002);
+    let old = |backend: u32| {
+        [backend, 0x1234_5678, generations[backend as usize]]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect::<Vec<u8>>()
+    };
+    std::fs::remove_file(pins.0.join("FLOWS")).unwrap();
+    pin_older_map(
+        &pins.0.join("FLOWS"),
+        9, // BPF_MAP_TYPE_LRU_HASH
+        2, // BPF_F_NO_COMMON_LRU
+        1 << 20,
+        &[
+            (bytemuck::bytes_of(&a).to_vec(), old(a_on)),
+            (bytemuck::bytes_of(&b).to_vec(), old(b_on)),
+        ],
+    );
+    let dp = Dataplane::open(SIZES, &pins.0).expect("the upgrade carries conntrack over");
+    let kept: Option<FlowState> = dp.flow(&a).unwrap();
+    assert_eq!(
+        kept.map(|s| s.backend_id),
+        Some(a_on),
+        "the flow off the ring kept its entry"
+    );
+    assert_eq!(
+        dp.flow(&b).unwrap(),
+        None,
+        "the ring places the other as its entry did"
+    );
+    assert!(
+        !dp.marks().unwrap().is_empty(),
+        "the kept flow's slot is marked"
+    );
+    let to = |frame: &[u8]| -> u32 {
+        let out = run(dp.program().unwrap(), frame).unwrap();
+        assert_eq!(out.action, XDP_TX);
+        let dst = IpAddrOut(&out.output).v4();
+        (0..3)
+            .find(|&id| backend_addr(id) == std::net::IpAddr::V4(dst))
+            .expect("a backend")
+    };
+    assert_eq!(to(&fa), a_on, "kept its backend across the upgrade");
+    assert_eq!(to(&fb), b_on);
+    drop(dp);
+    assert!(dataplane::detach(&pins.0).unwrap());
+}
+
+/// The outer destination of an encapsulated IPv4 frame.
+struct IpAddrOut<'a>(&'a [u8]);
+
+impl IpAddrOut<'_> {
+    fn v4(&self) -> std::net::Ipv4Addr {
+        std::net::Ipv4Addr::new(self.0[30], self.0[31], self.0[32], self.0[33])
+    }
 }

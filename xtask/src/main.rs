@@ -61,9 +61,14 @@ enum Task {
     /// baseline. Needs root.
     Bench {
         /// Only these sections (comma-separated: dataplane, maglev, ring,
-        /// detection, health, flows).
+        /// detection, health, storm, flows).
         #[arg(long)]
         only: Option<String>,
+        /// Measure another balancer beside xdp_lb: `katran=DIR`, the root
+        /// of a Katran checkout (its balancer is built with clang and
+        /// loaded with bpftool, which are installed if missing).
+        #[arg(long)]
+        peer: Option<String>,
     },
     /// Setup, then the load test: live-frames generator -> LB -> sink for
     /// 1, 1k and 1M flows, beside an XDP MAC swap and iptables DNAT. Needs root.
@@ -93,10 +98,7 @@ fn main() -> ExitCode {
         Task::Setup => setup().map(|_| ()),
         Task::Test { no_lint, filter } => test(no_lint, filter.as_deref()),
         Task::Demo { keep } => demo(keep),
-        Task::Bench { only } => match only {
-            Some(o) => bench(&["--only", &o]),
-            None => bench(&[]),
-        },
+        Task::Bench { only, peer } => bench_with(only.as_deref(), peer.as_deref()),
         Task::Loadtest => bench(&["--loadtest"]),
         Task::Package => package(),
         Task::Vmtest => vmtest(),
@@ -214,7 +216,7 @@ fn setup() -> Result<EbpfToolchain> {
     ensure_components(&toolchain, &mut report)?;
     ensure_bpf_linker(&toolchain, &mut report)?;
     ensure_cargo_deb(&mut report)?;
-    ensure_debian_packages(&mut report)?;
+    ensure_debian_packages(DEBIAN_PACKAGES, &mut report)?;
     if report.installed.is_empty() {
         println!(
             "setup: everything already in place ({:.1}s)",
@@ -425,8 +427,8 @@ fn package() -> Result<()> {
     Ok(())
 }
 
-fn ensure_debian_packages(report: &mut Report) -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+fn ensure_debian_packages(packages: &[(&str, &str)], report: &mut Report) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .filter(|(_, command)| {
             !Command::new("sh")
@@ -486,6 +488,28 @@ fn demo(keep: bool) -> Result<()> {
         cmd.args(["--", "--keep"]);
     }
     run(&mut cmd).context("the demo failed")
+}
+
+/// The tools `--peer katran=DIR` builds and loads Katran with.
+const PEER_PACKAGES: &[(&str, &str)] =
+    &[("clang", "clang"), ("bpftool", "bpftool"), ("gcc", "gcc")];
+
+fn bench_with(only: Option<&str>, peer: Option<&str>) -> Result<()> {
+    let mut args = Vec::new();
+    if let Some(o) = only {
+        args.extend(["--only", o]);
+    }
+    if let Some(p) = peer {
+        if !p.starts_with("katran=") {
+            bail!("--peer takes katran=DIR (the root of a Katran checkout), not {p:?}");
+        }
+        let mut report = Report {
+            installed: Vec::new(),
+        };
+        ensure_debian_packages(PEER_PACKAGES, &mut report)?;
+        args.extend(["--peer", p]);
+    }
+    bench(&args)
 }
 
 fn bench(args: &[&str]) -> Result<()> {

@@ -1129,7 +1129,7 @@ address = "2001:db8:1::1"
                 "[forwarding]",
                 "[tables]\nmax_vips = 1\nring_size = 2147483647\n[forwarding]",
                 "tables",
-                "would take about 16.1 GiB of kernel memory",
+                "would take about 16.0 GiB of kernel memory",
             ),
             (
                 "[forwarding]",
@@ -1172,6 +1172,12 @@ address = "2001:db8:1::1"
                 "[forwarding]\ntunnel_mtu = 1000",
                 "forwarding.tunnel_mtu",
                 "1000 is out of range: 0 (no limit) or 1280..=65535",
+            ),
+            (
+                "[forwarding]",
+                "[forwarding]\nflow_idle_timeout = 0",
+                "forwarding.flow_idle_timeout",
+                "0 is out of range: 1..=86400 seconds",
             ),
             (
                 "[forwarding]",
