@@ -399,7 +399,7 @@ fn human_bytes(n: f64) -> String {
 fn print_status(s: &serde_json::Value) -> Result<()> {
     let status: StatusView = serde_json::from_value(s.clone()).context("unexpected status")?;
     println!(
-        "xdplb on {}: dataplane {}, {}{}; flows {}/{}",
+        "xdplb on {}: dataplane {}, {}{}; flows {}/{}; changed ring slots {} ({} taking over)",
         status.interface,
         if status.attached {
             "attached"
@@ -413,7 +413,9 @@ fn print_status(s: &serde_json::Value) -> Result<()> {
         },
         if status.adopted { " (adopted)" } else { "" },
         status.flows,
-        status.max_flows
+        status.max_flows,
+        status.changed_slots.0 + status.changed_slots.1,
+        status.changed_slots.0
     );
     for p in &status.dataplane_problems {
         println!("  dataplane problem: {p}");
@@ -521,6 +523,9 @@ struct StatusView {
     last_error: Option<String>,
     flows: usize,
     max_flows: u32,
+    /// A daemon before ring-first placement sends none.
+    #[serde(default)]
+    changed_slots: (usize, usize),
     vips: Vec<VipView>,
     announce: crate::controller::AnnounceStatus,
 }

@@ -363,6 +363,14 @@ pub fn render(ctl: &mut Controller, format: Format) -> String {
         Exposition::one(i64::from(status.max_flows)),
     );
     e.gauge(
+        "xdplb_ring_slots_changed",
+        "Ring slots whose owner changed and whose packets consult conntrack, by phase: taking_over (flows of the previous owner are told apart), settled (until no tracked flow needs the mark).",
+        [
+            (labels([("phase", "taking_over")]), status.changed_slots.0 as i64),
+            (labels([("phase", "settled")]), status.changed_slots.1 as i64),
+        ],
+    );
+    e.gauge(
         "xdplb_dataplane_in_sync",
         "Whether the last reconcile succeeded.",
         Exposition::one(i64::from(status.in_sync)),

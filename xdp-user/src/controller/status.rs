@@ -100,6 +100,7 @@ impl Controller {
             last_error: self.last_error.clone(),
             flows,
             max_flows: self.dp.sizes().max_flows,
+            changed_slots: self.dp.changed_slots().unwrap_or_default(),
             reasons,
             vips,
             announce: self.announce_status(),
@@ -200,6 +201,9 @@ pub struct Status {
     pub last_error: Option<String>,
     pub flows: usize,
     pub max_flows: u32,
+    /// Ring slots marked as changed: (taking over, settled). Packets in
+    /// them consult conntrack; elsewhere the ring alone places them.
+    pub changed_slots: (usize, usize),
     pub reasons: BTreeMap<String, u64>,
     pub vips: Vec<VipStatus>,
     pub announce: super::AnnounceStatus,

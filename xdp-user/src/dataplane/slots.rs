@@ -194,6 +194,13 @@ impl Dataplane {
         Ok(false)
     }
 
+    /// Ring slots marked as changed: (taking over, settled).
+    pub fn changed_slots(&mut self) -> Result<(usize, usize)> {
+        let records = self.records()?;
+        let taking_over = records.values().filter(|r| r.backend_id != NO_BACKEND).count();
+        Ok((taking_over, records.len() - taking_over))
+    }
+
     /// Every changed-slot record: (PREVIOUS key, record).
     pub fn marks(&self) -> Result<Vec<(u32, SlotPrevious)>> {
         let fd = map_data(self.map(names::PREVIOUS)?)?
