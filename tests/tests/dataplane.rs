@@ -967,3 +967,42 @@ fn a_reused_5_tuple_follows_its_new_syn_not_the_cache() {
     }
     assert_eq!(tracked_backend(&lab, &k), Some(placed));
 }
+
+/// Two LB hosts of an ECMP group with the same rings: a flow whose SYN one
+/// host saw and whose middle the other gets goes to the same backend, with
+/// no state on either (its slot never changed); once backend 1 drains on
+/// both, a flow both had carried keeps it on either.
+#[test]
+fn a_flow_that_changes_lb_host_keeps_its_backend() {
+    if !require_root() {
+        return;
+    }
+    let mut hosts = [Lab::new().unwrap(), Lab::new().unwrap()];
+    for p in 30000..30040u16 {
+        let (f, k) = client_tcp4(&WEB4, p);
+        let on_a = sent_to(&hosts[0], &WEB4, &syn(f.clone()), &k);
+        assert_eq!(sent_to(&hosts[0], &WEB4, &f, &k), on_a);
+        assert_eq!(
+            sent_to(&hosts[1], &WEB4, &f, &k),
+            on_a,
+            "flow {p} on the other host"
+        );
+    }
+    assert_eq!(
+        hosts[1].dp.flow_count().unwrap(),
+        0,
+        "no state on the host that got the middle"
+    );
+    let p = port_for(1, 31000);
+    let (f, k) = client_tcp4(&WEB4, p);
+    for h in &hosts {
+        assert_eq!(sent_to(h, &WEB4, &f, &k), 1);
+    }
+    for h in &mut hosts {
+        h.dp.set_backend_state(1, backend_state::DRAINING).unwrap();
+        h.dp.write_ring(&WEB4.key(), &ring_of(&[0, 2])).unwrap();
+    }
+    for (i, h) in hosts.iter().enumerate().rev() {
+        assert_eq!(sent_to(h, &WEB4, &f, &k), 1, "host {i} after the drain");
+    }
+}

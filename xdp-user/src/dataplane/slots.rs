@@ -197,7 +197,10 @@ impl Dataplane {
     /// Ring slots marked as changed: (taking over, settled).
     pub fn changed_slots(&mut self) -> Result<(usize, usize)> {
         let records = self.records()?;
-        let taking_over = records.values().filter(|r| r.backend_id != NO_BACKEND).count();
+        let taking_over = records
+            .values()
+            .filter(|r| r.backend_id != NO_BACKEND)
+            .count();
         Ok((taking_over, records.len() - taking_over))
     }
 
