@@ -397,6 +397,21 @@ fn the_previous_releases_conntrack_keeps_every_flow_on_its_backend() {
             (bytemuck::bytes_of(&b).to_vec(), old(b_on)),
         ],
     );
+    // Its rings had 4-byte entries: the VIP's live half (written once, so
+    // half 1) as backend ids.
+    let live_half = 1;
+    std::fs::remove_file(pins.0.join("RINGS")).unwrap();
+    let base = (WEB4.vip_id * 2 + live_half) * SIZES.ring_size;
+    pin_older_map(
+        &pins.0.join("RINGS"),
+        2, // BPF_MAP_TYPE_ARRAY
+        0,
+        SIZES.max_vips * 2 * SIZES.ring_size,
+        &(0u32..)
+            .zip(&ring)
+            .map(|(i, id)| ((base + i).to_ne_bytes().to_vec(), id.to_ne_bytes().to_vec()))
+            .collect::<Vec<_>>(),
+    );
     let dp = Dataplane::open(SIZES, &pins.0).expect("the upgrade carries conntrack over");
     let kept: Option<FlowState> = dp.flow(&a).unwrap();
     assert_eq!(

@@ -153,10 +153,21 @@ pub struct FlowState {
     pub vip_serial: u32,
 }
 
-/// Bit of a RINGS entry: the slot's owner changed since flows could have
-/// begun on its previous owner, so packets in it consult conntrack (and
-/// PREVIOUS, keyed by [`slot_key`]). Backend ids stay below it.
+/// Bit of a RINGS entry's owner word: the slot's owner changed since flows
+/// could have begun on its previous owner, so packets in it consult
+/// conntrack. Backend ids stay below it.
 pub const SLOT_CHANGED: u32 = 1 << 31;
+
+/// A RINGS entry: the owner word (a backend id, `SLOT_CHANGED` set where
+/// the slot changed, `NO_BACKEND` for none) in the low 32 bits, and in the
+/// high 32 bits the slot's previous owner while it is taking over (a packet
+/// without state that SEEN saw there belongs to it), else `NO_BACKEND`.
+/// Array values take 8 bytes whatever their size, so the previous owner
+/// costs no memory.
+#[inline(always)]
+pub const fn ring_entry(owner: u32, previous: u32) -> u64 {
+    (owner as u64) | ((previous as u64) << 32)
+}
 
 /// 64-bit words of one epoch of the SEEN filter (1 MiB).
 pub const SEEN_WORDS: u32 = 1 << 17;
@@ -206,31 +217,6 @@ pub fn seen_probe(hash: u32, fold: u32, backend_id: u32, generation: u32) -> (u3
         | (1u64 << ((b >> 12) & 63))
         | (1u64 << ((b >> 18) & 63));
     (word, bits)
-}
-
-/// Key of a ring slot in PREVIOUS: the same for both halves of a VIP's
-/// ring, so a mark survives a flip.
-#[inline(always)]
-pub fn slot_key(vip_id: u32, ring_size: u32, position: u32) -> u32 {
-    vip_id.wrapping_mul(ring_size).wrapping_add(position)
-}
-
-/// Value of the PREVIOUS map: who owned a changed slot before, for flows
-/// that began there before the change. Written by the daemon.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
-pub struct SlotPrevious {
-    /// The previous owner, while packets without conntrack state are taken
-    /// for its flows ("taking over"); `NO_BACKEND` once the idle bound has
-    /// passed ("settling": such packets follow the ring, tracked flows keep
-    /// their backend).
-    pub backend_id: u32,
-    /// The previous owner's `Backend::generation`.
-    pub generation: u32,
-    /// When the slot changed owner (CLOCK_MONOTONIC seconds).
-    pub since: u32,
-    /// When taking over ended (CLOCK_MONOTONIC seconds); 0 until then.
-    pub settled: u32,
 }
 
 /// Packet, byte and new-flow counters of one VIP or one backend (per CPU).
@@ -504,7 +490,6 @@ pub mod map_names {
     pub const RINGS: &str = "RINGS";
     pub const BACKENDS: &str = "BACKENDS";
     pub const FLOWS: &str = "FLOWS";
-    pub const PREVIOUS: &str = "PREVIOUS";
     pub const SEEN: &str = "SEEN";
     pub const SEEN_EPOCH: &str = "SEEN_EPOCH";
     pub const VIP_SERIALS: &str = "VIP_SERIALS";
@@ -541,7 +526,6 @@ mod user {
     unsafe impl aya::Pod for Backend {}
     unsafe impl aya::Pod for FlowKey {}
     unsafe impl aya::Pod for FlowState {}
-    unsafe impl aya::Pod for SlotPrevious {}
     unsafe impl aya::Pod for Counters {}
     unsafe impl aya::Pod for VipDrops {}
     unsafe impl aya::Pod for Config {}

@@ -8,8 +8,8 @@
 //! running on a backend.
 //!
 //! The daemon marks a slot ([`SLOT_CHANGED`]) when it gives it to another
-//! backend while the old one still keeps flows, and records the old owner
-//! in PREVIOUS. In a marked slot:
+//! backend that stays in the VIP, and keeps the old owner in the slot's
+//! entry while the slot takes over. In a marked slot:
 //! - a conntrack hit on a backend that still keeps the flow wins;
 //! - a flow without state that SEEN says ran on the previous owner (which
 //!   still keeps flows) goes there, and is tracked from then on;
@@ -22,14 +22,11 @@
 
 use xdp_common::{
     backend_state, flow_fold, flow_hash, reason, seen_probe, Backend, Config, FlowKey, FlowState,
-    SlotPrevious, VipMeta, NO_BACKEND, SEEN_WORDS, SLOT_CHANGED, VIP_F_SOURCE_HASH,
-    VIP_F_TRACK_ALL,
+    VipMeta, NO_BACKEND, SEEN_WORDS, SLOT_CHANGED, VIP_F_SOURCE_HASH, VIP_F_TRACK_ALL,
 };
 
 use crate::{
-    maps::{
-        ring_size, BACKENDS, FLOWS, PREVIOUS, RATE_CONNTRACK, RINGS, SEEN, SEEN_EPOCH, VIP_SERIALS,
-    },
+    maps::{ring_size, BACKENDS, FLOWS, RATE_CONNTRACK, RINGS, SEEN, SEEN_EPOCH, VIP_SERIALS},
     parse::L4,
     stats::{count, within_rate},
 };
@@ -70,10 +67,11 @@ fn now_secs() -> u32 {
     (unsafe { aya_ebpf::helpers::bpf_ktime_get_coarse_ns() } / 1_000_000_000) as u32
 }
 
-/// A flow's ring slot: the live half's entry and the slot's PREVIOUS key.
+/// A flow's ring slot in the live half: its owner word and its previous
+/// owner (`NO_BACKEND` unless taking over).
 struct Slot {
     entry: u32,
-    key: u32,
+    previous: u32,
 }
 
 #[inline(always)]
@@ -89,13 +87,14 @@ fn slot(flow: &FlowKey, vip: &VipMeta, full: u32) -> Option<Slot> {
     };
     let position = hash % size;
     let half = vip.vip_id.wrapping_mul(2).wrapping_add(vip.active_ring & 1);
-    let entry = *RINGS.get(half.wrapping_mul(size).wrapping_add(position))?;
+    let both = *RINGS.get(half.wrapping_mul(size).wrapping_add(position))?;
+    let entry = both as u32;
     if entry == NO_BACKEND {
         return None;
     }
     Some(Slot {
         entry,
-        key: xdp_common::slot_key(vip.vip_id, size, position),
+        previous: (both >> 32) as u32,
     })
 }
 
@@ -194,19 +193,17 @@ fn tracked(flow: &FlowKey, vip: &VipMeta) -> Result<(u32, &'static Backend), Sta
     }
 }
 
-/// Whether the slot is taking over (`None`: settled), and its previous
-/// owner if that backend still keeps its flows.
+/// Whether the slot is taking over (`None`: settled, or never changed),
+/// and its previous owner if that backend still keeps flows for this VIP.
 #[inline(always)]
 fn previous(slot: &Slot, vip: &VipMeta) -> Option<Option<(u32, &'static Backend)>> {
-    // SAFETY: copied out at once.
-    let p: SlotPrevious = *unsafe { PREVIOUS.get(slot.key) }?;
-    if p.backend_id == NO_BACKEND {
+    if slot.entry & SLOT_CHANGED == 0 || slot.previous == NO_BACKEND {
         return None;
     }
-    let b = BACKENDS.get(p.backend_id);
+    let b = BACKENDS.get(slot.previous);
     Some(
-        b.filter(|b| still_placed(b, p.generation, vip.vip_id))
-            .map(|b| (p.backend_id, b)),
+        b.filter(|b| keeps_flows(b) && b.vip_id == vip.vip_id)
+            .map(|b| (slot.previous, b)),
     )
 }
 
@@ -311,11 +308,7 @@ fn changed(
     };
     // An entry the flow's last placement left: the ring places it again.
     let was_tracked = stale == Stale::Newest;
-    let taking_over = if slot.entry & SLOT_CHANGED != 0 {
-        previous(slot, vip)
-    } else {
-        None
-    };
+    let taking_over = previous(slot, vip);
     let track_all = vip.flags & VIP_F_TRACK_ALL != 0;
     // Without state, a flow SEEN on the previous owner is one of its flows
     // from before the change. An entry whose backend left is the flow's
@@ -376,11 +369,7 @@ pub fn owner(flow: &FlowKey, vip: &VipMeta) -> Option<(u32, &'static Backend, u3
             Ok(found) => found,
             Err(Stale::Newest) => owner_of(&slot, vip)?,
             Err(_) => match previous(&slot, vip) {
-                Some(Some((id, b)))
-                    if slot.entry & SLOT_CHANGED != 0 && was_seen(flow, hash, id, b) =>
-                {
-                    (id, b)
-                }
+                Some(Some((id, b))) if was_seen(flow, hash, id, b) => (id, b),
                 _ => owner_of(&slot, vip)?,
             },
         }

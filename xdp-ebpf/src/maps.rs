@@ -7,8 +7,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
 };
 use xdp_common::{
-    decap_reason, reason, Backend, Config, Counters, DecapKey, FlowKey, FlowState, SlotPrevious,
-    TraceFilter, VipDrops, VipKey, VipMeta,
+    decap_reason, reason, Backend, Config, Counters, DecapKey, FlowKey, FlowState, TraceFilter,
+    VipDrops, VipKey, VipMeta,
 };
 
 /// Placeholder size of maps the loader resizes.
@@ -17,9 +17,6 @@ const SIZED_AT_LOAD: u32 = 1;
 /// Flag of LRU hash maps: one LRU list per CPU, so CPUs never contend on
 /// eviction.
 const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
-
-/// Flag of hash maps: entries are allocated as they are added.
-const BPF_F_NO_PREALLOC: u32 = 1;
 
 /// VIPs by (address, port, protocol); written by the controller.
 #[map]
@@ -31,10 +28,12 @@ pub static VIPS: HashMap<VipKey, VipMeta> = HashMap::with_max_entries(SIZED_AT_L
 #[map]
 pub static VIP_FILTER: Array<u32> = Array::with_max_entries(xdp_common::VIP_FILTER_SLOTS, 0);
 
-/// Maglev rings: two halves of RING_SIZE backend ids per VIP, at
-/// `(vip_id * 2 + half) * RING_SIZE`; written by the controller.
+/// Maglev rings: two halves of RING_SIZE entries per VIP, at
+/// `(vip_id * 2 + half) * RING_SIZE`, each a `ring_entry` (owner, marked
+/// where the slot changed, and the previous owner while it takes over);
+/// written by the controller.
 #[map]
-pub static RINGS: Array<u32> = Array::with_max_entries(SIZED_AT_LOAD, 0);
+pub static RINGS: Array<u64> = Array::with_max_entries(SIZED_AT_LOAD, 0);
 
 /// Backends by id: tunnel address, MAC, state; written by the controller.
 #[map]
@@ -45,13 +44,6 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(SIZED_AT_LOAD, 0);
 #[map]
 pub static FLOWS: LruHashMap<FlowKey, FlowState> =
     LruHashMap::with_max_entries(SIZED_AT_LOAD, BPF_F_NO_COMMON_LRU);
-
-/// The previous owner of each changed ring slot, by `slot_key`; written by
-/// the daemon when it marks a slot, removed when it clears the mark. Not
-/// preallocated: it holds only the slots marked now.
-#[map]
-pub static PREVIOUS: HashMap<u32, SlotPrevious> =
-    HashMap::with_max_entries(SIZED_AT_LOAD, BPF_F_NO_PREALLOC);
 
 /// Which flows were placed on which backend lately: `SEEN_EPOCHS` epochs
 /// of `SEEN_WORDS` words, four bits per placement (`seen_probe`); set by

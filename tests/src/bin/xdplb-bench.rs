@@ -540,13 +540,12 @@ fn memory(peer: Option<&Peer>) -> Result<()> {
         .find(|(n, _)| *n == xdp_common::map_names::FLOWS)
         .map_or(0, |m| m.1);
     // The build before: the same maps but for FLOWS of 1M entries with
-    // 12-byte values, and without SEEN, PREVIOUS and VIP_SERIALS.
+    // 12-byte values, and without SEEN and VIP_SERIALS.
     let new_only: u64 = maps
         .iter()
         .filter(|(n, _)| {
             [
                 xdp_common::map_names::SEEN,
-                xdp_common::map_names::PREVIOUS,
                 xdp_common::map_names::VIP_SERIALS,
             ]
             .contains(n)

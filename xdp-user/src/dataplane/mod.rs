@@ -20,6 +20,7 @@ mod link;
 pub mod marks;
 mod pins;
 mod slots;
+mod sweep;
 mod sys;
 pub mod trace;
 mod upgrade;
@@ -27,7 +28,7 @@ mod vip_filter;
 
 use link::attach_xdp;
 pub use link::{Attachment, LINK_PIN};
-pub use slots::{monotonic_secs, FlowSweeper, Swept};
+pub use sweep::{monotonic_secs, FlowSweeper, Swept};
 use sys::update_batch;
 use xdp_common::{
     backend_state, decap_reason, map_names as names, Backend, Config, Counters, DecapKey, FlowKey,
@@ -229,11 +230,10 @@ fn add_counters(a: Counters, b: Counters) -> Counters {
 }
 
 /// Maps of the balancer, all pinned by a daemon.
-const LB_MAPS: [&str; 16] = [
+const LB_MAPS: [&str; 15] = [
     names::VIPS,
     names::VIP_SERIALS,
     names::RINGS,
-    names::PREVIOUS,
     names::SEEN,
     names::SEEN_EPOCH,
     names::BACKENDS,
@@ -250,7 +250,7 @@ const LB_MAPS: [&str; 16] = [
 
 /// Key and value size of every balancer map: the ABI a pinned map must
 /// match to be adopted.
-fn map_layouts() -> [(&'static str, u32, u32); 16] {
+fn map_layouts() -> [(&'static str, u32, u32); 15] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -259,12 +259,7 @@ fn map_layouts() -> [(&'static str, u32, u32); 16] {
             sz(size_of::<VipKey>()),
             sz(size_of::<VipMeta>()),
         ),
-        (names::RINGS, 4, 4),
-        (
-            names::PREVIOUS,
-            4,
-            sz(size_of::<xdp_common::SlotPrevious>()),
-        ),
+        (names::RINGS, 4, 8),
         (names::SEEN, 4, 8),
         (names::VIP_SERIALS, 4, 4),
         (names::SEEN_EPOCH, 4, 4),
@@ -427,7 +422,6 @@ fn check_adopted_maps(ebpf: &Ebpf, sizes: &Sizes, ring_entries: u32) -> Result<(
         (names::VIP_DROPS, sizes.max_vips),
         (names::VIP_SERIALS, sizes.max_vips),
         (names::RINGS, ring_entries),
-        (names::PREVIOUS, ring_entries / 2),
         (names::BACKENDS, sizes.max_backends),
         (names::BACKEND_STATS, sizes.max_backends),
         (names::FLOWS, sizes.max_flows),
@@ -495,9 +489,9 @@ pub struct Dataplane {
     /// When this process last turned the SEEN filter's epoch
     /// (CLOCK_MONOTONIC seconds); None until its first review.
     seen_turned: Option<u32>,
-    /// This process's copy of PREVIOUS (it is the only writer), read from
-    /// the map on first use.
-    records: Option<std::collections::HashMap<u32, xdp_common::SlotPrevious>>,
+    /// When each marked ring slot changed and settled, by slot key (the
+    /// marks themselves are in RINGS); found there on first use.
+    records: Option<std::collections::HashMap<u32, marks::Record>>,
 }
 
 /// Where and how the balancer is attached.
@@ -538,7 +532,6 @@ impl Dataplane {
             .map_max_entries(names::BACKENDS, sizes.max_backends)
             .map_max_entries(names::BACKEND_STATS, sizes.max_backends)
             .map_max_entries(names::FLOWS, sizes.max_flows)
-            .map_max_entries(names::PREVIOUS, ring_entries / 2)
             .override_global(names::RING_SIZE_GLOBAL, &sizes.ring_size, true);
         let pins: Vec<(&str, PathBuf)> = match pin_dir {
             Some(dir) => LB_MAPS.iter().map(|&n| (n, dir.join(n))).collect(),
@@ -716,7 +709,10 @@ impl Dataplane {
             let size = self.sizes.ring_size;
             let base = vip_id * 2 * size;
             let slots: Vec<u32> = (base..base + size).collect();
-            let empty = vec![xdp_common::NO_BACKEND; size as usize];
+            let empty = vec![
+                xdp_common::ring_entry(xdp_common::NO_BACKEND, xdp_common::NO_BACKEND);
+                size as usize
+            ];
             update_batch(array_data(self.map(names::RINGS)?)?, &slots, &empty)
                 .context("clearing the new VIP's ring")?;
             self.reset_counters::<Counters>(names::VIP_STATS, vip_id)?;

@@ -263,12 +263,16 @@ pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> std::io::Result<()> {
     bpf(BPF_OBJ_PIN, &mut attr).map(drop)
 }
 
-/// `count` values of the u32 array behind `fd` from index `start`,
+/// `count` values of the array behind `fd` from index `start`,
 /// `BPF_MAP_LOOKUP_BATCH` (a few syscalls for a whole ring, not one per
 /// slot).
-pub fn read_array_u32(fd: BorrowedFd<'_>, start: u32, count: u32) -> Result<Vec<u32>> {
+pub fn read_array<V: aya::Pod + Default + Clone>(
+    fd: BorrowedFd<'_>,
+    start: u32,
+    count: u32,
+) -> Result<Vec<V>> {
     let mut keys = vec![0u32; count as usize];
-    let mut values = vec![0u32; count as usize];
+    let mut values = vec![V::default(); count as usize];
     let mut done = 0usize;
     // The batch position is the key before the next one returned (none:
     // from the first).

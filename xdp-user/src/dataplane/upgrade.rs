@@ -1,5 +1,6 @@
 //! Pinned maps a newer build reshaped, carried over on upgrade instead of
-//! refused: CONFIG (its entry grew; the daemon rewrites it whole before
+//! refused: RINGS (entries widened to hold a changed slot's previous owner),
+//! CONFIG (its entry grew; the daemon rewrites it whole before
 //! attaching), STATS (more reasons; the counts of the reasons both builds
 //! know are copied, so Prometheus counters never go back), BACKENDS of
 //! builds before backend generations (copied with generation 0), and FLOWS
@@ -47,6 +48,9 @@ fn flow_state(old: &[u8], now: u32) -> FlowState {
 #[derive(Default)]
 pub(super) struct Carried {
     stats: Vec<PerCpuValues<u64>>,
+    /// RINGS of builds with 4-byte entries (before the previous owner was
+    /// kept in them).
+    rings: Vec<u32>,
     backends: Vec<Backend>,
     flows: (Vec<FlowKey>, Vec<FlowState>),
 }
@@ -94,6 +98,24 @@ pub(super) fn before_load(dir: &Path, sizes: &Sizes) -> Result<Carried> {
         }
     }
 
+    if let Some(map) = pinned(names::RINGS) {
+        let info = map.info()?;
+        if info.value_size() == 4 {
+            let want = sizes.ring_entries()?;
+            if info.max_entries() != want {
+                bail!(
+                    "the pinned dataplane's {} holds {} entries but the config asks for {want}: \
+                     table sizes cannot change under a running dataplane; \
+                     run `xdplb detach` (this drops conntrack) or restore the old sizes",
+                    names::RINGS,
+                    info.max_entries()
+                );
+            }
+            carried.rings = sys::read_array::<u32>(map.fd().as_fd(), 0, want)
+                .context("reading the older build's RINGS")?;
+            replace(&dir.join(names::RINGS))?;
+        }
+    }
     if let Some(map) = pinned(names::CONFIG) {
         if map.info()?.value_size() as usize != std::mem::size_of::<Config>() {
             replace(&dir.join(names::CONFIG))?;
@@ -152,6 +174,20 @@ pub(super) fn after_load(
                 .set(i, values, 0)
                 .context("carrying the older build's counters over")?;
         }
+    }
+    if !carried.rings.is_empty() {
+        let slots: Vec<u32> = (0..).take(carried.rings.len()).collect();
+        let entries: Vec<u64> = carried
+            .rings
+            .iter()
+            .map(|&e| xdp_common::ring_entry(e, xdp_common::NO_BACKEND))
+            .collect();
+        update_batch(
+            map_data(find_map_mut(ebpf, names::RINGS)?)?,
+            &slots,
+            &entries,
+        )
+        .context("carrying the older build's rings over")?;
     }
     if !carried.backends.is_empty() {
         let ids: Vec<u32> = (0..).take(carried.backends.len()).collect();

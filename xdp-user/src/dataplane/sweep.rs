@@ -1,0 +1,273 @@
+//! Conntrack and SEEN from the daemon's side: the sweep that tells which
+//! backends the flows of each changed ring slot are on (and deletes what
+//! no packet can use), the SEEN epochs, and conntrack carried over from a
+//! build that tracked every flow.
+
+use std::os::fd::{AsFd as _, OwnedFd};
+
+use anyhow::{bail, Context as _, Result};
+use aya::maps::{Array, MapData};
+use xdp_common::{
+    flow_hash, map_names as names, Backend, FlowKey, FlowState, VipKey, VipMeta, VIP_F_SOURCE_HASH,
+};
+
+use super::{
+    array_data, backends_in, map_data,
+    marks::{self, Sweep},
+    sys, update_batch, vips_in, Dataplane,
+};
+
+/// Seconds of CLOCK_MONOTONIC: the clock of `FlowState::last_seen` (the
+/// program's `bpf_ktime_get_coarse_ns`) and of the marks' records.
+pub fn monotonic_secs() -> u32 {
+    // SAFETY: clock_gettime writes the struct we own.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u32
+}
+
+/// The ring position of a flow of `vip` (as the program computes it).
+pub(super) fn position(flow: &FlowKey, vip: &VipMeta, ring_size: u32) -> u32 {
+    flow_hash(flow, vip.flags & VIP_F_SOURCE_HASH != 0) % ring_size
+}
+
+impl Dataplane {
+    /// Whether the SEEN filter holds `flow` on backend `backend_id` (as it
+    /// is now), in either epoch.
+    pub fn was_seen(&self, flow: &FlowKey, backend_id: u32) -> Result<bool> {
+        let b = self.backend(backend_id)?;
+        let hash = flow_hash(flow, false);
+        let fold = xdp_common::flow_fold(flow);
+        let (word, bits) = xdp_common::seen_probe(hash, fold, backend_id, b.generation);
+        let seen: Array<_, u64> = Array::try_from(self.map(names::SEEN)?)?;
+        for epoch in 0..xdp_common::SEEN_EPOCHS {
+            let w = seen
+                .get(&(epoch * xdp_common::SEEN_WORDS + word), 0)
+                .context("reading SEEN")?;
+            if w & bits == bits {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Turn the SEEN filter's epoch once `idle` seconds passed since the
+    /// last turn: clear the older epoch, make it current, and retire the
+    /// flow cache (its hits record nothing, so each cached flow passes the
+    /// ring once per epoch and is recorded in the new one).
+    pub fn turn_seen_epoch(&mut self, idle: u32) -> Result<bool> {
+        let now = monotonic_secs();
+        let Some(last) = self.seen_turned else {
+            self.seen_turned = Some(now);
+            return Ok(false);
+        };
+        if now.wrapping_sub(last) < idle {
+            return Ok(false);
+        }
+        let epoch: Array<_, u32> = Array::try_from(self.map(names::SEEN_EPOCH)?)?;
+        let next = (epoch.get(&0, 0).context("reading SEEN_EPOCH")? & 1) ^ 1;
+        let base = next * xdp_common::SEEN_WORDS;
+        let words: Vec<u32> = (base..base + xdp_common::SEEN_WORDS).collect();
+        let zeros = vec![0u64; words.len()];
+        update_batch(array_data(self.map(names::SEEN)?)?, &words, &zeros)
+            .context("clearing the older SEEN epoch")?;
+        let mut epoch: Array<_, u32> = Array::try_from(self.map_mut(names::SEEN_EPOCH)?)?;
+        epoch.set(0, next, 0).context("writing SEEN_EPOCH")?;
+        self.seen_turned = Some(now);
+        self.flow_cache_invalidate()?;
+        Ok(true)
+    }
+
+    /// Keep, of conntrack carried over from a build that tracked every
+    /// flow, the live entries of flows the ring would now place on another
+    /// backend (the rest the ring places as their entries did), then mark
+    /// their slots: (entries kept, slots marked).
+    pub(super) fn carry_flows(
+        &mut self,
+        keys: &[FlowKey],
+        states: &[FlowState],
+    ) -> Result<(usize, usize)> {
+        let size = self.sizes.ring_size;
+        let backends: std::collections::HashMap<u32, Backend> =
+            self.backends()?.into_iter().collect();
+        let vips: std::collections::HashMap<VipKey, VipMeta> = self.vips()?.into_iter().collect();
+        let mut rings: std::collections::HashMap<u32, Vec<u64>> = Default::default();
+        let (mut kept_keys, mut kept) = (Vec::new(), Vec::new());
+        for (key, state) in keys.iter().zip(states) {
+            let Some(vip) = vip_of(&vips, key) else {
+                continue;
+            };
+            let placed = backends.get(&state.backend_id).is_some_and(|b| {
+                b.generation == state.generation
+                    && b.vip_id == vip.vip_id
+                    && matches!(
+                        b.state,
+                        xdp_common::backend_state::UP | xdp_common::backend_state::DRAINING
+                    )
+            });
+            let ring = match rings.entry(vip.vip_id) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(self.ring_entries(&vip)?),
+            };
+            let owner = marks::owner(ring[position(key, &vip, size) as usize]);
+            if placed && owner != Some(state.backend_id) {
+                kept_keys.push(*key);
+                kept.push(*state);
+            }
+        }
+        if kept.len() > self.sizes.max_flows as usize {
+            bail!(
+                "{} carried flows are on another backend than the ring's, more than tables.max_flows ({}): \
+                 raise max_flows for this upgrade",
+                kept.len(),
+                self.sizes.max_flows
+            );
+        }
+        if !kept.is_empty() {
+            update_batch(map_data(self.map(names::FLOWS)?)?, &kept_keys, &kept)
+                .context("writing the carried flows")?;
+        }
+        let marked = self.mark_held(None)?;
+        Ok((kept.len(), marked))
+    }
+
+    /// A sweeper of conntrack that another thread can run: it holds its own
+    /// descriptors of the maps it reads.
+    pub fn flow_sweeper(&self) -> Result<FlowSweeper> {
+        let dup = |name: &str| -> Result<OwnedFd> {
+            map_data(self.map(name)?)?
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .with_context(|| format!("duplicating the {name} map's descriptor"))
+        };
+        Ok(FlowSweeper {
+            flows: dup(names::FLOWS)?,
+            backends: aya::maps::Map::Array(MapData::from_fd(dup(names::BACKENDS)?)?),
+            vips: aya::maps::Map::HashMap(MapData::from_fd(dup(names::VIPS)?)?),
+            ring_size: self.sizes.ring_size,
+        })
+    }
+}
+
+/// What the sweeping thread and the controller share.
+#[derive(Debug, Default)]
+pub struct Swept {
+    /// Entries in conntrack at the last sweep.
+    pub flows: std::sync::atomic::AtomicU64,
+    /// The idle bound the controller runs with (seconds).
+    pub idle: std::sync::atomic::AtomicU32,
+    /// The last sweep.
+    pub latest: std::sync::Mutex<Option<Sweep>>,
+}
+
+/// Reads conntrack off the controller's thread: counts entries, finds the
+/// backends each changed slot's live flows are on, and deletes entries no
+/// packet can use any more.
+pub struct FlowSweeper {
+    flows: OwnedFd,
+    backends: aya::maps::Map,
+    vips: aya::maps::Map,
+    ring_size: u32,
+}
+
+impl FlowSweeper {
+    /// Entries in the conntrack table now.
+    pub fn count(&self) -> Result<u64> {
+        sys::count_entries(
+            self.flows.as_fd(),
+            std::mem::size_of::<FlowKey>(),
+            std::mem::size_of::<FlowState>(),
+        )
+    }
+
+    /// One pass over conntrack. An entry is live if its backend still
+    /// keeps it (same generation, up or draining, serving the flow's VIP)
+    /// and it saw a packet within `idle` seconds. With `delete`, entries
+    /// idle twice the bound are deleted (a packet of such a flow is placed
+    /// as one without state).
+    pub fn sweep(&self, idle: u32, delete: bool) -> Result<Sweep> {
+        let started = monotonic_secs();
+        let backends: std::collections::HashMap<u32, Backend> =
+            backends_in(&self.backends)?.into_iter().collect();
+        let vips: std::collections::HashMap<VipKey, VipMeta> =
+            vips_in(&self.vips)?.into_iter().collect();
+        let mut sweep = Sweep {
+            started,
+            ..Sweep::default()
+        };
+        let mut doomed: Vec<FlowKey> = Vec::new();
+        read_flows(self.flows.as_fd(), |key, state| {
+            {
+                let (key, state) = (*key, *state);
+                let vip = vip_of(&vips, &key);
+                let placed = vip.is_some_and(|vip| {
+                    backends.get(&state.backend_id).is_some_and(|b| {
+                        b.generation == state.generation
+                            && b.vip_id == vip.vip_id
+                            && matches!(
+                                b.state,
+                                xdp_common::backend_state::UP | xdp_common::backend_state::DRAINING
+                            )
+                    })
+                });
+                let idle_for = started.saturating_sub(state.last_seen);
+                // An entry whose backend left still says where the flow
+                // went last (newer than what SEEN holds of it) until SEEN
+                // forgot that too.
+                if idle_for > idle.saturating_mul(2) {
+                    doomed.push(key);
+                    return;
+                }
+                if let (Some(vip), true, true) = (vip, placed, idle_for <= idle) {
+                    let p = position(&key, &vip, self.ring_size);
+                    let slot = marks::slot_key(vip.vip_id, self.ring_size, p);
+                    let ids = sweep.held.entry(slot).or_default();
+                    if !ids.contains(&state.backend_id) {
+                        ids.push(state.backend_id);
+                    }
+                }
+            }
+        })?;
+        if delete {
+            for key in &doomed {
+                // Gone already (the LRU evicted it) is fine.
+                let _ = sys::delete(self.flows.as_fd(), key);
+            }
+        }
+        Ok(sweep)
+    }
+}
+
+/// Every conntrack entry of the map behind `fd`.
+fn read_flows(
+    fd: std::os::fd::BorrowedFd<'_>,
+    mut each: impl FnMut(&FlowKey, &FlowState),
+) -> Result<()> {
+    let key_size = std::mem::size_of::<FlowKey>();
+    let value_size = std::mem::size_of::<FlowState>();
+    sys::read_batches(fd, key_size, value_size, |k, v, n| {
+        for i in 0..n {
+            let key: FlowKey = bytemuck::pod_read_unaligned(&k[i * key_size..(i + 1) * key_size]);
+            let state: FlowState =
+                bytemuck::pod_read_unaligned(&v[i * value_size..(i + 1) * value_size]);
+            each(&key, &state);
+        }
+    })
+    .context("reading conntrack")
+}
+
+/// The VIP a flow is addressed to: its port's, else the port-less one.
+fn vip_of(vips: &std::collections::HashMap<VipKey, VipMeta>, flow: &FlowKey) -> Option<VipMeta> {
+    let mut key = VipKey {
+        addr: flow.dst,
+        port: flow.dport,
+        proto: flow.proto,
+        family: flow.family,
+    };
+    if let Some(m) = vips.get(&key) {
+        return Some(*m);
+    }
+    key.port = 0;
+    vips.get(&key).copied()
+}
