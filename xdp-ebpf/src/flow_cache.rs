@@ -31,23 +31,26 @@ pub struct Entry {
     pub backend_generation: u32,
 }
 
-/// A flow key on the stack at an 8-byte boundary, so [`slot`] and
+/// A flow key on the stack at an 8-byte boundary, so [`set`] and
 /// [`same`] read it in words the verifier accepts (it refuses misaligned
 /// stack access).
 #[repr(C, align(8))]
 pub struct Aligned(pub FlowKey);
 
-/// Slots per CPU (a power of two).
+/// Slots per CPU (a power of two), in sets of two: a flow may sit in
+/// either slot of its set, so two flows that meet in a set both stay.
 pub const SLOTS: u32 = 4096;
 
-/// The flow's slot: its words folded and multiplied (not `flow_hash`,
-/// which costs what the cache saves).
+/// The flow's set (its first slot) and which slot of it the flow evicts
+/// when both hold others: its words folded and multiplied (not
+/// `flow_hash`, which costs what the cache saves).
 #[inline(always)]
-fn slot(flow: &Aligned) -> u32 {
+fn set(flow: &Aligned) -> (u32, u32) {
     // SAFETY: FlowKey is 40 plain bytes, here 8-byte aligned.
     let w: [u32; 10] = unsafe { core::ptr::read((flow as *const Aligned).cast()) };
     let folded = w[0] ^ w[1] ^ w[2] ^ w[3] ^ w[4].rotate_left(7) ^ w[8].rotate_left(13) ^ w[9];
-    folded.wrapping_mul(0x9e37_79b1) >> (32 - SLOTS.trailing_zeros())
+    let slot = folded.wrapping_mul(0x9e37_79b1) >> (32 - SLOTS.trailing_zeros());
+    (slot & !1, slot & 1)
 }
 
 /// Whether a cached key (at the start of an 8-byte aligned map value) is
@@ -89,12 +92,14 @@ pub fn lookup(flow: &Aligned, generation: u32) -> Option<Hit> {
     if generation == 0 {
         return None;
     }
-    let e = FLOW_CACHE.get_ptr(slot(flow))?;
-    // SAFETY: this CPU's slot, valid for the program's run.
-    let e = unsafe { &*e };
-    if e.generation != generation || !same(e, flow) {
-        return None;
-    }
+    let (first, _) = set(flow);
+    let holds = |slot: u32| {
+        let e = FLOW_CACHE.get_ptr(slot)?;
+        // SAFETY: this CPU's slot, valid for the program's run.
+        let e = unsafe { &*e };
+        (e.generation == generation && same(e, flow)).then_some(e)
+    };
+    let e = holds(first).or_else(|| holds(first + 1))?;
     let backend = BACKENDS.get(e.backend_id)?;
     if !crate::flow::still_placed(backend, e.backend_generation, e.vip_id) {
         return None;
@@ -116,7 +121,18 @@ pub fn remember(flow: &Aligned, generation: u32, vip: &VipMeta, choice: &Choice)
     if generation == 0 {
         return;
     }
-    let Some(e) = FLOW_CACHE.get_ptr_mut(slot(flow)) else {
+    let (first, victim) = set(flow);
+    // The slot that holds this flow, or a retired one, else the victim.
+    let free = |slot: u32| {
+        let e = FLOW_CACHE.get_ptr_mut(slot)?;
+        // SAFETY: this CPU's slot, valid for the program's run.
+        let usable = unsafe { (*e).generation != generation || same(&*e, flow) };
+        usable.then_some(e)
+    };
+    let Some(e) = free(first)
+        .or_else(|| free(first + 1))
+        .or_else(|| FLOW_CACHE.get_ptr_mut(first + victim))
+    else {
         return;
     };
     // SAFETY: this CPU's slot, valid for the program's run.
@@ -136,13 +152,15 @@ pub fn remember(flow: &Aligned, generation: u32, vip: &VipMeta, choice: &Choice)
 /// may not repeat (a SYN, a new conntrack entry, or none it wanted).
 #[inline(always)]
 pub fn forget(flow: &Aligned) {
-    let Some(e) = FLOW_CACHE.get_ptr_mut(slot(flow)) else {
-        return;
-    };
-    // SAFETY: this CPU's slot, valid for the program's run.
-    unsafe {
-        if same(&*e, flow) {
-            (*e).generation = 0;
+    let (first, _) = set(flow);
+    for slot in [first, first + 1] {
+        if let Some(e) = FLOW_CACHE.get_ptr_mut(slot) {
+            // SAFETY: this CPU's slot, valid for the program's run.
+            unsafe {
+                if same(&*e, flow) {
+                    (*e).generation = 0;
+                }
+            }
         }
     }
 }
