@@ -674,3 +674,57 @@ fn daemon_restart_keeps_pins_state_and_flows() {
     ))
     .contains("nothing pinned"));
 }
+
+/// The daemon takes changed ring slots through their phases: a drain marks
+/// the slots the backend gives away, they settle after two idle bounds,
+/// and the conntrack sweep lets them clear when no flow holds them (here
+/// none: no traffic), with a one-second bound.
+#[test]
+fn the_daemon_settles_and_clears_changed_ring_slots() {
+    if !require_root() {
+        return;
+    }
+    let Files {
+        scratch,
+        pins,
+        socket,
+        config_path,
+    } = Files::new("marks");
+    std::fs::write(
+        &config_path,
+        config_text(&pins.0, &socket, r#"{ kind = "none" }"#)
+            .replace("[forwarding]", "[forwarding]\nflow_idle_timeout = 1"),
+    )
+    .unwrap();
+    let ns = topology("marks");
+    let daemon = Daemon::start(&ns, &config_path, &socket, scratch.0.join("daemon.log")).unwrap();
+    let changed = || -> (u64, u64) {
+        let s = status(&socket);
+        (
+            s["changed_slots"][0].as_u64().unwrap(),
+            s["changed_slots"][1].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(changed(), (0, 0), "a fresh start has no changed slot");
+    ok(&xdplb(&socket, &["backend", "drain", "web", "198.18.1.2"]));
+    let (taking_over, _) = changed();
+    assert!(taking_over > 0, "the drained backend's slots are marked");
+    let (_, metrics) = http_get(&ns, "127.0.0.1:9477", "/metrics");
+    assert!(
+        metrics.contains(&format!(
+            "xdplb_ring_slots_changed{{phase=\"taking_over\"}} {taking_over}"
+        )),
+        "{metrics}"
+    );
+    let started = Instant::now();
+    let cleared = wait_for(Duration::from_secs(30), || {
+        (changed() == (0, 0)).then(|| started.elapsed())
+    });
+    println!("changed slots: {taking_over} marked, all cleared after {cleared:?}");
+    assert!(
+        cleared.is_some(),
+        "the marks never cleared: {:?}",
+        changed()
+    );
+    daemon.stop().unwrap();
+}
