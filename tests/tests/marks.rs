@@ -1,6 +1,6 @@
 //! A changed ring slot keeps its previous owner exactly as long as flows
 //! of that owner run in it: the daemon's conntrack sweep and its review of
-//! the marks, driven here by hand with an idle bound of one second.
+//! the marks, driven here by hand with an idle bound of two seconds.
 //!
 //! A review that settled or cleared a mark at once (or a sweep that did
 //! not count a running flow as holding its slot) would move the flow that
@@ -19,7 +19,9 @@ use integration_tests::{
 };
 use xdp_common::{backend_state, flow_hash, reason, FlowKey, PROTO_TCP, XDP_TX};
 
-const IDLE: u32 = 1;
+/// The idle bound (seconds): two, so a flow sending twice a second stays
+/// well within it on a loaded machine.
+const IDLE: u32 = 2;
 
 fn frame(sport: u16) -> (Vec<u8>, FlowKey) {
     let IpAddr::V4(vip) = WEB4.addr else {
@@ -98,12 +100,12 @@ fn a_previous_owner_is_forgotten_only_once_its_flows_are_idle() {
         let sweep = sweeper.sweep(IDLE, true).unwrap();
         lab.dp.review_marks(IDLE, Some(&sweep)).unwrap()
     };
-    // Eight idle bounds: `active` sends twice a second and keeps backend 1
+    // Seven idle bounds: `active` sends twice a second and keeps backend 1
     // and its mark; `quiet`'s mark goes once it has been idle past the
     // bound (settled after two bounds, cleared by a later sweep).
     let (mut settled, mut cleared) = (0, 0);
     let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(8) {
+    while start.elapsed() < Duration::from_secs(14) {
         assert_eq!(
             sent_to(&lab, active),
             1,
@@ -117,7 +119,7 @@ fn a_previous_owner_is_forgotten_only_once_its_flows_are_idle() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
-    println!("after 8 s: {settled} marks settled, {cleared} cleared");
+    println!("after 14 s: {settled} marks settled, {cleared} cleared");
     assert!(settled > 0, "marks settle after two idle bounds");
     assert!(
         !marked(&lab, quiet_slot),
@@ -132,7 +134,7 @@ fn a_previous_owner_is_forgotten_only_once_its_flows_are_idle() {
 
     // `active` stops: its mark goes too, and then it follows the ring.
     let start = Instant::now();
-    while marked(&lab, active_slot) && start.elapsed() < Duration::from_secs(10) {
+    while marked(&lab, active_slot) && start.elapsed() < Duration::from_secs(20) {
         review(&mut lab);
         std::thread::sleep(Duration::from_millis(500));
     }
