@@ -11,7 +11,7 @@ use xdp_common::{Backend, FlowKey, VipMeta};
 
 use crate::flow::Choice;
 
-use crate::maps::{BACKENDS, FLOW_CACHE, FLOW_CACHE_GEN};
+use crate::maps::{BACKENDS, FLOW_CACHE, FLOW_CACHE_GEN, FLOW_CACHE_WINDOW};
 
 /// One cached flow (8-byte aligned: the key is read in words).
 #[repr(C, align(8))]
@@ -65,6 +65,57 @@ fn same(cached: &Entry, flow: &Aligned) -> bool {
         )
     };
     (x[0] ^ y[0]) | (x[1] ^ y[1]) | (x[2] ^ y[2]) | (x[3] ^ y[3]) | (x[4] ^ y[4]) == 0
+}
+
+/// A CPU's recent use of its cache: consults and hits in the current
+/// window, and whether it is bypassed.
+#[repr(C)]
+pub struct Window {
+    pub packets: u32,
+    pub consults: u32,
+    pub hits: u32,
+    /// The last window's hits were fewer than one consult in 16: the
+    /// cache costs this CPU more than it saves (its flows do not fit).
+    pub bypass: u32,
+}
+
+/// Consults per window.
+const WINDOW: u32 = 4096;
+
+/// Whether this packet consults (and fills) the cache: always while the
+/// cache pays off on this CPU; while bypassed, one packet in 16, which
+/// keeps measuring whether it would (and refills it if it would). Skipping
+/// it is always safe: an entry is only ever a placement the maps would
+/// give again under the same generation.
+///
+/// Returns the window to count a hit in ([`hit`]), `None` when the packet
+/// does not consult the cache.
+#[inline(always)]
+pub fn admit() -> Option<*mut Window> {
+    let w = FLOW_CACHE_WINDOW.get_ptr_mut(0)?;
+    // SAFETY: this CPU's entry, valid for the program's run.
+    unsafe {
+        if (*w).bypass != 0 {
+            (*w).packets = (*w).packets.wrapping_add(1);
+            if (*w).packets & 15 != 0 {
+                return None;
+            }
+        }
+        (*w).consults += 1;
+        if (*w).consults >= WINDOW {
+            (*w).bypass = u32::from((*w).hits.saturating_mul(16) < (*w).consults);
+            (*w).consults = 0;
+            (*w).hits = 0;
+        }
+    }
+    Some(w)
+}
+
+/// Count a hit of this CPU's cache in the window [`admit`] gave.
+#[inline(always)]
+pub fn hit(window: *mut Window) {
+    // SAFETY: this CPU's entry, valid for the program's run.
+    unsafe { (*window).hits += 1 };
 }
 
 /// The current generation; 0: the cache is off. Read before the lookups

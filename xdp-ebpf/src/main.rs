@@ -183,10 +183,10 @@ fn decide(
         return pass(reason::PASS_NOT_VIP);
     }
     let generation = flow_cache::generation();
-    let cached = if l4.syn {
-        None
-    } else {
-        flow_cache::lookup(flow, generation)
+    let window = if l4.syn { None } else { flow_cache::admit() };
+    let cached = match window {
+        Some(w) => flow_cache::lookup(flow, generation).inspect(|_| flow_cache::hit(w)),
+        None => None,
     };
     let (vip, choice) = if let Some(hit) = cached {
         count(hit.placed);
@@ -219,8 +219,13 @@ fn decide(
         // second packet on, so a SYN flood does not churn the cache; a
         // placement the next packet may not repeat (a new conntrack entry,
         // or none it wanted) must not leave an older one cached.
+        // Not consulted (the cache does not pay off on this CPU now): a
+        // repeatable placement needs no remembering, and any entry the
+        // flow has says the same under this generation.
         if !l4.syn && (choice.placed == reason::FLOW_RING || choice.placed == reason::FLOW_HIT) {
-            flow_cache::remember(flow, generation, &vip, &choice);
+            if window.is_some() {
+                flow_cache::remember(flow, generation, &vip, &choice);
+            }
         } else {
             flow_cache::forget(flow);
         }

@@ -105,6 +105,12 @@ pub const RATE_TOO_BIG: u32 = 1;
 pub static FLOW_CACHE: PerCpuArray<crate::flow_cache::Entry> =
     PerCpuArray::with_max_entries(crate::flow_cache::SLOTS, 0);
 
+/// Each CPU's use of its flow cache lately (`flow_cache::admit`). Not
+/// pinned.
+#[map]
+pub static FLOW_CACHE_WINDOW: PerCpuArray<crate::flow_cache::Window> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// The flow cache's generation (one entry): userspace bumps it on every
 /// change of VIPs, backends or conntrack; 0 turns the cache off.
 #[map]
