@@ -259,14 +259,7 @@ fn resets_and_floods_beyond_the_rate_are_balanced_but_not_tracked() {
     });
     // The guard limits entries where flows are tracked: in changed slots,
     // and everywhere in a VIP that tracks every flow, as this one does.
-    lab.dp
-        .add_vip(
-            &WEB4.key(),
-            WEB4.vip_id,
-            xdp_common::VIP_F_TRACK_ALL,
-            WEB4.mode,
-        )
-        .expect("tracking every flow");
+    track_every_flow(&mut lab);
     let prog = lab.dp.program().expect("program");
     let ring = ring_of(WEB4.backends);
     // A reset of an unknown flow: forwarded, never tracked.
@@ -332,6 +325,19 @@ fn jumbo_frames_in_several_buffers_are_balanced() {
     }
 }
 
+/// Make WEB4 track every flow in every slot (`VIP_F_TRACK_ALL`), so the
+/// conntrack rules apply wherever its flows land.
+fn track_every_flow(lab: &mut Lab) {
+    lab.dp
+        .add_vip(
+            &WEB4.key(),
+            WEB4.vip_id,
+            xdp_common::VIP_F_TRACK_ALL,
+            WEB4.mode,
+        )
+        .expect("tracking every flow");
+}
+
 #[test]
 fn a_syn_opens_its_connection_where_the_ring_says_unless_the_guard_holds_it_back() {
     if !require_root() {
@@ -345,14 +351,7 @@ fn a_syn_opens_its_connection_where_the_ring_says_unless_the_guard_holds_it_back
     let ring = ring_of(WEB4.backends);
     // Conntrack is consulted where the ring changed, and everywhere in a
     // VIP that tracks every flow: this one, so every slot behaves so.
-    lab.dp
-        .add_vip(
-            &WEB4.key(),
-            WEB4.vip_id,
-            xdp_common::VIP_F_TRACK_ALL,
-            WEB4.mode,
-        )
-        .expect("tracking every flow");
+    track_every_flow(&mut lab);
     let syn = |sport: u16| {
         let (f, key) = big_tcp(&WEB4, sport, 0);
         (packet::with_tcp_flags(f, packet::TCP_SYN), key)

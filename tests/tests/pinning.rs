@@ -11,6 +11,25 @@ use integration_tests::{
 use xdp_common::{backend_state, Backend, FlowState, XDP_TX};
 use xdp_user::dataplane::{self, addr_bytes, AttachMode, Dataplane};
 
+/// The lab's policy, and backends 0..3 of WEB4, up.
+fn three_backends(dp: &mut Dataplane) {
+    dp.set_config(&lab_config()).unwrap();
+    for id in 0..3 {
+        let (addr, family) = addr_bytes(backend_addr(id));
+        dp.set_backend(
+            id,
+            &Backend {
+                addr,
+                family: u32::from(family),
+                state: backend_state::UP,
+                vip_id: WEB4.vip_id,
+                ..Backend::default()
+            },
+        )
+        .unwrap();
+    }
+}
+
 #[test]
 fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
     if !require_root() {
@@ -32,22 +51,7 @@ fn a_pinned_dataplane_survives_its_process_and_detach_removes_it() {
             !dp.attach_pinned("lb0", AttachMode::Native, false).unwrap(),
             "new link"
         );
-        dp.set_config(&lab_config()).unwrap();
-        for id in 0..3 {
-            let (addr, family) = addr_bytes(backend_addr(id));
-            dp.set_backend(
-                id,
-                &Backend {
-                    addr,
-                    family: u32::from(family),
-                    state: backend_state::UP,
-                    vip_id: 0,
-                    generation: 0,
-                    ..Backend::default()
-                },
-            )
-            .unwrap();
-        }
+        three_backends(&mut dp);
         // Tracking every flow, so the flow has an entry to survive.
         dp.add_vip(&WEB4.key(), 0, xdp_common::VIP_F_TRACK_ALL, 0)
             .unwrap();
@@ -349,21 +353,7 @@ fn the_previous_releases_conntrack_keeps_every_flow_on_its_backend() {
     let ring = ring_of(&[0, 1, 2]);
     let generations = {
         let mut dp = Dataplane::open(SIZES, &pins.0).unwrap();
-        dp.set_config(&lab_config()).unwrap();
-        for id in 0..3 {
-            let (addr, family) = addr_bytes(backend_addr(id));
-            dp.set_backend(
-                id,
-                &Backend {
-                    addr,
-                    family: u32::from(family),
-                    state: backend_state::UP,
-                    vip_id: WEB4.vip_id,
-                    ..Backend::default()
-                },
-            )
-            .unwrap();
-        }
+        three_backends(&mut dp);
         dp.add_vip(&WEB4.key(), WEB4.vip_id, 0, 0).unwrap();
         dp.write_ring(&WEB4.key(), &ring).unwrap();
         (0..3)

@@ -182,10 +182,18 @@ fn decide(
     if kinds == 0 {
         return pass(reason::PASS_NOT_VIP);
     }
-    let generation = flow_cache::generation();
-    let window = if l4.syn { None } else { flow_cache::admit() };
-    let cached = match window {
-        Some(w) => flow_cache::lookup(flow, generation).inspect(|_| flow_cache::hit(w)),
+    // The cache's window and generation, when this packet consults it (a
+    // SYN never does); the generation is read before the lookups whose
+    // result is cached.
+    let consult = if l4.syn {
+        None
+    } else {
+        flow_cache::admit().map(|w| (w, flow_cache::generation()))
+    };
+    let cached = match consult {
+        Some((w, generation)) => {
+            flow_cache::lookup(flow, generation).inspect(|_| flow_cache::hit(w))
+        }
         None => None,
     };
     let (vip, choice) = if let Some(hit) = cached {
@@ -223,7 +231,7 @@ fn decide(
         // repeatable placement needs no remembering, and any entry the
         // flow has says the same under this generation.
         if !l4.syn && (choice.placed == reason::FLOW_RING || choice.placed == reason::FLOW_HIT) {
-            if window.is_some() {
+            if let Some((_, generation)) = consult {
                 flow_cache::remember(flow, generation, &vip, &choice);
             }
         } else {

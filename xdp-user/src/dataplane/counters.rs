@@ -78,12 +78,7 @@ impl Dataplane {
     pub fn flow_count(&self) -> Result<usize> {
         use std::os::fd::AsFd as _;
         let map = map_data(self.map(names::FLOWS)?)?;
-        let n = super::sys::count_entries(
-            map.fd().as_fd(),
-            std::mem::size_of::<xdp_common::FlowKey>(),
-            std::mem::size_of::<xdp_common::FlowState>(),
-        )?;
-        Ok(n as usize)
+        Ok(super::sweep::count_flows(map.fd().as_fd())? as usize)
     }
 
     /// Number of tracked flows, one lookup per entry: the baseline the

@@ -27,6 +27,28 @@ impl Dataplane {
         sys::read_array::<u64>(fd.as_fd(), base, size).context("reading RINGS")
     }
 
+    /// The live half of `meta`'s ring, read once per `rings` (a pass over
+    /// many slots of the same VIPs).
+    pub(super) fn ring_in<'a>(
+        &self,
+        rings: &'a mut HashMap<u32, Vec<u64>>,
+        meta: &VipMeta,
+    ) -> Result<&'a [u64]> {
+        Ok(match rings.entry(meta.vip_id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(self.ring_entries(meta)?),
+        })
+    }
+
+    /// Every VIP's entry by vip_id.
+    fn vips_by_id(&self) -> Result<HashMap<u32, VipMeta>> {
+        Ok(self
+            .vips()?
+            .into_iter()
+            .map(|(_, m)| (m.vip_id, m))
+            .collect())
+    }
+
     /// Write one entry of a VIP's live half.
     fn set_live_entry(&mut self, meta: &VipMeta, position: u32, entry: u64) -> Result<()> {
         let size = self.sizes.ring_size;
@@ -157,11 +179,7 @@ impl Dataplane {
         if records.is_empty() {
             return Ok((0, 0));
         }
-        let vips: HashMap<u32, VipMeta> = self
-            .vips()?
-            .into_iter()
-            .map(|(_, m)| (m.vip_id, m))
-            .collect();
+        let vips = self.vips_by_id()?;
         let mut rings: HashMap<u32, Vec<u64>> = HashMap::new();
         let (mut settled, mut cleared) = (0, 0);
         for (key, record) in records {
@@ -170,11 +188,7 @@ impl Dataplane {
                 self.records()?.remove(&key);
                 continue;
             };
-            let ring = match rings.entry(vip_id) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(self.ring_entries(meta)?),
-            };
-            let entry = ring[position as usize];
+            let entry = self.ring_in(&mut rings, meta)?[position as usize];
             if !marks::is_marked(entry) {
                 self.records()?.remove(&key);
                 continue;
@@ -219,11 +233,7 @@ impl Dataplane {
         let sweeper = self.flow_sweeper()?;
         let sweep = sweeper.sweep(u32::MAX, false)?;
         let size = self.sizes.ring_size;
-        let vips: HashMap<u32, VipMeta> = self
-            .vips()?
-            .into_iter()
-            .map(|(_, m)| (m.vip_id, m))
-            .collect();
+        let vips = self.vips_by_id()?;
         let now = monotonic_secs();
         let mut marked = 0;
         let mut rings: HashMap<u32, Vec<u64>> = HashMap::new();
@@ -235,11 +245,7 @@ impl Dataplane {
             else {
                 continue;
             };
-            let ring = match rings.entry(vip_id) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(self.ring_entries(meta)?),
-            };
-            let entry = ring[position as usize];
+            let entry = self.ring_in(&mut rings, meta)?[position as usize];
             let owner = marks::owner(entry);
             if marks::is_marked(entry) || held.iter().all(|&id| Some(id) == owner) {
                 continue;

@@ -97,18 +97,8 @@ impl Dataplane {
             let Some(vip) = vip_of(&vips, key) else {
                 continue;
             };
-            let placed = backends.get(&state.backend_id).is_some_and(|b| {
-                b.generation == state.generation
-                    && b.vip_id == vip.vip_id
-                    && matches!(
-                        b.state,
-                        xdp_common::backend_state::UP | xdp_common::backend_state::DRAINING
-                    )
-            });
-            let ring = match rings.entry(vip.vip_id) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(e) => e.insert(self.ring_entries(&vip)?),
-            };
+            let placed = still_placed(&backends, state, &vip);
+            let ring = self.ring_in(&mut rings, &vip)?;
             let owner = marks::owner(ring[position(key, &vip, size) as usize]);
             if placed && owner != Some(state.backend_id) {
                 kept_keys.push(*key);
@@ -174,11 +164,7 @@ pub struct FlowSweeper {
 impl FlowSweeper {
     /// Entries in the conntrack table now.
     pub fn count(&self) -> Result<u64> {
-        sys::count_entries(
-            self.flows.as_fd(),
-            std::mem::size_of::<FlowKey>(),
-            std::mem::size_of::<FlowState>(),
-        )
+        count_flows(self.flows.as_fd())
     }
 
     /// One pass over conntrack. An entry is live if its backend still
@@ -198,34 +184,22 @@ impl FlowSweeper {
         };
         let mut doomed: Vec<FlowKey> = Vec::new();
         read_flows(self.flows.as_fd(), |key, state| {
-            {
-                let (key, state) = (*key, *state);
-                let vip = vip_of(&vips, &key);
-                let placed = vip.is_some_and(|vip| {
-                    backends.get(&state.backend_id).is_some_and(|b| {
-                        b.generation == state.generation
-                            && b.vip_id == vip.vip_id
-                            && matches!(
-                                b.state,
-                                xdp_common::backend_state::UP | xdp_common::backend_state::DRAINING
-                            )
-                    })
-                });
-                let idle_for = started.saturating_sub(state.last_seen);
-                // An entry whose backend left still says where the flow
-                // went last (newer than what SEEN holds of it) until SEEN
-                // forgot that too.
-                if idle_for > idle.saturating_mul(2) {
-                    doomed.push(key);
-                    return;
-                }
-                if let (Some(vip), true, true) = (vip, placed, idle_for <= idle) {
-                    let p = position(&key, &vip, self.ring_size);
-                    let slot = marks::slot_key(vip.vip_id, self.ring_size, p);
-                    let ids = sweep.held.entry(slot).or_default();
-                    if !ids.contains(&state.backend_id) {
-                        ids.push(state.backend_id);
-                    }
+            let vip = vip_of(&vips, key);
+            let placed = vip.is_some_and(|vip| still_placed(&backends, state, &vip));
+            let idle_for = started.saturating_sub(state.last_seen);
+            // An entry whose backend left still says where the flow went
+            // last (newer than what SEEN holds of it) until SEEN forgot
+            // that too.
+            if idle_for > idle.saturating_mul(2) {
+                doomed.push(*key);
+                return;
+            }
+            if let (Some(vip), true, true) = (vip, placed, idle_for <= idle) {
+                let p = position(key, &vip, self.ring_size);
+                let slot = marks::slot_key(vip.vip_id, self.ring_size, p);
+                let ids = sweep.held.entry(slot).or_default();
+                if !ids.contains(&state.backend_id) {
+                    ids.push(state.backend_id);
                 }
             }
         })?;
@@ -237,6 +211,33 @@ impl FlowSweeper {
         }
         Ok(sweep)
     }
+}
+
+/// Entries of the conntrack map behind `fd`, read in batches.
+pub(super) fn count_flows(fd: std::os::fd::BorrowedFd<'_>) -> Result<u64> {
+    sys::count_entries(
+        fd,
+        std::mem::size_of::<FlowKey>(),
+        std::mem::size_of::<FlowState>(),
+    )
+}
+
+/// Whether the backend a conntrack entry names still places its flow of
+/// `vip`: the same generation, up or draining, serving the VIP (the
+/// program's `still_placed`).
+fn still_placed(
+    backends: &std::collections::HashMap<u32, Backend>,
+    state: &FlowState,
+    vip: &VipMeta,
+) -> bool {
+    backends.get(&state.backend_id).is_some_and(|b| {
+        b.generation == state.generation
+            && b.vip_id == vip.vip_id
+            && matches!(
+                b.state,
+                xdp_common::backend_state::UP | xdp_common::backend_state::DRAINING
+            )
+    })
 }
 
 /// Every conntrack entry of the map behind `fd`.
