@@ -12,6 +12,8 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 
+mod fleet;
+
 use crate::{
     api::{self, Request, Response, Stats},
     config::{
@@ -131,6 +133,10 @@ enum Command {
         #[command(subcommand)]
         cmd: BackendCommand,
     },
+    /// The fleet's desired state in etcd (`[fleet]` in the config): import
+    /// a file's VIPs, export them, check what the store holds.
+    #[command(subcommand)]
+    Fleet(fleet::FleetCommand),
     /// This host's VIP announcements (routes a routing daemon or keepalived
     /// acts on; `[announce]` in the config).
     #[command(subcommand)]
@@ -462,6 +468,9 @@ fn print_status(s: &serde_json::Value) -> Result<()> {
             println!("  announcement error: {e}");
         }
     }
+    if let Some(f) = &status.fleet {
+        fleet::print_status(f);
+    }
     for v in &status.vips {
         println!(
             "VIP {} {} {}{} check {}: {} packets, {}, {} flows",
@@ -528,6 +537,8 @@ struct StatusView {
     changed_slots: (usize, usize),
     vips: Vec<VipView>,
     announce: crate::controller::AnnounceStatus,
+    #[serde(default)]
+    fleet: Option<crate::controller::FleetStatus>,
 }
 
 #[derive(serde::Deserialize)]
@@ -668,6 +679,9 @@ fn nagios(socket: &Path) -> ExitCode {
             blocked.join(", ")
         );
         ExitCode::from(1)
+    } else if let Some(why) = status.fleet.as_ref().and_then(fleet::warning) {
+        println!("XDPLB WARNING - {why}; {summary}");
+        ExitCode::from(1)
     } else if down > 0 {
         println!("XDPLB WARNING - {summary}");
         ExitCode::from(1)
@@ -733,6 +747,7 @@ fn execute(cli: Cli) -> Result<()> {
         Command::Vip { client, cmd } => vip(&socket(client), cmd),
         Command::Backend { client, cmd } => backend(&socket(client), cmd),
         Command::Announce(cmd) => announce(cmd),
+        Command::Fleet(cmd) => fleet::run(cmd),
         Command::Trace {
             config,
             vip,
@@ -942,6 +957,9 @@ fn verify() -> Result<()> {
 
 fn check_config(file: &Path) -> Result<()> {
     let config = Config::load(file)?;
+    if config.fleet.is_some() {
+        return fleet::check_config(file, &config);
+    }
     let backends: usize = config.vips.iter().map(|v| v.backends.len()).sum();
     println!(
         "{}: ok ({} VIPs, {backends} backends; tables take about {} of kernel memory)",

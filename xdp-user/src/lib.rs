@@ -8,6 +8,7 @@ pub mod config;
 pub mod controller;
 pub mod daemon;
 pub mod dataplane;
+pub mod fleet;
 pub mod health;
 pub mod http;
 pub mod iface;

@@ -455,6 +455,52 @@ pub fn render(ctl: &mut Controller, format: Format) -> String {
             [(Vec::new(), a.changes)],
         );
     }
+    if let Some(f) = &status.fleet {
+        e.gauge(
+            "xdplb_fleet_revision",
+            "The etcd revision whose desired state runs on this host.",
+            Exposition::one(f.revision),
+        );
+        e.gauge(
+            "xdplb_fleet_store_revision",
+            "The newest etcd revision this host has seen.",
+            Exposition::one(f.store_revision),
+        );
+        e.gauge(
+            "xdplb_fleet_store_connected",
+            "Whether the fleet's store (etcd) answers; 0: forwarding goes on with the last applied state.",
+            Exposition::one(i64::from(f.connected)),
+        );
+        e.gauge(
+            "xdplb_fleet_local_health",
+            "Whether the rings follow this host's checks alone (the store is lost for longer than the lease TTL).",
+            Exposition::one(i64::from(f.local_health)),
+        );
+        e.gauge(
+            "xdplb_fleet_desired_state_refused",
+            "Whether the store's newest desired state was refused (status names the key); the last good one runs.",
+            Exposition::one(i64::from(f.refused.is_some())),
+        );
+        e.gauge(
+            "xdplb_fleet_hosts",
+            "Live hosts publishing verdicts, this one included.",
+            Exposition::one(f.hosts.len() as i64),
+        );
+        e.gauge(
+            "xdplb_fleet_backend_disagrees",
+            "Backends this host's checks judge otherwise than the fleet (1 per backend; own = this host's verdict).",
+            f.disagreements.iter().map(|d| {
+                (
+                    labels([
+                        ("vip", d.vip.as_str()),
+                        ("backend", &d.backend.to_string()),
+                        ("own", if d.own { "up" } else { "down" }),
+                    ]),
+                    1,
+                )
+            }),
+        );
+    }
     if let Ok((run_time, run_count)) = ctl.dataplane().program_stats() {
         e.counter_f64(
             "xdplb_program_run_seconds_total",

@@ -4,6 +4,7 @@
 
 mod change;
 mod file;
+mod fleet;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -16,6 +17,7 @@ use anyhow::Result;
 
 pub use change::Change;
 pub use file::{read_bounded, ConfigFile, MAX_CONFIG_BYTES};
+pub use fleet::{Fleet, HealthRule};
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -43,6 +45,10 @@ pub struct Config {
     pub daemon: Daemon,
     #[serde(default)]
     pub announce: Announce,
+    /// Desired state and health shared with other LB hosts through etcd;
+    /// then the VIPs live there, not in this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<Fleet>,
     #[serde(default, rename = "vip", skip_serializing_if = "Vec::is_empty")]
     pub vips: Vec<Vip>,
 }
@@ -558,6 +564,16 @@ impl Config {
             }])
         })?;
         config.validate()?;
+        if let (Some(fleet), Some(vip)) = (&config.fleet, config.vips.first()) {
+            return Err(Invalid(vec![Problem {
+                location: format!("vip {}", vip.name),
+                reason: format!(
+                    "with [fleet] the VIPs live in etcd under {}/vips/; move this file's there with \
+                     `xdplb fleet import FILE` and remove them here",
+                    fleet.prefix
+                ),
+            }]));
+        }
         Ok(config)
     }
 
@@ -636,6 +652,11 @@ impl Config {
                     a.protocol
                 ),
             );
+        }
+        if let Some(fleet) = &self.fleet {
+            for (location, reason) in fleet.problems() {
+                problem(location, reason);
+            }
         }
         if a.hold_down_ms > MAX_HOLD_DOWN_MS {
             problem(

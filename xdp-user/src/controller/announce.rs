@@ -171,7 +171,9 @@ impl Controller {
         let pending: Vec<crate::health::CheckKey> = self
             .health
             .iter()
-            .filter(|(_, h)| !h.verdict_known)
+            // The fleet's verdict is a verdict: a fresh fleet member
+            // adopts it at once.
+            .filter(|(k, h)| !h.verdict_known && !self.fleet().is_some_and(|f| f.peers_judge(k)))
             .map(|(k, _)| k.clone())
             .collect();
         let bound = settle_bound(&self.config);

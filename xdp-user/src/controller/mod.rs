@@ -10,6 +10,7 @@
 
 mod announce;
 mod apply;
+mod fleet;
 mod health;
 mod plan;
 mod retired;
@@ -27,6 +28,7 @@ use tracing::warn;
 use xdp_common::{backend_state, VipKey};
 
 pub use announce::{lock_target as lock_announce_target, AnnounceStatus};
+pub use fleet::{load_saved as load_saved_fleet_state, FleetStatus, Saved as SavedFleetState};
 pub use health::BackendHealth;
 pub use plan::DoesNotFit;
 pub use selfcheck::SelfCheck;
@@ -97,6 +99,8 @@ pub struct Controller {
     /// backends' totals never fall below the VIP's (Prometheus counters
     /// only grow). Kept in a state file by the daemon.
     retired: retired::Retired,
+    /// Desired state and health shared through etcd, for a fleet member.
+    fleet: Option<fleet::FleetState>,
 }
 
 fn unix_now() -> f64 {
@@ -210,6 +214,7 @@ impl Controller {
             last_reload: (true, unix_now()),
             announcer,
             retired,
+            fleet: None,
         };
         // Health of adopted, checked backends starts from what the
         // dataplane had: down there means a check failed, unless the
@@ -291,7 +296,7 @@ impl Controller {
     /// Plan `config` against the ids in use now, with the current health.
     fn plan(&self, config: &Config) -> Result<plan::Plan, DoesNotFit> {
         let now = Instant::now();
-        let health = |k: &CheckKey| self.health.get(k).map(|h| h.effective(now));
+        let health = |k: &CheckKey| self.ring_health(k, now);
         plan::plan(
             config,
             &health,
@@ -306,8 +311,14 @@ impl Controller {
     /// kept (the dataplane is reported out of sync) and a later call retries
     /// from where the maps really are.
     pub fn reconcile(&mut self) -> Result<()> {
+        if self.fleet.as_ref().is_some_and(|f| f.desired.revision == 0) {
+            // A fleet member that has never read its desired state leaves
+            // the dataplane as it is (an adopted one keeps forwarding).
+            return Ok(());
+        }
         self.reconciles += 1;
         self.sync_health();
+        self.fleet_reconciling();
         let result = (|| {
             let plan = self.plan(&self.config)?;
             let dp_config = dataplane_config(&self.config)?;
@@ -343,6 +354,9 @@ impl Controller {
         if new.tables != old.tables {
             bail!("table sizes cannot change under a running dataplane; `xdplb detach` and restart (drops conntrack)");
         }
+        if new.fleet != old.fleet {
+            bail!("[fleet] cannot change while running; restart the daemon to join another fleet or leave one");
+        }
         if new.daemon.pin_dir != old.daemon.pin_dir {
             bail!("daemon.pin_dir cannot change while running");
         }
@@ -365,7 +379,12 @@ impl Controller {
             .file
             .as_ref()
             .ok_or_else(|| anyhow!("the daemon runs without a config file"))?;
-        let loaded = ConfigFile::load(file.path()).and_then(|(new, fresh)| {
+        let fleet_vips = self.fleet.as_ref().map(|_| self.config.vips.clone());
+        let loaded = ConfigFile::load(file.path()).and_then(|(mut new, fresh)| {
+            // A fleet member's VIPs are the store's, not the file's.
+            if let Some(vips) = fleet_vips {
+                new.vips = vips;
+            }
             self.admit(&new)?;
             Ok((new, fresh))
         });

@@ -104,6 +104,7 @@ impl Controller {
             reasons,
             vips,
             announce: self.announce_status(),
+            fleet: self.fleet_status(),
         }
     }
 }
@@ -207,4 +208,8 @@ pub struct Status {
     pub reasons: BTreeMap<String, u64>,
     pub vips: Vec<VipStatus>,
     pub announce: super::AnnounceStatus,
+    /// For a fleet member: the store, the revision running, and where this
+    /// host's checks disagree with the fleet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<super::FleetStatus>,
 }
