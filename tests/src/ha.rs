@@ -577,6 +577,18 @@ pub fn lb_addr(j: usize) -> Ipv4Addr {
 
 /// The network both HA beds share: LBs on one segment, three backends.
 pub fn system(tag: &str, lbs: usize) -> Result<System> {
+    system_with(tag, lbs, |_, pins, socket| lb_config(pins, socket), |_| Ok(())).map(|(s, ())| s)
+}
+
+/// [`system`] with LB `j` running `config(j, pin_dir, socket)`, and
+/// `ready` run once the daemons started, before every backend must be
+/// checked up (e.g. to give a fleet its store).
+pub fn system_with<T>(
+    tag: &str,
+    lbs: usize,
+    config: impl Fn(usize, &Path, &Path) -> String,
+    ready: impl FnOnce(&System) -> Result<T>,
+) -> Result<(System, T)> {
     let spec = Spec {
         tag: tag.into(),
         lbs,
@@ -585,11 +597,12 @@ pub fn system(tag: &str, lbs: usize) -> Result<System> {
         vips: vec![IpAddr::V4(VIP)],
         lb_segment: true,
     };
-    let sys = System::start_spec(&spec, |_topo: &Topology, _j, pins, socket| {
-        lb_config(pins, socket)
+    let sys = System::start_spec(&spec, |_topo: &Topology, j, pins, socket| {
+        config(j, pins, socket)
     })?;
+    let made = ready(&sys)?;
     sys.wait_checked(Duration::from_secs(10))?;
-    Ok(sys)
+    Ok((sys, made))
 }
 
 /// A routing config of `examples/ha/`, as it is or with BFD turned off
@@ -617,8 +630,27 @@ impl Ecmp {
     /// `speakers[j]`; with `bfd` false, BGP alone (its hold time) notices
     /// dead peers.
     pub fn start(tag: &str, speakers: &[Speaker], bfd: bool) -> Result<Self> {
+        Self::start_with(
+            tag,
+            speakers,
+            bfd,
+            |_, pins, socket| lb_config(pins, socket),
+            |_| Ok(()),
+        )
+        .map(|(bed, ())| bed)
+    }
+
+    /// [`Ecmp::start`] with the LB hosts' configs and readiness of
+    /// [`system_with`].
+    pub fn start_with<T>(
+        tag: &str,
+        speakers: &[Speaker],
+        bfd: bool,
+        config: impl Fn(usize, &Path, &Path) -> String,
+        ready: impl FnOnce(&System) -> Result<T>,
+    ) -> Result<(Self, T)> {
         let lbs = speakers.len();
-        let sys = system(tag, lbs)?;
+        let (sys, made) = system_with(tag, lbs, config, ready)?;
         sys.topo
             .router
             .exec(&["sysctl", "-q", "-w", "net.ipv4.fib_multipath_hash_policy=1"])?;
@@ -667,7 +699,7 @@ impl Ecmp {
                 logs(&bed.frr)
             );
         }
-        Ok(bed)
+        Ok((bed, made))
     }
 }
 

@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod e2e;
+pub mod fleet;
 pub mod ha;
 pub mod katran;
 pub mod netns;
