@@ -52,11 +52,26 @@ impl Pki {
         let dir = dir.join("pki");
         std::fs::create_dir_all(&dir)?;
         let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
         let mut ca = vec!["req", "-x509"];
         ca.extend(ec);
         let (ca_key, ca_pem) = (p("ca.key"), p("ca.pem"));
-        ca.extend(["-keyout", &ca_key, "-out", &ca_pem, "-days", "2", "-subj", "/CN=xdplb test CA"]);
+        ca.extend([
+            "-keyout",
+            &ca_key,
+            "-out",
+            &ca_pem,
+            "-days",
+            "2",
+            "-subj",
+            "/CN=xdplb test CA",
+        ]);
         openssl(&ca)?;
         let sign = |name: &str, san: Option<Ipv4Addr>| -> Result<()> {
             let (key, csr, pem, ext) = (
@@ -76,8 +91,21 @@ impl Pki {
             }
             std::fs::write(&ext, text)?;
             openssl(&[
-                "x509", "-req", "-in", &csr, "-CA", &ca_pem, "-CAkey", &ca_key, "-CAcreateserial",
-                "-out", &pem, "-days", "2", "-extfile", &ext,
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &ca_pem,
+                "-CAkey",
+                &ca_key,
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &ext,
             ])
         };
         for k in 0..MEMBERS {
@@ -124,12 +152,14 @@ fn member_env(k: usize, pki: &Pki, data: &Path) -> Result<Vec<String>> {
             "ETCD_NAME" => format!("m{k}"),
             "ETCD_DATA_DIR" => data.to_string_lossy().into_owned(),
             "ETCD_INITIAL_CLUSTER" => value.to_owned(),
-            "ETCD_CERT_FILE" | "ETCD_PEER_CERT_FILE" => {
-                pki.path(&format!("m{k}.pem")).to_string_lossy().into_owned()
-            }
-            "ETCD_KEY_FILE" | "ETCD_PEER_KEY_FILE" => {
-                pki.path(&format!("m{k}.key")).to_string_lossy().into_owned()
-            }
+            "ETCD_CERT_FILE" | "ETCD_PEER_CERT_FILE" => pki
+                .path(&format!("m{k}.pem"))
+                .to_string_lossy()
+                .into_owned(),
+            "ETCD_KEY_FILE" | "ETCD_PEER_KEY_FILE" => pki
+                .path(&format!("m{k}.key"))
+                .to_string_lossy()
+                .into_owned(),
             "ETCD_TRUSTED_CA_FILE" | "ETCD_PEER_TRUSTED_CA_FILE" => {
                 pki.path("ca.pem").to_string_lossy().into_owned()
             }
@@ -137,7 +167,10 @@ fn member_env(k: usize, pki: &Pki, data: &Path) -> Result<Vec<String>> {
         };
         out.push(format!("{key}={value}"));
     }
-    if !out.iter().any(|l| l.starts_with("ETCD_CLIENT_CERT_AUTH=true")) {
+    if !out
+        .iter()
+        .any(|l| l.starts_with("ETCD_CLIENT_CERT_AUTH=true"))
+    {
         bail!("examples/fleet/etcd.env no longer requires client certificates");
     }
     Ok(out)
@@ -159,7 +192,13 @@ impl Etcd {
             let net = 80 + k as u8;
             router.ip(&["addr", "add", &format!("198.18.{net}.1/24"), "dev", &rif])?;
             router.ip(&["link", "set", &rif, "up"])?;
-            ns.ip(&["addr", "add", &format!("{}/24", member_addr(k)), "dev", "eth0"])?;
+            ns.ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", member_addr(k)),
+                "dev",
+                "eth0",
+            ])?;
             ns.ip(&["link", "set", "eth0", "up"])?;
             ns.ip(&["link", "set", "lo", "up"])?;
             ns.ip(&["route", "add", "default", "via", &format!("198.18.{net}.1")])?;

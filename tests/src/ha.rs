@@ -577,7 +577,13 @@ pub fn lb_addr(j: usize) -> Ipv4Addr {
 
 /// The network both HA beds share: LBs on one segment, three backends.
 pub fn system(tag: &str, lbs: usize) -> Result<System> {
-    system_with(tag, lbs, |_, pins, socket| lb_config(pins, socket), |_| Ok(())).map(|(s, ())| s)
+    system_with(
+        tag,
+        lbs,
+        |_, pins, socket| lb_config(pins, socket),
+        |_| Ok(()),
+    )
+    .map(|(s, ())| s)
 }
 
 /// [`system`] with LB `j` running `config(j, pin_dir, socket)`, and

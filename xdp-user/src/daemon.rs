@@ -223,7 +223,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
 
     // A fleet member runs what it last applied until the store answers.
-    let carried = config.fleet.as_ref().and_then(|_| carried_fleet_state(&config));
+    let carried = config
+        .fleet
+        .as_ref()
+        .and_then(|_| carried_fleet_state(&config));
     let mut running = config.clone();
     if let Some(saved) = &carried {
         running.vips = saved.vips.clone();
@@ -401,7 +404,11 @@ fn carried_fleet_state(config: &crate::config::Config) -> Option<crate::fleet::D
         warn!(error = %e, "the fleet state kept from the last run no longer fits the config; waiting for the store");
         return None;
     }
-    info!(revision = saved.revision, vips = saved.vip.len(), "running the fleet state kept from the last run until the store answers");
+    info!(
+        revision = saved.revision,
+        vips = saved.vip.len(),
+        "running the fleet state kept from the last run until the store answers"
+    );
     Some(crate::fleet::Desired {
         revision: saved.revision,
         vips: saved.vip,
@@ -471,11 +478,12 @@ fn fleet_change(
         .map(|f| f.prefix.clone())
         .unwrap_or_default();
     tokio::spawn(async move {
-        let response =
-            match crate::fleet::store::write_vips(&mut client, &prefix, &base, &vips).await {
-                Ok(revision) => api::Response::ok(Some(serde_json::json!({ "revision": revision }))),
-                Err(e) => api::Response::error(format!("{e:#}")),
-            };
+        let response = match crate::fleet::store::write_vips(&mut client, &prefix, &base, &vips)
+            .await
+        {
+            Ok(revision) => api::Response::ok(Some(serde_json::json!({ "revision": revision }))),
+            Err(e) => api::Response::error(format!("{e:#}")),
+        };
         let _ = reply.send(response);
     });
 }

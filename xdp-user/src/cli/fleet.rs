@@ -85,7 +85,9 @@ async fn read_lenient(
             }
             Err(b) => {
                 if let Some(name) = e.key.strip_prefix(&vips) {
-                    desired.mod_revisions.insert(name.to_owned(), e.mod_revision);
+                    desired
+                        .mod_revisions
+                        .insert(name.to_owned(), e.mod_revision);
                 }
                 bad.push(b);
             }
@@ -173,8 +175,10 @@ fn export(config_path: &Path, out: Option<&Path>) -> Result<()> {
         match out {
             Some(path) => {
                 let tmp = path.with_extension("tmp");
-                std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
-                std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+                std::fs::write(&tmp, &text)
+                    .with_context(|| format!("writing {}", tmp.display()))?;
+                std::fs::rename(&tmp, path)
+                    .with_context(|| format!("renaming to {}", path.display()))?;
                 eprintln!("exported revision {revision} to {}", path.display());
             }
             None => print!("{text}"),
@@ -203,9 +207,9 @@ pub fn check_config(file: &Path, config: &Config) -> Result<()> {
         whole.vips = desired.vips;
         whole.validate().map_err(|e| {
             anyhow!(
-                "etcd revision {revision} (keys {}) does not fit {}: {e}",
-                keys::vips_prefix(&fleet.prefix),
-                file.display()
+                "etcd revision {revision} does not fit {}: {}",
+                file.display(),
+                keys::locate(&fleet.prefix, &whole.vips, &e)
             )
         })?;
         let backends: usize = whole.vips.iter().map(|v| v.backends.len()).sum();

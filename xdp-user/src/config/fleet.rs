@@ -123,10 +123,7 @@ impl Fleet {
             );
         }
         if self.user.is_some() != self.password_file.is_some() {
-            problem(
-                "user",
-                "user and password_file go together".into(),
-            );
+            problem("user", "user and password_file go together".into());
         }
         let tls = self.ca.is_some() || self.cert.is_some();
         if tls && self.endpoints.iter().any(|e| e.starts_with("http://")) {

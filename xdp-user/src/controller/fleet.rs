@@ -204,17 +204,41 @@ impl Controller {
                 new.vips = desired.vips.clone();
                 match self.apply(new) {
                     Ok(()) => {
-                        info!(revision, vips = desired.vips.len(), "fleet desired state applied");
+                        info!(
+                            revision,
+                            vips = desired.vips.len(),
+                            "fleet desired state applied"
+                        );
                         if let Some(f) = self.fleet.as_mut() {
                             f.desired = desired;
                         }
                         self.save_fleet_state();
                         None
                     }
-                    Err(e) => Some(format!(
-                        "etcd revision {revision} (keys {}): {e:#}",
-                        keys::vips_prefix(&prefix)
-                    )),
+                    Err(e) => {
+                        // Name the keys that changed since the running state.
+                        let running = &self.config.vips;
+                        let mut changed: Vec<String> = desired
+                            .vips
+                            .iter()
+                            .filter(|v| !running.contains(v))
+                            .map(|v| keys::vip_key(&prefix, &v.name))
+                            .collect();
+                        changed.extend(
+                            running
+                                .iter()
+                                .filter(|r| desired.vips.iter().all(|v| v.name != r.name))
+                                .map(|r| format!("{} (deleted)", keys::vip_key(&prefix, &r.name))),
+                        );
+                        let why = match e.downcast_ref::<crate::config::Invalid>() {
+                            Some(invalid) => keys::locate(&prefix, &desired.vips, invalid),
+                            None => format!("{e:#}"),
+                        };
+                        Some(format!(
+                            "etcd revision {revision}, keys {}: {why}",
+                            changed.join(", ")
+                        ))
+                    }
                 }
             }
         };
@@ -290,7 +314,10 @@ impl Controller {
 
     /// The VIPs an operator's change leads to, checked against the
     /// running state, and the state it is based on (compare-and-swap).
-    pub fn fleet_change(&self, change: &crate::config::Change) -> anyhow::Result<(Desired, Vec<Vip>)> {
+    pub fn fleet_change(
+        &self,
+        change: &crate::config::Change,
+    ) -> anyhow::Result<(Desired, Vec<Vip>)> {
         if let Some(why) = self.fleet_refuses_changes() {
             anyhow::bail!(why);
         }

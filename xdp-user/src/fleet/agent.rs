@@ -138,7 +138,8 @@ async fn session(
     send_snapshot(events, revision, &state).await?;
 
     let mut keepalive = tokio::time::interval(
-        Duration::from_millis(u64::from(fleet.lease_ttl_s) * 1000 / 3).max(Duration::from_millis(300)),
+        Duration::from_millis(u64::from(fleet.lease_ttl_s) * 1000 / 3)
+            .max(Duration::from_millis(300)),
     );
     let mut last_kept = tokio::time::Instant::now();
     loop {

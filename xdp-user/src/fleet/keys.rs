@@ -103,9 +103,9 @@ pub fn vip_value(vip: &Vip) -> Result<String, toml::ser::Error> {
 /// Read one VIP's value; its name is the key's.
 fn parse_vip(name: &str, value: &[u8]) -> Result<Vip, String> {
     let text = std::str::from_utf8(value).map_err(|_| "the value is not UTF-8 text".to_owned())?;
-    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
-        format!("the value is not TOML: {}", e.message())
-    })?;
+    let mut table: toml::Table = text
+        .parse()
+        .map_err(|e: toml::de::Error| format!("the value is not TOML: {}", e.message()))?;
     match table.get("name") {
         None => {
             table.insert("name".into(), toml::Value::String(name.into()));
@@ -138,6 +138,31 @@ pub fn read_desired(prefix: &str, revision: i64, entries: &[Entry]) -> Result<De
     }
     desired.vips.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(desired)
+}
+
+/// Why the fleet's VIPs (with the local file) are not a valid config, with
+/// each problem of one VIP located at its etcd key.
+pub fn locate(prefix: &str, vips: &[Vip], invalid: &crate::config::Invalid) -> String {
+    let mut out = format!(
+        "{} problem{} in the fleet's VIPs:",
+        invalid.0.len(),
+        if invalid.0.len() == 1 { "" } else { "s" }
+    );
+    for p in &invalid.0 {
+        // Locations of a VIP's problems start with `vip[i] <label>`.
+        let at = p
+            .location
+            .strip_prefix("vip[")
+            .and_then(|rest| rest.split_once(']'))
+            .and_then(|(i, rest)| {
+                let vip = vips.get(i.parse::<usize>().ok()?)?;
+                let rest = rest.trim_start().strip_prefix(&vip.label())?;
+                Some(format!("etcd key {}{rest}", vip_key(prefix, &vip.name)))
+            })
+            .unwrap_or_else(|| p.location.clone());
+        out += &format!("\n  {at}: {}", p.reason);
+    }
+    out
 }
 
 /// One host's verdicts: VIP name -> backend address -> up.
@@ -216,19 +241,48 @@ mod tests {
         for (key, value, why) in [
             ("/f/vips/web", "address = ", "not TOML"),
             ("/f/vips/web", "address = \"198.18.0.10\"", "not a VIP"),
-            ("/f/vips/web", &format!("name = \"api\"\n{WEB}"), "not the key's"),
+            (
+                "/f/vips/web",
+                &format!("name = \"api\"\n{WEB}"),
+                "not the key's",
+            ),
             ("/f/vips/web/x", WEB, "one non-empty key segment"),
             ("/f/notes", "hello", "not a key xdplb uses"),
             ("/f/vips/web", "\u{0}\u{ff}", "not TOML"),
         ] {
-            let e = read_desired("/f", 1, &[entry("/f/vips/ok", WEB, 1), entry(key, value, 1)])
-                .unwrap_err();
+            let e = read_desired(
+                "/f",
+                1,
+                &[entry("/f/vips/ok", WEB, 1), entry(key, value, 1)],
+            )
+            .unwrap_err();
             assert_eq!(e.key, key);
             assert!(e.reason.contains(why), "{key}: {}", e.reason);
         }
         let mut bin = entry("/f/vips/web", "", 1);
         bin.value = vec![0xff, 0xfe];
-        assert!(read_desired("/f", 1, &[bin]).unwrap_err().reason.contains("UTF-8"));
+        assert!(read_desired("/f", 1, &[bin])
+            .unwrap_err()
+            .reason
+            .contains("UTF-8"));
+    }
+
+    #[test]
+    fn problems_are_located_at_their_keys() {
+        let d = read_desired("/f", 1, &[entry("/f/vips/web", WEB, 1)]).unwrap();
+        let invalid = crate::config::Invalid(vec![
+            crate::config::Problem {
+                location: format!("vip[0] {}.health", d.vips[0].label()),
+                reason: "bad".into(),
+            },
+            crate::config::Problem {
+                location: "vip.backend".into(),
+                reason: "too many".into(),
+            },
+        ]);
+        let text = locate("/f", &d.vips, &invalid);
+        assert!(text.contains("etcd key /f/vips/web.health: bad"), "{text}");
+        assert!(text.contains("vip.backend: too many"), "{text}");
     }
 
     #[test]

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions,
-    Txn, TxnOp,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, GetOptions, Identity, TlsOptions, Txn,
+    TxnOp,
 };
 
 use super::keys::{self, Desired, Entry};
@@ -106,8 +106,12 @@ pub async fn write_vips(
     let mut compares = vec![
         // No VIP key was written after the read (a range compare: every
         // key under vips/ must be older).
-        Compare::mod_revision(keys::vips_prefix(prefix), CompareOp::Less, base.revision + 1)
-            .with_prefix(),
+        Compare::mod_revision(
+            keys::vips_prefix(prefix),
+            CompareOp::Less,
+            base.revision + 1,
+        )
+        .with_prefix(),
     ];
     let mut ops = Vec::new();
     for vip in vips {
