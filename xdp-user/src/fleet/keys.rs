@@ -103,9 +103,14 @@ pub fn vip_value(vip: &Vip) -> Result<String, toml::ser::Error> {
 /// Read one VIP's value; its name is the key's.
 fn parse_vip(name: &str, value: &[u8]) -> Result<Vip, String> {
     let text = std::str::from_utf8(value).map_err(|_| "the value is not UTF-8 text".to_owned())?;
-    let mut table: toml::Table = text
-        .parse()
-        .map_err(|e: toml::de::Error| format!("the value is not TOML: {}", e.message()))?;
+    let mut table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+        let why = e
+            .to_string()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        format!("the value is not TOML: {why}")
+    })?;
     match table.get("name") {
         None => {
             table.insert("name".into(), toml::Value::String(name.into()));
