@@ -4,6 +4,7 @@
 //! the files of `examples/fleet/`. Each test prints what it measured.
 
 use std::{
+    collections::BTreeSet,
     io::Write as _,
     time::{Duration, Instant},
 };
@@ -11,7 +12,7 @@ use std::{
 use integration_tests::{
     daemon::{run_in, wait_for, xdplb},
     fleet,
-    ha::{Ecmp, Traffic},
+    ha::{lb_addr, Broken, Ecmp, RouteWatch, Speaker, Tally, Traffic},
     require_root,
 };
 
@@ -239,4 +240,341 @@ fn with_weight(vip: &xdp_user::config::Vip, addr: &str, w: u32) -> xdp_user::con
         }
     }
     vip
+}
+
+/// Backend b0's health check port blocked from LB 1 and LB 2 (not LB 0):
+/// they see it down, LB 0 sees it up; meanwhile LB 0 is withdrawn and
+/// restored, so the router moves its flows to the others and back. What
+/// broke, from the block to the end.
+fn partial_partition(bed: &Ecmp, traffic: &Traffic, fleet: bool) -> Tally {
+    let b0 = &bed.sys.topo.backends[0].ns;
+    let rule = |op: &str, j: usize| {
+        b0.exec(&[
+            "iptables",
+            op,
+            "INPUT",
+            "-s",
+            &lb_addr(j).to_string(),
+            "-p",
+            "tcp",
+            "--dport",
+            "7",
+            "-j",
+            "DROP",
+        ])
+        .expect("iptables");
+    };
+    let own_health = |j: usize| -> Option<String> {
+        let s = bed.sys.status(j).ok()?;
+        s["vips"][0]["backends"]
+            .as_array()?
+            .iter()
+            .find(|b| b["address"] == "198.18.64.2")?["health"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let before = traffic.snapshot();
+    rule("-I", 1);
+    rule("-I", 2);
+    for j in [1, 2] {
+        wait_for(Duration::from_secs(10), || {
+            (own_health(j).as_deref() == Some("down")).then_some(())
+        })
+        .unwrap_or_else(|| panic!("LB {j}'s checks do not see b0 down"));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    if fleet {
+        // The fleet keeps b0: one host still sees it up.
+        for j in 0..LBS {
+            assert_eq!(bed.sys.backend_states(j, 0).unwrap(), ["up"], "LB {j}");
+        }
+        let f = fleet_status(bed, 1);
+        assert_eq!(
+            f["disagreements"][0]["backend"], "198.18.64.2",
+            "LB 1 says it disagrees: {f}"
+        );
+        let check = cli(bed, 1, &["check"]);
+        assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+        assert!(text(&check).contains("disagree"), "{}", text(&check));
+    }
+    ok(&cli(bed, 0, &["announce", "withdraw"]));
+    std::thread::sleep(Duration::from_millis(1500));
+    ok(&cli(bed, 0, &["announce", "restore"]));
+    std::thread::sleep(Duration::from_millis(1000));
+    rule("-D", 1);
+    rule("-D", 2);
+    for j in [1, 2] {
+        wait_for(Duration::from_secs(10), || {
+            (own_health(j).as_deref() == Some("up")).then_some(())
+        })
+        .unwrap_or_else(|| panic!("LB {j}'s checks do not see b0 up again"));
+    }
+    traffic.settle(Duration::from_secs(15)).unwrap();
+    traffic.since(&before)
+}
+
+fn ok(o: &std::process::Output) {
+    assert!(o.status.success(), "{}", text(o));
+}
+
+#[test]
+fn a_backend_judged_differently_by_hosts_breaks_nothing_with_shared_health() {
+    if !require_root() {
+        return;
+    }
+    // The same run twice: each host on its own checks (examples/ha/), then
+    // the fleet (examples/fleet/).
+    let local = {
+        let bed = Ecmp::start("fl-own", &[Speaker::Bird; LBS], true).expect("ECMP bed");
+        let traffic = Traffic::start(&bed.sys, 24, Duration::from_secs(120)).expect("traffic");
+        partial_partition(&bed, &traffic, false)
+    };
+    let shared = {
+        let (bed, _etcd) = fleet::bed("fl-shr").expect("fleet bed");
+        let traffic = Traffic::start(&bed.sys, 24, Duration::from_secs(120)).expect("traffic");
+        partial_partition(&bed, &traffic, true)
+    };
+    out(&format!(
+        "\nb0's checks blocked from LB 1 and LB 2 of 3, LB 0 withdrawn and restored meanwhile (24 long-lived connections)\n\
+         | health | established broken, by backend | new ok | new failed |\n\
+         |---|---|---:|---:|\n\
+         | each host its own (examples/ha) | {:?} | {} | {} |\n\
+         | the fleet's verdict (examples/fleet, rule any) | {:?} | {} | {} |\n",
+        by_backend(&local.broken),
+        local.new_ok,
+        local.new_failed,
+        by_backend(&shared.broken),
+        shared.new_ok,
+        shared.new_failed,
+    ));
+    assert!(
+        shared.broken.is_empty(),
+        "with shared health: {:?}",
+        shared.broken
+    );
+    assert!(shared.new_ok > 0);
+}
+
+fn by_backend(broken: &[Broken]) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for b in broken {
+        *out.entry(b.backend.clone()).or_insert(0) += 1;
+    }
+    out
+}
+
+/// What the hosts forward with: per host, each backend's dataplane state.
+fn forwarding(bed: &Ecmp) -> Vec<Vec<String>> {
+    (0..LBS)
+        .map(|j| {
+            (0..3)
+                .flat_map(|i| bed.sys.backend_states(j, i).unwrap_or_default())
+                .collect()
+        })
+        .collect()
+}
+
+/// A change through LB `j`, retried while the store is still electing or
+/// the host reconnecting (at most 15 s); how long until it was accepted.
+fn change_accepted(bed: &Ecmp, j: usize, weight: u32) -> Duration {
+    let t0 = Instant::now();
+    let w = weight.to_string();
+    wait_for(Duration::from_secs(15), || {
+        cli(bed, j, &["backend", "weight", "web", "198.18.65.2", &w])
+            .status
+            .success()
+            .then(|| t0.elapsed())
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "LB {j}: a change was not accepted within 15 s: {}",
+            text(&cli(
+                bed,
+                j,
+                &["backend", "weight", "web", "198.18.65.2", &w]
+            ))
+        )
+    })
+}
+
+/// One fault of the store, printed as a table row.
+struct Row {
+    fault: &'static str,
+    tally: Tally,
+    note: String,
+}
+
+#[test]
+fn losing_the_store_stops_nothing_and_catches_up() {
+    if !require_root() {
+        return;
+    }
+    let (bed, mut etcd) = fleet::bed("fl-store").expect("fleet bed");
+    let watch = RouteWatch::start(&bed.sys.topo.router);
+    let traffic = Traffic::start(&bed.sys, 24, Duration::from_secs(240)).expect("traffic");
+    let all: BTreeSet<_> = (0..LBS).map(lb_addr).collect();
+    watch
+        .wait(Instant::now(), Duration::from_secs(10), |h| *h == all)
+        .expect("every host announced");
+    let mut rows = Vec::new();
+    let mut weight = 100;
+
+    // One member killed (not the leader), then the leader.
+    for leader in [false, true] {
+        let before = traffic.snapshot();
+        let t0 = Instant::now();
+        let lead = etcd.leader().expect("a leader");
+        let k = if leader {
+            lead
+        } else {
+            (lead + 1) % fleet::MEMBERS
+        };
+        let forwarding_before = forwarding(&bed);
+        etcd.kill(k);
+        weight += 10;
+        let accepted = change_accepted(&bed, (k + 1) % LBS, weight);
+        let applied = wait_weight(&bed, "198.18.65.2", u64::from(weight), t0);
+        etcd.start_member(k).expect("restart member");
+        etcd.wait_healthy(Duration::from_secs(30))
+            .expect("healthy again");
+        traffic.settle(Duration::from_secs(15)).unwrap();
+        assert_eq!(forwarding(&bed), forwarding_before);
+        assert!(
+            watch.changes_since(t0).is_empty(),
+            "{:?}",
+            watch.changes_since(t0)
+        );
+        rows.push(Row {
+            fault: if leader {
+                "the leader killed"
+            } else {
+                "one member killed"
+            },
+            tally: traffic.since(&before),
+            note: format!(
+                "a change accepted {} ms after the kill, applied by every host after {} ms",
+                accepted.as_millis(),
+                applied.iter().max().unwrap().as_millis()
+            ),
+        });
+    }
+
+    // The whole cluster stopped, then started again.
+    let before = traffic.snapshot();
+    let t0 = Instant::now();
+    let forwarding_before = forwarding(&bed);
+    let running: Vec<_> = (0..LBS)
+        .map(|j| fleet_status(&bed, j)["revision"].clone())
+        .collect();
+    for k in 0..fleet::MEMBERS {
+        etcd.kill(k);
+    }
+    let noticed: Vec<Duration> = (0..LBS)
+        .map(|j| {
+            wait_for(Duration::from_secs(10), || {
+                (fleet_status(&bed, j)["connected"] == false).then(|| t0.elapsed())
+            })
+            .unwrap_or_else(|| panic!("LB {j} did not notice the store gone"))
+        })
+        .collect();
+    let refused = cli(&bed, 0, &["backend", "weight", "web", "198.18.65.2", "7"]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(text(&refused).contains("etcd"), "{}", text(&refused));
+    let check = cli(&bed, 1, &["check"]);
+    assert_eq!(check.status.code(), Some(1), "{}", text(&check));
+    assert!(text(&check).contains("unreachable"), "{}", text(&check));
+    // Past the lease TTL the rings follow local checks; nothing moves.
+    let local: Vec<Duration> = (0..LBS)
+        .map(|j| {
+            wait_for(Duration::from_secs(10), || {
+                (fleet_status(&bed, j)["local_health"] == true).then(|| t0.elapsed())
+            })
+            .unwrap_or_else(|| panic!("LB {j} did not fall back to local health"))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(forwarding(&bed), forwarding_before);
+    let (_, metrics) =
+        integration_tests::ops::http_get(&bed.sys.topo.lbs[2].ns, "127.0.0.1:9477", "/metrics");
+    assert!(
+        metrics.contains("xdplb_fleet_store_connected 0"),
+        "{metrics}"
+    );
+    let t1 = Instant::now();
+    for k in 0..fleet::MEMBERS {
+        etcd.start_member(k).expect("start member");
+    }
+    etcd.wait_healthy(Duration::from_secs(30))
+        .expect("healthy again");
+    let back: Vec<Duration> = (0..LBS)
+        .map(|j| {
+            wait_for(Duration::from_secs(15), || {
+                (fleet_status(&bed, j)["connected"] == true).then(|| t1.elapsed())
+            })
+            .unwrap_or_else(|| panic!("LB {j} did not reconnect"))
+        })
+        .collect();
+    for j in 0..LBS {
+        // Caught up: the store's revision moved on (the hosts' verdicts
+        // under new leases), the desired state is the one that ran.
+        assert!(
+            fleet_status(&bed, j)["revision"].as_i64() > running[j].as_i64(),
+            "LB {j}: {}",
+            fleet_status(&bed, j)
+        );
+        assert_eq!(fleet_status(&bed, j)["local_health"], false, "LB {j}");
+    }
+    weight += 10;
+    let accepted = change_accepted(&bed, 2, weight);
+    wait_weight(&bed, "198.18.65.2", u64::from(weight), Instant::now());
+    traffic.settle(Duration::from_secs(15)).unwrap();
+    assert!(
+        watch.changes_since(t0).is_empty(),
+        "{:?}",
+        watch.changes_since(t0)
+    );
+    let ms = |d: &[Duration]| {
+        d.iter()
+            .map(|d| d.as_millis().to_string())
+            .collect::<Vec<_>>()
+            .join("/")
+    };
+    rows.push(Row {
+        fault: "the whole cluster stopped and started",
+        tally: traffic.since(&before),
+        note: format!(
+            "lost noticed after {} ms, local health after {} ms, reconnected {} ms after the restart, a change accepted {} ms later; a change while down: {:?}",
+            ms(&noticed),
+            ms(&local),
+            ms(&back),
+            accepted.as_millis(),
+            text(&refused).trim()
+        ),
+    });
+
+    let mut table =
+        "\nThe fleet's store failing under traffic (24 long-lived connections, 3 LB hosts)\n\
+         | fault | established broken | new ok | new failed | route changes | what happened |\n\
+         |---|---:|---:|---:|---:|---|\n"
+            .to_owned();
+    for r in &rows {
+        table += &format!(
+            "| {} | {} | {} | {} | 0 | {} |\n",
+            r.fault,
+            r.tally.broken.len(),
+            r.tally.new_ok,
+            r.tally.new_failed,
+            r.note
+        );
+    }
+    out(&table);
+    for r in &rows {
+        assert!(
+            r.tally.broken.is_empty(),
+            "{}: {:?}",
+            r.fault,
+            r.tally.broken
+        );
+        assert!(r.tally.new_ok > 0, "{}: no traffic", r.fault);
+    }
 }

@@ -64,11 +64,31 @@ pub async fn connect(fleet: &Fleet) -> Result<Client> {
             .map_err(|_| anyhow!("fleet.password_file {} is not text", file.display()))?;
         options = options.with_user(user.clone(), password.trim_end_matches('\n'));
     }
-    let connect = Client::connect(&fleet.endpoints, Some(options));
-    tokio::time::timeout(timeout * 2, connect)
-        .await
-        .map_err(|_| anyhow!("no etcd endpoint answered within {:?}", timeout * 2))?
-        .with_context(|| format!("connecting to etcd at {}", fleet.endpoints.join(", ")))
+    // One member at a time, each tried until one answers a quorum read:
+    // a client balanced over all of them keeps sending to a dead one.
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = fleet.endpoints.len();
+    let first = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut errors = Vec::new();
+    for i in 0..n {
+        let endpoint = &fleet.endpoints[(first + i) % n];
+        let attempt = async {
+            let mut client = Client::connect([endpoint], Some(options.clone())).await?;
+            client
+                .get(
+                    format!("{}/", fleet.prefix),
+                    Some(GetOptions::new().with_prefix().with_keys_only().with_limit(1)),
+                )
+                .await?;
+            Ok::<_, etcd_client::Error>(client)
+        };
+        match tokio::time::timeout(timeout * 2, attempt).await {
+            Ok(Ok(client)) => return Ok(client),
+            Ok(Err(e)) => errors.push(format!("{endpoint}: {e}")),
+            Err(_) => errors.push(format!("{endpoint}: no answer within {:?}", timeout * 2)),
+        }
+    }
+    bail!("no etcd member answered: {}", errors.join("; "))
 }
 
 /// Every key under the prefix, at the store's current revision.
