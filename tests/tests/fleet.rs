@@ -76,6 +76,7 @@ fn a_change_on_one_host_reaches_every_host() {
         return;
     }
     let (bed, etcd) = fleet::bed("fl-chg").expect("fleet bed");
+    let _etcd_last = &etcd;
     let traffic = Traffic::start(&bed.sys, 24, Duration::from_secs(120)).expect("traffic");
     let before = traffic.snapshot();
     let t0 = Instant::now();
@@ -229,6 +230,73 @@ fn a_change_on_one_host_reaches_every_host() {
     let t = traffic.since(&before);
     assert!(t.broken.is_empty(), "{:?}", t.broken);
     assert!(t.new_ok > 0 && t.new_failed == 0, "{t:?}");
+    fresh_host_joins(bed, &traffic);
+}
+
+/// LB 2 starts fresh under ECMP traffic (no dataplane, no state kept)
+/// while its own checks cannot reach b0: it adopts the fleet's verdicts
+/// at once and announces with the fleet's ring.
+fn fresh_host_joins(mut bed: Ecmp, traffic: &Traffic) {
+    let watch = RouteWatch::start(&bed.sys.topo.router);
+    let all: BTreeSet<_> = (0..LBS).map(lb_addr).collect();
+    bed.sys.stop_daemon(2).expect("stop LB 2");
+    let config = bed.sys.configs[2].to_string_lossy().into_owned();
+    let o = run_in(
+        &bed.sys.topo.lbs[2].ns,
+        &["detach", "--config", &config],
+        Duration::from_secs(20),
+    )
+    .expect("detach");
+    ok(&o);
+    let _ = std::fs::remove_file(xdp_user::lock::state_file(
+        "fleet-desired",
+        &bed.sys.pins[2].0,
+    ));
+    watch
+        .wait(Instant::now(), Duration::from_secs(10), |h| {
+            *h == [lb_addr(0), lb_addr(1)].into()
+        })
+        .expect("LB 2 withdrawn");
+    let rule = |bed: &Ecmp, op: &str| {
+        bed.sys.topo.backends[0]
+            .ns
+            .exec(&[
+                "iptables",
+                op,
+                "INPUT",
+                "-s",
+                &lb_addr(2).to_string(),
+                "-p",
+                "tcp",
+                "--dport",
+                "7",
+                "-j",
+                "DROP",
+            ])
+            .expect("iptables");
+    };
+    rule(&bed, "-I");
+    let before = traffic.snapshot();
+    let t0 = Instant::now();
+    bed.sys.start_daemon(2).expect("start LB 2");
+    let announced = watch
+        .wait(t0, Duration::from_secs(15), |h| *h == all)
+        .expect("LB 2 announced again");
+    assert_eq!(bed.sys.backend_states(2, 0).unwrap(), ["up"]);
+    std::thread::sleep(Duration::from_millis(2000));
+    let f = fleet_status(&bed, 2);
+    assert_eq!(f["disagreements"][0]["own"], false, "{f}");
+    rule(&bed, "-D");
+    traffic.settle(Duration::from_secs(15)).unwrap();
+    let t = traffic.since(&before);
+    out(&format!(
+        "A fresh LB 2 (its checks cannot reach b0) under ECMP traffic: announced {} ms after start with the fleet's ring; established broken {}, new ok {}, new failed {}\n",
+        announced.as_millis(),
+        t.broken.len(),
+        t.new_ok,
+        t.new_failed
+    ));
+    assert!(t.broken.is_empty(), "{:?}", t.broken);
 }
 
 /// `vip` with backend `addr` at weight `w`.

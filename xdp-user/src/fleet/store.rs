@@ -77,7 +77,12 @@ pub async fn connect(fleet: &Fleet) -> Result<Client> {
             client
                 .get(
                     format!("{}/", fleet.prefix),
-                    Some(GetOptions::new().with_prefix().with_keys_only().with_limit(1)),
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_keys_only()
+                            .with_limit(1),
+                    ),
                 )
                 .await?;
             Ok::<_, etcd_client::Error>(client)
