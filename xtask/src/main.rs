@@ -19,7 +19,8 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 /// cargo-deb release that builds the Debian package.
 const CARGO_DEB_VERSION: &str = "3.8.0";
 
-/// Debian packages the privileged tests use (the command each provides).
+/// Debian packages the build and the privileged tests use (the command, or
+/// a file, each provides).
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "ip"),
     ("ethtool", "ethtool"),
@@ -36,6 +37,17 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     // The packaging tests: alert rules, dashboard queries, the unit.
     ("prometheus", "promtool"),
     ("systemd", "systemd-analyze"),
+    // Building the etcd client (its gRPC code is generated from etcd's
+    // .proto files, which import protobuf's own).
+    ("protobuf-compiler", "protoc"),
+    (
+        "libprotobuf-dev",
+        "/usr/include/google/protobuf/descriptor.proto",
+    ),
+    // The fleet tests: a three-member etcd cluster, TLS certificates.
+    ("etcd-server", "etcd"),
+    ("etcd-client", "etcdctl"),
+    ("openssl", "openssl"),
 ];
 
 #[derive(Parser)]
@@ -430,9 +442,15 @@ fn package() -> Result<()> {
 fn ensure_debian_packages(packages: &[(&str, &str)], report: &mut Report) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
-        .filter(|(_, command)| {
+        .filter(|(_, provides)| {
+            // A command, or a file the package installs.
+            let probe = if provides.starts_with('/') {
+                format!("test -e {provides}")
+            } else {
+                format!("command -v {provides}")
+            };
             !Command::new("sh")
-                .args(["-c", &format!("command -v {command}")])
+                .args(["-c", &probe])
                 .output()
                 .is_ok_and(|o| o.status.success())
         })

@@ -359,7 +359,7 @@ impl Controller {
         let mut disagreements = Vec::new();
         for key in self.health.keys() {
             let own = self.own_verdict(key, now);
-            if let (Some(own), Some(verdict)) = (own, fleet.verdict(key, own.into(), now)) {
+            if let (Some(own), Some(verdict)) = (own, fleet.verdict(key, own, now)) {
                 if own != verdict {
                     disagreements.push(Disagreement {
                         vip: key.vip.clone(),
