@@ -230,6 +230,12 @@ fn a_change_on_one_host_reaches_every_host() {
     let t = traffic.since(&before);
     assert!(t.broken.is_empty(), "{:?}", t.broken);
     assert!(t.new_ok > 0 && t.new_failed == 0, "{t:?}");
+    // A reload re-reads the local file; the VIPs stay the store's.
+    ok(&cli(&bed, 1, &["reload"]));
+    assert_eq!(
+        bed.sys.status(1).unwrap()["vips"].as_array().map(Vec::len),
+        Some(1)
+    );
     fresh_host_joins(bed, &traffic);
 }
 
@@ -617,6 +623,63 @@ fn losing_the_store_stops_nothing_and_catches_up() {
             ms(&back),
             accepted.as_millis(),
             text(&refused).trim()
+        ),
+    });
+
+    // One host cut off from the store: it runs what it had; the others
+    // take a change; it catches up by revision once it is back.
+    let before = traffic.snapshot();
+    let t0 = Instant::now();
+    let cut = |op: &str| {
+        bed.sys.topo.lbs[1]
+            .ns
+            .exec(&[
+                "iptables",
+                op,
+                "OUTPUT",
+                "-d",
+                "198.18.80.0/22",
+                "-j",
+                "DROP",
+            ])
+            .expect("iptables");
+    };
+    cut("-I");
+    wait_for(Duration::from_secs(10), || {
+        (fleet_status(&bed, 1)["connected"] == false).then_some(())
+    })
+    .expect("LB 1 notices it is cut off");
+    let refused_here = cli(&bed, 1, &["backend", "weight", "web", "198.18.65.2", "7"]);
+    assert!(!refused_here.status.success(), "{}", text(&refused_here));
+    let old = weight;
+    weight += 10;
+    change_accepted(&bed, 0, weight);
+    for j in [0, 2] {
+        wait_for(Duration::from_secs(10), || {
+            (self::weight(&bed, j, "198.18.65.2") == Some(u64::from(weight))).then_some(())
+        })
+        .unwrap_or_else(|| panic!("LB {j} did not apply the change"));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(self::weight(&bed, 1, "198.18.65.2"), Some(u64::from(old)));
+    let t1 = Instant::now();
+    cut("-D");
+    let caught_up = wait_for(Duration::from_secs(15), || {
+        (self::weight(&bed, 1, "198.18.65.2") == Some(u64::from(weight))).then(|| t1.elapsed())
+    })
+    .expect("LB 1 catches up");
+    traffic.settle(Duration::from_secs(15)).unwrap();
+    assert!(
+        watch.changes_since(t0).is_empty(),
+        "{:?}",
+        watch.changes_since(t0)
+    );
+    rows.push(Row {
+        fault: "one LB host cut off from the store",
+        tally: traffic.since(&before),
+        note: format!(
+            "it ran its last state while the others took a change; caught up {} ms after the cut ended",
+            caught_up.as_millis()
         ),
     });
 

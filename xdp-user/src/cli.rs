@@ -119,7 +119,8 @@ enum Command {
     /// hosts without ipip/ip6tnl devices (pinned: stays after the command).
     #[command(subcommand)]
     Decap(DecapCommand),
-    /// VIPs: list, add, delete (written back to the config file).
+    /// VIPs: list, add, delete (written back to the config file, or for a
+    /// fleet member to etcd with a compare-and-swap).
     Vip {
         #[command(flatten)]
         client: Client,
@@ -1150,10 +1151,10 @@ fn vip(socket: &Path, cmd: VipCommand) -> Result<()> {
         }
         VipCommand::Add(a) => {
             let vip = a.into_vip();
-            request(socket, &Request::VipAdd { vip }).map(|_| println!("added"))
+            request(socket, &Request::VipAdd { vip }).map(|d| println!("added{}", written(&d)))
         }
         VipCommand::Del { name } => {
-            request(socket, &Request::VipDel { name }).map(|_| println!("deleted"))
+            request(socket, &Request::VipDel { name }).map(|d| println!("deleted{}", written(&d)))
         }
     }
 }
@@ -1216,5 +1217,21 @@ fn backend(socket: &Path, cmd: BackendCommand) -> Result<()> {
             weight,
         },
     };
-    request(socket, &req).map(|_| println!("ok"))
+    request(socket, &req).map(|d| println!("ok{}", written(&d)))
+}
+
+/// For a fleet member's change: where it went, and whether this host runs
+/// it yet.
+fn written(data: &Option<serde_json::Value>) -> String {
+    let Some(d) = data else {
+        return String::new();
+    };
+    let mut out = match d["revision"].as_i64() {
+        Some(r) => format!(" (etcd revision {r})"),
+        None => return String::new(),
+    };
+    if let Some(note) = d["note"].as_str() {
+        out += &format!("; {note}");
+    }
+    out
 }

@@ -15,6 +15,8 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
+mod fleet;
+
 use crate::{
     api::{self, Query, Request},
     config::{ConfigFile, LogFormat},
@@ -226,7 +228,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let carried = config
         .fleet
         .as_ref()
-        .and_then(|_| carried_fleet_state(&config));
+        .and_then(|_| fleet::carried_state(&config));
     let mut running = config.clone();
     if let Some(saved) = &carried {
         running.vips = saved.vips.clone();
@@ -252,7 +254,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         let bound = Duration::from_millis(2 * fleet.timeout_ms + 500);
         match tokio::time::timeout(bound, agent.events.recv()).await {
             Ok(Some(event)) => {
-                on_fleet_event(&mut ctl, event);
+                fleet::on_event(&mut ctl, event);
             }
             _ => warn!(
                 bound_ms = bound.as_millis() as u64,
@@ -295,6 +297,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
     tokio::spawn(api::serve_admin(admin, query_tx.clone()));
     tokio::spawn(crate::http::serve(metrics, query_tx));
 
+    // Operators' changes written to the store, answered once this host
+    // runs their revision.
+    let (written_tx, mut written_rx) = mpsc::channel(64);
+    let mut awaiting = fleet::Awaiting::default();
     let mut hup = signal(SignalKind::hangup())?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -318,23 +324,28 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = watchdog.tick(), if manager.watchdog.is_some() => manager.alive(),
             Some(result) = check_rx.recv() => pending |= ctl.record_check(result),
             Some(event) = async { agent.as_mut()?.events.recv().await }, if agent.is_some() => {
-                let revision = ctl.config().vips.clone();
-                pending |= on_fleet_event(&mut ctl, event);
-                if ctl.config().vips != revision {
+                let vips = ctl.config().vips.clone();
+                pending |= fleet::on_event(&mut ctl, event);
+                if ctl.config().vips != vips {
                     checks.sync(ctl.wanted_checks());
                     ctl.announce();
                 }
+                awaiting.answer(&ctl, false);
+            }
+            Some(written) = written_rx.recv() => {
+                awaiting.push(written);
+                awaiting.answer(&ctl, false);
             }
             _ = sleep_until(last_reconcile + RECONCILE_WINDOW), if pending => {
                 pending = false;
                 last_reconcile = Instant::now();
                 ctl.reconcile_logged();
                 ctl.announce();
-                publish_verdicts(&ctl, agent.as_ref());
+                fleet::publish_verdicts(&ctl, agent.as_ref());
             }
             Some(query) = query_rx.recv() => match query {
                 Query::Api(request, reply) if agent.is_some() && request.change().is_some() => {
-                    fleet_change(&ctl, agent.as_ref(), &request, reply);
+                    fleet::change(&ctl, agent.as_ref(), &request, reply, written_tx.clone());
                 }
                 Query::Api(request, reply) => {
                     let changes = !matches!(*request, Request::Status {} | Request::Stats {} | Request::VipList {});
@@ -372,7 +383,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 ctl.review_marks();
                 pending |= ctl.expire_damping();
                 pending |= ctl.fleet_fallback_changed();
-                publish_verdicts(&ctl, agent.as_ref());
+                awaiting.answer(&ctl, true);
+                fleet::publish_verdicts(&ctl, agent.as_ref());
                 if !ctl.in_sync() {
                     warn!("dataplane out of sync; retrying reconcile");
                     ctl.reconcile_logged();
@@ -391,99 +403,4 @@ pub async fn run(options: RunOptions) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The desired state this instance applied before a restart, if it kept
-/// one that still fits its config.
-fn carried_fleet_state(config: &crate::config::Config) -> Option<crate::fleet::Desired> {
-    let path = crate::lock::state_file("fleet-desired", &config.daemon.pin_dir);
-    let saved = crate::controller::load_saved_fleet_state(&path)?;
-    let mut running = config.clone();
-    running.vips = saved.vip.clone();
-    if let Err(e) = running.validate() {
-        warn!(error = %e, "the fleet state kept from the last run no longer fits the config; waiting for the store");
-        return None;
-    }
-    info!(
-        revision = saved.revision,
-        vips = saved.vip.len(),
-        "running the fleet state kept from the last run until the store answers"
-    );
-    Some(crate::fleet::Desired {
-        revision: saved.revision,
-        vips: saved.vip,
-        mod_revisions: Default::default(),
-    })
-}
-
-/// Hand the controller what the fleet agent reports; true if the rings
-/// must follow new verdicts.
-fn on_fleet_event(ctl: &mut Controller, event: crate::fleet::Event) -> bool {
-    match event {
-        crate::fleet::Event::Snapshot { revision, entries } => {
-            ctl.fleet_snapshot(revision, &entries)
-        }
-        crate::fleet::Event::Lost(why) => {
-            ctl.fleet_lost(why);
-            false
-        }
-    }
-}
-
-/// Give the agent this host's verdicts; it publishes them when they
-/// changed.
-fn publish_verdicts(ctl: &Controller, agent: Option<&crate::fleet::Agent>) {
-    if let Some(agent) = agent {
-        let mine = ctl.own_verdicts();
-        agent.verdicts.send_if_modified(|v| {
-            let changed = *v != mine;
-            *v = mine;
-            changed
-        });
-    }
-}
-
-/// An operator's change on a fleet member: checked against the running
-/// state here, then written to the store with a compare-and-swap on the
-/// revision this host runs, on a task of its own (the controller goes on).
-/// Every member, this one included, applies it from the store.
-fn fleet_change(
-    ctl: &Controller,
-    agent: Option<&crate::fleet::Agent>,
-    request: &Request,
-    reply: tokio::sync::oneshot::Sender<api::Response>,
-) {
-    let planned = request
-        .change()
-        .ok_or_else(|| anyhow::anyhow!("not a change"))
-        .and_then(|change| ctl.fleet_change(&change));
-    let (base, vips) = match planned {
-        Ok(p) => p,
-        Err(e) => {
-            let _ = reply.send(api::Response::error(format!("{e:#}")));
-            return;
-        }
-    };
-    let client = agent.and_then(|a| a.client.borrow().clone());
-    let Some(mut client) = client else {
-        let _ = reply.send(api::Response::error(
-            "the fleet's store (etcd) is not connected; changes are refused until it is back",
-        ));
-        return;
-    };
-    let prefix = ctl
-        .config()
-        .fleet
-        .as_ref()
-        .map(|f| f.prefix.clone())
-        .unwrap_or_default();
-    tokio::spawn(async move {
-        let response = match crate::fleet::store::write_vips(&mut client, &prefix, &base, &vips)
-            .await
-        {
-            Ok(revision) => api::Response::ok(Some(serde_json::json!({ "revision": revision }))),
-            Err(e) => api::Response::error(format!("{e:#}")),
-        };
-        let _ = reply.send(response);
-    });
 }

@@ -298,7 +298,7 @@ impl Controller {
         let fleet = self.fleet.as_ref()?;
         if let Some((since, why)) = &fleet.lost {
             return Some(format!(
-                "the fleet's store (etcd) is unreachable since {:.0} s ago ({why}); changes are refused \
+                "the fleet's store (etcd) is unreachable for {:.1} s ({why}); changes are refused \
                  until it is back (forwarding goes on with revision {})",
                 since.elapsed().as_secs_f64(),
                 fleet.desired.revision
