@@ -150,3 +150,107 @@ impl Fleet {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const FLEET: &str = include_str!("../../../examples/fleet/xdplb.toml");
+
+    #[test]
+    fn the_fleet_example_is_valid_and_states_the_defaults() {
+        let c = Config::parse(FLEET).unwrap_or_else(|e| panic!("{e}"));
+        let f = c.fleet.clone().expect("[fleet]");
+        assert_eq!(f.endpoints.len(), 3);
+        assert_eq!(f.lease_ttl_s, default_lease_ttl());
+        assert_eq!(f.timeout_ms, default_timeout_ms());
+        assert_eq!(f.health_rule, HealthRule::default());
+        assert!(c.vips.is_empty());
+        #[derive(serde::Deserialize)]
+        struct Vips {
+            vip: Vec<crate::config::Vip>,
+        }
+        let vips: Vips = toml::from_str(include_str!("../../../examples/fleet/vips.toml")).unwrap();
+        let mut whole = c.clone();
+        whole.fleet = None;
+        whole.vips = vips.vip;
+        whole.validate().unwrap_or_else(|e| panic!("{e}"));
+    }
+
+    fn problems(replace: &str, by: &str) -> Vec<String> {
+        assert!(FLEET.contains(replace), "{replace}");
+        match Config::parse(&FLEET.replace(replace, by)) {
+            Ok(_) => Vec::new(),
+            Err(e) => e.0.iter().map(ToString::to_string).collect(),
+        }
+    }
+
+    #[test]
+    fn every_fleet_problem_is_named() {
+        let endpoints = "endpoints = [\"https://198.18.80.2:2379\", \"https://198.18.81.2:2379\", \"https://198.18.82.2:2379\"]";
+        for (replace, by, want) in [
+            (
+                endpoints,
+                "endpoints = []",
+                "fleet.endpoints: name at least one",
+            ),
+            (
+                endpoints,
+                "endpoints = [\"198.18.80.2:2379\"]",
+                "not an http:// or https:// URL",
+            ),
+            (
+                endpoints,
+                "endpoints = [\"http://198.18.80.2:2379\"]",
+                "use https://",
+            ),
+            (
+                "prefix = \"/xdplb/edge\"",
+                "prefix = \"xdplb\"",
+                "fleet.prefix",
+            ),
+            (
+                "prefix = \"/xdplb/edge\"",
+                "prefix = \"/xdplb/\"",
+                "fleet.prefix",
+            ),
+            (
+                "key = \"/etc/xdplb/etcd/client.key\"",
+                "",
+                "cert and key go together",
+            ),
+            (
+                "# user = \"xdplb\"",
+                "user = \"xdplb\"",
+                "user and password_file go together",
+            ),
+            ("lease_ttl_s = 3", "lease_ttl_s = 1", "fleet.lease_ttl_s"),
+            ("timeout_ms = 1000", "timeout_ms = 10", "fleet.timeout_ms"),
+            ("# host = \"lb1\"", "host = \"a/b\"", "fleet.host"),
+            (
+                "health_rule = \"any\"",
+                "health_rule = \"most\"",
+                "unknown variant",
+            ),
+        ] {
+            let got = problems(replace, by);
+            assert!(
+                got.iter().any(|p| p.contains(want)),
+                "{by:?}: want {want:?}, got {got:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_fleet_members_file_has_no_vips() {
+        let text = format!(
+            "{FLEET}\n[[vip]]\nname = \"web\"\naddress = \"198.18.0.10\"\nprotocol = \"tcp\"\nforwarding = \"ipip\"\nport = 80\n"
+        );
+        let e = Config::parse(&text).unwrap_err().to_string();
+        assert!(
+            e.contains("vip web") && e.contains("xdplb fleet import"),
+            "{e}"
+        );
+    }
+}
