@@ -188,7 +188,7 @@ fn alert_rules_check_and_fire_as_their_tests_say() {
         .args(["check", "rules"])
         .arg(packaging("xdplb-alerts.yml")))
     .unwrap();
-    assert!(out.contains("SUCCESS: 7 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 9 rules found"), "{out}");
     let out = sh(Command::new("promtool")
         .args(["test", "rules"])
         .arg(packaging("xdplb-alerts.test.yml")))
@@ -310,7 +310,7 @@ fn every_dashboard_panel_and_alert_query_returns_data_from_a_real_prometheus() {
         .as_array()
         .map(|a| a.iter().collect())
         .unwrap_or_default();
-    assert_eq!(loaded.len(), 7, "{body}");
+    assert_eq!(loaded.len(), 9, "{body}");
     let unhealthy: Vec<_> = loaded.iter().filter(|r| r["health"] != "ok").collect();
     assert!(
         wait_for(Duration::from_secs(5), || {

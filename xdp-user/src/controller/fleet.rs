@@ -202,8 +202,12 @@ impl Controller {
             Ok(desired) => {
                 let mut new = self.config.clone();
                 new.vips = desired.vips.clone();
-                match self.apply(new) {
+                // Admitted, it runs: a failure to write the maps is not a
+                // refusal (the reconcile is retried, as for a reload).
+                match self.admit(&new) {
                     Ok(()) => {
+                        self.config = new;
+                        self.reconcile_logged();
                         info!(
                             revision,
                             vips = desired.vips.len(),
