@@ -626,3 +626,122 @@ fn removing_a_backend_keeps_the_backends_adding_up_to_their_vip() {
     );
     assert!(text.contains(&removed), "metrics carry {removed}");
 }
+
+/// A fleet member's controller (issue: one fleet): the rings follow the
+/// fleet's verdict (rule `any`) built from this host's rise/fall verdicts
+/// and a peer's; a disagreement is reported; past the lease TTL without
+/// the store, the host's own checks decide; a bad revision changes
+/// nothing.
+#[test]
+fn a_fleet_members_rings_follow_the_fleets_verdict() {
+    use xdp_user::fleet::keys::{self, Entry, Verdicts};
+    if !require_root() {
+        return;
+    }
+    let mut ctl = controller();
+    let fleet = xdp_user::config::Fleet {
+        endpoints: vec!["http://198.18.80.2:2379".into()],
+        prefix: "/t".into(),
+        host: Some("here".into()),
+        ca: None,
+        cert: None,
+        key: None,
+        user: None,
+        password_file: None,
+        lease_ttl_s: 2,
+        health_rule: xdp_user::config::HealthRule::Any,
+        timeout_ms: 1000,
+    };
+    ctl.join_fleet(&fleet, None);
+    let vips: Vec<Entry> = ctl
+        .config()
+        .vips
+        .iter()
+        .map(|v| Entry {
+            key: keys::vip_key("/t", &v.name),
+            value: keys::vip_value(v).unwrap().into_bytes(),
+            mod_revision: 2,
+        })
+        .collect();
+    let snapshot = |ctl: &mut Controller, rev: i64, peer: &[(&str, bool)]| {
+        let mut v = Verdicts::new();
+        for (addr, up) in peer {
+            v.entry("web".into())
+                .or_default()
+                .insert(addr.parse().unwrap(), *up);
+        }
+        let mut entries = vips.clone();
+        entries.push(Entry {
+            key: keys::health_key("/t", "peer"),
+            value: keys::verdicts_value(&v).into_bytes(),
+            mod_revision: rev,
+        });
+        if ctl.fleet_snapshot(rev, &entries) {
+            ctl.reconcile().unwrap();
+        }
+    };
+    // Every host's checks pass first (rise 2, fall 2).
+    for b in ["198.18.1.1", "198.18.1.2", "198.18.1.3"] {
+        check(&mut ctl, "web", b, true);
+    }
+    snapshot(&mut ctl, 3, &[("198.18.1.1", false), ("198.18.1.2", true)]);
+    // The peer sees 1.1 down, this host up: any host up keeps it.
+    assert_eq!(state_of(&mut ctl, "web", "198.18.1.1"), "up");
+    // This host's checks fail on 1.2: one failure is not yet a verdict
+    // (fall 2), two are; the peer still sees it up, so it stays.
+    check(&mut ctl, "web", "198.18.1.2", false);
+    assert_eq!(
+        ctl.own_verdicts()["web"][&"198.18.1.2".parse().unwrap()],
+        true
+    );
+    check(&mut ctl, "web", "198.18.1.2", false);
+    assert_eq!(
+        ctl.own_verdicts()["web"][&"198.18.1.2".parse().unwrap()],
+        false
+    );
+    ctl.reconcile().unwrap();
+    assert_eq!(state_of(&mut ctl, "web", "198.18.1.2"), "up");
+    let status = ctl.fleet_status().unwrap();
+    assert_eq!(status.disagreements.len(), 1, "{status:?}");
+    assert_eq!(status.disagreements[0].backend.to_string(), "198.18.1.2");
+    // Both judge 1.1 down once this host's checks fail twice too.
+    check(&mut ctl, "web", "198.18.1.1", false);
+    assert_eq!(state_of(&mut ctl, "web", "198.18.1.1"), "up");
+    check(&mut ctl, "web", "198.18.1.1", false);
+    assert_eq!(state_of(&mut ctl, "web", "198.18.1.1"), "down");
+    // The peer changes its mind: 1.1 back in the ring at once.
+    snapshot(&mut ctl, 4, &[("198.18.1.1", true), ("198.18.1.2", true)]);
+    assert_eq!(state_of(&mut ctl, "web", "198.18.1.1"), "up");
+
+    // A bad revision is refused whole, naming the key; nothing moves.
+    let mut bad = vips.clone();
+    bad.push(Entry {
+        key: "/t/vips/oops".into(),
+        value: b"not toml = ".to_vec(),
+        mod_revision: 5,
+    });
+    ctl.fleet_snapshot(5, &bad);
+    let status = ctl.fleet_status().unwrap();
+    assert!(
+        status
+            .refused
+            .as_deref()
+            .is_some_and(|r| r.contains("/t/vips/oops")),
+        "{status:?}"
+    );
+    assert_eq!(status.revision, 4);
+    assert_eq!(ctl.config().vips.len(), 2);
+
+    // The store lost: the peer's verdicts count for the lease TTL, then
+    // this host's own checks decide (1.2 and 1.1 down here).
+    ctl.fleet_lost("test".into());
+    assert!(!ctl.fleet_fallback_changed());
+    std::thread::sleep(Duration::from_millis(2100));
+    assert!(ctl.fleet_fallback_changed());
+    ctl.reconcile().unwrap();
+    assert!(ctl.fleet_status().unwrap().local_health);
+    assert_eq!(state_of(&mut ctl, "web", "198.18.1.2"), "down");
+    assert_eq!(state_of(&mut ctl, "web", "198.18.1.1"), "down");
+    assert_eq!(state_of(&mut ctl, "web", "198.18.1.3"), "up");
+    assert!(ctl.fleet_refuses_changes().is_some());
+}
