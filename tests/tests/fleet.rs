@@ -265,25 +265,7 @@ fn fresh_host_joins(bed: &mut Ecmp, traffic: &Traffic) {
             *h == [lb_addr(0), lb_addr(1)].into()
         })
         .expect("LB 2 withdrawn");
-    let rule = |bed: &Ecmp, op: &str| {
-        bed.sys.topo.backends[0]
-            .ns
-            .exec(&[
-                "iptables",
-                op,
-                "INPUT",
-                "-s",
-                &lb_addr(2).to_string(),
-                "-p",
-                "tcp",
-                "--dport",
-                "7",
-                "-j",
-                "DROP",
-            ])
-            .expect("iptables");
-    };
-    rule(&bed, "-I");
+    block_checks(bed, 0, 2, "-I");
     let before = traffic.snapshot();
     let t0 = Instant::now();
     bed.sys.start_daemon(2).expect("start LB 2");
@@ -292,9 +274,9 @@ fn fresh_host_joins(bed: &mut Ecmp, traffic: &Traffic) {
         .expect("LB 2 announced again");
     assert_eq!(bed.sys.backend_states(2, 0).unwrap(), ["up"]);
     std::thread::sleep(Duration::from_millis(2000));
-    let f = fleet_status(&bed, 2);
+    let f = fleet_status(bed, 2);
     assert_eq!(f["disagreements"][0]["own"], false, "{f}");
-    rule(&bed, "-D");
+    block_checks(bed, 0, 2, "-D");
     traffic.settle(Duration::from_secs(15)).unwrap();
     let t = traffic.since(&before);
     out(&format!(
@@ -318,28 +300,23 @@ fn with_weight(vip: &xdp_user::config::Vip, addr: &str, w: u32) -> xdp_user::con
     vip
 }
 
+/// Insert (`-I`) or delete (`-D`) the rule on backend `i` that drops the
+/// health checks (port 7) of LB `j`.
+fn block_checks(bed: &Ecmp, i: usize, j: usize, op: &str) {
+    let from = lb_addr(j).to_string();
+    bed.sys.topo.backends[i]
+        .ns
+        .exec(&[
+            "iptables", op, "INPUT", "-s", &from, "-p", "tcp", "--dport", "7", "-j", "DROP",
+        ])
+        .expect("iptables");
+}
+
 /// Backend b0's health check port blocked from LB 1 and LB 2 (not LB 0):
 /// they see it down, LB 0 sees it up; meanwhile LB 0 is withdrawn and
 /// restored, so the router moves its flows to the others and back. What
 /// broke, from the block to the end.
 fn partial_partition(bed: &Ecmp, traffic: &Traffic, fleet: bool) -> Tally {
-    let b0 = &bed.sys.topo.backends[0].ns;
-    let rule = |op: &str, j: usize| {
-        b0.exec(&[
-            "iptables",
-            op,
-            "INPUT",
-            "-s",
-            &lb_addr(j).to_string(),
-            "-p",
-            "tcp",
-            "--dport",
-            "7",
-            "-j",
-            "DROP",
-        ])
-        .expect("iptables");
-    };
     let own_health = |j: usize| -> Option<String> {
         let s = bed.sys.status(j).ok()?;
         s["vips"][0]["backends"]
@@ -350,8 +327,8 @@ fn partial_partition(bed: &Ecmp, traffic: &Traffic, fleet: bool) -> Tally {
             .map(str::to_owned)
     };
     let before = traffic.snapshot();
-    rule("-I", 1);
-    rule("-I", 2);
+    block_checks(bed, 0, 1, "-I");
+    block_checks(bed, 0, 2, "-I");
     for j in [1, 2] {
         wait_for(Duration::from_secs(10), || {
             (own_health(j).as_deref() == Some("down")).then_some(())
@@ -377,8 +354,8 @@ fn partial_partition(bed: &Ecmp, traffic: &Traffic, fleet: bool) -> Tally {
     std::thread::sleep(Duration::from_millis(1500));
     ok(&cli(bed, 0, &["announce", "restore"]));
     std::thread::sleep(Duration::from_millis(1000));
-    rule("-D", 1);
-    rule("-D", 2);
+    block_checks(bed, 0, 1, "-D");
+    block_checks(bed, 0, 2, "-D");
     for j in [1, 2] {
         wait_for(Duration::from_secs(10), || {
             (own_health(j).as_deref() == Some("up")).then_some(())
