@@ -238,10 +238,9 @@ impl Controller {
                             Some(invalid) => keys::locate(&prefix, &desired.vips, invalid),
                             None => format!("{e:#}"),
                         };
-                        Some(format!(
-                            "etcd revision {revision}, keys {}: {why}",
-                            changed.join(", ")
-                        ))
+                        // No revision in the text: a refusal repeated by
+                        // later revisions (verdicts) is logged once.
+                        Some(format!("etcd keys {}: {why}", changed.join(", ")))
                     }
                 }
             }
