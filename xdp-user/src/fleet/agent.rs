@@ -64,7 +64,12 @@ async fn run(
         }
         let why = match result {
             Ok(()) => "the session ended".to_owned(),
-            Err(e) => format!("{e:#}"),
+            // What failed and the innermost cause: gRPC's chain between
+            // them says little to an operator.
+            Err(e) => match e.chain().last() {
+                Some(root) if e.chain().count() > 1 => format!("{e}: {root}"),
+                _ => format!("{e}"),
+            },
         };
         if !lost_logged {
             warn!(error = %why, "fleet store lost: forwarding goes on with the last applied state");
