@@ -257,8 +257,8 @@ impl Controller {
         peers_changed
     }
 
-    /// The store is lost; returns whether that changed what the rings
-    /// follow (never: the peers' verdicts count for a lease's TTL more).
+    /// The store is lost (why). The rings do not change yet: the peers'
+    /// verdicts count for a lease's TTL more ([`Controller::fleet_fallback_changed`]).
     pub fn fleet_lost(&mut self, why: String) {
         if let Some(fleet) = self.fleet.as_mut() {
             match &mut fleet.lost {
