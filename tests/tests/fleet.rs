@@ -248,6 +248,36 @@ fn a_change_on_one_host_reaches_every_host() {
         bed.sys.status(1).unwrap()["vips"].as_array().map(Vec::len),
         Some(1)
     );
+
+    // A host restarted under another live host's name does not take its
+    // verdicts over: it says why and runs as if the store were lost.
+    let config = std::fs::read_to_string(&bed.sys.configs[2]).unwrap();
+    std::fs::write(
+        &bed.sys.configs[2],
+        config.replace("host = \"lb2\"", "host = \"lb1\""),
+    )
+    .unwrap();
+    bed.sys.stop_daemon(2).unwrap();
+    bed.sys.start_daemon(2).unwrap();
+    let why = wait_for(Duration::from_secs(15), || {
+        fleet_status(&bed, 2)["lost_error"]
+            .as_str()
+            .filter(|e| e.contains("another live host publishes verdicts as \"lb1\""))
+            .map(str::to_owned)
+    })
+    .unwrap_or_else(|| panic!("no duplicate name reported: {}", fleet_status(&bed, 2)));
+    out(&format!("Two hosts named lb1: {why}\n"));
+    assert_eq!(fleet_status(&bed, 1)["connected"], true);
+    std::fs::write(&bed.sys.configs[2], config).unwrap();
+    bed.sys.stop_daemon(2).unwrap();
+    bed.sys.start_daemon(2).unwrap();
+    wait_for(Duration::from_secs(15), || {
+        (fleet_status(&bed, 2)["connected"] == true).then_some(())
+    })
+    .unwrap_or_else(|| panic!("LB 2 did not reconnect as lb2: {}", fleet_status(&bed, 2)));
+    traffic.settle(Duration::from_secs(15)).unwrap();
+    let t = traffic.since(&before);
+    assert!(t.broken.is_empty(), "{:?}", t.broken);
 }
 
 /// LB 2 starts fresh under ECMP traffic (no dataplane, no state kept)

@@ -236,7 +236,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut ctl = Controller::with_adopted(running, Some(file), dp, adopted_state);
     let mut agent = config.fleet.as_ref().map(|fleet| {
         ctl.join_fleet(fleet, carried);
-        crate::fleet::agent::spawn(fleet.clone())
+        crate::fleet::agent::spawn(
+            fleet.clone(),
+            lock::state_file("fleet-lease", &config.daemon.pin_dir),
+        )
     });
     if let Some(lock) = announce_lock {
         ctl.hold_announce_lock(lock);

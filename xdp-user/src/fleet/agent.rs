@@ -36,12 +36,14 @@ pub struct Agent {
     pub events: mpsc::Receiver<Event>,
 }
 
-/// Start the agent on the current runtime.
-pub fn spawn(fleet: Fleet) -> Agent {
+/// Start the agent on the current runtime. `lease_file` keeps this
+/// instance's lease id, so a restart knows its own verdicts from another
+/// host's that uses the same name.
+pub fn spawn(fleet: Fleet, lease_file: std::path::PathBuf) -> Agent {
     let (verdicts_tx, verdicts_rx) = watch::channel(Verdicts::new());
     let (client_tx, client_rx) = watch::channel(None);
     let (events_tx, events_rx) = mpsc::channel(64);
-    tokio::spawn(run(fleet, verdicts_rx, client_tx, events_tx));
+    tokio::spawn(run(fleet, lease_file, verdicts_rx, client_tx, events_tx));
     Agent {
         verdicts: verdicts_tx,
         client: client_rx,
@@ -51,13 +53,22 @@ pub fn spawn(fleet: Fleet) -> Agent {
 
 async fn run(
     fleet: Fleet,
+    lease_file: std::path::PathBuf,
     mut verdicts: watch::Receiver<Verdicts>,
     client: watch::Sender<Option<Client>>,
     events: mpsc::Sender<Event>,
 ) {
     let mut lost_logged = false;
     loop {
-        let result = session(&fleet, &mut verdicts, &client, &events, &mut lost_logged).await;
+        let result = session(
+            &fleet,
+            &lease_file,
+            &mut verdicts,
+            &client,
+            &events,
+            &mut lost_logged,
+        )
+        .await;
         client.send_replace(None);
         if events.is_closed() {
             return;
@@ -85,6 +96,7 @@ async fn run(
 /// One session with the store, until it fails.
 async fn session(
     fleet: &Fleet,
+    lease_file: &std::path::Path,
     verdicts: &mut watch::Receiver<Verdicts>,
     client_out: &watch::Sender<Option<Client>>,
     events: &mpsc::Sender<Event>,
@@ -99,6 +111,10 @@ async fn session(
         .await
         .context("granting this host's lease")?
         .id();
+    if let Err(e) = claim_host_name(&mut client, fleet, &host_key, lease, lease_file).await {
+        let _ = client.lease_revoke(lease).await;
+        return Err(e);
+    }
     let (mut keeper, mut kept) = client
         .lease_keep_alive(lease)
         .await
@@ -205,6 +221,47 @@ async fn session(
             }
         }
     }
+}
+
+/// Refuse to publish under a name another live host publishes under (two
+/// hosts with one `host` would overwrite each other's verdicts); remember
+/// `lease` as this instance's.
+async fn claim_host_name(
+    client: &mut Client,
+    fleet: &Fleet,
+    host_key: &str,
+    lease: i64,
+    lease_file: &std::path::Path,
+) -> Result<()> {
+    let ours = std::fs::read_to_string(lease_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<i64>().ok());
+    let held = client
+        .get(host_key, None)
+        .await
+        .context("reading this host's verdicts key")?
+        .kvs()
+        .first()
+        .map(|kv| kv.lease())
+        .filter(|l| *l != 0 && Some(*l) != ours);
+    if let Some(other) = held {
+        let alive = client
+            .lease_time_to_live(other, None)
+            .await
+            .map(|r| r.ttl() > 0)
+            .unwrap_or(false);
+        if alive {
+            bail!(
+                "another live host publishes verdicts as {:?} ({host_key}, lease {other:x}); \
+                 give each host its own fleet.host",
+                fleet.host_name()
+            );
+        }
+    }
+    if let Err(e) = crate::lock::write_state(lease_file, lease.to_string().as_bytes()) {
+        warn!(error = %format!("{e:#}"), "cannot keep this host's lease id");
+    }
+    Ok(())
 }
 
 async fn send_snapshot(
