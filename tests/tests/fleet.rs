@@ -268,13 +268,89 @@ fn a_change_on_one_host_reaches_every_host() {
     .unwrap_or_else(|| panic!("no duplicate name reported: {}", fleet_status(&bed, 2)));
     out(&format!("Two hosts named lb1: {why}\n"));
     assert_eq!(fleet_status(&bed, 1)["connected"], true);
-    std::fs::write(&bed.sys.configs[2], config).unwrap();
+    std::fs::write(&bed.sys.configs[2], &config).unwrap();
     bed.sys.stop_daemon(2).unwrap();
     bed.sys.start_daemon(2).unwrap();
     wait_for(Duration::from_secs(15), || {
         (fleet_status(&bed, 2)["connected"] == true).then_some(())
     })
     .unwrap_or_else(|| panic!("LB 2 did not reconnect as lb2: {}", fleet_status(&bed, 2)));
+
+    // etcd auth: the members map the client certificate to user "client";
+    // LB 2 logs in with `user` and `password_file` instead. A wrong
+    // password is said as such.
+    let pw = "xdplb-test-pw";
+    for args in [
+        vec!["user", "add", "root", "--new-user-password=root-test-pw"],
+        vec!["role", "add", "fleet"],
+        vec![
+            "role",
+            "grant-permission",
+            "fleet",
+            "--prefix=true",
+            "readwrite",
+            "/xdplb/edge/",
+        ],
+        vec![
+            "user",
+            "add",
+            "client",
+            "--new-user-password=unused-test-pw",
+        ],
+        vec!["user", "grant-role", "client", "fleet"],
+        vec!["user", "add", "xdplb", &format!("--new-user-password={pw}")],
+        vec!["user", "grant-role", "xdplb", "fleet"],
+        vec!["auth", "enable"],
+    ] {
+        etcd.etcdctl(&args)
+            .unwrap_or_else(|e| panic!("etcdctl {args:?}: {e:#}"));
+    }
+    let password = bed.sys.scratch.0.join("etcd-password");
+    let config_path = bed.sys.configs[2].clone();
+    let with_user = |secret: &str| {
+        std::fs::write(&password, format!("{secret}\n")).unwrap();
+        std::fs::write(
+            &config_path,
+            config.replace(
+                "host = \"lb2\"",
+                &format!(
+                    "host = \"lb2\"\nuser = \"xdplb\"\npassword_file = \"{}\"",
+                    password.display()
+                ),
+            ),
+        )
+        .unwrap();
+    };
+    with_user("wrong");
+    bed.sys.stop_daemon(2).unwrap();
+    bed.sys.start_daemon(2).unwrap();
+    let why = wait_for(Duration::from_secs(15), || {
+        fleet_status(&bed, 2)["lost_error"]
+            .as_str()
+            .filter(|e| e.contains("authentication failed"))
+            .map(str::to_owned)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no authentication failure reported: {}",
+            fleet_status(&bed, 2)
+        )
+    });
+    out(&format!("A wrong etcd password: {why}\n"));
+    with_user(pw);
+    bed.sys.stop_daemon(2).unwrap();
+    bed.sys.start_daemon(2).unwrap();
+    wait_for(Duration::from_secs(15), || {
+        (fleet_status(&bed, 2)["connected"] == true).then_some(())
+    })
+    .unwrap_or_else(|| panic!("LB 2 did not log in: {}", fleet_status(&bed, 2)));
+    let t0 = Instant::now();
+    ok(&cli(
+        &bed,
+        2,
+        &["backend", "weight", "web", "198.18.66.2", "80"],
+    ));
+    wait_weight(&bed, "198.18.66.2", 80, t0);
     traffic.settle(Duration::from_secs(15)).unwrap();
     let t = traffic.since(&before);
     assert!(t.broken.is_empty(), "{:?}", t.broken);
