@@ -62,6 +62,20 @@ fn cli(bed: &Ecmp, j: usize, args: &[&str]) -> std::process::Output {
     xdplb(&bed.sys.sockets[j], args)
 }
 
+/// Stands for LB `j`'s config file in [`on_host`]'s arguments.
+const CONFIG: &str = "{config}";
+
+/// `xdplb ARGS` in LB `j`'s namespace (commands that talk to the store).
+fn on_host(bed: &Ecmp, j: usize, args: &[&str]) -> std::process::Output {
+    let config = bed.sys.configs[j].to_string_lossy().into_owned();
+    let args: Vec<&str> = args
+        .iter()
+        .map(|a| if *a == CONFIG { config.as_str() } else { a })
+        .collect();
+    run_in(&bed.sys.topo.lbs[j].ns, &args, Duration::from_secs(20))
+        .expect("xdplb in LB's namespace")
+}
+
 fn text(o: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -192,13 +206,7 @@ fn a_change_on_one_host_reaches_every_host() {
         let check = cli(&bed, 1, &["check"]);
         assert_eq!(check.status.code(), Some(1), "{}", text(&check));
         assert!(text(&check).contains("refused"), "{}", text(&check));
-        let config = bed.sys.configs[0].to_string_lossy().into_owned();
-        let o = run_in(
-            &bed.sys.topo.lbs[0].ns,
-            &["check-config", &config],
-            Duration::from_secs(20),
-        )
-        .expect("check-config");
+        let o = on_host(&bed, 0, &["check-config", CONFIG]);
         assert!(
             !o.status.success() && text(&o).contains(&key),
             "{}",
@@ -218,20 +226,9 @@ fn a_change_on_one_host_reaches_every_host() {
             });
         }
     }
-    let config = bed.sys.configs[0].to_string_lossy().into_owned();
-    let o = run_in(
-        &bed.sys.topo.lbs[0].ns,
-        &["check-config", &config],
-        Duration::from_secs(20),
-    )
-    .expect("check-config");
+    let o = on_host(&bed, 0, &["check-config", CONFIG]);
     assert!(o.status.success(), "{}", text(&o));
-    let o = run_in(
-        &bed.sys.topo.lbs[0].ns,
-        &["fleet", "export", "--config", &config],
-        Duration::from_secs(20),
-    )
-    .expect("export");
+    let o = on_host(&bed, 0, &["fleet", "export", "--config", CONFIG]);
     assert!(
         o.status.success() && text(&o).contains("weight = 60"),
         "{}",
@@ -565,6 +562,30 @@ fn change_accepted(bed: &Ecmp, j: usize, weight: u32) -> Duration {
     })
 }
 
+/// Wait until every LB host's fleet status has `field == value`; how long
+/// after `since` each did.
+fn every_host_until(
+    bed: &Ecmp,
+    field: &str,
+    value: bool,
+    since: Instant,
+    limit: Duration,
+) -> Vec<Duration> {
+    (0..LBS)
+        .map(|j| {
+            wait_for(limit, || {
+                (fleet_status(bed, j)[field] == value).then(|| since.elapsed())
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "LB {j}: fleet {field} not {value} within {limit:?}: {}",
+                    fleet_status(bed, j)
+                )
+            })
+        })
+        .collect()
+}
+
 /// One fault of the store, printed as a table row.
 struct Row {
     fault: &'static str,
@@ -637,19 +658,7 @@ fn losing_the_store_stops_nothing_and_catches_up() {
     for k in &gone {
         etcd.kill(*k);
     }
-    let noticed: Vec<Duration> = (0..LBS)
-        .map(|j| {
-            wait_for(Duration::from_secs(20), || {
-                (fleet_status(&bed, j)["connected"] == false).then(|| t0.elapsed())
-            })
-            .unwrap_or_else(|| {
-                panic!(
-                    "LB {j} did not notice the store without quorum: {}",
-                    fleet_status(&bed, j)
-                )
-            })
-        })
-        .collect();
+    let noticed = every_host_until(&bed, "connected", false, t0, Duration::from_secs(20));
     let refused = cli(&bed, 1, &["backend", "weight", "web", "198.18.65.2", "7"]);
     assert!(!refused.status.success(), "{}", text(&refused));
     let t1 = Instant::now();
@@ -689,14 +698,7 @@ fn losing_the_store_stops_nothing_and_catches_up() {
     for k in 0..fleet::MEMBERS {
         etcd.kill(k);
     }
-    let noticed: Vec<Duration> = (0..LBS)
-        .map(|j| {
-            wait_for(Duration::from_secs(10), || {
-                (fleet_status(&bed, j)["connected"] == false).then(|| t0.elapsed())
-            })
-            .unwrap_or_else(|| panic!("LB {j} did not notice the store gone"))
-        })
-        .collect();
+    let noticed = every_host_until(&bed, "connected", false, t0, Duration::from_secs(10));
     let refused = cli(&bed, 0, &["backend", "weight", "web", "198.18.65.2", "7"]);
     assert!(!refused.status.success(), "{}", text(&refused));
     assert!(text(&refused).contains("etcd"), "{}", text(&refused));
@@ -704,14 +706,7 @@ fn losing_the_store_stops_nothing_and_catches_up() {
     assert_eq!(check.status.code(), Some(1), "{}", text(&check));
     assert!(text(&check).contains("unreachable"), "{}", text(&check));
     // Past the lease TTL the rings follow local checks; nothing moves.
-    let local: Vec<Duration> = (0..LBS)
-        .map(|j| {
-            wait_for(Duration::from_secs(10), || {
-                (fleet_status(&bed, j)["local_health"] == true).then(|| t0.elapsed())
-            })
-            .unwrap_or_else(|| panic!("LB {j} did not fall back to local health"))
-        })
-        .collect();
+    let local = every_host_until(&bed, "local_health", true, t0, Duration::from_secs(10));
     // A daemon restarted meanwhile runs the state it kept and adopts its
     // dataplane: nothing moves.
     bed.sys.stop_daemon(2).expect("stop LB 2");
@@ -737,14 +732,7 @@ fn losing_the_store_stops_nothing_and_catches_up() {
     }
     etcd.wait_healthy(Duration::from_secs(30))
         .expect("healthy again");
-    let back: Vec<Duration> = (0..LBS)
-        .map(|j| {
-            wait_for(Duration::from_secs(15), || {
-                (fleet_status(&bed, j)["connected"] == true).then(|| t1.elapsed())
-            })
-            .unwrap_or_else(|| panic!("LB {j} did not reconnect"))
-        })
-        .collect();
+    let back = every_host_until(&bed, "connected", true, t1, Duration::from_secs(15));
     for (j, running) in running.iter().enumerate() {
         // Caught up: the store's revision moved on (the hosts' verdicts
         // under new leases), the desired state is the one that ran.
