@@ -676,7 +676,7 @@ fn a_fleet_members_rings_follow_the_fleets_verdict() {
             value: keys::verdicts_value(&v).into_bytes(),
             mod_revision: rev,
         });
-        if ctl.fleet_snapshot(rev, &entries) {
+        if ctl.fleet_snapshot(rev, &entries).verdicts {
             ctl.reconcile().unwrap();
         }
     };

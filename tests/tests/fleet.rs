@@ -368,10 +368,7 @@ fn fresh_host_joins(bed: &mut Ecmp, traffic: &Traffic) {
     )
     .expect("detach");
     ok(&o);
-    let _ = std::fs::remove_file(xdp_user::lock::state_file(
-        "fleet-desired",
-        &bed.sys.pins[2].0,
-    ));
+    let _ = std::fs::remove_file(xdp_user::controller::fleet_state_file(&bed.sys.pins[2].0));
     watch
         .wait(Instant::now(), Duration::from_secs(10), |h| {
             *h == [lb_addr(0), lb_addr(1)].into()

@@ -327,9 +327,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = watchdog.tick(), if manager.watchdog.is_some() => manager.alive(),
             Some(result) = check_rx.recv() => pending |= ctl.record_check(result),
             Some(event) = async { agent.as_mut()?.events.recv().await }, if agent.is_some() => {
-                let vips = ctl.config().vips.clone();
-                pending |= fleet::on_event(&mut ctl, event);
-                if ctl.config().vips != vips {
+                let taken = fleet::on_event(&mut ctl, event);
+                pending |= taken.verdicts;
+                if taken.desired {
                     checks.sync(ctl.wanted_checks());
                     ctl.announce();
                 }

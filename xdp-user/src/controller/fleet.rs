@@ -106,6 +106,11 @@ impl FleetState {
             .filter_map(|v| v.get(&key.vip).and_then(|b| b.get(&key.backend)).copied())
     }
 
+    /// Why the store's newest desired state is not running, if it is not.
+    pub fn refused(&self) -> Option<&str> {
+        self.refused.as_deref()
+    }
+
     /// Whether any other host judges `key`.
     pub fn peers_judge(&self, key: &CheckKey) -> bool {
         self.peers_count(Instant::now()) && self.peer_verdicts(key).next().is_some()
@@ -175,11 +180,10 @@ impl Controller {
 
     /// A revision of the store: every key under the prefix. Applies its
     /// desired state whole, or refuses it whole naming the key and keeps
-    /// the running one; takes the other hosts' verdicts. Returns whether
-    /// the verdicts changed (the rings must follow).
-    pub fn fleet_snapshot(&mut self, revision: i64, entries: &[Entry]) -> bool {
+    /// the running one; takes the other hosts' verdicts.
+    pub fn fleet_snapshot(&mut self, revision: i64, entries: &[Entry]) -> Taken {
         let Some(fleet) = self.fleet.as_mut() else {
-            return false;
+            return Taken::default();
         };
         if fleet.lost.take().is_some() {
             info!(revision, "fleet store back");
@@ -191,6 +195,7 @@ impl Controller {
         let peers_changed = peers != fleet.peers;
         fleet.peers = peers;
         let prefix = fleet.prefix.clone();
+        let mut applied = false;
         let refusal = match keys::read_desired(&prefix, revision, entries) {
             Err(bad) => Some(bad.to_string()),
             Ok(desired) if desired.vips == self.config.vips => {
@@ -217,6 +222,7 @@ impl Controller {
                             f.desired = desired;
                         }
                         self.save_fleet_state();
+                        applied = true;
                         None
                     }
                     Err(e) => {
@@ -246,7 +252,7 @@ impl Controller {
             }
         };
         let Some(fleet) = self.fleet.as_mut() else {
-            return false;
+            return Taken::default();
         };
         if let Some(why) = &refusal {
             if fleet.refused.as_ref() != Some(why) {
@@ -254,7 +260,10 @@ impl Controller {
             }
         }
         fleet.refused = refusal;
-        peers_changed
+        Taken {
+            desired: applied,
+            verdicts: peers_changed,
+        }
     }
 
     /// The store is lost (why). The rings do not change yet: the peers'
@@ -333,12 +342,6 @@ impl Controller {
         Ok((fleet.desired.clone(), new.vips))
     }
 
-    /// Where a fleet member keeps the desired state it applied (a restart
-    /// runs it until the store answers).
-    pub fn fleet_state_file(&self) -> std::path::PathBuf {
-        crate::lock::state_file("fleet-desired", &self.config.daemon.pin_dir)
-    }
-
     fn save_fleet_state(&self) {
         let Some(fleet) = &self.fleet else { return };
         if self.file.is_none() {
@@ -350,7 +353,9 @@ impl Controller {
         };
         let result = toml::to_string(&saved)
             .map_err(anyhow::Error::new)
-            .and_then(|text| crate::lock::write_state(&self.fleet_state_file(), text.as_bytes()));
+            .and_then(|text| {
+                crate::lock::write_state(&state_file(&self.config.daemon.pin_dir), text.as_bytes())
+            });
         if let Err(e) = result {
             warn!(error = %format!("{e:#}"), "cannot keep the fleet's desired state for a restart");
         }
@@ -402,8 +407,24 @@ pub struct Saved {
     pub vip: Vec<Vip>,
 }
 
-/// The desired state a previous run of this instance applied, if any.
-pub fn load_saved(path: &std::path::Path) -> Option<Saved> {
-    let text = std::fs::read_to_string(path).ok()?;
+/// What a revision of the store changed on this host.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    /// A new desired state runs (the checks and announcements follow).
+    pub desired: bool,
+    /// The other hosts' verdicts changed (the rings follow).
+    pub verdicts: bool,
+}
+
+/// Where the fleet member pinned at `pin_dir` keeps the desired state it
+/// applied (a restart runs it until the store answers).
+pub fn state_file(pin_dir: &std::path::Path) -> std::path::PathBuf {
+    crate::lock::state_file("fleet-desired", pin_dir)
+}
+
+/// The desired state a previous run of the instance pinned at `pin_dir`
+/// applied, if any.
+pub fn load_saved(pin_dir: &std::path::Path) -> Option<Saved> {
+    let text = std::fs::read_to_string(state_file(pin_dir)).ok()?;
     toml::from_str(&text).ok()
 }

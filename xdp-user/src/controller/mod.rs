@@ -28,7 +28,10 @@ use tracing::warn;
 use xdp_common::{backend_state, VipKey};
 
 pub use announce::{lock_target as lock_announce_target, AnnounceStatus};
-pub use fleet::{load_saved as load_saved_fleet_state, FleetStatus, Saved as SavedFleetState};
+pub use fleet::{
+    load_saved as load_saved_fleet_state, state_file as fleet_state_file, FleetStatus,
+    Saved as SavedFleetState, Taken as FleetTaken,
+};
 pub use health::BackendHealth;
 pub use plan::DoesNotFit;
 pub use selfcheck::SelfCheck;

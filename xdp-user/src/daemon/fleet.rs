@@ -9,7 +9,7 @@ use tracing::{info, warn};
 
 use crate::{
     api::{Request, Response},
-    controller::Controller,
+    controller::{Controller, FleetTaken},
     fleet::{store, Agent, Desired, Event},
 };
 
@@ -20,8 +20,7 @@ const APPLY_WAIT: Duration = Duration::from_secs(5);
 /// The desired state this instance applied before a restart, if it kept
 /// one that still fits its config.
 pub fn carried_state(config: &crate::config::Config) -> Option<Desired> {
-    let path = crate::lock::state_file("fleet-desired", &config.daemon.pin_dir);
-    let saved = crate::controller::load_saved_fleet_state(&path)?;
+    let saved = crate::controller::load_saved_fleet_state(&config.daemon.pin_dir)?;
     let mut running = config.clone();
     running.vips = saved.vip.clone();
     if let Err(e) = running.validate() {
@@ -40,14 +39,13 @@ pub fn carried_state(config: &crate::config::Config) -> Option<Desired> {
     })
 }
 
-/// Hand the controller what the agent reports; true if the rings must
-/// follow new verdicts.
-pub fn on_event(ctl: &mut Controller, event: Event) -> bool {
+/// Hand the controller what the agent reports; what it changed.
+pub fn on_event(ctl: &mut Controller, event: Event) -> FleetTaken {
     match event {
         Event::Snapshot { revision, entries } => ctl.fleet_snapshot(revision, &entries),
         Event::Lost(why) => {
             ctl.fleet_lost(why);
-            false
+            FleetTaken::default()
         }
     }
 }
@@ -87,7 +85,7 @@ impl Awaiting {
     pub fn answer(&mut self, ctl: &Controller, late: bool) {
         let Some(fleet) = ctl.fleet() else { return };
         let running = fleet.desired.revision;
-        let refused = ctl.fleet_status().and_then(|s| s.refused);
+        let refused = fleet.refused();
         let mut kept = Vec::new();
         for w in self.0.drain(..) {
             let note = if running >= w.revision {
@@ -95,9 +93,7 @@ impl Awaiting {
             } else if refused.is_some() || (late && w.since.elapsed() > APPLY_WAIT) {
                 Some(format!(
                     "written, but this host does not run it yet: {}",
-                    refused
-                        .clone()
-                        .unwrap_or_else(|| format!("it runs revision {running}"))
+                    refused.map_or_else(|| format!("it runs revision {running}"), str::to_owned)
                 ))
             } else {
                 kept.push(w);

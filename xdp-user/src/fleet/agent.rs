@@ -180,17 +180,13 @@ async fn session(
                 }
                 for event in response.events() {
                     let Some(kv) = event.kv() else { continue };
-                    let key = String::from_utf8_lossy(kv.key()).into_owned();
+                    let e = store::entry(kv);
                     match event.event_type() {
                         EventType::Put => {
-                            state.insert(key.clone(), Entry {
-                                key,
-                                value: kv.value().to_vec(),
-                                mod_revision: kv.mod_revision(),
-                            });
+                            state.insert(e.key.clone(), e);
                         }
                         EventType::Delete => {
-                            state.remove(&key);
+                            state.remove(&e.key);
                         }
                     }
                 }

@@ -106,16 +106,16 @@ pub async fn read_all(client: &mut Client, prefix: &str) -> Result<(i64, Vec<Ent
         .header()
         .map(|h| h.revision())
         .ok_or_else(|| anyhow!("etcd answered without a revision"))?;
-    let entries = response
-        .kvs()
-        .iter()
-        .map(|kv| Entry {
-            key: String::from_utf8_lossy(kv.key()).into_owned(),
-            value: kv.value().to_vec(),
-            mod_revision: kv.mod_revision(),
-        })
-        .collect();
-    Ok((revision, entries))
+    Ok((revision, response.kvs().iter().map(entry).collect()))
+}
+
+/// One key as the store holds it.
+pub fn entry(kv: &etcd_client::KeyValue) -> Entry {
+    Entry {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: kv.value().to_vec(),
+        mod_revision: kv.mod_revision(),
+    }
 }
 
 /// Replace the fleet's VIPs as read in `base` with `vips`, in one
