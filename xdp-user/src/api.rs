@@ -94,7 +94,12 @@ impl Response {
 
 /// What the listeners ask the controller's task.
 pub enum Query {
-    Api(Box<Request>, oneshot::Sender<Response>),
+    /// A request, who sent it (for the change log), where the answer goes.
+    Api(
+        Box<Request>,
+        crate::daemon::audit::Asker,
+        oneshot::Sender<Response>,
+    ),
     Metrics(crate::metrics::Format, oneshot::Sender<String>),
     Healthz(oneshot::Sender<(bool, String)>),
 }
@@ -299,6 +304,7 @@ async fn admin_connection(
     queries: mpsc::Sender<Query>,
     memory: Arc<Semaphore>,
 ) -> Result<()> {
+    let asker = crate::daemon::audit::Asker::of(&stream);
     let (mut read, mut write) = stream.into_split();
     let request = timeout(REQUEST_TIMEOUT, read_request(&mut read, &memory))
         .await
@@ -316,7 +322,7 @@ async fn admin_connection(
                 Ok(request) => {
                     let (tx, rx) = oneshot::channel();
                     queries
-                        .send(Query::Api(Box::new(request), tx))
+                        .send(Query::Api(Box::new(request), asker, tx))
                         .await
                         .map_err(|_| anyhow!("daemon shutting down"))?;
                     rx.await

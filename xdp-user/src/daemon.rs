@@ -15,6 +15,7 @@ use tokio::{
 };
 use tracing::{error, info, warn};
 
+pub mod audit;
 mod fleet;
 
 use crate::{
@@ -88,7 +89,7 @@ fn spawn_flow_sweeper(
                             *latest = Some(sweep);
                         }
                     }
-                    Err(e) => warn!(error = %format!("{e:#}"), "sweeping conntrack failed"),
+                    Err(e) => warn!(error = %format!("{e:#}"), "sweeping conntrack failed: {e:#}"),
                 }
                 drop(shared);
                 // Never more than a fifth of a core, however large the table.
@@ -97,7 +98,7 @@ fn spawn_flow_sweeper(
         })
         .map(drop)
         .unwrap_or_else(
-            |e| warn!(error = %e, "cannot start the conntrack sweeper; changed ring slots stay marked"),
+            |e| warn!(error = %e, "cannot start the conntrack sweeper ({e}); changed ring slots stay marked"),
         );
     shared
 }
@@ -217,8 +218,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
         pin_dir = %pin_dir.display(),
         adopted_maps,
         adopted_link,
-        "dataplane {}",
-        if adopted_link { "adopted: program replaced in the pinned link, conntrack kept" } else { "attached" }
+        "dataplane {} on {} ({} mode, pins in {})",
+        if adopted_link { "adopted: program replaced in the pinned link, conntrack kept," } else { "attached" },
+        config.interface,
+        config.xdp_mode,
+        pin_dir.display()
     );
     if let Some(warning) = iface::tx_loss_warning(&interface) {
         warn!("{warning}");
@@ -247,7 +251,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     match ctl.dataplane().flow_sweeper() {
         Ok(sweeper) => ctl.sweep_with(spawn_flow_sweeper(sweeper)),
         Err(e) => {
-            warn!(error = %format!("{e:#}"), "no conntrack sweeper; changed ring slots stay marked")
+            warn!(error = %format!("{e:#}"), "no conntrack sweeper ({e:#}); changed ring slots stay marked")
         }
     }
     claimed.socket.started();
@@ -261,7 +265,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
             }
             _ => warn!(
                 bound_ms = bound.as_millis() as u64,
-                "the fleet's store did not answer at start; running the last applied state"
+                "the fleet's store did not answer within {} ms of the start; running the last applied state",
+                bound.as_millis()
             ),
         }
     }
@@ -273,7 +278,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut checks = Checks::on(health_runtime, check_tx);
     info!(
         half_open = checks.half_open(),
-        "health checks on their own thread"
+        "health checks on their own thread ({})",
+        if checks.half_open() {
+            "half-open TCP checks"
+        } else {
+            "full TCP connects"
+        }
     );
     checks.sync(ctl.wanted_checks());
     let fds_needed = checks.len() as u64
@@ -283,14 +293,16 @@ pub async fn run(options: RunOptions) -> Result<()> {
         warn!(
             fd_limit,
             fds_needed,
-            "RLIMIT_NOFILE is below what the health checks and the capped client connections need; raise it (LimitNOFILE=)"
+            "RLIMIT_NOFILE is {fd_limit}, below the {fds_needed} the health checks and the capped client connections need; raise it (LimitNOFILE=)"
         );
     }
     info!(
         vips = config.vips.len(),
         checks = checks.len(),
         fd_limit,
-        "running"
+        "running: {} VIPs, {} health checks",
+        config.vips.len(),
+        checks.len()
     );
 
     let mut manager = crate::service::Manager::from_env();
@@ -347,17 +359,16 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 fleet::publish_verdicts(&ctl, agent.as_ref());
             }
             Some(query) = query_rx.recv() => match query {
-                Query::Api(request, reply) if agent.is_some() && request.change().is_some() => {
-                    fleet::change(&ctl, agent.as_ref(), &request, reply, written_tx.clone());
+                Query::Api(request, asker, reply) if agent.is_some() && request.change().is_some() => {
+                    fleet::change(&ctl, agent.as_ref(), &request, asker, reply, written_tx.clone());
                 }
-                Query::Api(request, reply) => {
-                    let changes = !matches!(*request, Request::Status {} | Request::Stats {} | Request::VipList {});
-                    let response = api::handle(&mut ctl, *request);
-                    if changes {
+                Query::Api(request, asker, reply) => {
+                    let response = answer(&mut ctl, *request, asker);
+                    if response.changed {
                         checks.sync(ctl.wanted_checks());
                         ctl.announce();
                     }
-                    let _ = reply.send(response);
+                    let _ = reply.send(response.response);
                 }
                 Query::Metrics(format, reply) => {
                     let _ = reply.send(crate::metrics::render(&mut ctl, format));
@@ -367,15 +378,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
                 }
             },
             _ = hup.recv() => {
-                info!("SIGHUP: reloading {}", config_path.display());
                 manager.reloading();
-                let response = api::handle(&mut ctl, Request::Reload {});
-                match response.error {
-                    None => {
-                        checks.sync(ctl.wanted_checks());
-                        ctl.announce();
-                    }
-                    Some(e) => error!(error = %e, "reload refused; the running state is unchanged"),
+                if answer(&mut ctl, Request::Reload {}, audit::Asker::Signal("SIGHUP")).changed {
+                    checks.sync(ctl.wanted_checks());
+                    ctl.announce();
                 }
                 manager.reloaded();
             }
@@ -402,8 +408,37 @@ pub async fn run(options: RunOptions) -> Result<()> {
     } else {
         error!(
             problems = ?ctl.self_check_problems(),
-            "exiting while the dataplane is NOT as configured; the next `xdplb run` repairs it"
+            "exiting while the dataplane is NOT as configured ({}); the next `xdplb run` repairs it",
+            ctl.self_check_problems().join("; ")
         );
     }
     Ok(())
+}
+
+/// An admin request's answer, and whether the running state may have
+/// changed (health checks and announcements must follow).
+struct Answered {
+    response: api::Response,
+    changed: bool,
+}
+
+/// Answer `request`; a change (reload, VIP, backend, announcement) is
+/// logged once with what it changed and who asked.
+fn answer(ctl: &mut Controller, request: Request, asker: audit::Asker) -> Answered {
+    let Some(what) = audit::describe(&request) else {
+        return Answered {
+            response: api::handle(ctl, request),
+            changed: false,
+        };
+    };
+    let before = matches!(request, Request::Reload {}).then(|| ctl.config().vips.clone());
+    let response = api::handle(ctl, request);
+    let outcome = before
+        .filter(|_| response.ok)
+        .map(|b| audit::reload_outcome(&b, &ctl.config().vips));
+    audit::log(asker, &what, &response, outcome.as_deref());
+    Answered {
+        changed: response.ok,
+        response,
+    }
 }

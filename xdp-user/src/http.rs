@@ -132,7 +132,7 @@ pub async fn serve(listener: TcpListener, queries: mpsc::Sender<Query>) {
                 // spinning on a listener that stays readable.
                 let kind = e.to_string();
                 if last_error.as_ref() != Some(&kind) {
-                    warn!(error = %kind, "metrics listener cannot accept; backing off");
+                    warn!(error = %kind, "metrics listener cannot accept ({kind}); backing off");
                     last_error = Some(kind);
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;

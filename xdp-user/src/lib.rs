@@ -1,6 +1,22 @@
 //! xdplb: an XDP layer-4 load balancer. This library holds the dataplane
 //! loader; the daemon, health checks and CLI build on it.
 
+/// `Display` for unit enums as the config file and the API spell them
+/// (`native`, `up`, `ipip`): their serde names, never their Rust names.
+#[macro_export]
+macro_rules! display_as_written {
+    ($($t:ty),* $(,)?) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                match serde_json::to_value(self) {
+                    Ok(serde_json::Value::String(name)) => f.write_str(&name),
+                    _ => write!(f, "{self:?}"),
+                }
+            }
+        }
+    )*};
+}
+
 pub mod announce;
 pub mod api;
 pub mod cli;

@@ -34,6 +34,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "qemu-system-x86_64"),
     ("busybox-static", "busybox"),
     ("socat", "socat"),
+    // The operator's host in the VM bed: a Debian root with systemd.
+    ("mmdebstrap", "mmdebstrap"),
     // The packaging tests: alert rules, dashboard queries, the unit.
     ("prometheus", "promtool"),
     ("systemd", "systemd-analyze"),
@@ -413,30 +415,42 @@ fn ensure_cargo_deb(report: &mut Report) -> Result<()> {
 fn package() -> Result<()> {
     setup()?;
     let root = workspace_root();
+    let xdplb = build_release_xdplb(&root)?;
+    println!("{}", build_deb(&root, &xdplb, None)?.display());
+    Ok(())
+}
+
+/// `cargo deb` of the release binary `xdplb` (built), with revision
+/// `revision` when given (the VM bed's upgrade); the .deb's path.
+fn build_deb(root: &Path, xdplb: &Path, revision: Option<u32>) -> Result<PathBuf> {
     let target = env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
     if target != root.join("target") {
         bail!("the package's assets are listed under target/; unset CARGO_TARGET_DIR");
     }
-    let xdplb = build_release_xdplb(&root)?;
     let assets = target.join("xdplb-assets");
     let _ = std::fs::remove_dir_all(&assets);
-    run(Command::new(&xdplb)
+    run(Command::new(xdplb)
         .arg("generate")
         .arg("--out")
         .arg(&assets))?;
-    let out = output(Command::new("cargo").current_dir(&root).args([
-        "deb",
-        "--package",
-        "xdp-user",
-        "--no-build",
-    ]))
-    .ok_or_else(|| {
+    let mut deb = Command::new("cargo");
+    deb.current_dir(root)
+        .args(["deb", "--package", "xdp-user", "--no-build"]);
+    if let Some(r) = revision {
+        deb.args(["--deb-revision", &r.to_string()]);
+    }
+    let out = output(&mut deb).ok_or_else(|| {
         anyhow!("cargo deb failed; run `cargo deb -p xdp-user --no-build` to see why")
     })?;
-    println!("{}", out.trim());
-    Ok(())
+    let path = out
+        .lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| l.ends_with(".deb"))
+        .ok_or_else(|| anyhow!("cargo deb named no .deb: {out}"))?;
+    Ok(root.join(path))
 }
 
 fn ensure_debian_packages(packages: &[(&str, &str)], report: &mut Report) -> Result<()> {

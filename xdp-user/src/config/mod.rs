@@ -62,6 +62,15 @@ pub enum XdpModeName {
     Offload,
 }
 
+crate::display_as_written!(
+    XdpModeName,
+    PacketAction,
+    Protocol,
+    ForwardingMode,
+    InitialState,
+    CheckKind
+);
+
 impl From<XdpModeName> for AttachMode {
     fn from(m: XdpModeName) -> Self {
         match m {

@@ -71,7 +71,7 @@ impl Announcer {
     pub fn new(config: &crate::config::Config, earlier: bool) -> Self {
         let owned = if config.announce.enabled {
             announce::Owned::load(config, earlier).unwrap_or_else(|e| {
-                    warn!(error = %format!("{e:#}"), "cannot read which announcement routes are ours; taking none");
+                    warn!(error = %format!("{e:#}"), "cannot read which announcement routes are ours ({e:#}); taking none");
                     announce::Owned::default()
                 })
         } else {
@@ -281,7 +281,7 @@ impl Controller {
                 Err(e) => {
                     let e = format!("{e:#}");
                     if self.announcer.last_error.as_ref() != Some(&e) {
-                        tracing::error!(error = %e, "cannot announce; retrying");
+                        tracing::error!(error = %e, "cannot announce ({e}); retrying");
                         self.announcer.last_error = Some(e);
                     }
                     return;
@@ -290,10 +290,10 @@ impl Controller {
             if let Some(old) = self.announcer.target {
                 match announce::withdraw_all(old, &mut self.announcer.owned) {
                     Ok(gone) => {
-                        info!(%old, withdrawn = ?gone, "announcement settings changed; withdrew from the old table")
+                        info!(%old, withdrawn = ?gone, "announcement settings changed; withdrew {gone:?} from the old table {old}")
                     }
                     Err(e) => {
-                        warn!(%old, error = %format!("{e:#}"), "cannot withdraw from the old announcement table")
+                        warn!(%old, error = %format!("{e:#}"), "cannot withdraw from the old announcement table {old}: {e:#}")
                     }
                 }
             }
@@ -311,7 +311,7 @@ impl Controller {
                     info!(%addr, %target, "announcing {addr} in {target}");
                 }
                 for addr in &done.removed {
-                    warn!(%addr, %target, reason = ?reason, "withdrawn {addr} from {target}");
+                    warn!(%addr, %target, reason = ?reason, "withdrawn {addr} from {target}: {}", reason.as_deref().unwrap_or("no VIP on it is usable"));
                 }
                 if done.conflicts != self.announcer.conflicts {
                     for (addr, what) in &done.conflicts {
@@ -334,7 +334,7 @@ impl Controller {
             Err(e) => {
                 let e = format!("{e:#}");
                 if self.announcer.last_error.as_ref() != Some(&e) {
-                    warn!(error = %e, "cannot update the announcement routes; retrying");
+                    warn!(error = %e, "cannot update the announcement routes ({e}); retrying");
                     self.announcer.last_error = Some(e);
                 }
             }

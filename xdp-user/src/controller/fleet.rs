@@ -186,7 +186,7 @@ impl Controller {
             return Taken::default();
         };
         if fleet.lost.take().is_some() {
-            info!(revision, "fleet store back");
+            info!(revision, "fleet store back at revision {revision}");
         }
         fleet.seen = revision;
         let (mut peers, bad) = keys::read_peers(&fleet.prefix, entries);
@@ -216,7 +216,8 @@ impl Controller {
                         info!(
                             revision,
                             vips = desired.vips.len(),
-                            "fleet desired state applied"
+                            "fleet desired state of revision {revision} applied: {} VIPs",
+                            desired.vips.len()
                         );
                         if let Some(f) = self.fleet.as_mut() {
                             f.desired = desired;
@@ -256,7 +257,7 @@ impl Controller {
         };
         if let Some(why) = &refusal {
             if fleet.refused.as_ref() != Some(why) {
-                warn!(revision, error = %why, "fleet desired state refused; the last good state runs");
+                warn!(revision, error = %why, "fleet desired state of revision {revision} refused ({why}); the last good state runs");
             }
         }
         fleet.refused = refusal;
@@ -291,7 +292,8 @@ impl Controller {
         if !count {
             warn!(
                 after_s = fleet.fallback_after.as_secs(),
-                "fleet store lost for longer than the lease TTL: the rings follow this host's checks alone"
+                "fleet store lost for longer than the lease TTL ({} s): the rings follow this host's checks alone",
+                fleet.fallback_after.as_secs()
             );
         }
         true
@@ -357,7 +359,7 @@ impl Controller {
                 crate::lock::write_state(&state_file(&self.config.daemon.pin_dir), text.as_bytes())
             });
         if let Err(e) = result {
-            warn!(error = %format!("{e:#}"), "cannot keep the fleet's desired state for a restart");
+            warn!(error = %format!("{e:#}"), "cannot keep the fleet's desired state for a restart: {e:#}");
         }
     }
 

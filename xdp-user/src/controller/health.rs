@@ -145,7 +145,9 @@ impl Controller {
                         kind,
                         count = *n,
                         error = %e,
-                        "health check could not run for a local reason; not counted against the backend"
+                        "health check of backend {} of VIP {} could not run for a local reason ({kind}, {n} times so far: {e}); not counted against the backend",
+                        result.key.backend,
+                        result.key.vip
                     );
                 }
                 return false;
@@ -193,10 +195,13 @@ impl Controller {
             vip = %result.key.vip,
             endpoint = %vip.endpoint(),
             backend = %result.key.backend,
-            from = ?from,
-            to = ?to,
+            from = %from,
+            to = %to,
             reason = %why,
-            "backend health changed"
+            "backend {} of VIP {} ({}) is {to}, was {from}: {why}",
+            result.key.backend,
+            result.key.vip,
+            vip.endpoint()
         );
         if damped {
             warn!(
@@ -205,7 +210,12 @@ impl Controller {
                 changes = vip.health.flap_limit + 1,
                 window_ms = vip.health.flap_window_ms,
                 hold_ms = vip.health.flap_hold_ms,
-                "backend flapping: held down by flap damping"
+                "backend {} of VIP {} is flapping ({} changes within {} ms): held down for {} ms by flap damping",
+                result.key.backend,
+                result.key.vip,
+                vip.health.flap_limit + 1,
+                vip.health.flap_window_ms,
+                vip.health.flap_hold_ms
             );
         }
         h.effective(now) != before || first_while_settling
@@ -228,7 +238,7 @@ impl Controller {
             if h.damped_until.is_some_and(|t| t <= now) {
                 h.damped_until = None;
                 any |= h.tracker.state == Health::Up;
-                info!(vip = %key.vip, backend = %key.backend, "flap damping ended");
+                info!(vip = %key.vip, backend = %key.backend, "flap damping of backend {} of VIP {} ended", key.backend, key.vip);
             }
         }
         any

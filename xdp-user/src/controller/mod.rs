@@ -292,7 +292,7 @@ impl Controller {
     /// Reconcile, logging (not returning) a failure; it is retried later.
     pub fn reconcile_logged(&mut self) {
         if let Err(e) = self.reconcile() {
-            warn!(error = %format!("{e:#}"), "reconcile failed; will retry");
+            warn!(error = %format!("{e:#}"), "reconcile failed ({e:#}); will retry");
         }
     }
 
@@ -463,7 +463,9 @@ impl Controller {
             Ok((settled, cleared)) => {
                 tracing::debug!(settled, cleared, "changed ring slots")
             }
-            Err(e) => warn!(error = %format!("{e:#}"), "reviewing changed ring slots failed"),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "reviewing changed ring slots failed: {e:#}")
+            }
         }
     }
 

@@ -27,7 +27,7 @@ impl Retired {
             .as_ref()
             .and_then(|p| match std::fs::read(p) {
                 Ok(bytes) => serde_json::from_slice(&bytes)
-                    .map_err(|e| warn!(path = %p.display(), error = %e, "ignoring unreadable retired counters"))
+                    .map_err(|e| warn!(path = %p.display(), error = %e, "ignoring unreadable retired counters in {}: {e}", p.display()))
                     .ok(),
                 Err(_) => None,
             })
@@ -55,7 +55,7 @@ impl Retired {
         }
         if changed {
             if let Err(e) = self.save() {
-                warn!(error = %format!("{e:#}"), "could not keep the removed backends' counters");
+                warn!(error = %format!("{e:#}"), "could not keep the removed backends' counters: {e:#}");
             }
         }
     }

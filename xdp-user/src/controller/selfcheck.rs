@@ -46,7 +46,8 @@ impl Controller {
             self.self_check.losses += 1;
             error!(
                 problems = ?problems,
-                "dataplane self-check failed: the dataplane is not as the daemon left it; repairing"
+                "dataplane self-check failed: the dataplane is not as the daemon left it ({}); repairing",
+                problems.join("; ")
             );
         }
         self.self_check.problems = problems;
@@ -61,14 +62,16 @@ impl Controller {
                 warn!(
                     done = ?done,
                     remaining = ?self.self_check.problems,
-                    "dataplane repaired; conntrack and counters kept (the daemon held the maps)"
+                    "dataplane repaired ({}); conntrack and counters kept (the daemon held the maps){}",
+                    done.join("; "),
+                    if self.self_check.problems.is_empty() { String::new() } else { format!("; still wrong: {}", self.self_check.problems.join("; ")) }
                 );
             }
             Ok(_) => {}
             Err(e) => {
                 let e = format!("{e:#}");
                 if self.self_check.repair_error.as_ref() != Some(&e) {
-                    warn!(error = %e, "dataplane repair failed; retrying every {:?}", crate::daemon::SELF_CHECK_INTERVAL);
+                    warn!(error = %e, "dataplane repair failed ({e}); retrying every {:?}", crate::daemon::SELF_CHECK_INTERVAL);
                     self.self_check.repair_error = Some(e);
                 }
             }

@@ -13,6 +13,8 @@ use crate::{
     fleet::{store, Agent, Desired, Event},
 };
 
+use super::audit::{self, Asker};
+
 /// How long a change written to the store waits for this host to run it
 /// before its answer says it does not yet.
 const APPLY_WAIT: Duration = Duration::from_secs(5);
@@ -24,13 +26,15 @@ pub fn carried_state(config: &crate::config::Config) -> Option<Desired> {
     let mut running = config.clone();
     running.vips = saved.vip.clone();
     if let Err(e) = running.validate() {
-        warn!(error = %e, "the fleet state kept from the last run no longer fits the config; waiting for the store");
+        warn!(error = %e, "the fleet state kept from the last run no longer fits the config ({e}); waiting for the store");
         return None;
     }
     info!(
         revision = saved.revision,
         vips = saved.vip.len(),
-        "running the fleet state kept from the last run until the store answers"
+        "running the fleet state kept from the last run (revision {}, {} VIPs) until the store answers",
+        saved.revision,
+        saved.vip.len()
     );
     Some(Desired {
         revision: saved.revision,
@@ -118,26 +122,31 @@ pub fn change(
     ctl: &Controller,
     agent: Option<&Agent>,
     request: &Request,
+    asker: Asker,
     reply: oneshot::Sender<Response>,
     written: mpsc::Sender<Written>,
 ) {
+    let what = audit::describe(request).unwrap_or_default();
+    let refuse = |reply: oneshot::Sender<Response>, why: String| {
+        let response = Response::error(why);
+        audit::log(asker, &what, &response, None);
+        let _ = reply.send(response);
+    };
     let planned = request
         .change()
         .ok_or_else(|| anyhow::anyhow!("not a change"))
         .and_then(|change| ctl.fleet_change(&change));
     let (base, vips) = match planned {
         Ok(p) => p,
-        Err(e) => {
-            let _ = reply.send(Response::error(format!("{e:#}")));
-            return;
-        }
+        Err(e) => return refuse(reply, format!("{e:#}")),
     };
     let client = agent.and_then(|a| a.client.borrow().clone());
     let Some(mut client) = client else {
-        let _ = reply.send(Response::error(
-            "the fleet's store (etcd) is not connected; changes are refused until it is back",
-        ));
-        return;
+        return refuse(
+            reply,
+            "the fleet's store (etcd) is not connected; changes are refused until it is back"
+                .into(),
+        );
     };
     let prefix = ctl
         .config()
@@ -146,8 +155,15 @@ pub fn change(
         .map(|f| f.prefix.clone())
         .unwrap_or_default();
     tokio::spawn(async move {
-        match store::write_vips(&mut client, &prefix, &base, &vips).await {
+        let result = store::write_vips(&mut client, &prefix, &base, &vips).await;
+        let outcome = match &result {
+            Ok(Some(revision)) => format!("written to the fleet's store at revision {revision}"),
+            Ok(None) => "the fleet's store already holds it".into(),
+            Err(_) => String::new(),
+        };
+        match result {
             Ok(Some(revision)) => {
+                audit::log(asker, &what, &Response::ok(None), Some(&outcome));
                 let w = Written {
                     revision,
                     reply,
@@ -158,10 +174,13 @@ pub fn change(
                 }
             }
             Ok(None) => {
+                audit::log(asker, &what, &Response::ok(None), Some(&outcome));
                 let _ = reply.send(Response::ok(None));
             }
             Err(e) => {
-                let _ = reply.send(Response::error(format!("{e:#}")));
+                let response = Response::error(format!("{e:#}"));
+                audit::log(asker, &what, &response, None);
+                let _ = reply.send(response);
             }
         }
     });

@@ -79,7 +79,8 @@ fn remove_foreign(iface: &iface::Interface, prog_id: u32, mode: iface::XdpMode) 
     warn!(
         interface = %iface.name,
         prog_id,
-        "replaced the XDP program that was attached (--replace)"
+        "replaced the XDP program (id {prog_id}) that was attached to {} (--replace)",
+        iface.name
     );
     Ok(())
 }
@@ -109,7 +110,7 @@ impl Attachment {
                 );
             }
             if facts.ifindex == 0 {
-                warn!(pin = %link_path.display(), "the pinned XDP link was detached from its interface; replacing it");
+                warn!(pin = %link_path.display(), "the pinned XDP link {} was detached from its interface; replacing it", link_path.display());
                 std::fs::remove_file(&link_path)
                     .with_context(|| format!("removing {}", link_path.display()))?;
             } else if facts.ifindex != iface.index {

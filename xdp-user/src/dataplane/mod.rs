@@ -582,7 +582,8 @@ impl Dataplane {
                 carried = carried_keys.len(),
                 kept,
                 marked,
-                "conntrack of an older build: kept the flows the ring now places elsewhere, their slots marked"
+                "conntrack of an older build: of {} flows carried over, kept the {kept} the ring now places elsewhere, their {marked} slots marked",
+                carried_keys.len()
             );
         }
         // A non-zero generation turns the new program's flow cache on.

@@ -83,7 +83,7 @@ async fn run(
             },
         };
         if !lost_logged {
-            warn!(error = %why, "fleet store lost: forwarding goes on with the last applied state");
+            warn!(error = %why, "fleet store lost ({why}): forwarding goes on with the last applied state");
             lost_logged = true;
         }
         if events.send(Event::Lost(why)).await.is_err() {
@@ -151,8 +151,9 @@ async fn session(
         prefix = %prefix,
         revision,
         lease,
-        "fleet store {}",
-        if *lost_logged { "back: catching up" } else { "connected" }
+        "fleet store {} at revision {revision} ({}, prefix {prefix}, lease {lease:x})",
+        if *lost_logged { "back, catching up" } else { "connected" },
+        fleet.endpoints.join(",")
     );
     *lost_logged = false;
     client_out.send_replace(Some(client.clone()));
@@ -255,7 +256,7 @@ async fn claim_host_name(
         }
     }
     if let Err(e) = crate::lock::write_state(lease_file, lease.to_string().as_bytes()) {
-        warn!(error = %format!("{e:#}"), "cannot keep this host's lease id");
+        warn!(error = %format!("{e:#}"), "cannot keep this host's lease id: {e:#}");
     }
     Ok(())
 }

@@ -10,6 +10,8 @@ pub enum Health {
     Down,
 }
 
+crate::display_as_written!(Health);
+
 /// A change of health and the check result that caused it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transition {
