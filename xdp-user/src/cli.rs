@@ -160,13 +160,6 @@ enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
-    /// Write the man pages and shell completions (packaging).
-    #[command(hide = true)]
-    Generate {
-        /// Directory to write `man/` and `completions/` into.
-        #[arg(long)]
-        out: PathBuf,
-    },
 }
 
 #[derive(Subcommand)]
@@ -218,7 +211,7 @@ struct LoadgenArgs {
     dst: IpAddr,
     #[arg(long, default_value_t = 80)]
     dport: u16,
-    #[arg(long, value_parser = parse_protocol, default_value = "udp")]
+    #[arg(long, value_enum, default_value_t = Protocol::Udp)]
     protocol: Protocol,
     #[arg(long, default_value_t = 1)]
     flows: u32,
@@ -253,9 +246,8 @@ enum DecapCommand {
         /// A VIP this backend serves (repeat for several).
         #[arg(long = "vip", required = true)]
         vips: Vec<IpAddr>,
-        /// native, generic or offload.
-        #[arg(long, default_value = "native")]
-        mode: crate::dataplane::AttachMode,
+        #[arg(long, value_enum, default_value_t = crate::config::XdpModeName::Native)]
+        mode: crate::config::XdpModeName,
         #[arg(long, default_value = DEFAULT_DECAP_PIN_DIR)]
         pin_dir: PathBuf,
         #[arg(long, default_value_t = 64)]
@@ -270,8 +262,11 @@ enum DecapCommand {
 
 #[derive(Subcommand)]
 enum VipCommand {
+    /// List the VIPs with their backends and settings.
     List,
+    /// Add a VIP (written back to the config file, or to the fleet's store).
     Add(VipAdd),
+    /// Delete a VIP: its flows end.
     Del { name: String },
 }
 
@@ -284,14 +279,13 @@ struct VipAdd {
     /// Omit for a port-less VIP.
     #[arg(long)]
     port: Option<u16>,
-    #[arg(long, value_parser = parse_protocol)]
+    #[arg(long, value_enum)]
     protocol: Protocol,
-    #[arg(long, value_parser = parse_forwarding)]
+    #[arg(long, value_enum)]
     forwarding: ForwardingMode,
     #[arg(long)]
     source_hash: bool,
-    /// tcp, http, udp or none.
-    #[arg(long, value_parser = parse_check, default_value = "tcp")]
+    #[arg(long, value_enum, default_value_t = CheckKind::Tcp)]
     check: CheckKind,
     #[arg(long)]
     check_port: Option<u16>,
@@ -315,6 +309,7 @@ struct VipAdd {
 
 #[derive(Subcommand)]
 enum BackendCommand {
+    /// Add a backend to a VIP.
     Add {
         vip: String,
         address: IpAddr,
@@ -322,49 +317,21 @@ enum BackendCommand {
         weight: u32,
         #[arg(long)]
         mac: Option<String>,
-        /// up, down or drain.
-        #[arg(long, value_parser = parse_state, default_value = "up")]
+        #[arg(long, value_enum, default_value_t = InitialState::Up)]
         state: InitialState,
     },
-    Del {
-        vip: String,
-        address: IpAddr,
-    },
-    Drain {
-        vip: String,
-        address: IpAddr,
-    },
-    Undrain {
-        vip: String,
-        address: IpAddr,
-    },
+    /// Delete a backend of a VIP: its flows are placed again.
+    Del { vip: String, address: IpAddr },
+    /// Drain a backend: it keeps its flows and gets no new ones.
+    Drain { vip: String, address: IpAddr },
+    /// End a drain (or a `down` state): the backend's checks decide again.
+    Undrain { vip: String, address: IpAddr },
+    /// Set a backend's weight (0..=65535; 0 keeps it out of the ring).
     Weight {
         vip: String,
         address: IpAddr,
         weight: u32,
     },
-}
-
-fn parse_enum<T: serde::de::DeserializeOwned>(
-    s: &str,
-    what: &str,
-    choices: &str,
-) -> Result<T, String> {
-    serde_json::from_value(serde_json::Value::String(s.to_owned()))
-        .map_err(|_| format!("unknown {what} {s:?}: expected {choices}"))
-}
-
-fn parse_protocol(s: &str) -> Result<Protocol, String> {
-    parse_enum(s, "protocol", "tcp or udp")
-}
-fn parse_forwarding(s: &str) -> Result<ForwardingMode, String> {
-    parse_enum(s, "forwarding mode", "ipip, ip6ip6, ip4ip6 or l2dsr")
-}
-fn parse_check(s: &str) -> Result<CheckKind, String> {
-    parse_enum(s, "check", "tcp, http, udp or none")
-}
-fn parse_state(s: &str) -> Result<InitialState, String> {
-    parse_enum(s, "state", "up, down or drain")
 }
 
 fn request(socket: &Path, req: &Request) -> Result<Option<serde_json::Value>> {
@@ -700,7 +667,26 @@ fn nagios(socket: &Path) -> ExitCode {
     }
 }
 
+/// The packaging step that writes the man pages, completions and the
+/// configuration reference: `xdplb __generate DIR`. Not a clap command, so
+/// no page or completion offers it.
+const GENERATE: &str = "__generate";
+
 pub fn main() -> ExitCode {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == GENERATE) {
+        let Some(out) = args.get(2).filter(|_| args.len() == 3) else {
+            eprintln!("usage: xdplb {GENERATE} DIR");
+            return ExitCode::from(2);
+        };
+        return match generate(Path::new(out)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Run { .. }) {
         // A client writing into a closed pipe (`xdplb status | head -1`)
@@ -760,7 +746,6 @@ fn execute(cli: Cli) -> Result<()> {
             client: client.as_deref(),
             count,
         }),
-        Command::Generate { out } => generate(&out),
     }
 }
 
@@ -775,30 +760,46 @@ fn generate(out: &Path) -> Result<()> {
     }
     let mut cmd = Cli::command();
     cmd.build();
-    fn pages(cmd: &clap::Command, name: &str, dir: &Path, written: &mut usize) -> Result<()> {
+    /// The page of `cmd` (named by its `path` of command words) and of
+    /// each of its subcommands.
+    fn pages(cmd: &clap::Command, path: &[&str], dir: &Path, written: &mut usize) -> Result<()> {
         // Hidden commands and clap's own `help` get no page.
         if cmd.is_hide_set() || cmd.get_name() == "help" {
             return Ok(());
         }
+        let name = path.join("-");
+        // The synopsis reads as typed (`xdplb check-config`), and no page
+        // lists or links the `help` command, which has no page.
         let page = cmd
             .clone()
-            .name(name.to_owned())
-            .bin_name(name.replace('-', " "));
+            .name(name.clone())
+            .bin_name(path.join(" "))
+            .disable_help_subcommand(true);
         let mut text = Vec::new();
         clap_mangen::Man::new(page)
             .section("8")
             .render(&mut text)
             .context("rendering a man page")?;
-        let path = dir.join(format!("{name}.8"));
-        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        let file = dir.join(format!("{name}.8"));
+        std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
         *written += 1;
         for sub in cmd.get_subcommands() {
-            pages(sub, &format!("{name}-{}", sub.get_name()), dir, written)?;
+            let mut sub_path = path.to_vec();
+            sub_path.push(sub.get_name());
+            pages(sub, &sub_path, dir, written)?;
         }
         Ok(())
     }
     let mut written = 0;
-    pages(&cmd, "xdplb", &man, &mut written)?;
+    pages(&cmd, &["xdplb"], &man, &mut written)?;
+    // xdplb.toml(5) and the README's reference, from one table.
+    let page = man.join("xdplb.toml.5");
+    std::fs::write(&page, crate::config::reference::man_page())
+        .with_context(|| format!("writing {}", page.display()))?;
+    written += 1;
+    let reference = out.join("config-reference.md");
+    std::fs::write(&reference, crate::config::reference::markdown())
+        .with_context(|| format!("writing {}", reference.display()))?;
     for (shell, file) in [
         (clap_complete::Shell::Bash, "xdplb.bash"),
         (clap_complete::Shell::Zsh, "_xdplb"),
@@ -1061,7 +1062,7 @@ fn decap(cmd: DecapCommand) -> Result<()> {
         } => {
             let mut decap = crate::dataplane::Decap::open(max_vips, &pin_dir)?;
             decap.set_vips(&vips)?;
-            let adopted = decap.attach_pinned(&interface, mode, &pin_dir)?;
+            let adopted = decap.attach_pinned(&interface, mode.into(), &pin_dir)?;
             println!(
                 "decap {} on {interface} for {} VIPs (pinned at {})",
                 if adopted { "updated" } else { "attached" },
@@ -1234,4 +1235,47 @@ fn written(data: &Option<serde_json::Value>) -> String {
         out += &format!("; {note}");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    /// Every command a page or a completion shows says what it does
+    /// (`man -k xdplb` shows no "(unknown subject)").
+    #[test]
+    fn every_visible_command_is_described() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                let path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(path.clone());
+                }
+                walk(sub, &path, missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "xdplb", &mut missing);
+        assert!(
+            missing.is_empty(),
+            "commands without a description: {missing:?}"
+        );
+    }
+
+    /// Completions list an enum option's values and no hidden command.
+    #[test]
+    fn completions_list_values_and_hide_hidden_commands() {
+        let mut cmd = Cli::command();
+        let mut bash = Vec::new();
+        clap_complete::generate(clap_complete::Shell::Bash, &mut cmd, "xdplb", &mut bash);
+        let bash = String::from_utf8_lossy(&bash);
+        assert!(
+            bash.contains("ipip ip6ip6 ip4ip6 l2dsr"),
+            "forwarding values"
+        );
+        assert!(bash.contains("up down drain"), "state values");
+        assert!(!bash.contains("generate"), "the hidden generate command");
+    }
 }

@@ -27,9 +27,7 @@ use crate::{
     iface, lock, socket,
 };
 
-/// How often the daemon verifies its dataplane and retries a failed
-/// reconcile.
-pub const SELF_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+use crate::controller::SELF_CHECK_INTERVAL;
 
 /// Health changes within this window share one reconcile: a flap storm
 /// rebuilds a VIP's ring at most once per window, and results of every

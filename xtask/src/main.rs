@@ -368,7 +368,19 @@ fn vmtest() -> Result<()> {
     setup()?;
     let root = workspace_root();
     // The release binary: a tenth of the debug one's size in the initramfs.
-    let outcomes = vm::run(&root, &build_release_xdplb(&root)?)?;
+    let xdplb = build_release_xdplb(&root)?;
+    // The operator's host installs the package, then upgrades to a rebuild.
+    // (Each copied at once: cargo deb clears its output directory.)
+    let debs = [1, 2]
+        .into_iter()
+        .map(|revision| {
+            let kept = root.join(format!("target/vm/xdplb_{revision}.deb"));
+            std::fs::create_dir_all(root.join("target/vm"))?;
+            std::fs::copy(build_deb(&root, &xdplb, Some(revision))?, &kept)?;
+            Ok(kept)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let outcomes = vm::run(&root, &xdplb, &debs)?;
     println!("\nvmtest:");
     for o in &outcomes {
         println!(
@@ -431,10 +443,7 @@ fn build_deb(root: &Path, xdplb: &Path, revision: Option<u32>) -> Result<PathBuf
     }
     let assets = target.join("xdplb-assets");
     let _ = std::fs::remove_dir_all(&assets);
-    run(Command::new(xdplb)
-        .arg("generate")
-        .arg("--out")
-        .arg(&assets))?;
+    run(Command::new(xdplb).arg("__generate").arg(&assets))?;
     let mut deb = Command::new("cargo");
     deb.current_dir(root)
         .args(["deb", "--package", "xdp-user", "--no-build"]);

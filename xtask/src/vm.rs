@@ -16,12 +16,17 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 
+mod operator;
+
 /// The guest kernels: a name and the package-name pattern whose newest
 /// match is booted.
 const KERNELS: &[(&str, &str)] = &[
     ("6.1", r"^linux-image-6\.1\.0-[0-9]+-amd64$"),
     ("6.12", r"^linux-image-6\.12\.[0-9]+\+deb12-amd64$"),
 ];
+
+/// The kernel the operator's host boots (Debian 12's newest).
+const OPERATOR_KERNEL: &str = "6.12";
 
 /// Modules the guest loads (with their dependencies, from modules.dep).
 const MODULES: &[&str] = &[
@@ -32,6 +37,11 @@ const MODULES: &[&str] = &[
     "pktgen",
     "veth",
     "bridge",
+    // The operator's host boots from a disk (ext4 checksums its metadata
+    // with crc32c, a soft dependency modules.dep does not name).
+    "virtio_blk",
+    "crc32c_generic",
+    "ext4",
 ];
 
 /// Host programs the guests get (host path, guest path).
@@ -57,6 +67,8 @@ const ROLES: &[(&str, &str)] = &[
     ("backend", include_str!("vm/backend.sh")),
     ("client", include_str!("vm/client.sh")),
     ("gen", include_str!("vm/gen.sh")),
+    ("disk", include_str!("vm/disk.sh")),
+    ("steady", include_str!("vm/steady.sh")),
 ];
 
 /// The README's commands for an ipip backend (the first `sh` block of its
@@ -428,6 +440,18 @@ impl Guest {
         nics: &[(&str, Nic)],
         netns: Option<&str>,
     ) -> Result<Self> {
+        Self::boot_with(vmlinuz, initrd, role, nics, netns, None)
+    }
+
+    /// As [`Guest::boot`], with a raw disk image as the first virtio disk.
+    fn boot_with(
+        vmlinuz: &Path,
+        initrd: &Path,
+        role: &str,
+        nics: &[(&str, Nic)],
+        netns: Option<&str>,
+        disk: Option<&Path>,
+    ) -> Result<Self> {
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -451,8 +475,12 @@ impl Guest {
             .arg(initrd)
             .args([
                 "-append",
-                &format!("console=ttyS0 panic=-1 quiet role={role}"),
+                &format!("console=ttyS0 panic=-1 quiet net.ifnames=0 role={role}"),
             ]);
+        if let Some(disk) = disk {
+            cmd.arg("-drive")
+                .arg(format!("file={},format=raw,if=virtio", disk.display()));
+        }
         for (i, (mac, nic)) in nics.iter().enumerate() {
             match nic {
                 Nic::Hub(hub) => {
@@ -703,12 +731,20 @@ fn panicked_for_tcg(consoles: &[(&'static str, String)]) -> Option<&'static str>
 /// Boot every kernel; in each, the single-guest checks, then the network
 /// bed: a client, the LB and a backend that follows the README's ipip
 /// steps, on a bridge of multiqueue taps. `xdplb` is the binary.
-pub fn run(root: &Path, xdplb: &Path) -> Result<Vec<Outcome>> {
+pub fn run(root: &Path, xdplb: &Path, debs: &[PathBuf]) -> Result<Vec<Outcome>> {
     let cache = root.join("target/vm");
     let deploy = readme_backend_steps(root)?;
     let mut outcomes = Vec::new();
-    // XDPLB_VM_KERNELS=6.12 boots only that one (debugging).
+    // XDPLB_VM_KERNELS=6.12 boots only that one, XDPLB_VM_PARTS=operator
+    // only the operator's host, =bed only the checks and the bed
+    // (debugging).
     let only = std::env::var("XDPLB_VM_KERNELS").ok();
+    let parts = std::env::var("XDPLB_VM_PARTS").ok();
+    let part = |p: &str| {
+        parts
+            .as_deref()
+            .is_none_or(|o| o.split(',').any(|x| x == p))
+    };
     for (series, pattern) in KERNELS.iter().filter(|(s, _)| {
         only.as_deref()
             .is_none_or(|o| o.split(',').any(|x| x == *s))
@@ -731,6 +767,24 @@ pub fn run(root: &Path, xdplb: &Path) -> Result<Vec<Outcome>> {
             &[("deploy-backend.sh", deploy.clone())],
             &initrd,
         )?;
+        if *series == OPERATOR_KERNEL && part("operator") {
+            println!(
+                "vmtest: {package} ({}): the operator's host (Debian 12, systemd)",
+                probe_accel(&vmlinuz)
+            );
+            let started = Instant::now();
+            let (passed, lines) = operator::run(&cache, &kroot, &vmlinuz, &initrd, debs)?;
+            outcomes.push(Outcome {
+                kernel: format!("{series}+systemd"),
+                package: package.clone(),
+                passed,
+                seconds: started.elapsed().as_secs_f64(),
+                lines,
+            });
+        }
+        if !part("bed") {
+            continue;
+        }
         println!("vmtest: {package} ({}): the checks", probe_accel(&vmlinuz));
         let started = Instant::now();
         let checks = Guest::boot(

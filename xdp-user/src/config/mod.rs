@@ -5,6 +5,7 @@
 mod change;
 mod file;
 mod fleet;
+pub mod reference;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -53,7 +54,7 @@ pub struct Config {
     pub vips: Vec<Vip>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum XdpModeName {
     #[default]
@@ -286,7 +287,19 @@ impl Default for Announce {
 /// Longest announcement hold-down.
 pub const MAX_HOLD_DOWN_MS: u64 = 600_000;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
@@ -303,7 +316,7 @@ impl Protocol {
 }
 
 /// How a VIP's packets reach its backends.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ForwardingMode {
     /// IPv4 in IPv4 (IPv4 VIP, IPv4 backends).
@@ -335,7 +348,7 @@ pub struct Vip {
     pub backends: Vec<BackendConfig>,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum InitialState {
     /// In service: its checks decide (`fall` failures take it out).
@@ -378,7 +391,7 @@ fn weight_in_range<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Resul
         })
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CheckKind {
     /// TCP connect.

@@ -34,7 +34,7 @@ pub use fleet::{
 };
 pub use health::BackendHealth;
 pub use plan::DoesNotFit;
-pub use selfcheck::SelfCheck;
+pub use selfcheck::{SelfCheck, SELF_CHECK_INTERVAL};
 pub use status::{state_name, BackendStatus, Drops, Status, Traffic, VipStatus};
 
 use crate::{
@@ -427,7 +427,7 @@ impl Controller {
                 } else {
                     ","
                 },
-                crate::daemon::SELF_CHECK_INTERVAL
+                SELF_CHECK_INTERVAL
             )
         })
     }

@@ -3,9 +3,15 @@
 //! that the pins are the maps it uses; on loss it reports (log, metric,
 //! `/healthz`, `xdplb check`), then repairs what it can.
 
+use std::time::Duration;
+
 use tracing::{error, info, warn};
 
 use super::Controller;
+
+/// How often the daemon runs the self-check (and retries a failed
+/// reconcile).
+pub const SELF_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
 /// The dataplane self-check's findings.
 #[derive(Debug, Default)]
@@ -71,7 +77,7 @@ impl Controller {
             Err(e) => {
                 let e = format!("{e:#}");
                 if self.self_check.repair_error.as_ref() != Some(&e) {
-                    warn!(error = %e, "dataplane repair failed ({e}); retrying every {:?}", crate::daemon::SELF_CHECK_INTERVAL);
+                    warn!(error = %e, "dataplane repair failed ({e}); retrying every {:?}", SELF_CHECK_INTERVAL);
                     self.self_check.repair_error = Some(e);
                 }
             }

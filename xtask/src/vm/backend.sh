@@ -25,5 +25,7 @@ httpd -f -p 80 -h /www &
 server=$!
 # UDP: answers from the VIP (bound to it), as DSR needs.
 socat UDP4-RECVFROM:53,bind=198.18.0.10,fork SYSTEM:"echo backend $name" &
+# An echo service for long-lived connections (the operator's upgrade).
+socat TCP4-LISTEN:7,fork,reuseaddr EXEC:cat &
 nc -l -p 9999 -e kill "$server" &
-sleep 600
+sleep 900
