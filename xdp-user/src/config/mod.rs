@@ -568,23 +568,63 @@ impl Vip {
     }
 }
 
+/// Where a span of `text` starts, as an editor shows it.
+fn line_and_column(text: &str, at: usize) -> String {
+    let line = text[..at].matches('\n').count() + 1;
+    let col = at - text[..at].rfind('\n').map_or(0, |i| i + 1) + 1;
+    format!("line {line}, column {col}")
+}
+
+/// Every type error of a file that does not deserialize, not only the
+/// first: each error's key line is blanked (line numbers stay) and the
+/// text parsed again, until it parses, a syntax error or a table header
+/// is at fault, or a blanked key turns out to be required.
+fn type_errors(text: &str) -> Vec<Problem> {
+    const MOST: usize = 100;
+    let mut text = text.to_owned();
+    let mut problems = Vec::new();
+    let mut blanked: Vec<String> = Vec::new();
+    while problems.len() < MOST {
+        let Err(e) = toml::from_str::<Config>(&text) else {
+            break;
+        };
+        let message = e.message().to_owned();
+        // A key blanked here is missing now: no problem of its own.
+        if message.starts_with("missing field")
+            && blanked.iter().any(|k| message.contains(&format!("`{k}`")))
+        {
+            break;
+        }
+        let Some(span) = e.span() else {
+            problems.push(Problem {
+                location: "file".into(),
+                reason: message,
+            });
+            break;
+        };
+        problems.push(Problem {
+            location: line_and_column(&text, span.start),
+            reason: message,
+        });
+        let start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+        let end = text[span.start..]
+            .find('\n')
+            .map_or(text.len(), |i| span.start + i);
+        let line = text[start..end].trim();
+        let Some((key, _)) = line.split_once('=').filter(|_| !line.starts_with('[')) else {
+            break;
+        };
+        blanked.push(key.trim().trim_matches('"').to_owned());
+        text.replace_range(start..end, "");
+    }
+    problems
+}
+
 impl Config {
-    /// Parse TOML text; syntax and type errors carry line and column.
+    /// Parse TOML text; syntax and type errors carry line and column, and
+    /// every type error is listed (see [`type_errors`]).
     pub fn parse(text: &str) -> std::result::Result<Self, Invalid> {
-        let config: Config = toml::from_str(text).map_err(|e| {
-            let location = match e.span() {
-                Some(span) => {
-                    let line = text[..span.start].matches('\n').count() + 1;
-                    let col = span.start - text[..span.start].rfind('\n').map_or(0, |i| i + 1) + 1;
-                    format!("line {line}, column {col}")
-                }
-                None => "file".into(),
-            };
-            Invalid(vec![Problem {
-                location,
-                reason: e.message().to_owned(),
-            }])
-        })?;
+        let config: Config = toml::from_str(text).map_err(|_| Invalid(type_errors(text)))?;
         config.validate()?;
         if let (Some(fleet), Some(vip)) = (&config.fleet, config.vips.first()) {
             return Err(Invalid(vec![Problem {
@@ -1400,5 +1440,29 @@ address = "2001:db8:1::1"
         let text = with("port = 80", "port = 0").replace("weight = 50", "mac = \"zz\"");
         let problems = problems_of(&text);
         assert!(problems.len() >= 2, "{problems:#?}");
+    }
+
+    #[test]
+    fn every_type_error_is_listed_not_only_the_first() {
+        let text = "interface = \"eth0\"\nxdp_mode = \"Native\"\n[tables]\nmax_vips = \"lots\"\n\
+                    [[vip]]\nname = \"web\"\naddress = \"198.18.0.10\"\nprotocol = \"tcp\"\n\
+                    forwarding = \"gre\"\n[[vip.backend]]\naddress = \"198.18.1.1\"\nweight = 70000\n";
+        let problems = Config::parse(text).expect_err("bad types").0;
+        let shown: Vec<String> = problems.iter().map(ToString::to_string).collect();
+        assert_eq!(shown.len(), 4, "{shown:#?}");
+        assert!(shown[0].starts_with("line 2, column 12: unknown variant `Native`"));
+        assert!(shown[1].starts_with("line 4, column 12: invalid type"));
+        assert!(shown[2].starts_with("line 9, column 14: unknown variant `gre`"));
+        assert!(shown[3].contains("weight 70000 out of range"));
+        // A required key that is wrong is listed, and what it leaves
+        // missing is not a second problem.
+        let text = "interface = 7\n";
+        let shown: Vec<String> = Config::parse(text)
+            .expect_err("bad type")
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(shown.len(), 1, "{shown:#?}");
     }
 }
