@@ -575,8 +575,10 @@ fn a_check_that_cannot_run_here_is_not_the_backends_fault() {
     assert!(
         http_get(&ns, "127.0.0.1:9477", "/metrics")
             .1
-            .contains("xdplb_health_check_errors_total{kind=\"no_route\"}"),
-        "kind no_route"
+            .lines()
+            .any(|l| l.starts_with("xdplb_health_check_errors_total{vip=")
+                && l.contains("backend=\"198.18.1.1\",kind=\"no_route\"}")),
+        "kind no_route, by VIP and backend"
     );
     // The router's answer is the backend's failure.
     let down = wait_for(Duration::from_secs(5), || {

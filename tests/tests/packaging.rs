@@ -93,7 +93,35 @@ fn the_debian_package_installs_verifies_and_removes_keeping_the_config() {
     std::fs::create_dir_all(root.join("var/lib/dpkg/info")).unwrap();
     std::fs::create_dir_all(root.join("var/lib/dpkg/updates")).unwrap();
     std::fs::write(root.join("var/lib/dpkg/status"), "").unwrap();
-    // Only libc is missing from this root; the binary runs on the host's.
+    // The maintainer scripts run chrooted in the root: it gets a shell and
+    // the libraries it and xdplb link. There is no systemd in it, so the
+    // scripts' systemctl steps are skipped (the VM bed's operator host runs
+    // them under a real systemd). No dpkg package provides libc here.
+    let mut files = vec![std::path::PathBuf::from("/bin/sh"), "/bin/dash".into()];
+    for binary in [Path::new("/bin/dash"), xdplb_bin()] {
+        let libs = sh(Command::new("ldd").arg(binary)).unwrap();
+        files.extend(
+            libs.split_whitespace()
+                .filter(|w| w.starts_with('/'))
+                .map(std::path::PathBuf::from),
+        );
+    }
+    for file in files {
+        let to = root.join(file.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&file, &to).unwrap();
+    }
+    for (what, script) in [
+        ("postinst", "configure"),
+        ("prerm", "remove"),
+        ("postrm", "purge"),
+    ] {
+        let text = sh(Command::new("dpkg-deb").arg("--info").arg(&deb).arg(what)).unwrap();
+        assert!(
+            text.contains(script),
+            "the package's {what} handles {script}"
+        );
+    }
     dpkg(&root, &["--force-depends", "-i", deb.to_str().unwrap()]);
 
     let bin = root.join("usr/sbin/xdplb");
@@ -143,6 +171,41 @@ fn the_debian_package_installs_verifies_and_removes_keeping_the_config() {
         assert!(text.contains(".TH"), "{page}(8) is not a man page");
     }
     assert!(!root.join("usr/share/man/man8/xdplb-generate.8.gz").exists());
+    // xdplb.toml(5): every key of the configuration reference.
+    let page =
+        sh(Command::new("zcat").arg(root.join("usr/share/man/man5/xdplb.toml.5.gz"))).unwrap();
+    for key in xdp_user::config::reference::KEYS {
+        assert!(
+            page.contains(&format!(".B {}\n", key.name)),
+            "{} not in xdplb.toml(5)",
+            key.name
+        );
+    }
+    // Every page names what it is about (`man -k xdplb` shows no
+    // "(unknown subject)"), and no page refers to a missing one.
+    for entry in std::fs::read_dir(root.join("usr/share/man/man8"))
+        .unwrap()
+        .flatten()
+    {
+        let text = sh(Command::new("zcat").arg(entry.path())).unwrap();
+        let name = text
+            .split(".SH NAME\n")
+            .nth(1)
+            .and_then(|t| t.lines().next())
+            .unwrap_or("");
+        let file = entry.file_name();
+        assert!(
+            name.contains(" \\- "),
+            "{file:?} has no description: {name:?}"
+        );
+        assert!(
+            !text.contains("xdplb\\-help"),
+            "{file:?} refers to xdplb-help"
+        );
+        if file == "xdplb-check-config.8.gz" {
+            assert!(text.contains("xdplb check\\-config"), "synopsis: {text}");
+        }
+    }
 
     // The unit as installed passes systemd's own checks (the root gets
     // the host's stock units and /bin/kill, which the unit refers to).
@@ -188,7 +251,7 @@ fn alert_rules_check_and_fire_as_their_tests_say() {
         .args(["check", "rules"])
         .arg(packaging("xdplb-alerts.yml")))
     .unwrap();
-    assert!(out.contains("SUCCESS: 9 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 15 rules found"), "{out}");
     let out = sh(Command::new("promtool")
         .args(["test", "rules"])
         .arg(packaging("xdplb-alerts.test.yml")))
@@ -284,19 +347,59 @@ fn every_dashboard_panel_and_alert_query_returns_data_from_a_real_prometheus() {
         &std::fs::read_to_string(packaging("grafana-dashboard.json")).unwrap(),
     )
     .unwrap();
+    // An instance variable (HA hosts are several) that every query uses.
+    let variables = dashboard["templating"]["list"].as_array().unwrap();
+    assert!(
+        variables.iter().any(|v| v["name"] == "instance"),
+        "no instance variable"
+    );
     let mut exprs = Vec::new();
     for panel in dashboard["panels"].as_array().unwrap() {
+        if panel["type"] == "row" {
+            continue;
+        }
+        // Fleet panels have data on fleet members only (tests/tests/fleet.rs
+        // reads those metrics from real ones).
+        let fleet_only = panel["description"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("Fleet members only"));
         for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            assert!(
+                expr.contains("$instance"),
+                "{expr} ignores the instance variable"
+            );
             exprs.push((
                 panel["title"].as_str().unwrap().to_owned(),
-                target["expr"].as_str().unwrap().to_owned(),
+                expr.replace("$instance", ".+"),
+                fleet_only,
             ));
         }
     }
-    assert!(exprs.len() >= 14, "{exprs:?}");
+    // A panel for every metric family the daemon exports.
+    let (_, metrics) = http_get(&ns, "127.0.0.1:9477", "/metrics");
+    let families: Vec<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# HELP "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(families.len() >= 30, "{metrics}");
+    let shown = |family: &str| {
+        exprs.iter().any(|(_, e, _)| {
+            e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .any(|w| w == family || w.strip_suffix("_total") == Some(family))
+        })
+    };
+    let missing: Vec<_> = families.iter().filter(|f| !shown(f)).collect();
+    assert!(
+        missing.is_empty(),
+        "metric families on no panel: {missing:?}"
+    );
+    // None empty on a default host.
     let empty: Vec<_> = exprs
         .iter()
-        .filter(|(_, e)| {
+        .filter(|(_, _, fleet_only)| !fleet_only)
+        .filter(|(_, e, _)| {
             let r = query(e);
             r["status"] != "success" || r["data"]["result"].as_array().is_none_or(|a| a.is_empty())
         })
@@ -310,7 +413,7 @@ fn every_dashboard_panel_and_alert_query_returns_data_from_a_real_prometheus() {
         .as_array()
         .map(|a| a.iter().collect())
         .unwrap_or_default();
-    assert_eq!(loaded.len(), 9, "{body}");
+    assert_eq!(loaded.len(), 15, "{body}");
     let unhealthy: Vec<_> = loaded.iter().filter(|r| r["health"] != "ok").collect();
     assert!(
         wait_for(Duration::from_secs(5), || {

@@ -13,6 +13,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand};
 
 mod fleet;
+mod pinned;
 
 use crate::{
     api::{self, Request, Response, Stats},
@@ -698,6 +699,9 @@ pub fn main() -> ExitCode {
     if let Command::Check { client } = &cli.command {
         return nagios(&socket_path(client.socket.clone()));
     }
+    if let Command::Status { json, client } = &cli.command {
+        return status(&socket_path(client.socket.clone()), *json);
+    }
     if let Command::Announce(AnnounceCommand::Check { config, addresses }) = &cli.command {
         return announce_check(config, addresses);
     }
@@ -720,7 +724,7 @@ fn execute(cli: Cli) -> Result<()> {
         Command::Reload { client } => {
             request(&socket(client), &Request::Reload {}).map(|_| println!("reloaded"))
         }
-        Command::Status { json, client } => status(&socket(client), json),
+        Command::Status { .. } => unreachable!("handled before"),
         Command::Stats {
             watch,
             interval,
@@ -1014,13 +1018,55 @@ fn detach(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn status(socket: &Path, json: bool) -> Result<()> {
-    let status = request(socket, &Request::Status {})?.ok_or_else(|| anyhow!("no status"))?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-        Ok(())
-    } else {
-        print_status(&status)
+/// The daemon's status; with no daemon answering, what the pinned
+/// dataplane of the default config forwards (exit 3, as an LSB `status`
+/// of a stopped service), or the error when nothing is pinned either.
+fn status(socket: &Path, json: bool) -> ExitCode {
+    let answer = match api::call(socket, &Request::Status {}) {
+        Ok(response) => response,
+        Err(no_daemon) => {
+            let config = Config::load(Path::new(DEFAULT_CONFIG)).ok();
+            let pin_dir = config.as_ref().map_or_else(
+                || crate::config::Daemon::default().pin_dir,
+                |c| c.daemon.pin_dir.clone(),
+            );
+            let why = format!("{:#}", no_daemon.root_cause());
+            return match pinned::report(&pin_dir, config.as_ref(), &why) {
+                Ok(report) if !json => {
+                    print!("{report}");
+                    ExitCode::from(3)
+                }
+                _ => {
+                    eprintln!("xdplb: {no_daemon:#}");
+                    ExitCode::from(3)
+                }
+            };
+        }
+    };
+    let shown = match answer {
+        Response {
+            ok: true,
+            data: Some(status),
+            ..
+        } if json => serde_json::to_string_pretty(&status)
+            .map(|t| println!("{t}"))
+            .map_err(Into::into),
+        Response {
+            ok: true,
+            data: Some(status),
+            ..
+        } => print_status(&status),
+        Response { error, .. } => Err(anyhow!(
+            "{}",
+            error.unwrap_or_else(|| "the daemon sent no status".into())
+        )),
+    };
+    match shown {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xdplb: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

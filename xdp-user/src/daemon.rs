@@ -323,12 +323,14 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let mut pending = false;
     let mut last_reconcile = Instant::now();
 
+    // The status line, refreshed every tick (it reads the dataplane).
+    let mut service_status = ctl.service_status();
     loop {
         // Ready once attached and in sync, and saying whether frames get
         // out (a start that cannot transmit still serves status and check).
         manager.ready_when(
             ctl.in_sync() && ctl.self_check_problems().is_empty(),
-            ctl.transmit_problem(),
+            &service_status,
         );
         tokio::select! {
             // The watchdog is fed from this loop: a wedged controller stops
@@ -386,6 +388,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = tick.tick() => {
+                service_status = ctl.service_status();
                 ctl.self_check();
                 ctl.review_marks();
                 pending |= ctl.expire_damping();

@@ -321,7 +321,7 @@ pub fn render(ctl: &mut Controller, format: Format) -> String {
         .collect();
     e.gauge_f64(
         "xdplb_health_check_latency_seconds",
-        "Latency of the last passing check.",
+        "Latency of the last check, while it passed (none after a failed check).",
         health
             .iter()
             .filter_map(|(l, h)| h.last_latency.map(|d| (l.clone(), d.as_secs_f64()))),
@@ -346,10 +346,14 @@ pub fn render(ctl: &mut Controller, format: Format) -> String {
     );
     e.counter(
         "xdplb_health_check_errors_total",
-        "Checks that could not run for a reason local to this host (never counted against the backend).",
-        ctl.local_check_errors()
-            .iter()
-            .map(|(kind, n)| (labels([("kind", kind)]), *n)),
+        "Checks that could not run for a reason local to this host (never counted against the backend), by VIP, backend and kind.",
+        health.iter().flat_map(|(l, h)| {
+            h.local_errors.iter().map(move |(kind, n)| {
+                let mut l = l.clone();
+                l.push(("kind".into(), (*kind).into()));
+                (l, *n)
+            })
+        }),
     );
 
     e.gauge(

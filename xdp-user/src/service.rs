@@ -11,9 +11,8 @@ use tracing::debug;
 #[derive(Debug, Default)]
 pub struct Manager {
     ready: bool,
-    /// Why the dataplane was not forwarding at the last status line (None:
-    /// it was).
-    not_forwarding: Option<String>,
+    /// The last status line sent.
+    status: String,
     /// How often to tell the watchdog we are alive (half its timeout).
     pub watchdog: Option<Duration>,
 }
@@ -31,33 +30,29 @@ impl Manager {
             .then(|| Duration::from_micros(usec / 2).max(Duration::from_millis(10)));
         Self {
             ready: false,
-            not_forwarding: None,
+            status: String::new(),
             watchdog,
         }
     }
 
     /// Report readiness once, when the dataplane is attached and in sync
     /// (the first reconcile applied); until then keep the manager waiting.
-    /// From then on keep the status line (`systemctl status`) saying
-    /// whether it forwards: "forwarding", or "NOT forwarding: <why>".
-    pub fn ready_when(&mut self, in_service: bool, not_forwarding: Option<&str>) {
+    /// From then on keep the status line (`systemctl status`) as `status`
+    /// says (`Controller::service_status`), sent when it changes.
+    pub fn ready_when(&mut self, in_service: bool, status: &str) {
         if !self.ready && !in_service {
             return;
         }
-        if self.ready && self.not_forwarding.as_deref() == not_forwarding {
+        if self.ready && self.status == status {
             return;
         }
-        let status = match not_forwarding {
-            Some(why) => format!("NOT forwarding: {why}"),
-            None => "forwarding".to_owned(),
-        };
         let first = !self.ready;
         self.ready = true;
-        self.not_forwarding = not_forwarding.map(str::to_owned);
+        status.clone_into(&mut self.status);
         if first {
-            notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+            notify(&[NotifyState::Ready, NotifyState::Status(status)]);
         } else {
-            notify(&[NotifyState::Status(&status)]);
+            notify(&[NotifyState::Status(status)]);
         }
     }
 

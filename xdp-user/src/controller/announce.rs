@@ -131,26 +131,59 @@ pub fn lock_target(target: Target) -> anyhow::Result<crate::lock::Lock> {
 }
 
 impl Controller {
+    /// Whether `vip` has a usable backend in the dataplane (up, weight
+    /// above 0).
+    fn has_usable_backend(&self, vip: &crate::config::Vip) -> bool {
+        let Some(&vip_id) = self.vip_ids.get(&vip_key(vip)) else {
+            return false;
+        };
+        vip.backends.iter().any(|b| {
+            b.weight > 0
+                && self
+                    .backend_ids
+                    .get(&(vip_id, b.address))
+                    .and_then(|id| self.dp.backend(*id).ok())
+                    .is_some_and(|e| e.state == backend_state::UP)
+        })
+    }
+
     /// Addresses with at least one usable backend behind some VIP.
     fn serviceable(&self) -> BTreeSet<IpAddr> {
-        let mut out = BTreeSet::new();
-        for vip in &self.config.vips {
-            let Some(&vip_id) = self.vip_ids.get(&vip_key(vip)) else {
-                continue;
-            };
-            let usable = vip.backends.iter().any(|b| {
-                b.weight > 0
-                    && self
-                        .backend_ids
-                        .get(&(vip_id, b.address))
-                        .and_then(|id| self.dp.backend(*id).ok())
-                        .is_some_and(|e| e.state == backend_state::UP)
-            });
-            if usable {
-                out.insert(vip.address);
-            }
+        self.config
+            .vips
+            .iter()
+            .filter(|v| self.has_usable_backend(v))
+            .map(|v| v.address)
+            .collect()
+    }
+
+    /// The service manager's status line (`systemctl status`): "forwarding"
+    /// only while the program's frames get out and every VIP has a usable
+    /// backend; otherwise what is wrong, naming the VIPs.
+    pub fn service_status(&self) -> String {
+        if let Some(why) = self.transmit_problem() {
+            return format!("NOT forwarding: {why}");
         }
-        out
+        let vips = &self.config.vips;
+        if vips.is_empty() {
+            return "running, no VIP configured".into();
+        }
+        let without: Vec<&str> = vips
+            .iter()
+            .filter(|v| !self.has_usable_backend(v))
+            .map(|v| v.name.as_str())
+            .collect();
+        match without.len() {
+            0 => "forwarding".into(),
+            n if n == vips.len() => format!(
+                "NOT forwarding: no VIP has a usable backend ({})",
+                without.join(", ")
+            ),
+            _ => format!(
+                "degraded: no usable backend for VIP {} (its packets are dropped); the other VIPs forward",
+                without.join(", ")
+            ),
+        }
     }
 
     /// How much longer announcements are held down after the last

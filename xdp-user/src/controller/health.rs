@@ -40,6 +40,9 @@ pub struct BackendHealth {
     /// such reason.
     local_in_a_row: u32,
     last_local_error: Option<String>,
+    /// Checks of this backend that could not run for a local reason, by
+    /// kind (`xdplb_health_check_errors_total{vip,backend,kind}`).
+    pub local_errors: BTreeMap<&'static str, u64>,
 }
 
 /// Checks in a row that could not run for a local reason before the
@@ -61,6 +64,7 @@ impl BackendHealth {
             damped_until: None,
             local_in_a_row: 0,
             last_local_error: None,
+            local_errors: BTreeMap::new(),
         }
     }
 
@@ -125,6 +129,7 @@ impl Controller {
                 // leave the backend's health as it was.
                 h.local_in_a_row += 1;
                 h.last_local_error = Some(e.reason.clone());
+                *h.local_errors.entry(kind).or_insert(0) += 1;
                 if h.local_in_a_row == BLOCKED_AFTER {
                     warn!(
                         vip = %result.key.vip,
@@ -165,8 +170,10 @@ impl Controller {
                 h.last_latency = Some(*latency);
             }
             Err(e) => {
+                // A failed check has no latency to show.
                 h.checks_failed += 1;
                 h.last_error = Some(e.reason.clone());
+                h.last_latency = None;
             }
         }
         let before = h.effective(now);
@@ -242,11 +249,6 @@ impl Controller {
             }
         }
         any
-    }
-
-    /// Checks that could not run for a local reason, by kind.
-    pub fn local_check_errors(&self) -> &BTreeMap<&'static str, u64> {
-        &self.local_errors
     }
 
     /// Health entries follow the config: a backend of a VIP with checks

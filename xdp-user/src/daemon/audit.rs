@@ -104,12 +104,16 @@ pub fn log(asker: Asker, what: &str, response: &Response, outcome: Option<&str>)
             "{what}: accepted{} (asked by {asker})",
             outcome.map(|o| format!(": {o}")).unwrap_or_default()
         ),
-        Some(e) => warn!(
-            asker = %asker,
-            change = what,
-            error = %e,
-            "{what}: refused, the running state is unchanged (asked by {asker}): {e}"
-        ),
+        Some(e) => {
+            // One line in the journal, however many problems the reason lists.
+            let reason = e.lines().map(str::trim).collect::<Vec<_>>().join(" ");
+            warn!(
+                asker = %asker,
+                change = what,
+                error = %e,
+                "{what}: refused, the running state is unchanged (asked by {asker}): {reason}"
+            )
+        }
     }
 }
 

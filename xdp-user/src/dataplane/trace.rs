@@ -44,6 +44,11 @@ impl Pinned {
         Ok(facts.prog_id)
     }
 
+    /// The interface index the pinned link is attached to; 0: detached.
+    pub fn attached_ifindex(&self) -> Result<u32> {
+        Ok(sys::pinned_link_facts(&self.dir.join(LINK_PIN))?.ifindex)
+    }
+
     /// Every VIP in the dataplane, with its id.
     pub fn vips(&self) -> Result<Vec<(VipKey, u32)>> {
         let vips = vips_in(&Map::HashMap(open(&self.dir, names::VIPS)?))?;

@@ -93,13 +93,35 @@ wait_for 10 journal_has "reload the config: refused" || fail "no journal line fo
 say "reload refused: exit non-zero; journal: $(journal | grep -m1 'reload the config: refused')"
 xdplb status | grep -q "web" || fail "the running VIP is gone after a refused reload"
 
-# 6. Reload accepted: a second backend; the journal says what changed.
+# 6. Reload accepted: a second backend, and a VIP whose only backend does
+#    not exist; the journal says what changed, the status line names the
+#    VIP that cannot forward.
 cp /tmp/one-backend.toml /etc/xdplb/xdplb.toml
 printf '\n[[vip.backend]]\naddress = "198.18.210.4"\n' >> /etc/xdplb/xdplb.toml
+cat >> /etc/xdplb/xdplb.toml <<'CONF'
+
+[[vip]]
+name = "void"
+address = "198.18.0.11"
+protocol = "tcp"
+forwarding = "ipip"
+health = { kind = "tcp", port = 80, interval_ms = 300, timeout_ms = 250, rise = 1, fall = 1 }
+
+[[vip.backend]]
+address = "198.18.210.9"
+CONF
 systemctl reload xdplb || fail "systemctl reload of a good config failed"
-wait_for 10 journal_has "reload the config: accepted: VIP web: backend 198.18.210.4 added" ||
-    fail "no journal line says the reload added backend 198.18.210.4"
+wait_for 10 journal_has "reload the config: accepted: VIP void added; VIP web: backend 198.18.210.4 added" ||
+    fail "no journal line says what the reload changed"
 say "reload accepted; journal: $(journal | grep -m1 'reload the config: accepted')"
+status_is() { systemctl show -p StatusText --value xdplb | grep -q -- "$1"; }
+wait_for 30 status_is "^degraded: no usable backend for VIP void " ||
+    fail "the status line does not name VIP void: $(systemctl show -p StatusText --value xdplb)"
+say "status with a VIP without backends: $(systemctl show -p StatusText --value xdplb)"
+xdplb vip del void > /dev/null || fail "vip del void"
+wait_for 10 journal_has "delete VIP void: accepted (asked by uid 0, pid" || fail "no journal line for the VIP deletion"
+wait_for 30 status_is "^forwarding$" || fail "the status line is not forwarding: $(systemctl show -p StatusText --value xdplb)"
+say "status once every VIP has a backend: $(systemctl show -p StatusText --value xdplb)"
 
 # 7. Runtime changes: who asked, what changed.
 xdplb backend drain web 198.18.210.4 > /dev/null || fail "drain"
@@ -112,7 +134,7 @@ wait_for 60 journal_has "backend 198.18.210.4 of VIP web .* is up" || fail "back
 # 8. Upgrade to a rebuilt package under the client's traffic.
 ready=""
 for i in $(seq 1 60); do
-    ready=$(socat -T 30 - TCP4:198.18.211.1:7001 2>/dev/null </dev/null) && [ -n "$ready" ] && break
+    ready=$(socat -t 60 -T 60 - TCP4:198.18.211.1:7001 2>/dev/null </dev/null) && [ -n "$ready" ] && break
     sleep 2
 done
 case "$ready" in "ready 8") ;; *) fail "the client's traffic did not start ($ready)" ;; esac
@@ -121,7 +143,7 @@ dpkg_i /xdplb-test/xdplb_2.deb
 active || fail "not active after the upgrade"
 [ "$(main_pid)" != "$pid" ] || fail "the upgrade did not restart the daemon"
 sleep 5
-result=$(socat -T 60 - TCP4:198.18.211.1:7002 2>/dev/null </dev/null)
+result=$(socat -t 60 -T 60 - TCP4:198.18.211.1:7002 2>/dev/null </dev/null)
 say "upgrade to $(dpkg-query -W -f '${Version}' xdplb) under traffic (daemon $pid -> $(main_pid)): $result"
 case "$result" in
     "long-lived 8 broken 0 new "*" failed 0") ;;

@@ -48,7 +48,9 @@ echo "long-lived LONG broken $broken new $((ok + failed)) failed $failed"
 touch /tmp/done
 SH
 sed -i "s/LONG/$LONG/g" /start.sh /stop.sh
-socat TCP4-LISTEN:7001,reuseaddr SYSTEM:"sh /start.sh" &
-socat TCP4-LISTEN:7002,reuseaddr SYSTEM:"sh /stop.sh" &
+# -t: the operator sends nothing and half-closes at once; the answer
+# still goes back when the script is done.
+socat -t 120 TCP4-LISTEN:7001,reuseaddr SYSTEM:"sh /start.sh" &
+socat -t 120 TCP4-LISTEN:7002,reuseaddr SYSTEM:"sh /stop.sh" &
 # The operator's host decides when this ends (it powers the bed off).
 sleep 900

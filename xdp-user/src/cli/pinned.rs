@@ -1,0 +1,90 @@
+//! `xdplb status` with no daemon: what the pinned dataplane forwards, read
+//! from its pins alone (as `ipvsadm -Ln` shows the kernel's table), marked
+//! as such: no health check runs and nothing changes it.
+
+use std::{net::IpAddr, path::Path};
+
+use anyhow::Result;
+use xdp_common::{backend_state, VipKey, FAMILY_V4, PROTO_TCP};
+
+use crate::{
+    config::Config,
+    controller::{ip_of, vip_key},
+    dataplane::trace::Pinned,
+};
+
+fn state_name(state: u32) -> &'static str {
+    match state {
+        backend_state::UP => "up",
+        backend_state::DOWN => "down",
+        backend_state::DRAINING => "drain",
+        _ => "unused",
+    }
+}
+
+/// `198.18.0.10:80/tcp`, `[2001:db8::53]:*/udp`.
+fn endpoint(key: &VipKey) -> String {
+    let addr = ip_of(key.addr, u32::from(key.family));
+    let port = match u16::from_be(key.port) {
+        0 => "*".to_owned(),
+        p => p.to_string(),
+    };
+    let proto = if key.proto == PROTO_TCP { "tcp" } else { "udp" };
+    if key.family == FAMILY_V4 {
+        format!("{addr}:{port}/{proto}")
+    } else {
+        format!("[{addr}]:{port}/{proto}")
+    }
+}
+
+/// The report: a header saying whose view this is, then each VIP of the
+/// pinned maps (named from `config` where it has it) with its backends.
+pub fn report(pin_dir: &Path, config: Option<&Config>, why: &str) -> Result<String> {
+    let pinned = Pinned::new(pin_dir);
+    let ifindex = pinned.attached_ifindex()?;
+    let attached = if ifindex == 0 {
+        "detached (it forwards nothing)".to_owned()
+    } else {
+        let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+        // SAFETY: `name` has IF_NAMESIZE bytes, as if_indextoname needs.
+        let found = unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr()) };
+        if found.is_null() {
+            format!("attached to interface index {ifindex}")
+        } else {
+            // SAFETY: if_indextoname wrote a NUL-terminated name.
+            let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) };
+            format!("attached to {}", name.to_string_lossy())
+        }
+    };
+    let mut out = format!(
+        "NO DAEMON ({why}): what the pinned dataplane in {} forwards, {attached}; \
+         no health check runs and nothing changes it until `xdplb run` adopts it\n",
+        pin_dir.display()
+    );
+    let mut vips = pinned.vips()?;
+    vips.sort_by_key(|(_, id)| *id);
+    let backends = pinned.backends()?;
+    let name_of = |key: &VipKey| {
+        config
+            .and_then(|c| c.vips.iter().find(|v| vip_key(v) == *key))
+            .map_or_else(|| "(not in the config)".to_owned(), |v| v.name.clone())
+    };
+    let n = vips.len();
+    out += &format!("{n} VIP{}\n", if n == 1 { "" } else { "s" });
+    for (key, id) in &vips {
+        out += &format!("VIP {} {}\n", name_of(key), endpoint(key));
+        let mut mine: Vec<(IpAddr, &'static str)> = backends
+            .iter()
+            .filter(|(_, b)| b.vip_id == *id)
+            .map(|(_, b)| (ip_of(b.addr, b.family), state_name(b.state)))
+            .collect();
+        mine.sort();
+        if mine.is_empty() {
+            out += "  no backend: its packets are dropped\n";
+        }
+        for (addr, state) in mine {
+            out += &format!("  {addr:<40} {state}\n");
+        }
+    }
+    Ok(out)
+}
