@@ -144,16 +144,20 @@ fn import(file: &Path, replace: bool, config_path: &Path) -> Result<()> {
         }
         let mut whole = config.clone();
         whole.vips = vips.clone();
-        whole
-            .validate()
-            .map_err(|e| anyhow!("{} with the store's VIPs does not fit {}: {e}", file.display(), config_path.display()))?;
+        whole.validate().map_err(|e| {
+            anyhow!(
+                "{} with the store's VIPs does not fit {}: {e}",
+                file.display(),
+                config_path.display()
+            )
+        })?;
         match store::write_vips(&mut client, &fleet.prefix, &base, &vips).await? {
             Some(revision) => println!(
-                "imported {} VIPs from {} into {} at etcd revision {revision} ({} VIPs in the fleet)",
-                imported.vip.len(),
+                "imported {} from {} into {} at etcd revision {revision} ({} in the fleet)",
+                super::count(imported.vip.len(), "VIP"),
                 file.display(),
                 fleet.prefix,
-                vips.len()
+                super::count(vips.len(), "VIP")
             ),
             None => println!("nothing to import: the store already holds these VIPs"),
         }
@@ -214,9 +218,10 @@ pub fn check_config(file: &Path, config: &Config) -> Result<()> {
         })?;
         let backends: usize = whole.vips.iter().map(|v| v.backends.len()).sum();
         println!(
-            "etcd {} revision {revision}: ok ({} VIPs, {backends} backends)",
+            "etcd {} revision {revision}: ok ({}, {})",
             fleet.prefix,
-            whole.vips.len()
+            super::count(whole.vips.len(), "VIP"),
+            super::count(backends, "backend")
         );
         Ok(())
     })
@@ -278,8 +283,8 @@ pub fn warning(f: &FleetStatus) -> Option<String> {
     }
     if !f.disagreements.is_empty() {
         return Some(format!(
-            "this host's checks disagree with the fleet on {} backends",
-            f.disagreements.len()
+            "this host's checks disagree with the fleet on {}",
+            super::count(f.disagreements.len(), "backend")
         ));
     }
     None

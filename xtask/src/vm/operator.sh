@@ -131,7 +131,18 @@ wait_for 10 journal_has "drain backend 198.18.210.4 of VIP web: accepted (asked 
 say "journal: $(journal | grep -m1 'drain backend 198.18.210.4 of VIP web')"
 wait_for 60 journal_has "backend 198.18.210.4 of VIP web .* is up" || fail "backend 198.18.210.4 never came up"
 
-# 8. Upgrade to a rebuilt package under the client's traffic.
+# 8. Stopped: the pinned dataplane goes on forwarding, and `xdplb status`
+#    shows what it forwards, marked as such (exit 3: not running).
+systemctl stop xdplb || fail "systemctl stop"
+xdplb status > /tmp/status.txt 2>&1
+rc=$?
+[ "$rc" = 3 ] || fail "xdplb status with the daemon stopped exited $rc: $(cat /tmp/status.txt)"
+grep -q "^NO DAEMON" /tmp/status.txt && grep -q "^VIP web 198.18.0.10:\*/tcp" /tmp/status.txt &&
+    grep -q "198.18.210.4 *up" /tmp/status.txt || fail "xdplb status while stopped: $(cat /tmp/status.txt)"
+say "status while stopped: $(tr '\n' '|' < /tmp/status.txt)"
+systemctl start xdplb || fail "systemctl start"
+
+# 9. Upgrade to a rebuilt package under the client's traffic.
 ready=""
 for i in $(seq 1 60); do
     ready=$(socat -t 60 -T 60 - TCP4:198.18.211.1:7001 2>/dev/null </dev/null) && [ -n "$ready" ] && break
@@ -150,7 +161,7 @@ case "$result" in
     *) fail "the upgrade broke connections: $result" ;;
 esac
 
-# 9. Remove: the daemon stops, the dataplane is detached, no dangling link.
+# 10. Remove: the daemon stops, the dataplane is detached, no dangling link.
 dpkg -r xdplb > /tmp/dpkg.log 2>&1 || fail "dpkg -r: $(cat /tmp/dpkg.log)"
 pgrep -x xdplb > /dev/null && fail "the daemon still runs after dpkg -r"
 no_dataplane || fail "the dataplane is still attached after dpkg -r"
@@ -159,7 +170,7 @@ dangling=$(find /etc/systemd/system -xtype l)
 [ -e /etc/xdplb/xdplb.toml ] || fail "dpkg -r removed the config"
 say "removed: daemon stopped, dataplane detached, config kept, no dangling links"
 
-# 10. Purge, from a running install.
+# 11. Purge, from a running install.
 dpkg_i /xdplb-test/xdplb_2.deb
 systemctl enable --now xdplb > /dev/null 2>&1 || fail "enable after reinstall"
 active || fail "not active after reinstall"
