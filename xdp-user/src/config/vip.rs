@@ -1,0 +1,229 @@
+//! A VIP, its backends and its health check, as the file writes them.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn number(self) -> u8 {
+        match self {
+            Self::Tcp => xdp_common::PROTO_TCP,
+            Self::Udp => xdp_common::PROTO_UDP,
+        }
+    }
+}
+
+/// How a VIP's packets reach its backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardingMode {
+    /// IPv4 in IPv4 (IPv4 VIP, IPv4 backends).
+    Ipip,
+    /// IPv6 in IPv6 (IPv6 VIP, IPv6 backends).
+    Ip6ip6,
+    /// IPv4 in IPv6 (IPv4 VIP, IPv6 backends).
+    Ip4ip6,
+    /// L2 direct server return (backends on the segment, MAC required).
+    L2dsr,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vip {
+    pub name: String,
+    pub address: IpAddr,
+    /// Omitted: every port of the address and protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub protocol: Protocol,
+    pub forwarding: ForwardingMode,
+    /// Hash on the client address only (client stickiness).
+    #[serde(default)]
+    pub source_hash: bool,
+    #[serde(default)]
+    pub health: HealthCheck,
+    #[serde(default, rename = "backend", skip_serializing_if = "Vec::is_empty")]
+    pub backends: Vec<BackendConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum InitialState {
+    /// In service: its checks decide (`fall` failures take it out).
+    #[default]
+    Up,
+    /// Held out whatever its checks say: no new flows, its flows placed
+    /// again. Checks still run, so its health shows.
+    Down,
+    /// Keeps existing flows, receives no new ones (a failed check takes
+    /// it down).
+    Drain,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Tunnel endpoint, and what health checks connect to.
+    pub address: IpAddr,
+    #[serde(default = "default_weight", deserialize_with = "weight_in_range")]
+    pub weight: u32,
+    /// Required for L2 DSR.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+    #[serde(default)]
+    pub state: InitialState,
+}
+
+fn default_weight() -> u32 {
+    100
+}
+
+/// A weight, with the real range in the error for any other integer.
+fn weight_in_range<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<u32, D::Error> {
+    let w = i64::deserialize(d)?;
+    u32::try_from(w)
+        .ok()
+        .filter(|w| *w <= MAX_WEIGHT)
+        .ok_or_else(|| {
+            serde::de::Error::custom(format!("weight {w} out of range 0..={MAX_WEIGHT}"))
+        })
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckKind {
+    /// TCP connect.
+    #[default]
+    Tcp,
+    /// HTTP GET, expecting a status.
+    Http,
+    /// UDP request, expecting a reply.
+    Udp,
+    /// No check: the backend keeps its configured state.
+    None,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    /// Port to check on the backend; default: the VIP's port.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    /// Consecutive successes that bring a down backend up.
+    pub rise: u32,
+    /// Consecutive failures that take an up backend down.
+    pub fall: u32,
+    /// Random extra delay (0..jitter) per check, so checks do not synchronise.
+    pub jitter_ms: u64,
+    /// HTTP: path to GET.
+    pub path: String,
+    /// HTTP: expected status.
+    pub expect_status: u16,
+    /// HTTP: Host header; default: the backend address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// UDP: request payload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub send: Option<String>,
+    /// UDP: the reply must start with this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expect: Option<String>,
+    /// TCP checks: a half-open SYN probe (true: no connection on the
+    /// backend, far cheaper at scale) or a full connect (false). Half-open
+    /// needs CAP_NET_RAW; without it checks connect.
+    pub half_open: bool,
+    /// Where a backend the daemon has not checked yet starts: `checked`
+    /// keeps it out of the ring until its first check passes; `up` puts it
+    /// in at once (until `fall` failures).
+    pub init_state: InitState,
+    /// Flap damping: a backend that changes state more than this many
+    /// times within `flap_window_ms` is held down for `flap_hold_ms`
+    /// after its last change. 0: off.
+    pub flap_limit: u32,
+    pub flap_window_ms: u64,
+    pub flap_hold_ms: u64,
+}
+
+/// Where a new backend starts (HAProxy's `init-state`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InitState {
+    /// Out of the ring until its first check passes.
+    #[default]
+    Checked,
+    /// In the ring at once.
+    Up,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            kind: CheckKind::Tcp,
+            port: None,
+            interval_ms: 1000,
+            timeout_ms: 500,
+            rise: 2,
+            fall: 3,
+            jitter_ms: 100,
+            path: "/".into(),
+            expect_status: 200,
+            host: None,
+            send: None,
+            expect: None,
+            half_open: true,
+            init_state: InitState::Checked,
+            flap_limit: 0,
+            flap_window_ms: 60_000,
+            flap_hold_ms: 60_000,
+        }
+    }
+}
+
+impl Vip {
+    /// `name (address:port/proto)` for messages.
+    pub fn label(&self) -> String {
+        format!("{} ({})", self.name, self.endpoint())
+    }
+
+    /// `address:port/proto`, `*` for a port-less VIP.
+    pub fn endpoint(&self) -> String {
+        let port = self.port.map_or("*".to_owned(), |p| p.to_string());
+        let proto = match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        match self.address {
+            IpAddr::V4(a) => format!("{a}:{port}/{proto}"),
+            IpAddr::V6(a) => format!("[{a}]:{port}/{proto}"),
+        }
+    }
+
+    /// The port health checks connect to, if any can be determined.
+    pub fn check_port(&self) -> Option<u16> {
+        self.health.port.or(self.port)
+    }
+}
