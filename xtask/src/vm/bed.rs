@@ -1,0 +1,161 @@
+//! The network bed: guests on a bridge of multiqueue taps in a namespace
+//! of its own (the segment's router), and the run of the LB, backends,
+//! generator and client guests.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::Result;
+
+use super::*;
+
+/// The guests' network: a bridge and multiqueue taps in a namespace of
+/// its own, removed on drop (nothing reaches the host's network).
+pub(super) struct Bed {
+    pub(super) netns: String,
+}
+
+impl Bed {
+    pub(super) fn create(taps: &[&str]) -> Result<Self> {
+        let netns = format!("xdplb-vm-{}", std::process::id());
+        sh(Command::new("ip").args(["netns", "add", &netns]))?;
+        let bed = Self { netns };
+        let ip = |args: &[&str]| sh(Command::new("ip").args(["-n", &bed.netns]).args(args));
+        ip(&["link", "set", "lo", "up"])?;
+        // The bridge is also the segment's router (198.18.210.254, a
+        // fixed MAC the LB's gateway_mac names): tunnel packets to each
+        // backend go through it, as through a real router.
+        ip(&[
+            "link",
+            "add",
+            "br0",
+            "address",
+            "52:54:00:00:01:fe",
+            "mtu",
+            "1600",
+            "type",
+            "bridge",
+        ])?;
+        ip(&["addr", "add", "198.18.210.254/24", "dev", "br0"])?;
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:d2::fe/64",
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
+        ip(&["link", "set", "br0", "up"])?;
+        sh(Command::new("ip")
+            .args(["netns", "exec", &bed.netns, "sysctl", "-q", "-w"])
+            .args([
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+                "net.ipv4.conf.all.send_redirects=0",
+                "net.ipv4.conf.br0.send_redirects=0",
+                "net.ipv4.conf.all.rp_filter=0",
+                "net.ipv4.conf.br0.rp_filter=0",
+            ]))?;
+        // The clients' segment, behind the router, with a narrower link
+        // (MTU 1400) than the client's own (1500): a backend's full-size
+        // replies get "fragmentation needed" from the router, sent to the
+        // VIP, which only the LB can hand to the right backend.
+        ip(&["link", "add", "br1", "type", "bridge"])?;
+        ip(&["addr", "add", "198.18.211.254/24", "dev", "br1"])?;
+        ip(&[
+            "-6",
+            "addr",
+            "add",
+            "2001:db8:d3::fe/64",
+            "dev",
+            "br1",
+            "nodad",
+        ])?;
+        // The VIPs live behind the LB.
+        ip(&["route", "add", "198.18.0.10/32", "via", "198.18.210.2"])?;
+        ip(&[
+            "-6",
+            "route",
+            "add",
+            "2001:db8::53/128",
+            "via",
+            "2001:db8:d2::2",
+        ])?;
+        for tap in taps {
+            let (bridge, mtu) = if tap.contains("client") {
+                ("br1", "1500")
+            } else {
+                ("br0", "1600")
+            };
+            ip(&["tuntap", "add", "dev", tap, "mode", "tap", "multi_queue"])?;
+            ip(&["link", "set", tap, "mtu", mtu, "master", bridge, "up"])?;
+        }
+        ip(&["link", "set", "br1", "mtu", "1400", "up"])?;
+        Ok(bed)
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+    }
+}
+
+/// Boot the network bed's guests (LB, two backends, generator, client) on
+/// a bridge of taps; their consoles, once the client and the generator are
+/// done.
+pub(super) fn run_bed(vmlinuz: &Path, initrd: &Path) -> Result<Vec<(&'static str, String)>> {
+    let bed = Bed::create(&["tap-client", "tap-lb", "tap-b1", "tap-b2", "tap-gen"])?;
+    let guests = [
+        ("lb", "52:54:00:00:01:02", "tap-lb"),
+        ("backend", "52:54:00:00:01:03", "tap-b1"),
+        ("backend", "52:54:00:00:01:04", "tap-b2"),
+        ("gen", "52:54:00:00:01:05", "tap-gen"),
+        ("client", "52:54:00:00:01:01", "tap-client"),
+    ]
+    .into_iter()
+    .map(|(role, mac, tap)| {
+        Guest::boot(
+            vmlinuz,
+            initrd,
+            role,
+            &[(mac, Nic::Tap(tap.into()))],
+            Some(&bed.netns),
+        )
+        .map(|g| (role, g))
+    })
+    .collect::<Result<Vec<_>>>()?;
+    // The client and the generator decide: each powers off when done.
+    let mut consoles = Vec::new();
+    let mut rest = Vec::new();
+    for (role, guest) in guests {
+        if role == "client" || role == "gen" {
+            consoles.push((role, guest.finish(GUEST_LIMIT).0));
+        } else {
+            rest.push((role, guest));
+        }
+    }
+    for (role, guest) in rest {
+        consoles.push((role, guest.finish(Duration::ZERO).0));
+    }
+    drop(bed);
+    Ok(consoles)
+}
+
+/// A guest whose kernel panicked for QEMU TCG's sake, not the project's:
+/// before /init started its role, or at any time on an `int3` oops outside
+/// any BPF program (TCG racing the kernel's live text patching: seen with
+/// Debian's 6.12 in `sched_clock_cpu` while booting and in
+/// `secure_tcpv6_seq_and_ts_off` on a backend guest that runs no XDP).
+pub(super) fn panicked_for_tcg(consoles: &[(&'static str, String)]) -> Option<&'static str> {
+    consoles
+        .iter()
+        .find(|(_, c)| {
+            c.contains("Kernel panic")
+                && (!c.contains("XDPLB-VM: kernel ")
+                    || (c.contains("Oops: int3") && !c.contains("bpf_prog_")))
+        })
+        .map(|(role, _)| *role)
+}
