@@ -336,7 +336,11 @@ pub(super) fn status(socket: &Path, json: bool) -> ExitCode {
                 || crate::config::Daemon::default().pin_dir,
                 |c| c.daemon.pin_dir.clone(),
             );
-            let why = format!("{:#}", no_daemon.root_cause());
+            let why = format!(
+                "none answers on {}: {}",
+                socket.display(),
+                no_daemon.root_cause()
+            );
             return match pinned::report(&pin_dir, config.as_ref(), &why) {
                 Ok(report) if !json => {
                     print!("{report}");
