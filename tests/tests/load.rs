@@ -577,7 +577,7 @@ fn a_check_that_cannot_run_here_is_not_the_backends_fault() {
             .1
             .lines()
             .any(|l| l.starts_with("xdplb_health_check_errors_total{vip=")
-                && l.contains("backend=\"198.18.1.1\",kind=\"no_route\"}")),
+                && l.contains("backend=\"198.19.5.5\",kind=\"no_route\"}")),
         "kind no_route, by VIP and backend"
     );
     // The router's answer is the backend's failure.

@@ -97,8 +97,12 @@ fn the_debian_package_installs_verifies_and_removes_keeping_the_config() {
     // the libraries it and xdplb link. There is no systemd in it, so the
     // scripts' systemctl steps are skipped (the VM bed's operator host runs
     // them under a real systemd). No dpkg package provides libc here.
-    let mut files = vec![std::path::PathBuf::from("/bin/sh"), "/bin/dash".into()];
-    for binary in [Path::new("/bin/dash"), xdplb_bin()] {
+    let mut files = vec![
+        std::path::PathBuf::from("/bin/sh"),
+        "/bin/dash".into(),
+        "/bin/rm".into(),
+    ];
+    for binary in [Path::new("/bin/dash"), Path::new("/bin/rm"), xdplb_bin()] {
         let libs = sh(Command::new("ldd").arg(binary)).unwrap();
         files.extend(
             libs.split_whitespace()

@@ -298,9 +298,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
         vips = config.vips.len(),
         checks = checks.len(),
         fd_limit,
-        "running: {} VIPs, {} health checks",
-        config.vips.len(),
-        checks.len()
+        "running: {}, {}",
+        crate::cli::count(config.vips.len(), "VIP"),
+        crate::cli::count(checks.len(), "health check")
     );
 
     let mut manager = crate::service::Manager::from_env();

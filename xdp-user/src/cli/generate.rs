@@ -15,7 +15,9 @@ pub(super) fn generate(out: &Path) -> Result<()> {
     for dir in [&man, &completions] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let mut cmd = Cli::command();
+    // No `help` subcommand: it has no page, so none may list or link it
+    // (`xdplb help` and `--help` still work; this tree only renders).
+    let mut cmd = Cli::command().disable_help_subcommand(true);
     cmd.build();
     /// The page of `cmd` (named by its `path` of command words) and of
     /// each of its subcommands.
@@ -25,13 +27,8 @@ pub(super) fn generate(out: &Path) -> Result<()> {
             return Ok(());
         }
         let name = path.join("-");
-        // The synopsis reads as typed (`xdplb check-config`), and no page
-        // lists or links the `help` command, which has no page.
-        let page = cmd
-            .clone()
-            .name(name.clone())
-            .bin_name(path.join(" "))
-            .disable_help_subcommand(true);
+        // The synopsis reads as typed (`xdplb check-config`).
+        let page = cmd.clone().name(name.clone()).bin_name(path.join(" "));
         let mut text = Vec::new();
         clap_mangen::Man::new(page)
             .section("8")

@@ -64,7 +64,11 @@ impl BackendHealth {
             damped_until: None,
             local_in_a_row: 0,
             last_local_error: None,
-            local_errors: BTreeMap::new(),
+            // Every kind from 0: the series exist before the first error.
+            local_errors: crate::health::LOCAL_ERROR_KINDS
+                .iter()
+                .map(|k| (*k, 0))
+                .collect(),
         }
     }
 
