@@ -51,7 +51,7 @@ fn attaches_natively_and_generically_and_explains_refusals() {
             .expect_err("veth cannot offload");
         let msg = format!("{err:#}");
         assert!(
-            msg.contains("lb1") && msg.contains("Offload"),
+            msg.contains("lb1") && msg.contains("offload mode"),
             "error names interface and mode: {msg}"
         );
 

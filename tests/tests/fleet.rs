@@ -108,7 +108,7 @@ fn a_change_on_one_host_reaches_every_host() {
     ));
     let status = text(&cli(&bed, 1, &["status"]));
     assert!(
-        status.contains("fleet /xdplb/edge as lb1 (health rule Any)")
+        status.contains("fleet /xdplb/edge as lb1 (health rule any)")
             && status.contains("store connected")
             && status.contains("hosts: lb0, lb1, lb2"),
         "{status}"

@@ -765,7 +765,7 @@ fn a_refused_start_leaves_nothing_behind() {
     }
     .write(&files.config);
     let out = run();
-    fails(&out, "attaching xdp_lb to lb0 in Offload mode failed");
+    fails(&out, "attaching xdp_lb to lb0 in offload mode failed");
     assert!(!files.pins.0.exists(), "pins left behind");
     assert!(!files.socket.exists(), "socket left behind");
     assert_eq!(xdp_prog(&ns, "lb0"), None);

@@ -212,7 +212,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let (adopted_link, adopted_state) = adopted;
     info!(
         interface = %config.interface,
-        mode = ?config.xdp_mode,
+        mode = %config.xdp_mode,
         pin_dir = %pin_dir.display(),
         adopted_maps,
         adopted_link,

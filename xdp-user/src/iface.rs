@@ -25,6 +25,19 @@ pub enum XdpMode {
     Multiple,
 }
 
+/// As `ip link` and the config say it: `native` (driver), `generic`,
+/// `offload`, `multiple`.
+impl std::fmt::Display for XdpMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Driver => "native",
+            Self::Generic => "generic",
+            Self::Offload => "offload",
+            Self::Multiple => "multiple",
+        })
+    }
+}
+
 /// One interface as rtnetlink reports it.
 #[derive(Clone, Debug, Default)]
 pub struct Interface {
@@ -373,7 +386,7 @@ pub fn tx_delivers(iface: &Interface) -> std::result::Result<(), String> {
     };
     let what = match peer.xdp {
         Some((_, XdpMode::Driver)) => return Ok(()),
-        Some((_, mode)) => format!("runs its XDP program in {mode:?} mode, not in the driver"),
+        Some((_, mode)) => format!("runs its XDP program in {mode} mode, not in the driver"),
         None => "runs no XDP program".to_owned(),
     };
     Err(format!(

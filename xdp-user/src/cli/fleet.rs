@@ -243,7 +243,7 @@ pub fn print_status(f: &FleetStatus) {
         )
     };
     println!(
-        "fleet {} as {} (health rule {:?}): running etcd revision {} (seen {}), {store}",
+        "fleet {} as {} (health rule {}): running etcd revision {} (seen {}), {store}",
         f.prefix, f.host, f.rule, f.revision, f.store_revision
     );
     println!("  hosts: {}", f.hosts.join(", "));

@@ -19,6 +19,8 @@ pub enum HealthRule {
     Majority,
 }
 
+crate::display_as_written!(HealthRule);
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fleet {

@@ -226,7 +226,7 @@ impl Config {
                 problem(
                     at.clone(),
                     format!(
-                        "forwarding {:?} needs an IPv{} VIP address",
+                        "forwarding {} needs an IPv{} VIP address",
                         vip.forwarding,
                         if vip_v4 == Some(true) { 4 } else { 6 }
                     ),
@@ -259,7 +259,7 @@ impl Config {
                     problem(
                         bat.clone(),
                         format!(
-                            "forwarding {:?} needs an IPv{} backend address",
+                            "forwarding {} needs an IPv{} backend address",
                             vip.forwarding,
                             if backend_v4 == Some(true) { 4 } else { 6 }
                         ),

@@ -42,12 +42,12 @@ pub fn attach_xdp(
                     "{iface} already has an XDP program (id {id}, {m:?} mode); the kernel \
                      allows one"
                 ),
-                None => format!("does {iface}'s driver support {mode:?} mode? try generic"),
+                None => format!("does {iface}'s driver support {mode} mode? try generic"),
             },
             Err(q) => format!("and asking the kernel about {iface} failed too: {q:#}"),
         };
         anyhow!(e).context(format!(
-            "attaching {name} to {iface} in {mode:?} mode failed: {why}"
+            "attaching {name} to {iface} in {mode} mode failed: {why}"
         ))
     })
 }
@@ -142,7 +142,7 @@ impl Attachment {
         if let Some((prog_id, xdp_mode)) = iface.xdp {
             if !replace {
                 bail!(
-                    "interface {iface_name} already runs an XDP program (id {prog_id}, {xdp_mode:?} \
+                    "interface {iface_name} already runs an XDP program (id {prog_id}, {xdp_mode} \
                      mode) that {} does not hold; it is never replaced silently: remove it \
                      (`ip link set dev {iface_name} xdp off`, or `bpftool link detach` when a \
                      bpf_link holds it) or start with --replace",

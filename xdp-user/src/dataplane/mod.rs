@@ -139,6 +139,17 @@ impl AttachMode {
     }
 }
 
+/// As the config writes it: `native`, `generic`, `offload`.
+impl std::fmt::Display for AttachMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Native => "native",
+            Self::Generic => "generic",
+            Self::Offload => "offload",
+        })
+    }
+}
+
 impl std::str::FromStr for AttachMode {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
