@@ -432,7 +432,7 @@ fn daemon_follows_health_and_serves_every_cli_command() {
                 "gre",
             ],
         ),
-        "unknown forwarding mode",
+        "invalid value 'gre' for '--forwarding <FORWARDING>'\n  [possible values: ipip, ip6ip6, ip4ip6, l2dsr]",
     );
     assert_eq!(
         std::fs::read_to_string(&config_path).unwrap(),
