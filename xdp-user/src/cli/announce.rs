@@ -132,7 +132,8 @@ pub(super) fn announce_check(config: &Path, addresses: &[IpAddr]) -> ExitCode {
                 missing.is_empty()
             };
             if ok {
-                println!("announced: {have:?}");
+                let list: Vec<String> = have.iter().map(ToString::to_string).collect();
+                println!("announced: {}", list.join(", "));
                 ExitCode::SUCCESS
             } else {
                 println!("not announced: {}", missing.join(", "));

@@ -132,7 +132,8 @@ pub(super) fn detach(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Resul
     if let Some(c) = announce.filter(|c| c.announce.enabled) {
         let gone = crate::announce::withdraw_all((&c.announce).into(), &mut owned_routes(&c)?)?;
         if !gone.is_empty() {
-            println!("withdrew the announcements of {gone:?}");
+            let list: Vec<String> = gone.iter().map(ToString::to_string).collect();
+            println!("withdrew the announcements of {}", list.join(", "));
         }
     }
     if crate::dataplane::detach(&dir)? {
