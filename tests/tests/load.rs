@@ -706,7 +706,9 @@ fn a_flapping_backend_is_held_down() {
             || body.contains("xdplb_backend_flap_damped{backend=\"198.18.1.2\",vip=\"web\"} 1"),
         "{body}"
     );
-    assert!(daemon.log_text().contains("held down by flap damping"));
+    assert!(
+        daemon.log_text().contains("is flapping") && daemon.log_text().contains("by flap damping")
+    );
     // The hold ends: back in.
     wait_for(Duration::from_secs(5), || {
         (backend_state(&files.socket, "web", "198.18.1.2") == "up").then_some(())
