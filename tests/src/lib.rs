@@ -9,6 +9,7 @@ pub mod katran;
 pub mod netns;
 pub mod ops;
 pub mod packet;
+pub mod prometheus;
 pub mod topology;
 
 use anyhow::{Context as _, Result};

@@ -13,6 +13,7 @@ use integration_tests::{
     daemon::{run_in, wait_for, xdplb},
     fleet,
     ha::{lb_addr, Broken, Ecmp, RouteWatch, Speaker, Tally, Traffic},
+    prometheus::{dashboard, Prometheus},
     require_root,
 };
 
@@ -76,6 +77,26 @@ fn on_host(bed: &Ecmp, j: usize, args: &[&str]) -> std::process::Output {
         .expect("xdplb in LB's namespace")
 }
 
+/// The dashboard's fleet row, empty on a host without `[fleet]`, has data
+/// from a fleet member (Debian's Prometheus scraping LB 1).
+fn fleet_panels_have_data(bed: &Ecmp) {
+    let scratch = integration_tests::Scratch::new("fleet-prometheus");
+    let prom = Prometheus::start(&bed.sys.topo.lbs[1].ns, &scratch.0, "127.0.0.1:9477");
+    let (_, panels) = dashboard();
+    let fleet: Vec<_> = panels.iter().filter(|p| p.fleet_only).collect();
+    assert!(fleet.len() >= 6, "the dashboard's fleet panels");
+    let empty: Vec<_> = fleet
+        .iter()
+        .filter(|p| !prom.has_data(&p.expr))
+        .map(|p| (&p.title, &p.expr))
+        .collect();
+    assert!(
+        empty.is_empty(),
+        "fleet panels without data on a fleet member: {empty:#?}"
+    );
+    let _ = std::fs::remove_dir_all(&scratch.0);
+}
+
 fn text(o: &std::process::Output) -> String {
     format!(
         "{}{}",
@@ -117,6 +138,7 @@ fn a_change_on_one_host_reaches_every_host() {
         .map(|j| fleet_status(&bed, j)["revision"].as_i64().unwrap_or(-1))
         .collect();
     assert!(revs.iter().all(|r| *r == revs[0] && *r > 0), "{revs:?}");
+    fleet_panels_have_data(&bed);
 
     // A compare-and-swap conflict: a writer read revision R; someone else
     // changed the VIP since; the writer's transaction writes nothing.

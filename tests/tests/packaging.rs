@@ -13,6 +13,7 @@ use integration_tests::{
     daemon::{wait_for, xdplb_bin, Daemon},
     netns::sh,
     ops::{fails, http_get, servers, topology, Cfg, Files},
+    prometheus::{dashboard, packaging, Prometheus},
     require_root, Scratch,
 };
 
@@ -21,10 +22,6 @@ fn root() -> PathBuf {
         .parent()
         .expect("workspace root")
         .to_owned()
-}
-
-fn packaging(file: &str) -> PathBuf {
-    root().join("packaging").join(file)
 }
 
 /// `cargo xtask package`; the .deb it built.
@@ -263,18 +260,6 @@ fn alert_rules_check_and_fire_as_their_tests_say() {
     assert!(out.contains("SUCCESS"), "{out}");
 }
 
-/// Percent-encode a PromQL query for a URL.
-fn encode(q: &str) -> String {
-    q.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 #[test]
 fn every_dashboard_panel_and_alert_query_returns_data_from_a_real_prometheus() {
     if !require_root() {
@@ -287,99 +272,17 @@ fn every_dashboard_panel_and_alert_query_returns_data_from_a_real_prometheus() {
     let ns = topology("grafana");
     let _backends = servers(&ns, &["198.18.1.1", "198.18.1.2"]);
     let daemon = Daemon::start(&ns, &files.config, &files.socket, files.log("d.log")).unwrap();
-
     // Prometheus (Debian's) in the namespace, scraping the daemon every
     // second and loading the alert rules.
-    let prom = files.scratch.0.join("prometheus.yml");
-    std::fs::write(
-        &prom,
-        format!(
-            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\n\
-             scrape_configs:\n  - job_name: xdplb\n    static_configs:\n      - targets: ['127.0.0.1:9477']\n",
-            packaging("xdplb-alerts.yml").display()
-        ),
-    )
-    .unwrap();
-    let log = std::fs::File::create(files.log("prometheus.log")).unwrap();
-    let mut prometheus = Command::new("ip")
-        .args(["netns", "exec", &ns.name, "prometheus"])
-        .arg(format!("--config.file={}", prom.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            files.scratch.0.join("tsdb").display()
-        ))
-        .arg("--web.listen-address=127.0.0.1:9090")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let prom_log = || std::fs::read_to_string(files.log("prometheus.log")).unwrap_or_default();
-    let listening = wait_for(Duration::from_secs(30), || {
-        prom_log()
-            .contains("Server is ready to receive web requests")
-            .then_some(())
-    });
-    assert!(
-        listening.is_some(),
-        "Prometheus did not start:\n{}",
-        prom_log()
-    );
-    let query = |q: &str| -> serde_json::Value {
-        let (_, body) = http_get(
-            &ns,
-            "127.0.0.1:9090",
-            &format!("/api/v1/query?query={}", encode(q)),
-        );
-        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null)
-    };
-    // Enough scrapes for rates over a minute.
-    let scraped = wait_for(Duration::from_secs(30), || {
-        (query("count_over_time(up{job=\"xdplb\"}[1m])")["data"]["result"][0]["value"][1]
-            .as_str()
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            >= 4.0)
-            .then_some(())
-    });
-    assert!(
-        scraped.is_some(),
-        "Prometheus did not scrape:\n{}",
-        prom_log()
-    );
+    let prom = Prometheus::start(&ns, &files.scratch.0, "127.0.0.1:9477");
 
-    let dashboard: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(packaging("grafana-dashboard.json")).unwrap(),
-    )
-    .unwrap();
     // An instance variable (HA hosts are several) that every query uses.
+    let (dashboard, panels) = dashboard();
     let variables = dashboard["templating"]["list"].as_array().unwrap();
     assert!(
         variables.iter().any(|v| v["name"] == "instance"),
         "no instance variable"
     );
-    let mut exprs = Vec::new();
-    for panel in dashboard["panels"].as_array().unwrap() {
-        if panel["type"] == "row" {
-            continue;
-        }
-        // Fleet panels have data on fleet members only (tests/tests/fleet.rs
-        // reads those metrics from real ones).
-        let fleet_only = panel["description"]
-            .as_str()
-            .is_some_and(|d| d.starts_with("Fleet members only"));
-        for target in panel["targets"].as_array().unwrap() {
-            let expr = target["expr"].as_str().unwrap();
-            assert!(
-                expr.contains("$instance"),
-                "{expr} ignores the instance variable"
-            );
-            exprs.push((
-                panel["title"].as_str().unwrap().to_owned(),
-                expr.replace("$instance", ".+"),
-                fleet_only,
-            ));
-        }
-    }
     // A panel for every metric family the daemon exports.
     let (_, metrics) = http_get(&ns, "127.0.0.1:9477", "/metrics");
     let families: Vec<&str> = metrics
@@ -389,8 +292,9 @@ fn every_dashboard_panel_and_alert_query_returns_data_from_a_real_prometheus() {
         .collect();
     assert!(families.len() >= 30, "{metrics}");
     let shown = |family: &str| {
-        exprs.iter().any(|(_, e, _)| {
-            e.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        panels.iter().any(|p| {
+            p.expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .any(|w| w == family || w.strip_suffix("_total") == Some(family))
         })
     };
@@ -399,19 +303,17 @@ fn every_dashboard_panel_and_alert_query_returns_data_from_a_real_prometheus() {
         missing.is_empty(),
         "metric families on no panel: {missing:?}"
     );
-    // None empty on a default host.
-    let empty: Vec<_> = exprs
+    // None empty on a default host (the fleet row has data on fleet
+    // members: tests/tests/fleet.rs queries it there).
+    let empty: Vec<_> = panels
         .iter()
-        .filter(|(_, _, fleet_only)| !fleet_only)
-        .filter(|(_, e, _)| {
-            let r = query(e);
-            r["status"] != "success" || r["data"]["result"].as_array().is_none_or(|a| a.is_empty())
-        })
+        .filter(|p| !p.fleet_only && !prom.has_data(&p.expr))
+        .map(|p| (&p.title, &p.expr))
         .collect();
     assert!(empty.is_empty(), "panels without data: {empty:#?}");
 
     // Prometheus loaded every alert rule and evaluates it without error.
-    let (_, body) = http_get(&ns, "127.0.0.1:9090", "/api/v1/rules");
+    let body = prom.get("/api/v1/rules");
     let rules: serde_json::Value = serde_json::from_str(&body).unwrap();
     let loaded: Vec<&serde_json::Value> = rules["data"]["groups"][0]["rules"]
         .as_array()
@@ -421,15 +323,14 @@ fn every_dashboard_panel_and_alert_query_returns_data_from_a_real_prometheus() {
     let unhealthy: Vec<_> = loaded.iter().filter(|r| r["health"] != "ok").collect();
     assert!(
         wait_for(Duration::from_secs(5), || {
-            let (_, body) = http_get(&ns, "127.0.0.1:9090", "/api/v1/rules");
+            let body = prom.get("/api/v1/rules");
             (!body.contains("\"health\":\"err\"") && body.contains("\"health\":\"ok\""))
                 .then_some(())
         })
         .is_some(),
         "{unhealthy:?}"
     );
-    let _ = prometheus.kill();
-    let _ = prometheus.wait();
+    drop(prom);
     daemon.stop().unwrap();
 }
 
