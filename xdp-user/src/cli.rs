@@ -50,14 +50,16 @@ struct Client {
 
 /// The admin socket a client command talks to: `--socket`, else
 /// `$XDPLB_SOCKET`, else the default config's `api.socket`, else the
-/// default path.
+/// default path. The key is read from the file as TOML, not as a valid
+/// config: `xdplb reload` of a file the daemon will refuse must still reach
+/// the daemon that says why.
 fn socket_path(given: Option<PathBuf>) -> PathBuf {
     given
         .or_else(|| std::env::var_os("XDPLB_SOCKET").map(PathBuf::from))
         .or_else(|| {
-            Config::load(Path::new(DEFAULT_CONFIG))
-                .ok()
-                .map(|c| c.api.socket)
+            let text = crate::config::read_bounded(Path::new(DEFAULT_CONFIG)).ok()?;
+            let table: toml::Table = toml::from_str(&text).ok()?;
+            table.get("api")?.get("socket")?.as_str().map(PathBuf::from)
         })
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }

@@ -51,6 +51,11 @@ max_flows = 4096
 [forwarding]
 gateway_mac = "52:54:00:00:01:fe"
 
+# Not the default path: a reload of a file the daemon refuses must still
+# find it (the CLI reads this key from a file that does not validate).
+[api]
+socket = "/run/xdplb/ops.sock"
+
 [[vip]]
 name = "web"
 address = "198.18.0.10"
