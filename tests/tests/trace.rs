@@ -11,7 +11,7 @@ use std::{
 };
 
 use integration_tests::{
-    daemon::xdplb_bin,
+    daemon::{wait_for, xdplb_bin},
     e2e::{http_get, System},
     require_root,
 };
@@ -69,6 +69,18 @@ fn trace_names_each_decision_it_was_asked_for_and_turns_itself_off() {
     }
     let sys = System::start_with("trace", 1, 2, vec![VIP4], &[], false).unwrap();
     sys.wait_checked(Duration::from_secs(10)).unwrap();
+    // Backends whose first checks pass in different windows change the
+    // ring in between: its changed slots consult conntrack (a SYN there is
+    // placed `flow_new`) until the sweeper settles them.
+    let settled = wait_for(Duration::from_secs(30), || {
+        let s = sys.status(0).ok()?;
+        (s["changed_slots"] == serde_json::json!([0, 0])).then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "changed ring slots never settled: {:?}",
+        sys.status(0)
+    );
     let pinned = Pinned::new(&sys.pins[0].0);
     let client = sys.topo.clients[0].v4;
 
