@@ -190,10 +190,7 @@ fn data<T: serde::de::DeserializeOwned>(value: Option<serde_json::Value>) -> Res
 }
 
 /// A config enum as the config file spells it (`ipip`, `http`, ...).
-/// `n` things, as a sentence says it: "1 VIP", "3 VIPs", "0 backends".
-pub(crate) fn count(n: usize, noun: &str) -> String {
-    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
-}
+pub(crate) use crate::count;
 
 /// The packaging step that writes the man pages, completions and the
 /// configuration reference: `xdplb __generate DIR`. Not a clap command, so

@@ -299,8 +299,8 @@ pub async fn run(options: RunOptions) -> Result<()> {
         checks = checks.len(),
         fd_limit,
         "running: {}, {}",
-        crate::cli::count(config.vips.len(), "VIP"),
-        crate::cli::count(checks.len(), "health check")
+        crate::count(config.vips.len(), "VIP"),
+        crate::count(checks.len(), "health check")
     );
 
     let mut manager = crate::service::Manager::from_env();

@@ -17,6 +17,12 @@ macro_rules! display_as_written {
     )*};
 }
 
+/// `n` things, as a sentence says it: "1 VIP", "3 VIPs", "0 backends"
+/// (the CLI's output and the daemon's log lines).
+pub fn count(n: usize, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
+}
+
 pub mod announce;
 pub mod api;
 pub mod cli;

@@ -22,8 +22,8 @@ pub(super) fn generate(out: &Path) -> Result<()> {
     /// The page of `cmd` (named by its `path` of command words) and of
     /// each of its subcommands.
     fn pages(cmd: &clap::Command, path: &[&str], dir: &Path, written: &mut usize) -> Result<()> {
-        // Hidden commands and clap's own `help` get no page.
-        if cmd.is_hide_set() || cmd.get_name() == "help" {
+        // Hidden commands get no page (the tree has no `help` command).
+        if cmd.is_hide_set() {
             return Ok(());
         }
         let name = path.join("-");

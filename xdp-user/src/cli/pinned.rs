@@ -5,36 +5,23 @@
 use std::{net::IpAddr, path::Path};
 
 use anyhow::Result;
-use xdp_common::{backend_state, VipKey, FAMILY_V4, PROTO_TCP};
+use xdp_common::{VipKey, PROTO_TCP};
 
 use crate::{
-    config::Config,
-    controller::{ip_of, vip_key},
+    config::{endpoint, Config, Protocol},
+    controller::{ip_of, state_name, vip_key},
     dataplane::trace::Pinned,
 };
 
-fn state_name(state: u32) -> &'static str {
-    match state {
-        backend_state::UP => "up",
-        backend_state::DOWN => "down",
-        backend_state::DRAINING => "drain",
-        _ => "unused",
-    }
-}
-
-/// `198.18.0.10:80/tcp`, `[2001:db8::53]:*/udp`.
-fn endpoint(key: &VipKey) -> String {
-    let addr = ip_of(key.addr, u32::from(key.family));
-    let port = match u16::from_be(key.port) {
-        0 => "*".to_owned(),
-        p => p.to_string(),
-    };
-    let proto = if key.proto == PROTO_TCP { "tcp" } else { "udp" };
-    if key.family == FAMILY_V4 {
-        format!("{addr}:{port}/{proto}")
+/// `198.18.0.10:80/tcp` of a VIP's key in the dataplane.
+fn endpoint_of(key: &VipKey) -> String {
+    let port = Some(u16::from_be(key.port)).filter(|p| *p != 0);
+    let protocol = if key.proto == PROTO_TCP {
+        Protocol::Tcp
     } else {
-        format!("[{addr}]:{port}/{proto}")
-    }
+        Protocol::Udp
+    };
+    endpoint(ip_of(key.addr, u32::from(key.family)), port, protocol)
 }
 
 /// The report: a header saying whose view this is, then each VIP of the
@@ -72,7 +59,7 @@ pub fn report(pin_dir: &Path, config: Option<&Config>, why: &str) -> Result<Stri
     let n = vips.len();
     out += &format!("{n} VIP{}\n", if n == 1 { "" } else { "s" });
     for (key, id) in &vips {
-        out += &format!("VIP {} {}\n", name_of(key), endpoint(key));
+        out += &format!("VIP {} {}\n", name_of(key), endpoint_of(key));
         let mut mine: Vec<(IpAddr, &'static str)> = backends
             .iter()
             .filter(|(_, b)| b.vip_id == *id)

@@ -24,7 +24,8 @@ use problem::type_errors;
 pub use problem::{Invalid, Problem};
 use serde::{Deserialize, Serialize};
 pub use vip::{
-    BackendConfig, CheckKind, ForwardingMode, HealthCheck, InitState, InitialState, Protocol, Vip,
+    endpoint, BackendConfig, CheckKind, ForwardingMode, HealthCheck, InitState, InitialState,
+    Protocol, Vip,
 };
 
 use crate::dataplane::{AttachMode, Sizes};

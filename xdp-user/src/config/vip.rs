@@ -203,6 +203,16 @@ impl Default for HealthCheck {
     }
 }
 
+/// How a VIP is written in status and logs: `198.18.0.10:80/tcp`,
+/// `[2001:db8::53]:*/udp` (no port: every port).
+pub fn endpoint(address: IpAddr, port: Option<u16>, protocol: Protocol) -> String {
+    let port = port.map_or("*".to_owned(), |p| p.to_string());
+    match address {
+        IpAddr::V4(a) => format!("{a}:{port}/{protocol}"),
+        IpAddr::V6(a) => format!("[{a}]:{port}/{protocol}"),
+    }
+}
+
 impl Vip {
     /// `name (address:port/proto)` for messages.
     pub fn label(&self) -> String {
@@ -211,15 +221,7 @@ impl Vip {
 
     /// `address:port/proto`, `*` for a port-less VIP.
     pub fn endpoint(&self) -> String {
-        let port = self.port.map_or("*".to_owned(), |p| p.to_string());
-        let proto = match self.protocol {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        };
-        match self.address {
-            IpAddr::V4(a) => format!("{a}:{port}/{proto}"),
-            IpAddr::V6(a) => format!("[{a}]:{port}/{proto}"),
-        }
+        endpoint(self.address, self.port, self.protocol)
     }
 
     /// The port health checks connect to, if any can be determined.

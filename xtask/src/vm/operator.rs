@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{Context as _, Result};
 
 use super::{result_lines, sh, Bed, Guest, Nic};
 
@@ -173,8 +173,5 @@ pub fn run(
         }
     }
     lines.push(format!("operator's host ran {:.0} s", took.as_secs_f64()));
-    if lines.is_empty() {
-        return Err(anyhow!("the operator's host said nothing"));
-    }
     Ok((passed, lines))
 }
