@@ -5,8 +5,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::Result;
 use xdp_common::{
-    backend_state, flow_hash, fwd, reason, Backend, Config, FlowKey, VipKey, FAMILY_V4, FAMILY_V6,
-    NO_BACKEND, PROTO_TCP, PROTO_UDP, VIP_F_SOURCE_HASH, XDP_PASS,
+    backend_state, flow_hash, fwd, reason, ring_hash, Backend, Config, FlowKey, VipKey, FAMILY_V4,
+    FAMILY_V6, NO_BACKEND, PROTO_TCP, PROTO_UDP, VIP_F_SOURCE_HASH, XDP_PASS,
 };
 use xdp_user::dataplane::{addr_bytes, Dataplane, Sizes};
 
@@ -242,7 +242,7 @@ pub fn flow(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, proto: u8) -> Flow
 
 /// The backend the ring `ring` gives a new flow of `vip`.
 pub fn predicted_backend(vip: &LabVip, ring: &[u32], key: &FlowKey) -> u32 {
-    let hash = flow_hash(key, vip.flags & VIP_F_SOURCE_HASH != 0);
+    let hash = ring_hash(key, vip.flags, flow_hash(key, false));
     ring[(hash % ring.len() as u32) as usize]
 }
 

@@ -801,6 +801,47 @@ fn source_hash_vip_pins_a_client_to_one_backend() {
 }
 
 #[test]
+fn each_hash_choice_places_by_its_fields() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let ring = ring_of(STICKY.backends);
+    for (flags, ports_share, clients_share) in [
+        (xdp_common::VIP_F_HASH_SOURCE_PORT, false, false),
+        (xdp_common::VIP_F_HASH_NO_SOURCE_PORT, true, false),
+        (xdp_common::VIP_F_SOURCE_HASH, true, false),
+    ] {
+        let vip = LabVip { flags, ..STICKY };
+        lab.dp
+            .add_vip(&vip.key(), vip.vip_id, flags, vip.mode)
+            .unwrap();
+        // One client from 50 ports, then 50 clients from one port: every
+        // packet lands where the hash over the chosen fields says.
+        let mut ports = std::collections::BTreeSet::new();
+        let mut clients = std::collections::BTreeSet::new();
+        for i in 0..50u16 {
+            let (f, k) = client_tcp4(&vip, 10000 + i);
+            let b = sent_to(&lab, &vip, &f, &k);
+            assert_eq!(b, predicted_backend(&vip, &ring, &k), "flags {flags}");
+            ports.insert(b);
+            let src = Ipv4Addr::new(198, 18, 101, i as u8 + 1);
+            let f = packet::tcp4(src, ip4(&vip), 5000, 80, b"x");
+            let k = flow(src.into(), vip.addr, 5000, 80, PROTO_TCP);
+            let b = sent_to(&lab, &vip, &f, &k);
+            assert_eq!(b, predicted_backend(&vip, &ring, &k), "flags {flags}");
+            clients.insert(b);
+        }
+        assert_eq!(ports.len() == 1, ports_share, "flags {flags}: {ports:?}");
+        assert_eq!(
+            clients.len() == 1,
+            clients_share,
+            "flags {flags}: {clients:?}"
+        );
+    }
+}
+
+#[test]
 fn a_default_size_ring_round_trips() {
     if !require_root() {
         return;

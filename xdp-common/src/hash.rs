@@ -6,7 +6,7 @@
 //! cheap in eBPF (no loops the verifier must bound, no tables) and well
 //! distributed for Maglev slot selection.
 
-use crate::FlowKey;
+use crate::{FlowKey, VIP_F_HASH, VIP_F_HASH_NO_SOURCE_PORT, VIP_F_HASH_SOURCE_PORT};
 
 const SEED: u32 = 0x5bd1_e995;
 
@@ -56,12 +56,34 @@ pub fn flow_hash(key: &FlowKey, source_only: bool) -> u32 {
     if source_only {
         return finish(h, 16);
     }
+    rest(h, key, key.sport)
+}
+
+/// The 5-tuple hash after the source address, with `sport` for the
+/// source port.
+#[inline(always)]
+fn rest(h: u32, key: &FlowKey, sport: u16) -> u32 {
     let h = mix_addr(h, &key.dst);
-    let s = key.sport.to_ne_bytes();
+    let s = sport.to_ne_bytes();
     let d = key.dport.to_ne_bytes();
     let h = mix(h, u32::from_le_bytes([s[0], s[1], d[0], d[1]]));
     let h = mix(h, u32::from(key.proto) | (u32::from(key.family) << 8));
     finish(h, 40)
+}
+
+/// The hash that picks a flow's ring slot for a VIP with `VipMeta::flags`
+/// `flags`: over the fields its `VIP_F_HASH` bits choose; `full`, the
+/// flow's [`flow_hash`] over the 5-tuple, when they choose none.
+#[inline(always)]
+pub fn ring_hash(key: &FlowKey, flags: u32, full: u32) -> u32 {
+    let h = mix_addr(SEED, &key.src);
+    match flags & VIP_F_HASH {
+        0 => full,
+        VIP_F_HASH_SOURCE_PORT => finish(mix(h, u32::from(key.sport)), 20),
+        VIP_F_HASH_NO_SOURCE_PORT => rest(h, key, 0),
+        // VIP_F_SOURCE_HASH, and any combination (never written).
+        _ => finish(h, 16),
+    }
 }
 
 #[cfg(test)]
@@ -96,6 +118,31 @@ mod tests {
         b.dst[3] = 99;
         assert_eq!(flow_hash(&a, true), flow_hash(&b, true));
         assert_ne!(flow_hash(&a, false), flow_hash(&b, false));
+    }
+
+    #[test]
+    fn ring_hash_covers_the_chosen_fields() {
+        let a = key(7, 1000);
+        let full = |k: &FlowKey| flow_hash(k, false);
+        // Another source port, then another destination.
+        let mut port = key(7, 2000);
+        let mut dst = key(7, 1000);
+        dst.dst[3] = 99;
+        let same =
+            |flags, b: &FlowKey| ring_hash(&a, flags, full(&a)) == ring_hash(b, flags, full(b));
+        assert!(!same(0, &port) && !same(0, &dst));
+        assert!(same(crate::VIP_F_SOURCE_HASH, &port) && same(crate::VIP_F_SOURCE_HASH, &dst));
+        assert!(!same(VIP_F_HASH_SOURCE_PORT, &port) && same(VIP_F_HASH_SOURCE_PORT, &dst));
+        assert!(same(VIP_F_HASH_NO_SOURCE_PORT, &port) && !same(VIP_F_HASH_NO_SOURCE_PORT, &dst));
+        // The 5-tuple choice is the flow hash itself; source-only is the
+        // old source hash, so pinned rings keep their placements.
+        assert_eq!(ring_hash(&a, 0, full(&a)), full(&a));
+        assert_eq!(
+            ring_hash(&a, crate::VIP_F_SOURCE_HASH, 0),
+            flow_hash(&a, true)
+        );
+        port.sport = a.sport;
+        assert!(same(VIP_F_HASH_SOURCE_PORT, &port));
     }
 
     #[test]

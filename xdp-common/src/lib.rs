@@ -11,7 +11,7 @@ pub mod hash;
 
 use bytemuck::{Pod, Zeroable};
 
-pub use hash::flow_hash;
+pub use hash::{flow_hash, ring_hash};
 
 /// Address family tag used in keys and backend entries.
 pub const FAMILY_V4: u8 = 4;
@@ -45,9 +45,19 @@ pub struct VipKey {
     pub family: u8,
 }
 
-/// Per-VIP flag: hash on the client's source address only, so every
-/// connection of a client lands on the same backend.
+/// `VipMeta::flags` bit: the ring hash covers the client's source address
+/// only, so every connection of a client lands on the same backend.
 pub const VIP_F_SOURCE_HASH: u32 = 1;
+/// `VipMeta::flags` bit: the ring hash covers the client's source address
+/// and port (IPVS's `sh` scheduler with `sh-port`).
+pub const VIP_F_HASH_SOURCE_PORT: u32 = 4;
+/// `VipMeta::flags` bit: the ring hash covers the 5-tuple without the
+/// source port (Katran's `F_HASH_NO_SRC_PORT`), so a client's flows to one
+/// port share a backend whatever ports it opens them from.
+pub const VIP_F_HASH_NO_SOURCE_PORT: u32 = 8;
+/// The `VipMeta::flags` bits that choose the ring hash's fields (at most
+/// one is set; none: the 5-tuple).
+pub const VIP_F_HASH: u32 = VIP_F_SOURCE_HASH | VIP_F_HASH_SOURCE_PORT | VIP_F_HASH_NO_SOURCE_PORT;
 /// `VipMeta::flags` bit: track every flow of the VIP, in every ring slot
 /// (it shares its address and protocol with another VIP, one of them
 /// port-less, so a flow can move between the two as VIPs come and go).

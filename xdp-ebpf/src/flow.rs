@@ -21,8 +21,8 @@
 //! no tracked flow in it is on another backend.
 
 use xdp_common::{
-    backend_state, flow_fold, flow_hash, reason, seen_probe, Backend, Config, FlowKey, FlowState,
-    VipMeta, NO_BACKEND, SEEN_WORDS, SLOT_CHANGED, VIP_F_SOURCE_HASH, VIP_F_TRACK_ALL,
+    backend_state, flow_fold, flow_hash, reason, ring_hash, seen_probe, Backend, Config, FlowKey,
+    FlowState, VipMeta, NO_BACKEND, SEEN_WORDS, SLOT_CHANGED, VIP_F_TRACK_ALL,
 };
 
 use crate::{
@@ -80,12 +80,7 @@ fn slot(flow: &FlowKey, vip: &VipMeta, full: u32) -> Option<Slot> {
     if size == 0 {
         return None;
     }
-    let hash = if vip.flags & VIP_F_SOURCE_HASH != 0 {
-        flow_hash(flow, true)
-    } else {
-        full
-    };
-    let position = hash % size;
+    let position = ring_hash(flow, vip.flags, full) % size;
     let half = vip.vip_id.wrapping_mul(2).wrapping_add(vip.active_ring & 1);
     let both = *RINGS.get(half.wrapping_mul(size).wrapping_add(position))?;
     let entry = both as u32;

@@ -8,7 +8,10 @@ use clap::{Args, Subcommand};
 use super::*;
 use crate::{
     api::Request,
-    config::{BackendConfig, CheckKind, ForwardingMode, HealthCheck, InitialState, Protocol, Vip},
+    config::{
+        BackendConfig, CheckKind, ForwardingMode, HashFields, HealthCheck, InitialState, Protocol,
+        Vip,
+    },
 };
 
 #[derive(Subcommand)]
@@ -34,8 +37,9 @@ pub(super) struct VipAdd {
     protocol: Protocol,
     #[arg(long, value_enum)]
     forwarding: ForwardingMode,
-    #[arg(long)]
-    source_hash: bool,
+    /// The fields a new flow's backend is hashed from.
+    #[arg(long, value_enum, default_value_t = HashFields::FiveTuple)]
+    hash: HashFields,
     #[arg(long, value_enum, default_value_t = CheckKind::Tcp)]
     check: CheckKind,
     #[arg(long)]
@@ -119,7 +123,8 @@ impl VipAdd {
             port: self.port,
             protocol: self.protocol,
             forwarding: self.forwarding,
-            source_hash: self.source_hash,
+            hash: (self.hash != HashFields::FiveTuple).then_some(self.hash),
+            source_hash: false,
             health: HealthCheck {
                 kind: self.check,
                 port: self.check_port,

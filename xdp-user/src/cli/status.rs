@@ -12,7 +12,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use super::*;
 use crate::{
     api::{self, Request, Response, Stats},
-    config::{CheckKind, Config, ForwardingMode},
+    config::{CheckKind, Config, ForwardingMode, HashFields},
 };
 
 pub(super) fn human_bytes(n: f64) -> String {
@@ -101,7 +101,11 @@ pub(super) fn print_status(s: &serde_json::Value) -> Result<()> {
             v.name,
             v.endpoint,
             v.forwarding,
-            if v.source_hash { " source-hash" } else { "" },
+            if v.hash == HashFields::FiveTuple {
+                String::new()
+            } else {
+                format!(" hash {}", v.hash)
+            },
             v.check,
             v.counters.packets,
             human_bytes(v.counters.bytes as f64),
@@ -170,7 +174,9 @@ pub(super) struct VipView {
     name: String,
     endpoint: String,
     forwarding: ForwardingMode,
-    source_hash: bool,
+    /// Absent from an older daemon's answer.
+    #[serde(default)]
+    hash: HashFields,
     check: CheckKind,
     counters: crate::controller::Traffic,
     drops: crate::controller::Drops,

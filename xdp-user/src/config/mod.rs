@@ -24,8 +24,8 @@ use problem::type_errors;
 pub use problem::{Invalid, Problem};
 use serde::{Deserialize, Serialize};
 pub use vip::{
-    endpoint, BackendConfig, CheckKind, ForwardingMode, HealthCheck, InitState, InitialState,
-    Protocol, Vip,
+    endpoint, BackendConfig, CheckKind, ForwardingMode, HashFields, HealthCheck, InitState,
+    InitialState, Protocol, Vip,
 };
 
 use crate::dataplane::{AttachMode, Sizes};
@@ -73,7 +73,8 @@ crate::display_as_written!(
     Protocol,
     ForwardingMode,
     InitialState,
-    CheckKind
+    CheckKind,
+    HashFields
 );
 
 impl From<XdpModeName> for AttachMode {

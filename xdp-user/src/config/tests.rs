@@ -396,3 +396,50 @@ fn every_type_error_is_listed_not_only_the_first() {
         .collect();
     assert_eq!(shown.len(), 1, "{shown:#?}");
 }
+
+#[test]
+fn hash_choices_and_the_older_source_hash_key() {
+    let hash_of = |text: &str| Config::parse(text).unwrap().vips[0].hash();
+    assert_eq!(hash_of(GOOD), HashFields::FiveTuple);
+    let sticky = with(
+        "forwarding = \"ipip\"",
+        "forwarding = \"ipip\"\nsource_hash = true",
+    );
+    assert_eq!(hash_of(&sticky), HashFields::Source);
+    for (text, fields) in [
+        ("source_port", HashFields::SourcePort),
+        ("no_source_port", HashFields::NoSourcePort),
+        ("source", HashFields::Source),
+    ] {
+        let c = with(
+            "forwarding = \"ipip\"",
+            &format!("forwarding = \"ipip\"\nhash = \"{text}\""),
+        );
+        assert_eq!(hash_of(&c), fields);
+        assert_eq!(fields.flag() == 0, fields == HashFields::FiveTuple);
+    }
+    // The older key agreeing with the new one is fine; contradicting it is
+    // refused, naming both.
+    let both = with(
+        "forwarding = \"ipip\"",
+        "forwarding = \"ipip\"\nsource_hash = true\nhash = \"source\"",
+    );
+    assert_eq!(hash_of(&both), HashFields::Source);
+    let contradicting = with(
+        "forwarding = \"ipip\"",
+        "forwarding = \"ipip\"\nsource_hash = true\nhash = \"five_tuple\"",
+    );
+    assert_problem(
+        &contradicting,
+        "vip[0] web",
+        "source_hash = true contradicts hash = \"five_tuple\"",
+    );
+    assert_problem(
+        &with(
+            "forwarding = \"ipip\"",
+            "forwarding = \"ipip\"\nhash = \"dst\"",
+        ),
+        "",
+        "unknown variant `dst`",
+    );
+}

@@ -210,6 +210,16 @@ impl Config {
                     format!("duplicate VIP: same address, port and protocol as vip[{first}]"),
                 );
             }
+            if vip.source_hash && vip.hash.is_some_and(|h| h != HashFields::Source) {
+                problem(
+                    at.clone(),
+                    format!(
+                        "source_hash = true contradicts hash = \"{}\"; source_hash is the older spelling of \
+                         hash = \"source\": keep only hash",
+                        vip.hash()
+                    ),
+                );
+            }
             if vip.port == Some(0) {
                 problem(
                     at.clone(),

@@ -34,6 +34,37 @@ impl Protocol {
     }
 }
 
+/// The fields a VIP's ring hash covers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+#[value(rename_all = "snake_case")]
+pub enum HashFields {
+    /// Source and destination address and port, and protocol.
+    #[default]
+    FiveTuple,
+    /// The client's address only: every connection of a client goes to one
+    /// backend (IPVS `sh`).
+    Source,
+    /// The client's address and port (IPVS `sh` with `sh-port`).
+    SourcePort,
+    /// Everything but the client's port (Katran's `F_HASH_NO_SRC_PORT`): a
+    /// client's flows to one port share a backend whatever port they come
+    /// from, as QUIC and UDP clients behind NATs that rebind want.
+    NoSourcePort,
+}
+
+impl HashFields {
+    /// The `VipMeta::flags` bit that chooses these fields (0: the 5-tuple).
+    pub fn flag(self) -> u32 {
+        match self {
+            Self::FiveTuple => 0,
+            Self::Source => xdp_common::VIP_F_SOURCE_HASH,
+            Self::SourcePort => xdp_common::VIP_F_HASH_SOURCE_PORT,
+            Self::NoSourcePort => xdp_common::VIP_F_HASH_NO_SOURCE_PORT,
+        }
+    }
+}
+
 /// How a VIP's packets reach its backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -58,8 +89,12 @@ pub struct Vip {
     pub port: Option<u16>,
     pub protocol: Protocol,
     pub forwarding: ForwardingMode,
-    /// Hash on the client address only (client stickiness).
-    #[serde(default)]
+    /// The fields a new flow's ring slot is hashed from; unset: `source`
+    /// if the older `source_hash` is true, else `five_tuple` ([`Vip::hash`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<HashFields>,
+    /// The older spelling of `hash = "source"`, still read.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub source_hash: bool,
     #[serde(default)]
     pub health: HealthCheck,
@@ -222,6 +257,16 @@ impl Vip {
     /// `address:port/proto`, `*` for a port-less VIP.
     pub fn endpoint(&self) -> String {
         endpoint(self.address, self.port, self.protocol)
+    }
+
+    /// The fields its ring hash covers: `hash`, else `source` where the
+    /// older `source_hash` says so.
+    pub fn hash(&self) -> HashFields {
+        self.hash.unwrap_or(if self.source_hash {
+            HashFields::Source
+        } else {
+            HashFields::FiveTuple
+        })
     }
 
     /// The port health checks connect to, if any can be determined.

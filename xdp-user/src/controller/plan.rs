@@ -10,7 +10,7 @@ use std::{
     net::IpAddr,
 };
 
-use xdp_common::{backend_state, fwd, Backend, VipKey, VIP_F_SOURCE_HASH, VIP_F_TRACK_ALL};
+use xdp_common::{backend_state, fwd, Backend, VipKey, VIP_F_TRACK_ALL};
 
 use crate::{
     config::{parse_mac, Config, ForwardingMode, InitialState},
@@ -268,15 +268,12 @@ pub fn plan(
         plan.vips.push(VipPlan {
             key,
             id: vip_id,
-            flags: (if vip.source_hash {
-                VIP_F_SOURCE_HASH
-            } else {
-                0
-            }) | (if overlaps(config, vip) {
-                VIP_F_TRACK_ALL
-            } else {
-                0
-            }),
+            flags: vip.hash().flag()
+                | (if overlaps(config, vip) {
+                    VIP_F_TRACK_ALL
+                } else {
+                    0
+                }),
             mode: if vip.forwarding == ForwardingMode::L2dsr {
                 fwd::L2_DSR
             } else {

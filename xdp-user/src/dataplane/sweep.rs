@@ -8,7 +8,7 @@ use std::os::fd::{AsFd as _, OwnedFd};
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{Array, MapData};
 use xdp_common::{
-    flow_hash, map_names as names, Backend, FlowKey, FlowState, VipKey, VipMeta, VIP_F_SOURCE_HASH,
+    flow_hash, map_names as names, ring_hash, Backend, FlowKey, FlowState, VipKey, VipMeta,
 };
 
 use super::{
@@ -28,7 +28,7 @@ pub fn monotonic_secs() -> u32 {
 
 /// The ring position of a flow of `vip` (as the program computes it).
 pub(super) fn position(flow: &FlowKey, vip: &VipMeta, ring_size: u32) -> u32 {
-    flow_hash(flow, vip.flags & VIP_F_SOURCE_HASH != 0) % ring_size
+    ring_hash(flow, vip.flags, flow_hash(flow, false)) % ring_size
 }
 
 impl Dataplane {
