@@ -224,6 +224,7 @@ fn config_changes_drain_weight_add_remove() {
         weight: 100,
         mac: None,
         state: InitialState::Up,
+        server_id: None,
     });
     ctl.apply(c.clone()).unwrap();
     assert_eq!(state_of(&mut ctl, "web", "198.18.1.1"), "draining");
@@ -435,6 +436,7 @@ health = { kind = "tcp", rise = 1, fall = 1, init_state = "up" }
                     weight: rng.below(3) as u32,
                     mac: None,
                     state: InitialState::Up,
+                    server_id: None,
                 },
             )),
             (2, Some(v)) => Some(Change::BackendDel(v, addr)),

@@ -841,6 +841,143 @@ fn each_hash_choice_places_by_its_fields() {
     }
 }
 
+/// A QUIC packet with a short header whose connection ID starts with
+/// `first`, then `id` (two octets).
+fn quic_short(first: u8, id: u16) -> Vec<u8> {
+    let mut p = vec![0x40 | 0x01, first];
+    p.extend_from_slice(&id.to_be_bytes());
+    p.extend_from_slice(&[0xab; 5]);
+    p.extend_from_slice(&[0x5a; 24]);
+    p
+}
+
+/// A QUIC version 1 long-header packet of `kind` (0 Initial .. 3 Retry)
+/// whose destination connection ID starts with `first`, then `id`.
+fn quic_long(kind: u8, first: u8, id: u16, dcid_len: u8) -> Vec<u8> {
+    let mut p = vec![0xc0 | (kind << 4)];
+    p.extend_from_slice(&1u32.to_be_bytes());
+    p.push(dcid_len);
+    p.push(first);
+    p.extend_from_slice(&id.to_be_bytes());
+    p.extend_from_slice(&[0xab; 5]);
+    p.extend_from_slice(&[0x5a; 40]);
+    p
+}
+
+#[test]
+fn quic_packets_follow_the_server_id_in_their_connection_id() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let flags = xdp_common::VIP_F_QUIC | (2 << xdp_common::quic::SERVER_ID_LEN_SHIFT);
+    let vip = LabVip { flags, ..DNS4 };
+    let ring = ring_of(vip.backends);
+    lab.dp
+        .add_vip(&vip.key(), vip.vip_id, flags, vip.mode)
+        .unwrap();
+    let server = |id: u32| xdp_common::QuicServerKey {
+        vip_id: vip.vip_id,
+        server_id: id,
+    };
+    // Server id 0x0102 is backend 8's; 0x0a0b is 9's.
+    let servers = [(server(0x0102), 8), (server(0x0a0b), 9)].into();
+    lab.dp.sync_quic_servers(&servers, false).unwrap();
+    let send = |lab: &Lab, sport: u16, payload: &[u8]| {
+        let src = Ipv4Addr::new(198, 18, 101, (sport % 200) as u8 + 1);
+        let f = packet::udp4(src, ip4(&vip), sport, 443, payload);
+        let k = flow(src.into(), vip.addr, sport, 443, PROTO_UDP);
+        (
+            sent_to(lab, &vip, &f, &k),
+            predicted_backend(&vip, &ring, &k),
+        )
+    };
+    let counted = |lab: &Lab, before: &[u64], r: u32| lab.stats()[r as usize] - before[r as usize];
+
+    // A client that moves (another address and port each packet) stays on
+    // its server, for short headers and Handshake packets alike.
+    let before = lab.stats();
+    for port in 0..40 {
+        assert_eq!(send(&lab, 30000 + port * 7, &quic_short(0x1f, 0x0102)).0, 8);
+        assert_eq!(
+            send(&lab, 30001 + port * 7, &quic_long(2, 0x00, 0x0a0b, 8)).0,
+            9
+        );
+    }
+    assert_eq!(counted(&lab, &before, QUIC_ROUTED), 80);
+
+    // Initial and 0-RTT packets carry the client's own CID: the hash
+    // places them, and nothing is counted.
+    let before = lab.stats();
+    for (i, kind) in [0u8, 1].into_iter().enumerate() {
+        for port in 0..20 {
+            let (to, hashed) = send(
+                &lab,
+                40000 + port + 100 * i as u16,
+                &quic_long(kind, 0, 0x0102, 8),
+            );
+            assert_eq!(to, hashed, "kind {kind}");
+        }
+    }
+    assert_eq!(counted(&lab, &before, QUIC_ROUTED), 0);
+    assert_eq!(counted(&lab, &before, QUIC_UNKNOWN), 0);
+
+    // Unknown ids, CIDs marked not routable (config rotation 0b111), and
+    // payloads that are not QUIC or are cut short go by the hash, counted.
+    let before = lab.stats();
+    for port in 0..10 {
+        let (to, hashed) = send(&lab, 50000 + port, &quic_short(0x00, 0x0999));
+        assert_eq!(to, hashed);
+        let (to, hashed) = send(&lab, 50100 + port, &quic_short(0xe0, 0x0102));
+        assert_eq!(to, hashed);
+        let (to, hashed) = send(&lab, 50200 + port, &[0x00, 0x01, 0x02]);
+        assert_eq!(to, hashed);
+        let (to, hashed) = send(&lab, 50300 + port, &quic_long(2, 0x00, 0x0102, 2));
+        assert_eq!(to, hashed, "a DCID too short for the server id");
+        let (to, hashed) = send(&lab, 50400 + port, &[0x41, 0x00]);
+        assert_eq!(to, hashed);
+    }
+    assert_eq!(counted(&lab, &before, QUIC_UNKNOWN), 20);
+    assert_eq!(counted(&lab, &before, QUIC_MALFORMED), 30);
+    assert_eq!(counted(&lab, &before, QUIC_ROUTED), 0);
+
+    // A draining server keeps its connections; a down one loses them to
+    // the hash, as does a server whose id is taken away.
+    lab.dp
+        .set_backend_state(8, backend_state::DRAINING)
+        .unwrap();
+    assert_eq!(send(&lab, 60000, &quic_short(0, 0x0102)).0, 8);
+    lab.dp.set_backend_state(8, backend_state::DOWN).unwrap();
+    // (A port the hash gives another backend: the lab's ring still holds 8.)
+    let port = (60001..)
+        .find(|&p| {
+            let src = Ipv4Addr::new(198, 18, 101, (p % 200) as u8 + 1);
+            let k = flow(src.into(), vip.addr, p, 443, PROTO_UDP);
+            predicted_backend(&vip, &ring, &k) != 8
+        })
+        .unwrap();
+    let (to, hashed) = send(&lab, port, &quic_short(0, 0x0102));
+    assert_eq!((to, hashed == 8), (hashed, false));
+    lab.dp.set_backend_state(8, backend_state::UP).unwrap();
+    lab.dp
+        .sync_quic_servers(&[(server(0x0a0b), 9)].into(), false)
+        .unwrap();
+    let before = lab.stats();
+    let (to, hashed) = send(&lab, 60002, &quic_short(0, 0x0102));
+    assert_eq!(to, hashed);
+    assert_eq!(counted(&lab, &before, QUIC_UNKNOWN), 1);
+    assert_eq!(lab.dp.quic_servers().unwrap().len(), 1);
+
+    // The same packets to a UDP VIP without QUIC routing go by the hash.
+    lab.dp
+        .add_vip(&DNS4.key(), DNS4.vip_id, 0, DNS4.mode)
+        .unwrap();
+    for port in 0..20 {
+        let (to, hashed) = send(&lab, 61000 + port, &quic_short(0, 0x0a0b));
+        assert_eq!(to, hashed);
+    }
+}
+
 #[test]
 fn a_default_size_ring_round_trips() {
     if !require_root() {

@@ -310,6 +310,7 @@ fn with_vip(mut c: Config, n: usize, backends: &[(&str, InitialState)]) -> Confi
             weight: 100,
             mac: None,
             state: *s,
+            server_id: None,
         })
         .collect();
     c.vips.push(v);
@@ -322,6 +323,7 @@ fn backend(address: &str, state: InitialState) -> BackendConfig {
         weight: 100,
         mac: None,
         state,
+        server_id: None,
     }
 }
 
@@ -598,6 +600,7 @@ fn random_operations_keep_flows_on_their_backends() {
                     weight: rng.below(3) as u32,
                     mac: None,
                     state,
+                    server_id: None,
                 },
             )),
             (2, Some(v)) => Some(Change::BackendDel(v.clone(), addr)),

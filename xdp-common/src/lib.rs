@@ -63,6 +63,36 @@ pub const VIP_F_HASH: u32 = VIP_F_SOURCE_HASH | VIP_F_HASH_SOURCE_PORT | VIP_F_H
 /// port-less, so a flow can move between the two as VIPs come and go).
 pub const VIP_F_TRACK_ALL: u32 = 2;
 
+/// `VipMeta::flags` bit: a UDP VIP carrying QUIC, whose packets are routed
+/// by the server id in their destination connection ID ([`quic`]).
+pub const VIP_F_QUIC: u32 = 16;
+
+/// QUIC connection-ID routing, in the plaintext algorithm of the IETF
+/// QUIC-LB draft (draft-ietf-quic-load-balancers): a server's connection
+/// IDs start with one octet whose top three bits are the config rotation
+/// (`0b111`: not routable), followed by its server id of a length the
+/// VIP configures (1 to 4 octets here), then anything the server likes.
+pub mod quic {
+    /// Where a VIP's server id length (1..=4 octets) sits in
+    /// `VipMeta::flags` (3 bits).
+    pub const SERVER_ID_LEN_SHIFT: u32 = 8;
+    /// The length's bits, before the shift.
+    pub const SERVER_ID_LEN_MASK: u32 = 7;
+    /// The longest server id, in octets.
+    pub const MAX_SERVER_ID_LEN: u32 = 4;
+    /// Config rotation bits that mark a connection ID not routable.
+    pub const UNROUTABLE: u8 = 0b111;
+}
+
+/// Key of the QUIC_SERVERS map: a QUIC VIP's server id (its octets as a
+/// big-endian number) -> backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
+pub struct QuicServerKey {
+    pub vip_id: u32,
+    pub server_id: u32,
+}
+
 /// How packets of a VIP reach its backends.
 pub mod fwd {
     /// Encapsulate in an outer IP header whose family is the backend's:
@@ -305,8 +335,19 @@ pub mod reason {
     /// In a changed slot, a packet without conntrack state taken for a flow
     /// that began before the change: sent to the slot's previous owner.
     pub const FLOW_PREVIOUS: u32 = 18;
+    /// A QUIC VIP's packet whose connection ID carried the server id of a
+    /// backend that keeps flows: sent to it, past the ring.
+    pub const QUIC_ROUTED: u32 = 19;
+    /// A QUIC VIP's packet whose connection ID should carry a server id
+    /// (a short header, a Handshake or Retry packet) but names none the
+    /// VIP has, or a backend that no longer keeps flows, or is marked not
+    /// routable: placed by the ring.
+    pub const QUIC_UNKNOWN: u32 = 20;
+    /// A QUIC VIP's UDP payload too short for its header and server id, or
+    /// not QUIC (the fixed bit clear): placed by the ring.
+    pub const QUIC_MALFORMED: u32 = 21;
     /// Number of STATS entries.
-    pub const COUNT: u32 = 19;
+    pub const COUNT: u32 = 22;
 
     /// The exclusive action reasons (added after the first release, past
     /// the event reasons, so counters keep their indexes across upgrades).
@@ -350,6 +391,9 @@ pub mod reason {
         "too_big_dropped",
         "flow_ring",
         "flow_previous",
+        "quic_routed",
+        "quic_unknown",
+        "quic_malformed",
     ];
 }
 
@@ -516,6 +560,7 @@ pub mod map_names {
     pub const BENCH_TARGET: &str = "BENCH_TARGET";
     pub const TRACE: &str = "TRACE";
     pub const VIP_FILTER: &str = "VIP_FILTER";
+    pub const QUIC_SERVERS: &str = "QUIC_SERVERS";
     pub const FLOW_CACHE_GEN: &str = "FLOW_CACHE_GEN";
     /// Read-only global: the benchmark harness's frame length.
     pub const BENCH_FRAME_LEN_GLOBAL: &str = "BENCH_FRAME_LEN";
@@ -540,6 +585,7 @@ mod user {
     unsafe impl aya::Pod for VipDrops {}
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for DecapKey {}
+    unsafe impl aya::Pod for QuicServerKey {}
     unsafe impl aya::Pod for TraceFilter {}
 }
 

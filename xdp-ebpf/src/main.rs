@@ -25,6 +25,7 @@ mod flow_cache;
 mod forward;
 mod maps;
 mod parse;
+mod quic;
 mod stats;
 mod too_big;
 mod trace;
@@ -217,7 +218,12 @@ fn decide(
             return pass(reason::PASS_NOT_VIP);
         };
         d.vip_id = vip.vip_id;
-        let Some(choice) = flow::select(&flow.0, &vip, cfg, l4) else {
+        let routed = if vip.flags & xdp_common::VIP_F_QUIC != 0 {
+            quic::route(ctx, l3, &vip, xdp_common::flow_hash(&flow.0, false))
+        } else {
+            None
+        };
+        let Some(choice) = routed.or_else(|| flow::select(&flow.0, &vip, cfg, l4)) else {
             stats::count_vip_drop(vip.vip_id, reason::NO_BACKEND);
             d.reason = reason::NO_BACKEND;
             return Ok(XDP_DROP);
@@ -229,8 +235,13 @@ fn decide(
         // or none it wanted) must not leave an older one cached.
         // Not consulted (the cache does not pay off on this CPU now): a
         // repeatable placement needs no remembering, and any entry the
-        // flow has says the same under this generation.
-        if !l4.syn && (choice.placed == reason::FLOW_RING || choice.placed == reason::FLOW_HIT) {
+        // flow has says the same under this generation. A QUIC VIP's
+        // packets are placed by their connection ID, which the 5-tuple
+        // does not tell.
+        if !l4.syn
+            && vip.flags & xdp_common::VIP_F_QUIC == 0
+            && (choice.placed == reason::FLOW_RING || choice.placed == reason::FLOW_HIT)
+        {
             if let Some((_, generation)) = consult {
                 flow_cache::remember(flow, generation, &vip, &choice);
             }

@@ -125,6 +125,12 @@ pub static IP_IDS: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static TRACE: Array<TraceFilter> = Array::with_max_entries(1, 0);
 
+/// QUIC VIPs' server ids -> backend id (`quic`); written by the
+/// controller.
+#[map]
+pub static QUIC_SERVERS: HashMap<xdp_common::QuicServerKey, u32> =
+    HashMap::with_max_entries(SIZED_AT_LOAD, 0);
+
 /// Inner destinations the decap program strips tunnels for; written by the
 /// backend-side loader.
 #[map]

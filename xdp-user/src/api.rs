@@ -457,6 +457,7 @@ address = "198.18.1.1"
                     weight: 1,
                     mac: None,
                     state: InitialState::Up,
+                    server_id: None,
                 },
             },
         )
@@ -515,6 +516,7 @@ address = "198.18.1.1"
                         weight: 1,
                         mac: None,
                         state: InitialState::Up,
+                        server_id: None,
                     },
                 },
                 "already has backend",

@@ -10,7 +10,7 @@ use crate::{
     api::Request,
     config::{
         BackendConfig, CheckKind, ForwardingMode, HashFields, HealthCheck, InitialState, Protocol,
-        Vip,
+        Quic, Vip,
     },
 };
 
@@ -60,6 +60,10 @@ pub(super) struct VipAdd {
     send: Option<String>,
     #[arg(long)]
     expect: Option<String>,
+    /// Route QUIC packets by the server id in their connection IDs, of
+    /// this many octets (1 to 4; UDP VIPs).
+    #[arg(long)]
+    quic_server_id_bytes: Option<u8>,
 }
 
 #[derive(Subcommand)]
@@ -72,6 +76,9 @@ pub(super) enum BackendCommand {
         weight: u32,
         #[arg(long)]
         mac: Option<String>,
+        /// The server id it writes into its QUIC connection IDs.
+        #[arg(long)]
+        server_id: Option<u32>,
         #[arg(long, value_enum, default_value_t = InitialState::Up)]
         state: InitialState,
     },
@@ -138,6 +145,9 @@ impl VipAdd {
                 expect: self.expect,
                 ..defaults
             },
+            quic: self
+                .quic_server_id_bytes
+                .map(|server_id_bytes| Quic { server_id_bytes }),
             backends: Vec::new(),
         }
     }
@@ -150,6 +160,7 @@ pub(super) fn backend(socket: &Path, cmd: BackendCommand) -> Result<()> {
             address,
             weight,
             mac,
+            server_id,
             state,
         } => Request::BackendAdd {
             vip,
@@ -158,6 +169,7 @@ pub(super) fn backend(socket: &Path, cmd: BackendCommand) -> Result<()> {
                 weight,
                 mac,
                 state,
+                server_id,
             },
         },
         BackendCommand::Del { vip, address } => Request::BackendDel { vip, address },

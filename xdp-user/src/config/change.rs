@@ -308,6 +308,7 @@ address = "198.18.1.2"
                 weight: 5,
                 mac: None,
                 state: InitialState::Up,
+                server_id: None,
             },
         ));
         assert!(t.contains("# rack 1") && t.contains("198.18.1.3"), "{t}");

@@ -25,7 +25,7 @@ pub use problem::{Invalid, Problem};
 use serde::{Deserialize, Serialize};
 pub use vip::{
     endpoint, BackendConfig, CheckKind, ForwardingMode, HashFields, HealthCheck, InitState,
-    InitialState, Protocol, Vip,
+    InitialState, Protocol, Quic, Vip,
 };
 
 use crate::dataplane::{AttachMode, Sizes};

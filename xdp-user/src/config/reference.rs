@@ -92,10 +92,12 @@ pub const KEYS: &[Key] = &[
     key("vip.health", "flap_limit", "0..", "Flap damping: a backend that changes state more than this many times within `flap_window_ms` is held down for `flap_hold_ms` after its last change. 0: off."),
     key("vip.health", "flap_window_ms", "milliseconds", "The flap damping window."),
     key("vip.health", "flap_hold_ms", "milliseconds", "How long a flapping backend is held down."),
+    key("vip.quic", "server_id_bytes", "1..=4", "With `[vip.quic]` (UDP VIPs) QUIC packets are routed by their destination connection ID: a short-header, Handshake or Retry packet whose CID carries a backend's `server_id` goes to that backend while it is up or draining, whatever the client's address and port now are; Initial and 0-RTT packets (CIDs the client chose) and unknown ids go by the hash. The CID layout is the plaintext algorithm of the IETF QUIC-LB draft: one octet whose top 3 bits are the config rotation (`111`: not routable), then the server id in this many octets, big-endian."),
     key("vip.backend", "address", "IPv4 or IPv6 address", "The tunnel endpoint, and what health checks connect to."),
     key("vip.backend", "weight", "0..=65535", "Share of the VIP's flows; 0 keeps it out of the ring."),
     key("vip.backend", "mac", "MAC address", "The backend's MAC (required for `l2dsr`)."),
     key("vip.backend", "state", "`up`, `down`, `drain`", "`up`: its checks decide. `down`: held out whatever its checks say (its flows are placed again; checks still run). `drain`: keeps its flows, gets no new ones. `xdplb backend drain` sets `drain`, `undrain` sets `up`."),
+    key("vip.backend", "server_id", "0..2^(8 x `server_id_bytes`)", "QUIC VIPs: the server id this backend writes into the connection IDs it issues; unique in the VIP."),
 ];
 
 /// The defaults the parser fills in, by table and key, as TOML values.
@@ -143,6 +145,7 @@ pub fn defaults() -> BTreeMap<(String, String), String> {
     add("daemon", value(&Daemon::default()));
     add("announce", value(&Announce::default()));
     add("vip.health", value(&HealthCheck::default()));
+    add("vip.quic", value(&super::Quic::default()));
     let fleet: Option<super::Fleet> =
         toml::from_str("endpoints = [\"http://198.18.0.1:2379\"]\nprefix = \"/p\"\n").ok();
     if let Some(f) = fleet {

@@ -68,7 +68,9 @@ fn good_config_parses_with_defaults() {
 fn the_documented_example_is_valid() {
     let text = include_str!("../../../examples/xdplb.toml");
     let c = Config::parse(text).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(c.vips.len(), 2);
+    assert_eq!(c.vips.len(), 3);
+    assert_eq!(c.vips[2].quic, Some(Quic::default()));
+    assert_eq!(c.vips[2].backends[0].server_id, Some(1));
     // Every default the example states is the real default.
     assert_eq!(c.tables, Tables::default());
     assert_eq!(c.api, Api::default());
@@ -441,5 +443,56 @@ fn hash_choices_and_the_older_source_hash_key() {
         ),
         "",
         "unknown variant `dst`",
+    );
+}
+
+#[test]
+fn quic_routing_is_checked_where_it_cannot_work() {
+    let dns = |extra: &str| {
+        GOOD.replacen(
+            "health = { kind = \"udp\", port = 53, send = \"ping\", expect = \"pong\" }",
+            &format!("health = {{ kind = \"udp\", port = 53, send = \"ping\", expect = \"pong\" }}\n{extra}"),
+            1,
+        )
+    };
+    let c = Config::parse(&dns("quic = { server_id_bytes = 1 }")).unwrap();
+    assert_eq!(c.vips[1].quic.map(|q| q.max_server_id()), Some(255));
+    assert_eq!(
+        c.vips[1].quic.map(|q| q.flags()),
+        Some(xdp_common::VIP_F_QUIC | (1 << xdp_common::quic::SERVER_ID_LEN_SHIFT))
+    );
+    assert_problem(
+        &with("forwarding = \"ipip\"", "forwarding = \"ipip\"\nquic = {}"),
+        "vip[0] web",
+        "[vip.quic] needs protocol = \"udp\", not \"tcp\"",
+    );
+    assert_problem(
+        &dns("quic = { server_id_bytes = 5 }"),
+        "quic.server_id_bytes",
+        "5 is out of range: 1 to 4 octets",
+    );
+    let backend = "[[vip.backend]]\naddress = \"2001:db8:1::1\"";
+    let ids = |a: u32, b: u32| {
+        dns("quic = { server_id_bytes = 1 }").replacen(
+            backend,
+            &format!("{backend}\nserver_id = {a}\n\n[[vip.backend]]\naddress = \"2001:db8:1::2\"\nserver_id = {b}"),
+            1,
+        )
+    };
+    assert!(Config::parse(&ids(1, 255)).is_ok());
+    assert_problem(
+        &ids(1, 256),
+        "backend 2001:db8:1::2",
+        "server_id 256 does not fit in 1 octets",
+    );
+    assert_problem(
+        &ids(7, 7),
+        "backend 2001:db8:1::2",
+        "server_id 7 is also backend 2001:db8:1::1's",
+    );
+    assert_problem(
+        &GOOD.replacen(backend, &format!("{backend}\nserver_id = 3"), 1),
+        "backend 2001:db8:1::1",
+        "server_id is for QUIC VIPs",
     );
 }

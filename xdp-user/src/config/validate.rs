@@ -220,6 +220,7 @@ impl Config {
                     ),
                 );
             }
+            self.quic_problems(&at, vip, &mut problem);
             if vip.port == Some(0) {
                 problem(
                     at.clone(),
@@ -288,6 +289,55 @@ impl Config {
             }
         }
         out
+    }
+
+    fn quic_problems(&self, at: &str, vip: &Vip, problem: &mut impl FnMut(String, String)) {
+        let Some(quic) = vip.quic else {
+            for b in vip.backends.iter().filter(|b| b.server_id.is_some()) {
+                problem(
+                    format!("{at} backend {}", b.address),
+                    "server_id is for QUIC VIPs: add [vip.quic] to the VIP".into(),
+                );
+            }
+            return;
+        };
+        if vip.protocol != Protocol::Udp {
+            problem(
+                at.to_owned(),
+                format!(
+                    "[vip.quic] needs protocol = \"udp\", not \"{}\"",
+                    vip.protocol
+                ),
+            );
+        }
+        let max = xdp_common::quic::MAX_SERVER_ID_LEN;
+        if !(1..=max).contains(&u32::from(quic.server_id_bytes)) {
+            problem(
+                format!("{at} quic.server_id_bytes"),
+                format!(
+                    "{} is out of range: 1 to {max} octets",
+                    quic.server_id_bytes
+                ),
+            );
+            return;
+        }
+        let mut owners: BTreeMap<u32, IpAddr> = BTreeMap::new();
+        for b in &vip.backends {
+            let Some(id) = b.server_id else { continue };
+            let here = format!("{at} backend {}", b.address);
+            if id > quic.max_server_id() {
+                problem(
+                    here,
+                    format!(
+                        "server_id {id} does not fit in {} octets (quic.server_id_bytes; at most {})",
+                        quic.server_id_bytes,
+                        quic.max_server_id()
+                    ),
+                );
+            } else if let Some(other) = owners.insert(id, b.address) {
+                problem(here, format!("server_id {id} is also backend {other}'s"));
+            }
+        }
     }
 
     fn health_problems(&self, at: &str, vip: &Vip, problem: &mut impl FnMut(String, String)) {

@@ -98,6 +98,9 @@ pub struct Vip {
     pub source_hash: bool,
     #[serde(default)]
     pub health: HealthCheck,
+    /// QUIC connection-ID routing (UDP VIPs); absent: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quic: Option<Quic>,
     #[serde(default, rename = "backend", skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendConfig>,
 }
@@ -128,6 +131,50 @@ pub struct BackendConfig {
     pub mac: Option<String>,
     #[serde(default)]
     pub state: InitialState,
+    /// The server id this backend writes into its QUIC connection IDs
+    /// (QUIC VIPs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_id: Option<u32>,
+}
+
+/// A VIP's QUIC connection-ID routing: its backends write their server id
+/// into the connection IDs they issue, after a first octet whose top three
+/// bits are not `111` (the plaintext algorithm of the IETF QUIC-LB draft).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Quic {
+    /// Octets of a server id, 1 to 4.
+    #[serde(default = "default_server_id_bytes")]
+    pub server_id_bytes: u8,
+}
+
+fn default_server_id_bytes() -> u8 {
+    2
+}
+
+impl Quic {
+    /// The largest server id that fits.
+    pub fn max_server_id(self) -> u32 {
+        (1u64 << (8 * u32::from(self.server_id_bytes.min(4))))
+            .saturating_sub(1)
+            .try_into()
+            .unwrap_or(u32::MAX)
+    }
+
+    /// Its `VipMeta::flags` bits: `VIP_F_QUIC` and the server id length.
+    pub fn flags(self) -> u32 {
+        xdp_common::VIP_F_QUIC
+            | ((u32::from(self.server_id_bytes) & xdp_common::quic::SERVER_ID_LEN_MASK)
+                << xdp_common::quic::SERVER_ID_LEN_SHIFT)
+    }
+}
+
+impl Default for Quic {
+    fn default() -> Self {
+        Self {
+            server_id_bytes: default_server_id_bytes(),
+        }
+    }
 }
 
 fn default_weight() -> u32 {

@@ -82,7 +82,10 @@ pub fn apply(
         written.config = Some(*config);
     }
 
-    // 1. Removals.
+    // 1. Removals: server ids first, so none names a backend id freed
+    // here and given to another backend.
+    let quic_servers = plan.quic_servers();
+    failed.note(dp.sync_quic_servers(&quic_servers, true));
     for (key, id) in &plan.stale_vips {
         written.rings.remove(id);
         if let Some(Some(_)) = failed.note(dp.vip(key)) {
@@ -182,6 +185,9 @@ pub fn apply(
     for (id, entry) in going_down {
         failed.note(dp.set_backend(id, &entry));
     }
+
+    // 5. Server ids of QUIC VIPs' backends, once those exist.
+    failed.note(dp.sync_quic_servers(&quic_servers, false));
 
     if failed.0.is_empty() {
         Ok(())

@@ -49,6 +49,26 @@ pub struct VipPlan {
     /// before new backends exist: the final members minus the new ones.
     /// None when the VIP loses no backend.
     pub interim_ring: Option<Vec<u32>>,
+    /// QUIC server id -> backend id (QUIC VIPs).
+    pub quic: BTreeMap<u32, u32>,
+}
+
+impl Plan {
+    /// Every QUIC server id entry the plan ends with.
+    pub fn quic_servers(&self) -> BTreeMap<xdp_common::QuicServerKey, u32> {
+        self.vips
+            .iter()
+            .flat_map(|v| {
+                v.quic.iter().map(|(&server_id, &backend)| {
+                    let key = xdp_common::QuicServerKey {
+                        vip_id: v.id,
+                        server_id,
+                    };
+                    (key, backend)
+                })
+            })
+            .collect()
+    }
 }
 
 /// Everything one reconcile writes.
@@ -269,6 +289,7 @@ pub fn plan(
             key,
             id: vip_id,
             flags: vip.hash().flag()
+                | vip.quic.map_or(0, |q| q.flags())
                 | (if overlaps(config, vip) {
                     VIP_F_TRACK_ALL
                 } else {
@@ -281,6 +302,11 @@ pub fn plan(
             },
             ring: rings.ring(vip_id, &members, sizes.ring_size),
             interim_ring,
+            quic: vip
+                .backends
+                .iter()
+                .filter_map(|b| Some((b.server_id?, plan.backend_ids[&(vip_id, b.address)])))
+                .collect(),
         });
     }
     Ok(plan)

@@ -98,6 +98,7 @@ pub(super) fn check_adopted_maps(ebpf: &Ebpf, sizes: &Sizes, ring_entries: u32) 
         (names::RINGS, ring_entries),
         (names::BACKENDS, sizes.max_backends),
         (names::BACKEND_STATS, sizes.max_backends),
+        (names::QUIC_SERVERS, sizes.max_backends),
         (names::FLOWS, sizes.max_flows),
     ];
     // An adopted map keeps the layout and size of the run that created

@@ -23,6 +23,7 @@ mod flow_cache;
 mod link;
 pub mod marks;
 mod pins;
+mod quic;
 mod slots;
 mod sweep;
 mod sys;
@@ -252,7 +253,7 @@ fn add_counters(a: Counters, b: Counters) -> Counters {
 }
 
 /// Maps of the balancer, all pinned by a daemon.
-const LB_MAPS: [&str; 15] = [
+const LB_MAPS: [&str; 16] = [
     names::VIPS,
     names::VIP_SERIALS,
     names::RINGS,
@@ -268,11 +269,12 @@ const LB_MAPS: [&str; 15] = [
     names::TRACE,
     names::VIP_FILTER,
     names::FLOW_CACHE_GEN,
+    names::QUIC_SERVERS,
 ];
 
 /// Key and value size of every balancer map: the ABI a pinned map must
 /// match to be adopted.
-fn map_layouts() -> [(&'static str, u32, u32); 15] {
+fn map_layouts() -> [(&'static str, u32, u32); LB_MAPS.len()] {
     use std::mem::size_of;
     let sz = |n: usize| n as u32;
     [
@@ -299,6 +301,11 @@ fn map_layouts() -> [(&'static str, u32, u32); 15] {
         (names::TRACE, 4, sz(size_of::<xdp_common::TraceFilter>())),
         (names::VIP_FILTER, 4, 4),
         (names::FLOW_CACHE_GEN, 4, 4),
+        (
+            names::QUIC_SERVERS,
+            sz(size_of::<xdp_common::QuicServerKey>()),
+            4,
+        ),
     ]
 }
 
@@ -373,6 +380,7 @@ impl Dataplane {
             .map_max_entries(names::RINGS, ring_entries)
             .map_max_entries(names::BACKENDS, sizes.max_backends)
             .map_max_entries(names::BACKEND_STATS, sizes.max_backends)
+            .map_max_entries(names::QUIC_SERVERS, sizes.max_backends)
             .map_max_entries(names::FLOWS, sizes.max_flows)
             .override_global(names::RING_SIZE_GLOBAL, &sizes.ring_size, true);
         let pins: Vec<(&str, PathBuf)> = match pin_dir {
