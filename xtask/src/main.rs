@@ -231,6 +231,7 @@ fn setup() -> Result<EbpfToolchain> {
     ensure_bpf_linker(&toolchain, &mut report)?;
     ensure_cargo_deb(&mut report)?;
     ensure_debian_packages(DEBIAN_PACKAGES, &mut report)?;
+    ensure_python_packages(&mut report)?;
     if report.installed.is_empty() {
         println!(
             "setup: everything already in place ({:.1}s)",
@@ -418,6 +419,35 @@ fn ensure_cargo_deb(report: &mut Report) -> Result<()> {
     report
         .installed
         .push(format!("cargo-deb {CARGO_DEB_VERSION}"));
+    Ok(())
+}
+
+/// Python packages the tests run, from PyPI: aioquic, the QUIC stack of
+/// the QUIC routing test (server and moving client).
+const PYTHON_PACKAGES: &[&str] = &["aioquic==1.7.2"];
+
+/// Where [`PYTHON_PACKAGES`] are installed (`pip install --target`), for
+/// the tests' `PYTHONPATH` (`XDPLB_PYTHONPATH`).
+fn python_packages_dir() -> PathBuf {
+    workspace_root().join("target").join("python")
+}
+
+fn ensure_python_packages(report: &mut Report) -> Result<()> {
+    let dir = python_packages_dir();
+    let stamp = dir.join(".installed");
+    let wanted = PYTHON_PACKAGES.join(" ");
+    if std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(());
+    }
+    println!("setup: installing {wanted} into {}", dir.display());
+    let _ = std::fs::remove_dir_all(&dir);
+    run(Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore", "--target"])
+        .arg(&dir)
+        .args(PYTHON_PACKAGES))
+    .context("installing Python packages failed (python3 with pip, and network access to PyPI, are needed)")?;
+    std::fs::write(&stamp, &wanted)?;
+    report.installed.push(wanted);
     Ok(())
 }
 
@@ -634,7 +664,9 @@ fn test(no_lint: bool, filter: Option<&str>) -> Result<()> {
     steps.push(("unit tests", unit));
     // Privileged tests share kernel state (bpffs, namespaces): one at a time.
     let mut privileged = cargo();
-    privileged.args(["test", "--package", "integration-tests", "--"]);
+    privileged
+        .env("XDPLB_PYTHONPATH", python_packages_dir())
+        .args(["test", "--package", "integration-tests", "--"]);
     if let Some(filter) = filter {
         privileged.arg(filter);
     }

@@ -97,7 +97,7 @@ pub(super) fn print_status(s: &serde_json::Value) -> Result<()> {
     }
     for v in &status.vips {
         println!(
-            "VIP {} {} {}{} check {}: {} packets, {}, {} new flows",
+            "VIP {} {} {}{}{} check {}: {} packets, {}, {} new flows",
             v.name,
             v.endpoint,
             v.forwarding,
@@ -106,6 +106,10 @@ pub(super) fn print_status(s: &serde_json::Value) -> Result<()> {
             } else {
                 format!(" hash {}", v.hash)
             },
+            v.quic.map_or(String::new(), |q| format!(
+                " quic ({}-octet server ids)",
+                q.server_id_bytes
+            )),
             v.check,
             v.counters.packets,
             human_bytes(v.counters.bytes as f64),
@@ -119,7 +123,7 @@ pub(super) fn print_status(s: &serde_json::Value) -> Result<()> {
         }
         for b in &v.backends {
             println!(
-                "  {:<40} weight {:>5}  {:<8} health {:<5} check {:>8}  {} packets, {} new flows{}",
+                "  {:<40} weight {:>5}  {:<8} health {:<5} check {:>8}  {} packets, {} new flows{}{}",
                 b.address.to_string(),
                 b.weight,
                 b.dataplane_state,
@@ -134,6 +138,8 @@ pub(super) fn print_status(s: &serde_json::Value) -> Result<()> {
                     .map_or("-".into(), |ms| format!("{ms:.1} ms")),
                 b.counters.packets,
                 b.counters.new_flows,
+                b.server_id
+                    .map_or(String::new(), |id| format!(", server id {id}")),
                 match (&b.checks_blocked, &b.last_error) {
                     (Some(e), _) => format!("  (NOT CHECKED: {e})"),
                     (None, Some(e)) => format!("  (last failure: {e})"),
@@ -177,6 +183,8 @@ pub(super) struct VipView {
     /// Absent from an older daemon's answer.
     #[serde(default)]
     hash: HashFields,
+    #[serde(default)]
+    quic: Option<crate::config::Quic>,
     check: CheckKind,
     counters: crate::controller::Traffic,
     drops: crate::controller::Drops,
@@ -187,6 +195,8 @@ pub(super) struct VipView {
 pub(super) struct BackendView {
     address: IpAddr,
     weight: u32,
+    #[serde(default)]
+    server_id: Option<u32>,
     dataplane_state: String,
     health: Option<String>,
     last_check_ms: Option<f64>,

@@ -35,6 +35,7 @@ impl Controller {
                 backends.push(BackendStatus {
                     address: b.address,
                     weight: b.weight,
+                    server_id: b.server_id,
                     configured: b.state,
                     health: h.map(|h| h.tracker.state),
                     dataplane_state,
@@ -61,6 +62,7 @@ impl Controller {
                 endpoint: vip.endpoint(),
                 forwarding: vip.forwarding,
                 hash: vip.hash(),
+                quic: vip.quic,
                 check: vip.health.kind,
                 id: vip_id,
                 counters: counters.into(),
@@ -140,6 +142,9 @@ pub fn state_name(state: u32) -> &'static str {
 pub struct BackendStatus {
     pub address: IpAddr,
     pub weight: u32,
+    /// Its QUIC server id (QUIC VIPs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_id: Option<u32>,
     pub configured: InitialState,
     pub health: Option<Health>,
     pub dataplane_state: &'static str,
@@ -170,6 +175,8 @@ pub struct VipStatus {
     pub endpoint: String,
     pub forwarding: ForwardingMode,
     pub hash: crate::config::HashFields,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quic: Option<crate::config::Quic>,
     pub check: CheckKind,
     pub id: Option<u32>,
     pub counters: Traffic,
