@@ -68,7 +68,7 @@ pub struct Host {
 pub struct Topology {
     // Programs go first: fields drop in order, and they must detach while
     // their namespaces still exist.
-    _decaps: Vec<Decap>,
+    decaps: Vec<Decap>,
     _passes: Vec<AuxProgram>,
     pub lbs: Vec<Host>,
     pub backends: Vec<Host>,
@@ -299,7 +299,7 @@ impl Topology {
                 .collect()
         })??;
         let topo = Self {
-            _decaps: decaps,
+            decaps,
             _passes: passes,
             lbs,
             backends,
@@ -312,6 +312,12 @@ impl Topology {
             topo.route_vips_via(0)?;
         }
         Ok(topo)
+    }
+
+    /// The VIPs backend `i`'s `decap` ends tunnels for (none: it strips
+    /// no tunnel, and this kernel, without ipip, drops them).
+    pub fn set_decap_vips(&mut self, i: usize, vips: &[IpAddr]) -> Result<()> {
+        self.decaps[i].set_vips(vips)
     }
 
     /// Send all VIP traffic to LB `j`.

@@ -432,6 +432,27 @@ pub struct Config {
     pub conntrack_rate: u32,
 }
 
+impl Config {
+    /// Outer IPv4 source of a flow of `hash`: the configured prefix with
+    /// the host bits from the hash.
+    #[inline(always)]
+    pub fn outer_source_v4(&self, hash: u32) -> [u8; 4] {
+        let mask = self.source_v4_host_mask;
+        ((u32::from_be_bytes(self.source_v4) & !mask) | (hash & mask)).to_be_bytes()
+    }
+
+    /// Outer IPv6 source of a flow of `hash`: the configured prefix with
+    /// the host bits of its last 32 bits from the hash.
+    #[inline(always)]
+    pub fn outer_source_v6(&self, hash: u32) -> [u8; 16] {
+        let mut src = self.source_v6;
+        let mask = self.source_v6_host_mask;
+        let low = u32::from_be_bytes([src[12], src[13], src[14], src[15]]);
+        src[12..].copy_from_slice(&((low & !mask) | (hash & mask)).to_be_bytes());
+        src
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {

@@ -148,24 +148,6 @@ pub struct Inner {
     pub hash: u32,
 }
 
-/// Outer IPv4 source: the configured prefix with the host bits from the hash.
-#[inline(always)]
-fn outer_source_v4(cfg: &Config, hash: u32) -> [u8; 4] {
-    let mask = cfg.source_v4_host_mask;
-    ((u32::from_be_bytes(cfg.source_v4) & !mask) | (hash & mask)).to_be_bytes()
-}
-
-/// Outer IPv6 source: the configured prefix with the host bits of its last
-/// 32 bits from the hash.
-#[inline(always)]
-fn outer_source_v6(cfg: &Config, hash: u32) -> [u8; 16] {
-    let mut src = cfg.source_v6;
-    let mask = cfg.source_v6_host_mask;
-    let low = u32::from_be_bytes([src[12], src[13], src[14], src[15]]);
-    src[12..].copy_from_slice(&((low & !mask) | (hash & mask)).to_be_bytes());
-    src
-}
-
 #[inline(always)]
 fn inner_proto(inner: &Inner) -> u8 {
     if inner.family == FAMILY_V4 {
@@ -213,7 +195,7 @@ pub fn encapsulate(
     if outer_v4 {
         write_l2(ctx, l2, &cfg.gateway_mac, &src_mac, ETH_P_IP)?;
         let tot_len = ((outer_len + inner.ip_len) as u16).to_be_bytes();
-        let src = outer_source_v4(cfg, inner.hash);
+        let src = cfg.outer_source_v4(inner.hash);
         let mut hdr = [0u8; IPV4_HDR_LEN];
         hdr[0] = 0x45;
         hdr[1] = inner.tos;
@@ -247,7 +229,7 @@ pub fn encapsulate(
         hdr[5] = payload_len[1];
         hdr[6] = inner_proto(inner);
         hdr[7] = ttl;
-        hdr[8..24].copy_from_slice(&outer_source_v6(cfg, inner.hash));
+        hdr[8..24].copy_from_slice(&cfg.outer_source_v6(inner.hash));
         hdr[24..40].copy_from_slice(&backend.addr);
         // SAFETY: bounds checked by ptr_at_mut.
         unsafe { *ptr_at_mut::<[u8; IPV6_HDR_LEN]>(ctx, l3_off)? = hdr };

@@ -88,6 +88,7 @@ pub const KEYS: &[Key] = &[
     key("vip.health", "fall", "1..", "Consecutive failing checks that take an up backend down."),
     key("vip.health", "jitter_ms", "milliseconds", "Random extra delay per check, so checks do not synchronise."),
     key("vip.health", "half_open", "`true`, `false`", "TCP checks: a SYN probe that leaves no connection on the backend (needs CAP_NET_RAW), or a full connect."),
+    key("vip.health", "tunnel", "`true`, `false`", "Check through the tunnel: the SYN probe (`tcp`) or the request (`udp`) goes to the VIP, wrapped exactly as the dataplane sends the VIP's packets to this backend (same outer header and source rule, TTL, next hop; for `l2dsr` the backend's MAC), and the backend's direct answer from the VIP is matched. A backend whose decapsulation or VIP binding is broken is then down, as it is for every real flow. Not for `http`; needs CAP_NET_RAW."),
     key("vip.health", "init_state", "`checked`, `up`", "Where a backend not checked yet starts: out of the ring until its first check passes, or in it at once."),
     key("vip.health", "flap_limit", "0..", "Flap damping: a backend that changes state more than this many times within `flap_window_ms` is held down for `flap_hold_ms` after its last change. 0: off."),
     key("vip.health", "flap_window_ms", "milliseconds", "The flap damping window."),

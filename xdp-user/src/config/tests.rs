@@ -496,3 +496,25 @@ fn quic_routing_is_checked_where_it_cannot_work() {
         "server_id is for QUIC VIPs",
     );
 }
+
+#[test]
+fn checks_through_the_tunnel_are_syn_or_udp() {
+    let tunnel = |health: &str| {
+        with(
+            "health = { kind = \"http\", path = \"/healthz\" }",
+            &format!("health = {{ {health}, tunnel = true }}"),
+        )
+    };
+    let c = Config::parse(&tunnel("kind = \"tcp\"")).unwrap();
+    assert!(c.vips[0].health.tunnel);
+    assert_problem(
+        &tunnel("kind = \"http\", path = \"/healthz\""),
+        "vip[0] web (198.18.0.10:80/tcp).health",
+        "an HTTP check cannot go through the tunnel",
+    );
+    assert_problem(
+        &tunnel("kind = \"tcp\", half_open = false"),
+        ".health",
+        "it needs half_open = true",
+    );
+}

@@ -355,6 +355,22 @@ impl Config {
                 "a TCP check of a UDP VIP needs health.port (or use kind = \"udp\")".into(),
             );
         }
+        if h.tunnel && h.kind == CheckKind::Http {
+            problem(
+                hat.clone(),
+                "tunnel = true checks by a SYN (kind = \"tcp\") or a UDP request (kind = \"udp\"); \
+                 an HTTP check cannot go through the tunnel: the backend answers the VIP's packets \
+                 directly, so this host cannot hold the connection"
+                    .into(),
+            );
+        }
+        if h.tunnel && h.kind == CheckKind::Tcp && !h.half_open {
+            problem(
+                hat.clone(),
+                "tunnel = true with kind = \"tcp\" is a SYN probe: it needs half_open = true"
+                    .into(),
+            );
+        }
         if h.interval_ms == 0 {
             problem(hat.clone(), "interval_ms must be at least 1".into());
         }

@@ -238,6 +238,11 @@ pub struct HealthCheck {
     /// backend, far cheaper at scale) or a full connect (false). Half-open
     /// needs CAP_NET_RAW; without it checks connect.
     pub half_open: bool,
+    /// Check through the tunnel: to the VIP, wrapped exactly as the
+    /// dataplane sends the VIP's packets to the backend, so a backend that
+    /// does not decapsulate or lacks the VIP fails (TCP SYN probes and UDP
+    /// checks; needs CAP_NET_RAW).
+    pub tunnel: bool,
     /// Where a backend the daemon has not checked yet starts: `checked`
     /// keeps it out of the ring until its first check passes; `up` puts it
     /// in at once (until `fall` failures).
@@ -277,6 +282,7 @@ impl Default for HealthCheck {
             send: None,
             expect: None,
             half_open: true,
+            tunnel: false,
             init_state: InitState::Checked,
             flap_limit: 0,
             flap_window_ms: 60_000,

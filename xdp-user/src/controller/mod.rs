@@ -269,6 +269,7 @@ impl Controller {
     /// The checks the config asks for.
     pub fn wanted_checks(&self) -> std::collections::HashMap<CheckKey, CheckSpec> {
         let mut out = std::collections::HashMap::new();
+        let path = self.tunnel_path();
         for vip in &self.config.vips {
             if vip.health.kind == CheckKind::None {
                 continue;
@@ -282,11 +283,38 @@ impl Controller {
                         vip: vip.name.clone(),
                         backend: b.address,
                     },
-                    CheckSpec::new(&vip.health, std::net::SocketAddr::new(b.address, port)),
+                    CheckSpec {
+                        tunnel: vip.health.tunnel.then(|| crate::health::tunnel::Tunnel {
+                            ifindex: path.0,
+                            mode: plan::forward_mode(vip.forwarding),
+                            backend: b.address,
+                            backend_mac: b.mac.as_deref().and_then(parse_mac).unwrap_or([0; 6]),
+                            policy: path.1,
+                            vip: std::net::SocketAddr::new(vip.address, port),
+                        }),
+                        ..CheckSpec::new(&vip.health, std::net::SocketAddr::new(b.address, port))
+                    },
                 );
             }
         }
         out
+    }
+
+    /// Where checks through the tunnel leave, and the policy they are
+    /// wrapped by: the interface's index (0 while it is missing: such
+    /// checks fail, saying so) and the dataplane's policy, with the
+    /// interface's own MAC as the source.
+    fn tunnel_path(&self) -> (u32, xdp_common::Config) {
+        let iface = crate::iface::by_name(&self.config.interface)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let policy = dataplane_config(&self.config).unwrap_or_default();
+        let policy = xdp_common::Config {
+            source_mac: iface.mac.unwrap_or([0; 6]),
+            ..policy
+        };
+        (iface.index, policy)
     }
 
     /// Reconcile, logging (not returning) a failure; it is retried later.

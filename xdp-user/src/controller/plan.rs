@@ -295,11 +295,7 @@ pub fn plan(
                 } else {
                     0
                 }),
-            mode: if vip.forwarding == ForwardingMode::L2dsr {
-                fwd::L2_DSR
-            } else {
-                fwd::ENCAP
-            },
+            mode: forward_mode(vip.forwarding),
             ring: rings.ring(vip_id, &members, sizes.ring_size),
             interim_ring,
             quic: vip
@@ -323,6 +319,15 @@ fn overlaps(config: &Config, vip: &crate::config::Vip) -> bool {
             && other.protocol == vip.protocol
             && (other.port.is_none() || vip.port.is_none())
     })
+}
+
+/// The dataplane's forwarding mode (`fwd::*`) of a VIP forwarded by `f`.
+pub fn forward_mode(f: ForwardingMode) -> u32 {
+    if f == ForwardingMode::L2dsr {
+        fwd::L2_DSR
+    } else {
+        fwd::ENCAP
+    }
 }
 
 #[cfg(test)]

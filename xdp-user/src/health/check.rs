@@ -8,6 +8,7 @@ use tokio::{
     time::{timeout, Instant},
 };
 
+use super::tunnel::Tunnel;
 use crate::config::{CheckKind, HealthCheck};
 
 /// What to check, resolved from the config for one backend.
@@ -25,6 +26,9 @@ pub struct CheckSpec {
     pub expect: Vec<u8>,
     /// TCP: a half-open SYN probe where the prober can send one.
     pub half_open: bool,
+    /// Through the tunnel: to the VIP, wrapped as the dataplane wraps the
+    /// VIP's packets to this backend (TCP and UDP checks).
+    pub tunnel: Option<super::tunnel::Tunnel>,
 }
 
 impl CheckSpec {
@@ -41,6 +45,7 @@ impl CheckSpec {
             send: h.send.clone().unwrap_or_default().into_bytes(),
             expect: h.expect.clone().unwrap_or_default().into_bytes(),
             half_open: h.half_open,
+            tunnel: None,
         }
     }
 }
@@ -172,25 +177,79 @@ impl HalfOpen {
         }
     }
 
+    /// This host's address towards `target`, and since when it is known.
+    /// Taken out while the probe runs: a probe that fails or times out
+    /// (and is dropped) leaves it to be looked up again.
+    fn take_source(
+        &mut self,
+        target: std::net::SocketAddr,
+    ) -> Result<(std::net::IpAddr, Instant), CheckError> {
+        match self.source.take() {
+            Some((s, at)) if at.elapsed() < SOURCE_TTL => Ok((s, at)),
+            _ => Ok((
+                super::probe::source_for(target).map_err(|e| io_error("route", e))?,
+                Instant::now(),
+            )),
+        }
+    }
+
     async fn check(
         &mut self,
         target: std::net::SocketAddr,
         timeout: Duration,
     ) -> Result<(), CheckError> {
-        // Taken out while the probe runs: a probe that fails or times out
-        // (and is dropped) leaves it to be looked up again.
-        let (source, at) = match self.source.take() {
-            Some((s, at)) if at.elapsed() < SOURCE_TTL => (s, at),
-            _ => (
-                super::probe::source_for(target).map_err(|e| io_error("route", e))?,
-                Instant::now(),
-            ),
-        };
+        let (source, at) = self.take_source(target)?;
         let result = self.prober.probe(source, target, timeout).await;
         if result.is_ok() {
             self.source = Some((source, at));
         }
         result
+    }
+
+    /// A check through the tunnel `t`, from this host's address towards the
+    /// VIP: a SYN probe (TCP) or the UDP request.
+    async fn through(&mut self, spec: &CheckSpec, t: &Tunnel) -> Result<(), CheckError> {
+        let (source, at) = self.take_source(t.vip)?;
+        let result = if spec.kind == CheckKind::Udp {
+            match timeout(spec.timeout, udp_through(spec, t, source, &self.prober)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("timed out after {:?}", spec.timeout).into()),
+            }
+        } else {
+            self.prober.probe_tunnel(source, t, spec.timeout).await
+        };
+        if result.is_ok() {
+            self.source = Some((source, at));
+        }
+        result
+    }
+}
+
+/// A UDP check through the tunnel: the request from a socket of ours to
+/// the VIP, wrapped and sent as a frame; the reply comes from the VIP.
+async fn udp_through(
+    spec: &CheckSpec,
+    t: &Tunnel,
+    source: std::net::IpAddr,
+    prober: &super::probe::Prober,
+) -> Result<(), CheckError> {
+    let socket = UdpSocket::bind(SocketAddr::new(source, 0))
+        .await
+        .map_err(|e| io_error("bind", e))?;
+    let local = socket.local_addr().map_err(|e| io_error("bind", e))?;
+    let inner = super::tunnel::udp_packet(local, t.vip, &spec.send);
+    prober
+        .send_frame(t.ifindex, &t.frame(source, &inner))
+        .map_err(|e| io_error("send", e))?;
+    let mut buf = [0u8; 2048];
+    loop {
+        let (n, from) = socket
+            .recv_from(&mut buf)
+            .await
+            .map_err(|e| io_error("no reply", e))?;
+        if from == t.vip {
+            return expect_reply(spec, &buf[..n]);
+        }
     }
 }
 
@@ -200,6 +259,16 @@ pub async fn run_check_with(
     half_open: Option<&mut HalfOpen>,
 ) -> Result<Duration, CheckError> {
     let started = Instant::now();
+    if let Some(t) = &spec.tunnel {
+        let Some(h) = half_open else {
+            return Err(CheckError {
+                reason: "checks through the tunnel need CAP_NET_RAW (a raw and a packet socket)"
+                    .into(),
+                local: Some("eperm"),
+            });
+        };
+        return h.through(spec, t).await.map(|()| started.elapsed());
+    }
     let result = match half_open {
         // The prober bounds the wait itself (one sweep, not a timer each).
         Some(h)
@@ -295,7 +364,14 @@ async fn udp(spec: &CheckSpec) -> Result<(), CheckError> {
         .recv(&mut buf)
         .await
         .map_err(|e| io_error_to("no reply", e, spec.target))?;
-    if buf[..n].starts_with(&spec.expect) {
+    expect_reply(spec, &buf[..n])
+}
+
+/// Whether a UDP check's `reply` is the one expected.
+fn expect_reply(spec: &CheckSpec, reply: &[u8]) -> Result<(), CheckError> {
+    let n = reply.len();
+    let buf = reply;
+    if buf.starts_with(&spec.expect) {
         Ok(())
     } else {
         Err(format!(

@@ -6,6 +6,7 @@ pub mod check;
 pub mod probe;
 pub mod schedule;
 pub mod state;
+pub mod tunnel;
 
 pub use check::{run_check, CheckError, CheckSpec, LOCAL_ERROR_KINDS};
 pub use schedule::{own_runtime, CheckKey, CheckResult, Checks};

@@ -24,13 +24,18 @@ use std::{
 
 use tokio::{io::unix::AsyncFd, sync::oneshot};
 
-use super::check::CheckError;
+use super::{
+    check::CheckError,
+    tunnel::{ip_packet, FrameSocket, Tunnel},
+};
 
 /// Source ports reserved for probes: in-flight probes to one backend port.
 const PORTS: u16 = 32;
 
-/// (backend address, backend port, our port).
-type Key = (IpAddr, u16, u16);
+/// (backend address, backend port, our port, the acknowledgement a reply
+/// carries): a probe through the tunnel is answered from the VIP, which
+/// all the VIP's backends share, so the sequence tells their probes apart.
+type Key = (IpAddr, u16, u16, u32);
 
 /// What a probe's reply said, or that none came in time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +46,6 @@ enum Reply {
 }
 
 struct Pending {
-    seq: u32,
     reply: oneshot::Sender<Reply>,
     deadline: tokio::time::Instant,
 }
@@ -65,6 +69,8 @@ struct Family {
 pub struct Prober {
     v4: Option<Arc<Family>>,
     v6: Option<Arc<Family>>,
+    /// Sends probes through the tunnel.
+    frames: Option<FrameSocket>,
 }
 
 fn raw_socket(v6: bool) -> std::io::Result<OwnedFd> {
@@ -179,7 +185,7 @@ fn attach_filter(fd: &OwnedFd, v6: bool, base: u16) -> std::io::Result<()> {
 }
 
 /// Internet checksum over `parts`.
-fn checksum(parts: &[&[u8]]) -> u16 {
+pub(super) fn checksum(parts: &[&[u8]]) -> u16 {
     let mut sum: u32 = 0;
     for part in parts {
         let mut chunks = part.chunks_exact(2);
@@ -197,7 +203,7 @@ fn checksum(parts: &[&[u8]]) -> u16 {
 }
 
 /// A SYN from `sport` to `dport` with sequence `seq` and an MSS option.
-fn syn(sport: u16, dport: u16, seq: u32) -> [u8; 24] {
+pub(super) fn syn(sport: u16, dport: u16, seq: u32) -> [u8; 24] {
     let mut t = [0u8; 24];
     t[0..2].copy_from_slice(&sport.to_be_bytes());
     t[2..4].copy_from_slice(&dport.to_be_bytes());
@@ -353,15 +359,8 @@ impl Family {
         } else {
             return;
         };
-        let key = (src, sport, dport);
-        let mut pending = self.pending();
-        if pending
-            .get(&key)
-            .is_some_and(|p| p.seq.wrapping_add(1) == ack)
-        {
-            if let Some(p) = pending.remove(&key) {
-                let _ = p.reply.send(reply);
-            }
+        if let Some(p) = self.pending().remove(&(src, sport, dport, ack)) {
+            let _ = p.reply.send(reply);
         }
     }
 
@@ -441,7 +440,8 @@ impl Prober {
             tokio::spawn(family.clone().receive());
             tokio::spawn(family.clone().sweep());
         }
-        Some(Arc::new(Self { v4, v6 }))
+        let frames = FrameSocket::open().ok();
+        Some(Arc::new(Self { v4, v6, frames }))
     }
 
     /// Whether targets of this family can be probed.
@@ -461,18 +461,60 @@ impl Prober {
         target: SocketAddr,
         timeout: std::time::Duration,
     ) -> Result<(), CheckError> {
+        self.probe_with(target, timeout, |family, sport, seq| {
+            family.send(source, target, sport, seq)
+        })
+        .await
+    }
+
+    /// Probe `tunnel`'s VIP port through the tunnel to its backend: the
+    /// SYN goes to the VIP, wrapped as the dataplane wraps the VIP's
+    /// packets, and the backend's SYN-ACK comes from the VIP.
+    pub async fn probe_tunnel(
+        &self,
+        source: IpAddr,
+        tunnel: &Tunnel,
+        timeout: std::time::Duration,
+    ) -> Result<(), CheckError> {
+        self.probe_with(tunnel.vip, timeout, |_, sport, seq| {
+            let segment = syn(sport, tunnel.vip.port(), seq).to_vec();
+            let tcp = libc::IPPROTO_TCP as u8;
+            let inner = ip_packet(source, tunnel.vip.ip(), tcp, segment, 16);
+            self.send_frame(tunnel.ifindex, &tunnel.frame(source, &inner))
+        })
+        .await
+    }
+
+    /// Send a whole frame out of interface `ifindex` (checks through the
+    /// tunnel).
+    pub fn send_frame(&self, ifindex: u32, frame: &[u8]) -> std::io::Result<()> {
+        match &self.frames {
+            Some(frames) => frames.send(ifindex, frame),
+            None => Err(std::io::Error::from_raw_os_error(libc::EPERM)),
+        }
+    }
+
+    /// Register a probe of `target`, `send` its SYN (our port, sequence),
+    /// and wait for the answer.
+    async fn probe_with(
+        &self,
+        target: SocketAddr,
+        timeout: std::time::Duration,
+        send: impl FnOnce(&Family, u16, u32) -> std::io::Result<()>,
+    ) -> Result<(), CheckError> {
         let family = if target.is_ipv4() { &self.v4 } else { &self.v6 };
         let family = family
             .as_ref()
             .ok_or_else(|| CheckError::from("no raw socket for this address family"))?;
         let (tx, rx) = oneshot::channel();
         let seq = rand_u32();
+        let ack = seq.wrapping_add(1);
         let sport = {
             let mut pending = family.pending();
             let start = family.next.fetch_add(1, Ordering::Relaxed);
             let free = (0..u32::from(PORTS))
                 .map(|i| family.base + ((start + i) % u32::from(PORTS)) as u16)
-                .find(|p| !pending.contains_key(&(target.ip(), target.port(), *p)));
+                .find(|p| !pending.contains_key(&(target.ip(), target.port(), *p, ack)));
             let Some(sport) = free else {
                 return Err(CheckError {
                     reason: format!("{PORTS} probes to {target} already in flight"),
@@ -480,34 +522,26 @@ impl Prober {
                 });
             };
             pending.insert(
-                (target.ip(), target.port(), sport),
+                (target.ip(), target.port(), sport, ack),
                 Pending {
-                    seq,
                     reply: tx,
                     deadline: tokio::time::Instant::now() + timeout,
                 },
             );
             sport
         };
-        /// Removes the probe from the table however the wait ends, but
-        /// only its own entry: once answered, the key may belong to a newer
-        /// probe.
-        struct Forget<'a>(&'a Family, Key, u32);
+        /// Removes the probe from the table however the wait ends.
+        struct Forget<'a>(&'a Family, Key);
         impl Drop for Forget<'_> {
             fn drop(&mut self) {
-                let mut pending = self.0.pending();
-                if pending.get(&self.1).is_some_and(|p| p.seq == self.2) {
-                    pending.remove(&self.1);
-                }
+                self.0.pending().remove(&self.1);
             }
         }
-        let _forget = Forget(family, (target.ip(), target.port(), sport), seq);
-        family
-            .send(source, target, sport, seq)
-            .map_err(|e| CheckError {
-                reason: format!("sending SYN: {e}"),
-                local: super::check::local_kind(&e),
-            })?;
+        let _forget = Forget(family, (target.ip(), target.port(), sport, ack));
+        send(family, sport, seq).map_err(|e| CheckError {
+            reason: format!("sending SYN: {e}"),
+            local: super::check::local_kind(&e),
+        })?;
         match rx.await {
             Ok(Reply::Open) => Ok(()),
             Ok(Reply::Reset) => Err("connection refused (reset)".into()),
