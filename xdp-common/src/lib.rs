@@ -582,6 +582,7 @@ pub mod map_names {
     pub const TRACE: &str = "TRACE";
     pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const QUIC_SERVERS: &str = "QUIC_SERVERS";
+    pub const PASS_TO: &str = "PASS_TO";
     pub const FLOW_CACHE_GEN: &str = "FLOW_CACHE_GEN";
     /// Read-only global: the benchmark harness's frame length.
     pub const BENCH_FRAME_LEN_GLOBAL: &str = "BENCH_FRAME_LEN";

@@ -52,13 +52,21 @@ pub fn xdp_lb(ctx: XdpContext) -> u32 {
         // Unreachable for an array map with one entry; pass rather than guess.
         return XDP_PASS;
     };
-    match try_lb(&ctx, cfg) {
+    let action = match try_lb(&ctx, cfg) {
         Ok(action) => action,
         Err(Malformed) => {
             count(reason::MALFORMED);
             action_or_pass(cfg.malformed_action)
         }
+    };
+    if action == XDP_PASS {
+        // What the balancer leaves alone goes to the program the operator
+        // chained after it (`chain.pass_to`), if any; the kernel's stack
+        // otherwise (a tail call into an empty slot returns).
+        // SAFETY: a tail call with the context this program was given.
+        unsafe { maps::PASS_TO.tail_call(&ctx, 0) };
     }
+    action
 }
 
 /// The configured action, if it is one the policy allows.
@@ -532,6 +540,18 @@ fn stamp_flow(ctx: &XdpContext, flow: u32) -> Result<(), Malformed> {
 /// Packet sink for load tests: counts and drops.
 #[xdp]
 pub fn xdp_sink(_ctx: XdpContext) -> u32 {
+    sink()
+}
+
+/// [`xdp_sink`] for multi-buffer frames: what a test chains after
+/// `xdp_lb` (`chain.pass_to`), whose flag it must share.
+#[xdp(frags)]
+pub fn xdp_sink_frags(_ctx: XdpContext) -> u32 {
+    sink()
+}
+
+#[inline(always)]
+fn sink() -> u32 {
     if let Some(c) = maps::SINK_COUNTER.get_ptr_mut(0) {
         // SAFETY: per-CPU slot.
         unsafe { *c += 1 };

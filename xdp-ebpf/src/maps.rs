@@ -150,6 +150,12 @@ pub static GEN_COUNTER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static GEN_TEMPLATE: Array<[u8; xdp_common::GEN_HEADER_LEN]> = Array::with_max_entries(1, 0);
 
+/// The program every packet `xdp_lb` passes goes to (`chain.pass_to`), at
+/// index 0; empty: the kernel's stack. Pinned, so the chain survives a
+/// restart.
+#[map]
+pub static PASS_TO: ProgramArray = ProgramArray::with_max_entries(1, 0);
+
 /// Benchmark harness: the program under test, at index 0.
 #[map]
 pub static BENCH_TARGET: ProgramArray = ProgramArray::with_max_entries(1, 0);

@@ -50,6 +50,8 @@ pub struct Config {
     pub daemon: Daemon,
     #[serde(default)]
     pub announce: Announce,
+    #[serde(default)]
+    pub chain: Chain,
     /// Desired state and health shared with other LB hosts through etcd;
     /// then the VIPs live there, not in this file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -257,6 +259,17 @@ impl Default for Daemon {
             log_format: LogFormat::Human,
         }
     }
+}
+
+/// Other XDP programs on the interface, chained by tail calls (where the
+/// kernel refuses extension programs, libxdp's dispatcher cannot share it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Chain {
+    /// A pinned XDP program (`xdp.frags`) that gets every packet the
+    /// balancer passes (not for a VIP, or left alone by policy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pass_to: Option<PathBuf>,
 }
 
 /// Announcing VIP addresses to routers: while a VIP address may receive

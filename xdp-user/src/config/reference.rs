@@ -57,6 +57,7 @@ pub const KEYS: &[Key] = &[
     key("announce", "table", "routing table number", "The table the routes go to (not main, local or default)."),
     key("announce", "protocol", "0..=255", "The routes' protocol (`ip route ... proto N`)."),
     key("announce", "hold_down_ms", "0..=600000", "After a dataplane loss, announce again only after this long in sync."),
+    key("chain", "pass_to", "path of a pinned XDP program", "Another XDP program on the interface (a DDoS filter, a firewall), loaded and pinned by its owner as `xdp.frags`: every packet the balancer passes (not for a VIP, or passed by policy) goes to it by a tail call, as Katran's root program chains programs. For kernels that refuse extension programs, where libxdp's dispatcher cannot share the interface. Changes by reload; unset: the kernel's stack."),
     key("fleet", "endpoints", "list of `http://` or `https://` URLs", "The etcd members' client URLs. With `[fleet]` the file has no `[[vip]]`: the VIPs are the store's (see Fleet), and `[fleet]` cannot change by reload."),
     key("fleet", "prefix", "key prefix", "Where the fleet's keys live: starts with `/`, no trailing `/`."),
     key("fleet", "host", "name", "This host's name in the fleet, unique in it (default: the host name)."),

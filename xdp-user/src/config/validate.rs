@@ -47,7 +47,10 @@ impl Config {
         for (location, path) in [
             ("daemon.pin_dir", &self.daemon.pin_dir),
             ("api.socket", &self.api.socket),
-        ] {
+        ]
+        .into_iter()
+        .chain(self.chain.pass_to.iter().map(|p| ("chain.pass_to", p)))
+        {
             if let Some(why) = path_problem(path) {
                 problem(location.into(), why);
             }

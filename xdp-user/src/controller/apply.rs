@@ -23,6 +23,9 @@ use crate::dataplane::Dataplane;
 pub struct Written {
     pub rings: HashMap<u32, Vec<u32>>,
     pub config: Option<xdp_common::Config>,
+    /// The program chained after the balancer (`chain.pass_to`), once
+    /// written.
+    pub pass_to: Option<Option<std::path::PathBuf>>,
     /// Counters of the backend entries the last apply removed, with their
     /// VIP's id: the controller adds them to the VIP's retired totals.
     pub retired: Vec<(u32, xdp_common::Counters)>,
@@ -32,6 +35,7 @@ impl Written {
     pub fn forget(&mut self) {
         self.rings.clear();
         self.config = None;
+        self.pass_to = None;
     }
 }
 
@@ -75,11 +79,17 @@ pub fn apply(
     dp: &mut Dataplane,
     plan: &Plan,
     config: &xdp_common::Config,
+    pass_to: &Option<std::path::PathBuf>,
     written: &mut Written,
 ) -> Result<()> {
     let mut failed = Failures::default();
     if written.config.as_ref() != Some(config) && failed.note(dp.set_config(config)).is_some() {
         written.config = Some(*config);
+    }
+    if written.pass_to.as_ref() != Some(pass_to)
+        && failed.note(dp.set_pass_to(pass_to.as_deref())).is_some()
+    {
+        written.pass_to = Some(pass_to.clone());
     }
 
     // 1. Removals: server ids first, so none names a backend id freed

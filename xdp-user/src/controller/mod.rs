@@ -357,7 +357,8 @@ impl Controller {
             // either written or being retried.
             self.vip_ids = plan.vip_ids.clone();
             self.backend_ids = plan.backend_ids.clone();
-            apply::apply(&mut self.dp, &plan, &dp_config, &mut self.written)
+            let pass_to = &self.config.chain.pass_to;
+            apply::apply(&mut self.dp, &plan, &dp_config, pass_to, &mut self.written)
         })();
         let live: Vec<u32> = self.vip_ids.values().copied().collect();
         self.retired
@@ -390,6 +391,10 @@ impl Controller {
         }
         if new.daemon.pin_dir != old.daemon.pin_dir {
             bail!("daemon.pin_dir cannot change while running");
+        }
+        if let Some(path) = new.chain.pass_to.as_deref() {
+            crate::dataplane::pinned_xdp_program(path)
+                .with_context(|| format!("chain.pass_to: cannot chain {}", path.display()))?;
         }
         self.plan(new)?;
         Ok(())

@@ -14,6 +14,8 @@ pub const PASS_PROGRAM: &str = "xdp_pass";
 pub const GEN_PROGRAM: &str = "xdp_gen";
 /// The counting sink of load tests.
 pub const SINK_PROGRAM: &str = "xdp_sink";
+/// The counting sink for multi-buffer frames (chained after `xdp_lb`).
+pub const SINK_FRAGS_PROGRAM: &str = "xdp_sink_frags";
 /// The MAC-swapping forwarder, the load tests' XDP baseline.
 pub const SWAP_PROGRAM: &str = "xdp_swap";
 /// The SYN-answering benchmark backend.
@@ -40,6 +42,7 @@ pub fn verify_all() -> Vec<(&'static str, Result<()>)> {
         PASS_PROGRAM,
         GEN_PROGRAM,
         SINK_PROGRAM,
+        SINK_FRAGS_PROGRAM,
         SWAP_PROGRAM,
         SYNACK_PROGRAM,
         BENCH_PROGRAM,
@@ -126,6 +129,14 @@ impl AuxProgram {
 
     pub fn program(&self) -> Result<&Xdp> {
         xdp_program(&self.ebpf, self.name)
+    }
+
+    /// Pin the program at `path` (a bpffs path), as another XDP program's
+    /// owner would for `chain.pass_to`.
+    pub fn pin(&mut self, path: &std::path::Path) -> Result<()> {
+        xdp_program_mut(&mut self.ebpf, self.name)?
+            .pin(path)
+            .with_context(|| format!("pinning {} at {}", self.name, path.display()))
     }
 
     /// A one-slot per-CPU counter (GEN_COUNTER, SINK_COUNTER), summed.

@@ -16,6 +16,7 @@ use aya::{
 
 mod aux;
 mod bpffs;
+mod chain;
 mod counters;
 mod decap;
 mod entries;
@@ -34,6 +35,7 @@ mod vip_filter;
 pub use aux::*;
 use bpffs::*;
 pub use bpffs::{detach, detach_pinned_link};
+pub use chain::pinned_xdp_program;
 pub use decap::Decap;
 use decap::DECAP_MAPS;
 pub use entries::generation_after;
@@ -253,7 +255,7 @@ fn add_counters(a: Counters, b: Counters) -> Counters {
 }
 
 /// Maps of the balancer, all pinned by a daemon.
-const LB_MAPS: [&str; 16] = [
+const LB_MAPS: [&str; 17] = [
     names::VIPS,
     names::VIP_SERIALS,
     names::RINGS,
@@ -270,6 +272,7 @@ const LB_MAPS: [&str; 16] = [
     names::VIP_FILTER,
     names::FLOW_CACHE_GEN,
     names::QUIC_SERVERS,
+    names::PASS_TO,
 ];
 
 /// Key and value size of every balancer map: the ABI a pinned map must
@@ -306,12 +309,17 @@ fn map_layouts() -> [(&'static str, u32, u32); LB_MAPS.len()] {
             sz(size_of::<xdp_common::QuicServerKey>()),
             4,
         ),
+        (names::PASS_TO, 4, 4),
     ]
 }
 
 fn map_data(map: &Map) -> Result<&MapData> {
     match map {
-        Map::Array(d) | Map::HashMap(d) | Map::LruHashMap(d) | Map::PerCpuArray(d) => Ok(d),
+        Map::Array(d)
+        | Map::HashMap(d)
+        | Map::LruHashMap(d)
+        | Map::PerCpuArray(d)
+        | Map::ProgramArray(d) => Ok(d),
         other => bail!("unexpected map type {other:?}"),
     }
 }
