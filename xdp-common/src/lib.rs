@@ -93,6 +93,71 @@ pub struct QuicServerKey {
     pub server_id: u32,
 }
 
+/// `VipMeta::flags` bit: the VIP has source routes (SOURCE_ROUTES): a
+/// client in one of its prefixes goes to the subset of backends the
+/// longest matching prefix names.
+pub const VIP_F_SOURCE_ROUTES: u32 = 32;
+
+/// `VipKey::family` bit of a VIP's backend subset (with
+/// [`FAMILY_SUBSET_V6`] for an IPv6 VIP, and the subset's number, 1 to
+/// [`MAX_SUBSETS`], in the low bits): never a packet's family, so only a
+/// source route reaches the subset's VIPS entry, ring and backends.
+pub const FAMILY_SUBSET: u8 = 0x80;
+/// `VipKey::family` bit of an IPv6 VIP's subset.
+pub const FAMILY_SUBSET_V6: u8 = 0x40;
+
+impl VipKey {
+    /// The key of subset `n` (from 0, below [`MAX_SUBSETS`]) of this VIP.
+    pub fn subset(&self, n: usize) -> VipKey {
+        let v6 = if self.family == FAMILY_V6 {
+            FAMILY_SUBSET_V6
+        } else {
+            0
+        };
+        VipKey {
+            family: FAMILY_SUBSET | v6 | (n as u8 + 1),
+            ..*self
+        }
+    }
+
+    /// For a subset's key: its VIP's key and its number (from 0).
+    pub fn subset_of(&self) -> Option<(VipKey, usize)> {
+        if self.family & FAMILY_SUBSET == 0 {
+            return None;
+        }
+        let family = if self.family & FAMILY_SUBSET_V6 != 0 {
+            FAMILY_V6
+        } else {
+            FAMILY_V4
+        };
+        let n = usize::from(self.family & 0x3f).checked_sub(1)?;
+        Some((VipKey { family, ..*self }, n))
+    }
+}
+
+/// The data of a SOURCE_ROUTES key: a VIP id, then a client address
+/// (IPv4 in the first four bytes). The trie matches `32 + prefix` bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Pod, Zeroable)]
+pub struct SourcePrefix {
+    /// The VIP's id, big-endian: the trie compares bits from the first.
+    pub vip_id: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+/// Entries of SOURCE_ROUTES: client prefixes of all VIPs together. The
+/// trie allocates only the entries in use.
+pub const SOURCE_ROUTES_MAX: u32 = 16384;
+
+/// Subsets of one VIP at most (their numbers fit beside `FAMILY_SUBSET`
+/// and `FAMILY_SUBSET_V6`).
+pub const MAX_SUBSETS: usize = 63;
+
+/// SOURCE_ROUTES prefix length of a client prefix of `bits` bits.
+pub const fn source_route_len(bits: u32) -> u32 {
+    32 + bits
+}
+
 /// How packets of a VIP reach its backends.
 pub mod fwd {
     /// Encapsulate in an outer IP header whose family is the backend's:
@@ -583,6 +648,7 @@ pub mod map_names {
     pub const VIP_FILTER: &str = "VIP_FILTER";
     pub const QUIC_SERVERS: &str = "QUIC_SERVERS";
     pub const PASS_TO: &str = "PASS_TO";
+    pub const SOURCE_ROUTES: &str = "SOURCE_ROUTES";
     pub const FLOW_CACHE_GEN: &str = "FLOW_CACHE_GEN";
     /// Read-only global: the benchmark harness's frame length.
     pub const BENCH_FRAME_LEN_GLOBAL: &str = "BENCH_FRAME_LEN";
@@ -608,6 +674,7 @@ mod user {
     unsafe impl aya::Pod for Config {}
     unsafe impl aya::Pod for DecapKey {}
     unsafe impl aya::Pod for QuicServerKey {}
+    unsafe impl aya::Pod for SourcePrefix {}
     unsafe impl aya::Pod for TraceFilter {}
 }
 

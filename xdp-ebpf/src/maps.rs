@@ -4,7 +4,7 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, ProgramArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray},
 };
 use xdp_common::{
     decap_reason, reason, Backend, Config, Counters, DecapKey, FlowKey, FlowState, TraceFilter,
@@ -150,6 +150,12 @@ pub static GEN_COUNTER: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static GEN_TEMPLATE: Array<[u8; xdp_common::GEN_HEADER_LEN]> = Array::with_max_entries(1, 0);
 
+/// Client prefixes of VIPs with source routes -> the VIPS key of the
+/// backend subset they go to; written by the controller.
+#[map]
+pub static SOURCE_ROUTES: LpmTrie<xdp_common::SourcePrefix, VipKey> =
+    LpmTrie::with_max_entries(xdp_common::SOURCE_ROUTES_MAX, 0);
+
 /// The program every packet `xdp_lb` passes goes to (`chain.pass_to`), at
 /// index 0; empty: the kernel's stack. Pinned, so the chain survives a
 /// restart.
@@ -196,4 +202,25 @@ pub fn ring_size() -> u32 {
     // SAFETY: RING_SIZE is a plain static; the loader rewrites it in
     // .rodata before load, after which it is never written.
     unsafe { core::ptr::read_volatile(&RING_SIZE) }
+}
+
+/// The backend subset a client of the VIP `vip_id` at `addr` (of
+/// `family`) goes to, by its longest matching source route.
+#[inline(always)]
+pub fn source_route(vip_id: u32, addr: [u8; 16], family: u8) -> Option<VipMeta> {
+    let bits = if family == xdp_common::FAMILY_V4 {
+        32
+    } else {
+        128
+    };
+    let key = Key::new(
+        xdp_common::source_route_len(bits),
+        xdp_common::SourcePrefix {
+            vip_id: vip_id.to_be_bytes(),
+            addr,
+        },
+    );
+    let subset = SOURCE_ROUTES.get(&key)?;
+    // SAFETY: the value is copied out at once.
+    unsafe { VIPS.get(subset) }.copied()
 }

@@ -148,6 +148,7 @@ impl VipAdd {
             quic: self
                 .quic_server_id_bytes
                 .map(|server_id_bytes| Quic { server_id_bytes }),
+            subsets: Vec::new(),
             backends: Vec::new(),
         }
     }

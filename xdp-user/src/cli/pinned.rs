@@ -56,10 +56,23 @@ pub fn report(pin_dir: &Path, config: Option<&Config>, why: &str) -> Result<Stri
             .and_then(|c| c.vips.iter().find(|v| vip_key(v) == *key))
             .map_or_else(|| "(not in the config)".to_owned(), |v| v.name.clone())
     };
-    let n = vips.len();
+    let n = vips.iter().filter(|(k, _)| k.subset_of().is_none()).count();
     out += &format!("{n} VIP{}\n", if n == 1 { "" } else { "s" });
     for (key, id) in &vips {
-        out += &format!("VIP {} {}\n", name_of(key), endpoint_of(key));
+        match key.subset_of() {
+            Some((vip, n)) => {
+                let subset = config
+                    .and_then(|c| c.vips.iter().find(|v| vip_key(v) == vip))
+                    .and_then(|v| v.subsets.get(n))
+                    .map_or_else(|| format!("{}", n + 1), |s| s.name.clone());
+                out += &format!(
+                    "VIP {} {} subset {subset}\n",
+                    name_of(&vip),
+                    endpoint_of(&vip)
+                );
+            }
+            None => out += &format!("VIP {} {}\n", name_of(key), endpoint_of(key)),
+        }
         let mut mine: Vec<(IpAddr, &'static str)> = backends
             .iter()
             .filter(|(_, b)| b.vip_id == *id)

@@ -121,6 +121,17 @@ pub(super) fn print_status(s: &serde_json::Value) -> Result<()> {
                 v.drops.no_backend, v.drops.encap_failed
             );
         }
+        for s in &v.subsets {
+            let backends: Vec<String> = s.backends.iter().map(ToString::to_string).collect();
+            println!(
+                "  subset {} for clients in {}: backends {}; {} packets, {} new flows",
+                s.name,
+                s.sources.join(", "),
+                backends.join(", "),
+                s.counters.packets,
+                s.counters.new_flows
+            );
+        }
         for b in &v.backends {
             println!(
                 "  {:<40} weight {:>5}  {:<8} health {:<5} check {:>8}  {} packets, {} new flows{}{}",
@@ -189,6 +200,8 @@ pub(super) struct VipView {
     counters: crate::controller::Traffic,
     drops: crate::controller::Drops,
     backends: Vec<BackendView>,
+    #[serde(default)]
+    subsets: Vec<crate::controller::SubsetStatus>,
 }
 
 #[derive(serde::Deserialize)]

@@ -25,7 +25,7 @@ pub use problem::{Invalid, Problem};
 use serde::{Deserialize, Serialize};
 pub use vip::{
     endpoint, BackendConfig, CheckKind, ForwardingMode, HashFields, HealthCheck, InitState,
-    InitialState, Protocol, Quic, Vip,
+    InitialState, Protocol, Quic, Subset, Vip,
 };
 
 use crate::dataplane::{AttachMode, Sizes};

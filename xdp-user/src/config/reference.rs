@@ -95,6 +95,9 @@ pub const KEYS: &[Key] = &[
     key("vip.health", "flap_window_ms", "milliseconds", "The flap damping window."),
     key("vip.health", "flap_hold_ms", "milliseconds", "How long a flapping backend is held down."),
     key("vip.quic", "server_id_bytes", "1..=4", "With `[vip.quic]` (UDP VIPs) QUIC packets are routed by their destination connection ID: a short-header, Handshake or Retry packet whose CID carries a backend's `server_id` goes to that backend while it is up or draining, whatever the client's address and port now are; Initial and 0-RTT packets (CIDs the client chose) and unknown ids go by the hash. The CID layout is the plaintext algorithm of the IETF QUIC-LB draft: one octet whose top 3 bits are the config rotation (`111`: not routable), then the server id in this many octets, big-endian."),
+    key("vip.subset", "name", "name", "Source routing (Katran's): names a subset of the VIP's backends. Each subset takes a VIP slot of `tables.max_vips` and its backends backend slots; its traffic counts in the VIP's."),
+    key("vip.subset", "backends", "list of the VIP's backend addresses", "The backends that serve the subset's clients, in the VIP's ring order and weights; they leave it as they leave the VIP (health, drain). A subset without a usable backend drops its clients (it does not spill onto the rest of the VIP)."),
+    key("vip.subset", "sources", "list of prefixes of the VIP's family", "Client prefixes routed to the subset, e.g. `198.18.100.0/24`; the longest prefix over all the VIP's subsets wins; a prefix belongs to one subset. Reordering subsets renumbers them, placing their flows again."),
     key("vip.backend", "address", "IPv4 or IPv6 address", "The tunnel endpoint, and what health checks connect to."),
     key("vip.backend", "weight", "0..=65535", "Share of the VIP's flows; 0 keeps it out of the ring."),
     key("vip.backend", "mac", "MAC address", "The backend's MAC (required for `l2dsr`)."),
@@ -181,7 +184,7 @@ impl serde::Serialize for TopLevel<'_> {
 fn table_heading(table: &str) -> String {
     match table {
         "" => "Top level".into(),
-        "vip" | "vip.backend" => format!("`[[{table}]]`"),
+        "vip" | "vip.backend" | "vip.subset" => format!("`[[{table}]]`"),
         t => format!("`[{t}]`"),
     }
 }

@@ -224,6 +224,7 @@ impl Config {
                 );
             }
             self.quic_problems(&at, vip, &mut problem);
+            self.subset_problems(&at, vip, &mut problem);
             if vip.port == Some(0) {
                 problem(
                     at.clone(),
@@ -292,6 +293,102 @@ impl Config {
             }
         }
         out
+    }
+
+    fn subset_problems(&self, at: &str, vip: &Vip, problem: &mut impl FnMut(String, String)) {
+        if vip.subsets.is_empty() {
+            return;
+        }
+        if vip.subsets.len() > xdp_common::MAX_SUBSETS {
+            problem(
+                at.to_owned(),
+                format!(
+                    "{} subsets; a VIP has at most {}",
+                    vip.subsets.len(),
+                    xdp_common::MAX_SUBSETS
+                ),
+            );
+        }
+        if vip.quic.is_some() {
+            problem(
+                at.to_owned(),
+                "subsets and [vip.quic] cannot be combined yet: a subset's backends would need server ids of their own".into(),
+            );
+        }
+        let mut names = HashSet::new();
+        let mut routed: BTreeMap<(IpAddr, u8), &str> = BTreeMap::new();
+        let total: usize = self
+            .vips
+            .iter()
+            .flat_map(|v| &v.subsets)
+            .map(|s| s.sources.len())
+            .sum();
+        if total > xdp_common::SOURCE_ROUTES_MAX as usize {
+            problem(
+                at.to_owned(),
+                format!(
+                    "{total} source prefixes in all; the dataplane holds {}",
+                    xdp_common::SOURCE_ROUTES_MAX
+                ),
+            );
+        }
+        for s in &vip.subsets {
+            let sat = format!("{at} subset {:?}", s.name);
+            if s.name.trim().is_empty() || s.name.chars().any(char::is_control) {
+                problem(
+                    sat.clone(),
+                    "a subset needs a name without control characters".into(),
+                );
+            } else if !names.insert(s.name.as_str()) {
+                problem(sat.clone(), "duplicate subset name".into());
+            }
+            if s.backends.is_empty() {
+                problem(
+                    sat.clone(),
+                    "backends is empty: name the VIP's backends that serve these clients".into(),
+                );
+            }
+            for b in &s.backends {
+                if !vip.backends.iter().any(|vb| vb.address == *b) {
+                    problem(sat.clone(), format!("{b} is not a backend of this VIP"));
+                }
+            }
+            if s.sources.is_empty() {
+                problem(
+                    sat.clone(),
+                    "sources is empty: list the client prefixes routed here".into(),
+                );
+            }
+            for text in &s.sources {
+                let Some((addr, len)) = parse_prefix(text) else {
+                    problem(
+                        sat.clone(),
+                        format!("{text:?} is not a prefix (address/length)"),
+                    );
+                    continue;
+                };
+                if addr.is_ipv4() != vip.address.is_ipv4() {
+                    problem(
+                        sat.clone(),
+                        format!("{text} is not of the VIP's address family"),
+                    );
+                    continue;
+                }
+                if masked(addr, len) != addr {
+                    problem(
+                        sat.clone(),
+                        format!(
+                            "{text} has host bits set; write {}/{len}",
+                            masked(addr, len)
+                        ),
+                    );
+                    continue;
+                }
+                if let Some(other) = routed.insert((addr, len), &s.name) {
+                    problem(sat.clone(), format!("{text} is also subset {other:?}'s"));
+                }
+            }
+        }
     }
 
     fn quic_problems(&self, at: &str, vip: &Vip, problem: &mut impl FnMut(String, String)) {
@@ -501,5 +598,19 @@ impl RingNeed {
             smallest,
             total,
         })
+    }
+}
+
+/// `addr` with the bits past the first `len` cleared.
+pub fn masked(addr: IpAddr, len: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+            IpAddr::V4((u32::from(a) & mask).into())
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+            IpAddr::V6((u128::from(a) & mask).into())
+        }
     }
 }

@@ -101,6 +101,10 @@ pub struct Vip {
     /// QUIC connection-ID routing (UDP VIPs); absent: off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quic: Option<Quic>,
+    /// Source routes: clients in a subset's prefixes (longest match over
+    /// all of them) go to that subset of the backends.
+    #[serde(default, rename = "subset", skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<Subset>,
     #[serde(default, rename = "backend", skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<BackendConfig>,
 }
@@ -135,6 +139,19 @@ pub struct BackendConfig {
     /// (QUIC VIPs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_id: Option<u32>,
+}
+
+/// A named subset of a VIP's backends and the client prefixes routed to
+/// it (Katran's source routing).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subset {
+    pub name: String,
+    /// Addresses of the VIP's backends that serve these clients.
+    pub backends: Vec<IpAddr>,
+    /// Client prefixes, `198.18.100.0/24` or `2001:db8:100::/48`, of the
+    /// VIP's family.
+    pub sources: Vec<String>,
 }
 
 /// A VIP's QUIC connection-ID routing: its backends write their server id

@@ -96,6 +96,8 @@ pub fn apply(
     // here and given to another backend.
     let quic_servers = plan.quic_servers();
     failed.note(dp.sync_quic_servers(&quic_servers, true));
+    // Source routes before the subsets they lead to go.
+    failed.note(dp.sync_source_routes(&plan.source_routes, true));
     for (key, id) in &plan.stale_vips {
         written.rings.remove(id);
         if let Some(Some(_)) = failed.note(dp.vip(key)) {
@@ -196,8 +198,10 @@ pub fn apply(
         failed.note(dp.set_backend(id, &entry));
     }
 
-    // 5. Server ids of QUIC VIPs' backends, once those exist.
+    // 5. Server ids of QUIC VIPs' backends, once those exist; source
+    // routes, once their subsets do.
     failed.note(dp.sync_quic_servers(&quic_servers, false));
+    failed.note(dp.sync_source_routes(&plan.source_routes, false));
 
     if failed.0.is_empty() {
         Ok(())

@@ -35,7 +35,7 @@ pub use fleet::{
 pub use health::BackendHealth;
 pub use plan::DoesNotFit;
 pub use selfcheck::{SelfCheck, SELF_CHECK_INTERVAL};
-pub use status::{state_name, BackendStatus, Drops, Status, Traffic, VipStatus};
+pub use status::{state_name, BackendStatus, Drops, Status, SubsetStatus, Traffic, VipStatus};
 
 use crate::{
     config::{parse_mac, parse_prefix, Change, CheckKind, Config, ConfigFile, PacketAction},

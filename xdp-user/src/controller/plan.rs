@@ -10,10 +10,10 @@ use std::{
     net::IpAddr,
 };
 
-use xdp_common::{backend_state, fwd, Backend, VipKey, VIP_F_TRACK_ALL};
+use xdp_common::{backend_state, fwd, Backend, VipKey, VIP_F_SOURCE_ROUTES, VIP_F_TRACK_ALL};
 
 use crate::{
-    config::{parse_mac, Config, ForwardingMode, InitialState},
+    config::{parse_mac, BackendConfig, Config, ForwardingMode, InitialState, Subset, Vip},
     dataplane::{addr_bytes, Sizes},
     health::{CheckKey, Health},
     maglev::{self, RingBackend},
@@ -83,6 +83,8 @@ pub struct Plan {
     pub stale_vips: Vec<(VipKey, u32)>,
     /// Backend ids that go away.
     pub stale_backends: BTreeSet<u32>,
+    /// Source routes: (VIP id, client prefix) -> the subset's VIPS key.
+    pub source_routes: BTreeMap<crate::dataplane::SourceRoute, VipKey>,
 }
 
 /// Allocate `n` ids below `limit`, none of `taken`; ids in `avoid` (just
@@ -148,19 +150,20 @@ pub fn plan(
     backend_ids: &BTreeMap<BackendKey, u32>,
     sizes: Sizes,
 ) -> Result<Plan, DoesNotFit> {
-    let wanted_vips: Vec<VipKey> = config.vips.iter().map(vip_key).collect();
+    let entries = vip_entries(config);
+    let wanted_vips: Vec<VipKey> = entries.iter().map(|e| e.key).collect();
     if wanted_vips.len() > sizes.max_vips as usize {
         return Err(DoesNotFit(format!(
-            "needs {} VIP slots, the table has {} (tables.max_vips)",
+            "needs {} VIP slots, the table has {} (tables.max_vips; each backend subset takes one)",
             wanted_vips.len(),
             sizes.max_vips
         )));
     }
-    let pairs: usize = config.vips.iter().map(|v| v.backends.len()).sum();
+    let pairs: usize = entries.iter().map(|e| e.backends.len()).sum();
     if pairs > sizes.max_backends as usize {
         return Err(DoesNotFit(format!(
             "needs {pairs} backend slots, the table has {} (tables.max_backends; each VIP's \
-             backends count separately)",
+             backends count separately, and a subset's again)",
             sizes.max_backends
         )));
     }
@@ -192,9 +195,9 @@ pub fn plan(
 
     // Backend ids likewise, keyed by the VIP's (new) id.
     let mut wanted_backends = Vec::new();
-    for vip in &config.vips {
-        let vip_id = plan.vip_ids[&vip_key(vip)];
-        for b in &vip.backends {
+    for e in &entries {
+        let vip_id = plan.vip_ids[&e.key];
+        for b in &e.backends {
             wanted_backends.push((vip_id, b.address));
         }
     }
@@ -240,11 +243,11 @@ pub fn plan(
         .collect();
 
     // Entries and rings.
-    for vip in &config.vips {
-        let key = vip_key(vip);
+    for e in &entries {
+        let (vip, key) = (e.vip, e.key);
         let vip_id = plan.vip_ids[&key];
         let mut members = Vec::new();
-        for b in &vip.backends {
+        for b in &e.backends {
             let id = plan.backend_ids[&(vip_id, b.address)];
             let state = desired_state(
                 b.state,
@@ -290,7 +293,12 @@ pub fn plan(
             id: vip_id,
             flags: vip.hash().flag()
                 | vip.quic.map_or(0, |q| q.flags())
-                | (if overlaps(config, vip) {
+                | (if e.subset.is_none() && !vip.subsets.is_empty() {
+                    VIP_F_SOURCE_ROUTES
+                } else {
+                    0
+                })
+                | (if e.subset.is_none() && overlaps(config, vip) {
                     VIP_F_TRACK_ALL
                 } else {
                     0
@@ -298,14 +306,62 @@ pub fn plan(
             mode: forward_mode(vip.forwarding),
             ring: rings.ring(vip_id, &members, sizes.ring_size),
             interim_ring,
-            quic: vip
+            quic: e
                 .backends
                 .iter()
                 .filter_map(|b| Some((b.server_id?, plan.backend_ids[&(vip_id, b.address)])))
                 .collect(),
         });
     }
+    // Source routes: each subset's prefixes, to its VIPS entry.
+    for e in &entries {
+        let Some(subset) = e.subset else { continue };
+        let parent = plan.vip_ids[&vip_key(e.vip)];
+        for text in &subset.sources {
+            if let Some((addr, len)) = crate::config::parse_prefix(text) {
+                plan.source_routes.insert((parent, addr, len), e.key);
+            }
+        }
+    }
     Ok(plan)
+}
+
+/// One entry of VIPS as the plan makes it: a configured VIP, or one of its
+/// backend subsets (reached only by source routes).
+struct VipEntry<'a> {
+    key: VipKey,
+    vip: &'a Vip,
+    /// The subset it is, if one.
+    subset: Option<&'a Subset>,
+    /// Its backends: the VIP's, or the subset's of them.
+    backends: Vec<&'a BackendConfig>,
+}
+
+/// Every VIPS entry `config` asks for, each VIP followed by its subsets.
+fn vip_entries(config: &Config) -> Vec<VipEntry<'_>> {
+    let mut out = Vec::new();
+    for vip in &config.vips {
+        let key = vip_key(vip);
+        out.push(VipEntry {
+            key,
+            vip,
+            subset: None,
+            backends: vip.backends.iter().collect(),
+        });
+        for (n, subset) in vip.subsets.iter().enumerate() {
+            out.push(VipEntry {
+                key: key.subset(n),
+                vip,
+                subset: Some(subset),
+                backends: vip
+                    .backends
+                    .iter()
+                    .filter(|b| subset.backends.contains(&b.address))
+                    .collect(),
+            });
+        }
+    }
+    out
 }
 
 /// Whether a packet of `vip` may match another VIP as VIPs come and go:

@@ -19,9 +19,21 @@ impl Controller {
         for vip in &self.config.vips {
             let key = vip_key(vip);
             let vip_id = self.vip_ids.get(&key).copied();
+            // The VIP's backend subsets: their traffic is the VIP's.
+            let subset_ids: Vec<Option<u32>> = (0..vip.subsets.len())
+                .map(|n| self.vip_ids.get(&key.subset(n)).copied())
+                .collect();
+            let all_ids: Vec<u32> = vip_id
+                .iter()
+                .chain(subset_ids.iter().flatten())
+                .copied()
+                .collect();
             let mut backends = Vec::new();
             for b in &vip.backends {
                 let id = vip_id.and_then(|v| self.backend_ids.get(&(v, b.address)).copied());
+                let entries = all_ids
+                    .iter()
+                    .filter_map(|v| self.backend_ids.get(&(*v, b.address)).copied());
                 let h = self.health.get(&CheckKey {
                     vip: vip.name.clone(),
                     backend: b.address,
@@ -29,9 +41,7 @@ impl Controller {
                 let dataplane_state = id
                     .and_then(|id| self.dp.backend(id).ok())
                     .map_or("absent", |e| state_name(e.state));
-                let counters = id
-                    .and_then(|id| self.dp.backend_stats(id).ok())
-                    .unwrap_or_default();
+                let counters = sum(entries.filter_map(|id| self.dp.backend_stats(id).ok()));
                 backends.push(BackendStatus {
                     address: b.address,
                     weight: b.weight,
@@ -51,12 +61,30 @@ impl Controller {
                     counters: counters.into(),
                 });
             }
-            let counters = vip_id
-                .and_then(|id| self.dp.vip_stats(id).ok())
-                .unwrap_or_default();
-            let drops = vip_id
-                .and_then(|id| self.dp.vip_drops(id).ok())
-                .unwrap_or_default();
+            let counters = sum(all_ids.iter().filter_map(|&id| self.dp.vip_stats(id).ok()));
+            let drops = all_ids
+                .iter()
+                .filter_map(|&id| self.dp.vip_drops(id).ok())
+                .fold(xdp_common::VipDrops::default(), |a, d| {
+                    xdp_common::VipDrops {
+                        no_backend: a.no_backend + d.no_backend,
+                        encap_failed: a.encap_failed + d.encap_failed,
+                    }
+                });
+            let subsets = vip
+                .subsets
+                .iter()
+                .zip(&subset_ids)
+                .map(|(s, id)| SubsetStatus {
+                    name: s.name.clone(),
+                    sources: s.sources.clone(),
+                    backends: s.backends.clone(),
+                    counters: id
+                        .and_then(|id| self.dp.vip_stats(id).ok())
+                        .unwrap_or_default()
+                        .into(),
+                })
+                .collect();
             vips.push(VipStatus {
                 name: vip.name.clone(),
                 endpoint: vip.endpoint(),
@@ -72,6 +100,7 @@ impl Controller {
                     encap_failed: drops.encap_failed,
                 },
                 backends,
+                subsets,
             });
         }
         let reasons = self
@@ -185,6 +214,29 @@ pub struct VipStatus {
     pub removed_backends: Traffic,
     pub drops: Drops,
     pub backends: Vec<BackendStatus>,
+    /// Its backend subsets (source routes); their traffic is in the
+    /// VIP's and its backends' counters too.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<SubsetStatus>,
+}
+
+/// A backend subset of a VIP and the traffic its source routes sent it.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub struct SubsetStatus {
+    pub name: String,
+    pub sources: Vec<String>,
+    pub backends: Vec<IpAddr>,
+    pub counters: Traffic,
+}
+
+/// Counters of several entries (a VIP and its subsets, or a backend's
+/// entries in them) added up.
+fn sum(all: impl Iterator<Item = Counters>) -> Counters {
+    all.fold(Counters::default(), |a, c| Counters {
+        packets: a.packets + c.packets,
+        bytes: a.bytes + c.bytes,
+        new_flows: a.new_flows + c.new_flows,
+    })
 }
 
 #[derive(Debug, Serialize)]

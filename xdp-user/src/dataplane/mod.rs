@@ -26,6 +26,7 @@ pub mod marks;
 mod pins;
 mod quic;
 mod slots;
+mod source_routes;
 mod sweep;
 mod sys;
 pub mod trace;
@@ -42,6 +43,7 @@ pub use entries::generation_after;
 use entries::{backends_in, vips_in};
 use link::attach_xdp;
 pub use link::{Attachment, LINK_PIN};
+pub use source_routes::SourceRoute;
 pub use sweep::{monotonic_secs, FlowSweeper, Swept};
 use sys::update_batch;
 use xdp_common::{
@@ -255,7 +257,7 @@ fn add_counters(a: Counters, b: Counters) -> Counters {
 }
 
 /// Maps of the balancer, all pinned by a daemon.
-const LB_MAPS: [&str; 17] = [
+const LB_MAPS: [&str; 18] = [
     names::VIPS,
     names::VIP_SERIALS,
     names::RINGS,
@@ -273,6 +275,7 @@ const LB_MAPS: [&str; 17] = [
     names::FLOW_CACHE_GEN,
     names::QUIC_SERVERS,
     names::PASS_TO,
+    names::SOURCE_ROUTES,
 ];
 
 /// Key and value size of every balancer map: the ABI a pinned map must
@@ -310,6 +313,11 @@ fn map_layouts() -> [(&'static str, u32, u32); LB_MAPS.len()] {
             4,
         ),
         (names::PASS_TO, 4, 4),
+        (
+            names::SOURCE_ROUTES,
+            sz(4 + size_of::<xdp_common::SourcePrefix>()),
+            sz(size_of::<VipKey>()),
+        ),
     ]
 }
 
@@ -319,7 +327,8 @@ fn map_data(map: &Map) -> Result<&MapData> {
         | Map::HashMap(d)
         | Map::LruHashMap(d)
         | Map::PerCpuArray(d)
-        | Map::ProgramArray(d) => Ok(d),
+        | Map::ProgramArray(d)
+        | Map::LpmTrie(d) => Ok(d),
         other => bail!("unexpected map type {other:?}"),
     }
 }

@@ -91,10 +91,11 @@ impl Dataplane {
         let backends: std::collections::HashMap<u32, Backend> =
             self.backends()?.into_iter().collect();
         let vips: std::collections::HashMap<VipKey, VipMeta> = self.vips()?.into_iter().collect();
+        let routes = routes_in(self.map(names::SOURCE_ROUTES)?)?;
         let mut rings: std::collections::HashMap<u32, Vec<u64>> = Default::default();
         let (mut kept_keys, mut kept) = (Vec::new(), Vec::new());
         for (key, state) in keys.iter().zip(states) {
-            let Some(vip) = vip_of(&vips, key) else {
+            let Some(vip) = vip_of(&vips, &routes, key) else {
                 continue;
             };
             let placed = still_placed(&backends, state, &vip);
@@ -135,6 +136,7 @@ impl Dataplane {
             flows: dup(names::FLOWS)?,
             backends: aya::maps::Map::Array(MapData::from_fd(dup(names::BACKENDS)?)?),
             vips: aya::maps::Map::HashMap(MapData::from_fd(dup(names::VIPS)?)?),
+            routes: aya::maps::Map::LpmTrie(MapData::from_fd(dup(names::SOURCE_ROUTES)?)?),
             ring_size: self.sizes.ring_size,
         })
     }
@@ -158,6 +160,7 @@ pub struct FlowSweeper {
     flows: OwnedFd,
     backends: aya::maps::Map,
     vips: aya::maps::Map,
+    routes: aya::maps::Map,
     ring_size: u32,
 }
 
@@ -178,13 +181,14 @@ impl FlowSweeper {
             backends_in(&self.backends)?.into_iter().collect();
         let vips: std::collections::HashMap<VipKey, VipMeta> =
             vips_in(&self.vips)?.into_iter().collect();
+        let routes = routes_in(&self.routes)?;
         let mut sweep = Sweep {
             started,
             ..Sweep::default()
         };
         let mut doomed: Vec<FlowKey> = Vec::new();
         read_flows(self.flows.as_fd(), |key, state| {
-            let vip = vip_of(&vips, key);
+            let vip = vip_of(&vips, &routes, key);
             let placed = vip.is_some_and(|vip| still_placed(&backends, state, &vip));
             let idle_for = started.saturating_sub(state.last_seen);
             // An entry whose backend left still says where the flow went
@@ -258,8 +262,30 @@ fn read_flows(
     .context("reading conntrack")
 }
 
+/// The VIPS entry that places a flow: the VIP it is addressed to (its
+/// port's, else the port-less one), or the backend subset the longest of
+/// the VIP's source routes matching the client sends it to.
+fn vip_of(
+    vips: &std::collections::HashMap<VipKey, VipMeta>,
+    routes: &[Route],
+    flow: &FlowKey,
+) -> Option<VipMeta> {
+    let vip = addressed(vips, flow)?;
+    if vip.flags & xdp_common::VIP_F_SOURCE_ROUTES == 0 {
+        return Some(vip);
+    }
+    let best = routes
+        .iter()
+        .filter(|r| r.vip_id == vip.vip_id && r.matches(&flow.src))
+        .max_by_key(|r| r.bits);
+    Some(
+        best.and_then(|r| vips.get(&r.subset).copied())
+            .unwrap_or(vip),
+    )
+}
+
 /// The VIP a flow is addressed to: its port's, else the port-less one.
-fn vip_of(vips: &std::collections::HashMap<VipKey, VipMeta>, flow: &FlowKey) -> Option<VipMeta> {
+fn addressed(vips: &std::collections::HashMap<VipKey, VipMeta>, flow: &FlowKey) -> Option<VipMeta> {
     let mut key = VipKey {
         addr: flow.dst,
         port: flow.dport,
@@ -271,4 +297,43 @@ fn vip_of(vips: &std::collections::HashMap<VipKey, VipMeta>, flow: &FlowKey) -> 
     }
     key.port = 0;
     vips.get(&key).copied()
+}
+
+/// A source route as the sweeper matches it.
+pub(super) struct Route {
+    pub vip_id: u32,
+    pub addr: [u8; 16],
+    /// Bits of the client address the route matches.
+    pub bits: u32,
+    pub subset: VipKey,
+}
+
+impl Route {
+    fn matches(&self, client: &[u8; 16]) -> bool {
+        let whole = (self.bits / 8) as usize;
+        let rest = self.bits % 8;
+        self.addr[..whole] == client[..whole]
+            && (rest == 0 || {
+                let mask = 0xffu8 << (8 - rest);
+                self.addr[whole] & mask == client[whole] & mask
+            })
+    }
+}
+
+/// Every source route in the SOURCE_ROUTES map `map`.
+pub(super) fn routes_in(map: &aya::maps::Map) -> Result<Vec<Route>> {
+    let trie: aya::maps::LpmTrie<_, xdp_common::SourcePrefix, VipKey> =
+        aya::maps::LpmTrie::try_from(map)?;
+    trie.iter()
+        .map(|e| {
+            let (k, subset) = e.context("reading SOURCE_ROUTES")?;
+            let data = k.data();
+            Ok(Route {
+                vip_id: u32::from_be_bytes(data.vip_id),
+                addr: data.addr,
+                bits: k.prefix_len().saturating_sub(32),
+                subset,
+            })
+        })
+        .collect()
 }
