@@ -472,7 +472,11 @@ pub struct Config {
     /// set by the loader at attach. Zero until then: the arriving frame's
     /// destination MAC is used.
     pub source_mac: [u8; 6],
-    pub _pad: [u8; 4],
+    /// Non-zero: a program is chained after the balancer (PASS_TO), so
+    /// what it passes is handed on by a tail call. (Was padding: a CONFIG
+    /// written by an older build reads as "not chained".)
+    pub chained: u8,
+    pub _pad: [u8; 3],
     /// Outer IPv4 source: these bits, with the host bits from the flow hash.
     pub source_v4: [u8; 4],
     /// Host-bit mask (host byte order) applied to the flow hash for IPv4.
@@ -523,7 +527,8 @@ impl Default for Config {
         Self {
             gateway_mac: [0; 6],
             source_mac: [0; 6],
-            _pad: [0; 4],
+            chained: 0,
+            _pad: [0; 3],
             source_v4: [0; 4],
             source_v4_host_mask: 0,
             source_v6: [0; 16],

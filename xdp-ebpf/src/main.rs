@@ -59,10 +59,11 @@ pub fn xdp_lb(ctx: XdpContext) -> u32 {
             action_or_pass(cfg.malformed_action)
         }
     };
-    if action == XDP_PASS {
+    if action == XDP_PASS && cfg.chained != 0 {
         // What the balancer leaves alone goes to the program the operator
-        // chained after it (`chain.pass_to`), if any; the kernel's stack
-        // otherwise (a tail call into an empty slot returns).
+        // chained after it (`chain.pass_to`); the kernel's stack if the
+        // slot is empty (a tail call into it returns). Unchained, not even
+        // the attempt is made.
         // SAFETY: a tail call with the context this program was given.
         unsafe { maps::PASS_TO.tail_call(&ctx, 0) };
     }

@@ -524,6 +524,7 @@ fn dataplane(path_filter: Option<&str>, peer_dir: Option<&std::path::Path>) -> R
     }
     lab.dp
         .add_vip(&WEB4.key(), WEB4.vip_id, WEB4.flags, WEB4.mode)?;
+    features(&mut lab, empty, &established)?;
     trace_cost(&mut lab, empty, &established)?;
     let (lb_x, lb_j) = sizes(lab.dp.program()?)?;
     let (pass_x, pass_j) = sizes(empty)?;
@@ -540,6 +541,106 @@ fn dataplane(path_filter: Option<&str>, peer_dir: Option<&std::path::Path>) -> R
          the empty program's behind it, per round.",
         xdp_common::GEN_HEADER_LEN
     );
+    Ok(())
+}
+
+/// xdp_lb on VIPs that use a feature each (a VIP without it pays one flag
+/// test, which the rows above include): a hash choice, QUIC routing, a
+/// source route to a subset, and a program chained after the balancer.
+fn features(lab: &mut Lab, empty: &Xdp, established: &[u8]) -> Result<()> {
+    println!("\nxdp_lb on VIPs that use a feature:\n");
+    println!("| path | xdp_lb ns |\n|---|---:|");
+    let row = |lab: &Lab, name: &'static str, frame: Vec<u8>, action: u32| -> Result<()> {
+        let p = Path {
+            name,
+            frame,
+            flows: 1,
+            action,
+            peer: false,
+            paced: false,
+        };
+        let ns = own_ns(empty, &[(lab.dp.program()?, false)], &p)?;
+        println!("| {name} | {:.0} |", ns[0]);
+        Ok(())
+    };
+    let payload = [b'x'; 64];
+    let (tx, pass) = (xdp_common::XDP_TX, xdp_common::XDP_PASS);
+    let vip4 = |a: IpAddr| match a {
+        IpAddr::V4(a) => a,
+        IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+    };
+    // hash = "source_port" on WEB4.
+    let flags = xdp_common::VIP_F_HASH_SOURCE_PORT;
+    lab.dp.add_vip(&WEB4.key(), WEB4.vip_id, flags, WEB4.mode)?;
+    row(
+        lab,
+        "IPv4 TCP established, hash = source_port",
+        established.to_vec(),
+        tx,
+    )?;
+    // QUIC on DNS4: a short header whose connection ID names backend 7.
+    let quic = xdp_common::VIP_F_QUIC | (2 << xdp_common::quic::SERVER_ID_LEN_SHIFT);
+    lab.dp.add_vip(&DNS4.key(), DNS4.vip_id, quic, DNS4.mode)?;
+    let server = xdp_common::QuicServerKey {
+        vip_id: DNS4.vip_id,
+        server_id: 0x0102,
+    };
+    lab.dp.sync_quic_servers(&[(server, 7)].into(), false)?;
+    let mut short = vec![0x41, 0x00, 0x01, 0x02];
+    short.extend_from_slice(&payload);
+    let frame = packet::udp4(CLIENT4, vip4(DNS4.addr), 41000, 443, &short);
+    row(
+        lab,
+        "IPv4 UDP, QUIC VIP, short header routed by its connection ID",
+        frame,
+        tx,
+    )?;
+    lab.dp
+        .add_vip(&DNS4.key(), DNS4.vip_id, DNS4.flags, DNS4.mode)?;
+    lab.dp.sync_quic_servers(&Default::default(), false)?;
+    // A source route: WEB4's clients in 198.18.100.0/24 (the lab client's)
+    // to a subset holding one backend, in EMPTY's VIP slot.
+    lab.dp.remove_vip(&integration_tests::lab::EMPTY.key())?;
+    let subset = WEB4.key().subset(0);
+    let subset_id = integration_tests::lab::EMPTY.vip_id;
+    let mut entry = lab.dp.backend(0)?;
+    entry.vip_id = subset_id;
+    lab.dp.set_backend(SIZES.max_backends - 1, &entry)?;
+    lab.dp.add_vip(&subset, subset_id, 0, WEB4.mode)?;
+    lab.dp.write_ring(
+        &subset,
+        &vec![SIZES.max_backends - 1; SIZES.ring_size as usize],
+    )?;
+    let route = (WEB4.vip_id, IpAddr::V4(Ipv4Addr::new(198, 18, 100, 0)), 24);
+    lab.dp
+        .sync_source_routes(&[(route, subset)].into(), false)?;
+    let routed = xdp_common::VIP_F_SOURCE_ROUTES;
+    lab.dp
+        .add_vip(&WEB4.key(), WEB4.vip_id, routed, WEB4.mode)?;
+    row(
+        lab,
+        "IPv4 TCP established, source route to a subset",
+        established.to_vec(),
+        tx,
+    )?;
+    lab.dp
+        .add_vip(&WEB4.key(), WEB4.vip_id, WEB4.flags, WEB4.mode)?;
+    lab.dp.sync_source_routes(&Default::default(), false)?;
+    // A program chained after the balancer: what passes goes on to it.
+    let pins = PinDir::new("bench-chain");
+    std::fs::create_dir_all(&pins.0)?;
+    let mut next = AuxProgram::load(PASS_PROGRAM)?;
+    next.pin(&pins.0.join("next"))?;
+    lab.dp.set_pass_to(Some(&pins.0.join("next")))?;
+    let other = packet::tcp4(CLIENT4, Ipv4Addr::new(198, 18, 0, 99), 40000, 80, &payload);
+    row(
+        lab,
+        "not for a VIP (pass), then a chained program (xdp_pass)",
+        other,
+        pass,
+    )?;
+    lab.dp.set_pass_to(None)?;
+    let _ = std::fs::remove_dir_all(&pins.0);
     Ok(())
 }
 

@@ -34,8 +34,11 @@ impl Dataplane {
     /// unchain). The program must be an XDP program with the balancer's
     /// multi-buffer flag (`xdp.frags`); the kernel refuses any other.
     pub fn set_pass_to(&mut self, pinned: Option<&Path>) -> Result<()> {
-        let mut slot: ProgramArray<_> = ProgramArray::try_from(self.map_mut(names::PASS_TO)?)?;
         let Some(path) = pinned else {
+            // The flag first: no packet tries the slot once it is cleared.
+            self.set_chained(false)?;
+            let mut slot: ProgramArray<_> =
+                ProgramArray::try_from(self.map_mut(names::PASS_TO)?)?;
             return match slot.clear_index(&0) {
                 Ok(()) => Ok(()),
                 // Nothing chained: nothing to clear.
@@ -49,6 +52,7 @@ impl Dataplane {
             };
         };
         let program = pinned_xdp_program(path)?;
+        let mut slot: ProgramArray<_> = ProgramArray::try_from(self.map_mut(names::PASS_TO)?)?;
         let fd = program.fd().context("the pinned program's descriptor")?;
         slot.set(0, fd, 0).with_context(|| {
             format!(
@@ -56,6 +60,14 @@ impl Dataplane {
                  loaded as xdp.frags (multi-buffer), as the balancer is",
                 path.display()
             )
-        })
+        })?;
+        self.set_chained(true)
+    }
+
+    /// Say in CONFIG whether a program is chained, keeping the rest.
+    fn set_chained(&mut self, chained: bool) -> Result<()> {
+        self.chained = chained;
+        let config = self.config()?;
+        self.set_config(&config)
     }
 }

@@ -352,6 +352,8 @@ pub struct Dataplane {
     /// The MAC of the interface attached to: the source of every frame the
     /// balancer sends, written into CONFIG with the rest of the policy.
     source_mac: [u8; 6],
+    /// A program is chained after the balancer (PASS_TO): CONFIG says so.
+    chained: bool,
     /// When this process last turned the SEEN filter's epoch
     /// (CLOCK_MONOTONIC seconds); None until its first review.
     seen_turned: Option<u32>,
@@ -430,10 +432,14 @@ impl Dataplane {
             pin_dir: pin_dir.map(Path::to_owned),
             attached: None,
             source_mac: [0; 6],
+            chained: false,
             seen_turned: None,
             records: None,
         };
-        if !adopted {
+        if adopted {
+            // What the adopted program chains stays chained.
+            dataplane.chained = dataplane.config()?.chained != 0;
+        } else {
             dataplane.set_config(&Config::default())?;
         }
         // Before any program runs with it: an older build's dataplane has
@@ -492,6 +498,7 @@ impl Dataplane {
     pub fn set_config(&mut self, config: &Config) -> Result<()> {
         let config = Config {
             source_mac: self.source_mac,
+            chained: u8::from(self.chained),
             ..*config
         };
         let mut map: Array<_, Config> = Array::try_from(self.map_mut(names::CONFIG)?)?;
