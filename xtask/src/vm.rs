@@ -45,6 +45,8 @@ const MODULES: &[&str] = &[
     "pktgen",
     "veth",
     "bridge",
+    // The LB guest's two NICs form a bond.
+    "bonding",
     // The operator's host boots from a disk (ext4 checksums its metadata
     // with crc32c, a soft dependency modules.dep does not name).
     "virtio_blk",
@@ -67,6 +69,8 @@ const GUEST_LIMIT: Duration = Duration::from_secs(300);
 /// The guest's /init: mounts, modules, then /roles/<role>.sh, the role
 /// named by `role=` on the kernel command line.
 const INIT: &str = include_str!("vm/init.sh");
+/// Long-lived and new connections through a failover (client roles).
+const TRAFFIC: &str = include_str!("vm/traffic.sh");
 
 /// What each guest does.
 const ROLES: &[(&str, &str)] = &[
@@ -163,7 +167,10 @@ pub fn run(root: &Path, xdplb: &Path, debs: &[PathBuf]) -> Result<Vec<Outcome>> 
         initramfs(
             &kroot,
             xdplb,
-            &[("deploy-backend.sh", deploy.clone())],
+            &[
+                ("deploy-backend.sh", deploy.clone()),
+                ("traffic.sh", TRAFFIC.to_owned()),
+            ],
             &initrd,
         )?;
         if *series == OPERATOR_KERNEL && part("operator") {

@@ -107,26 +107,38 @@ impl Drop for Bed {
 /// a bridge of taps; their consoles, once the client and the generator are
 /// done.
 pub(super) fn run_bed(vmlinuz: &Path, initrd: &Path) -> Result<Vec<(&'static str, String)>> {
-    let bed = Bed::create(&["tap-client", "tap-lb", "tap-b1", "tap-b2", "tap-gen"])?;
-    let guests = [
-        ("lb", "52:54:00:00:01:02", "tap-lb"),
-        ("backend", "52:54:00:00:01:03", "tap-b1"),
-        ("backend", "52:54:00:00:01:04", "tap-b2"),
-        ("gen", "52:54:00:00:01:05", "tap-gen"),
-        ("client", "52:54:00:00:01:01", "tap-client"),
-    ]
-    .into_iter()
-    .map(|(role, mac, tap)| {
-        Guest::boot(
-            vmlinuz,
-            initrd,
-            role,
-            &[(mac, Nic::Tap(tap.into()))],
-            Some(&bed.netns),
-        )
-        .map(|g| (role, g))
-    })
-    .collect::<Result<Vec<_>>>()?;
+    let bed = Bed::create(&[
+        "tap-client",
+        "tap-lb",
+        "tap-lb2",
+        "tap-b1",
+        "tap-b2",
+        "tap-gen",
+    ])?;
+    // The LB has two NICs on the segment, bonded.
+    let guests: [(&str, &[(&str, &str)]); 5] = [
+        (
+            "lb",
+            &[
+                ("52:54:00:00:01:02", "tap-lb"),
+                ("52:54:00:00:01:12", "tap-lb2"),
+            ],
+        ),
+        ("backend", &[("52:54:00:00:01:03", "tap-b1")]),
+        ("backend", &[("52:54:00:00:01:04", "tap-b2")]),
+        ("gen", &[("52:54:00:00:01:05", "tap-gen")]),
+        ("client", &[("52:54:00:00:01:01", "tap-client")]),
+    ];
+    let guests = guests
+        .into_iter()
+        .map(|(role, nics)| {
+            let nics: Vec<(&str, Nic)> = nics
+                .iter()
+                .map(|(mac, tap)| (*mac, Nic::Tap((*tap).into())))
+                .collect();
+            Guest::boot(vmlinuz, initrd, role, &nics, Some(&bed.netns)).map(|g| (role, g))
+        })
+        .collect::<Result<Vec<_>>>()?;
     // The client and the generator decide: each powers off when done.
     let mut consoles = Vec::new();
     let mut rest = Vec::new();

@@ -84,6 +84,31 @@ for vip in 198.18.0.10 2001:db8::53; do
     [ "$bytes" = 204800 ] || fail "path MTU discovery through the LB failed for $vip ($bytes of 204800 bytes)"
 done
 
+# The LB loses a NIC: its bond's active NIC goes down under traffic. 8
+# long-lived connections (a line every 200 ms, echoed) must all go on, and
+# a new connection every 100 ms must be answered; the longest wait between
+# two answered new connections is the failover as clients see it.
+. /traffic.sh
+traffic_start 8
+[ "$ready" = 8 ] || fail "only $ready of 8 long-lived connections echo before the NIC failover"
+sleep 2
+read failed_at _ < /proc/uptime
+echo fail | nc -w 1 198.18.210.2 9999
+sleep 6
+traffic_stop 8
+gap=$(awk -v t="$failed_at" '$1 >= t - 1 { if (last != "" && $1 - last > max) max = $1 - last; last = $1 } END { printf "%.2f", max }' /tmp/answered)
+echo "XDPLB-VM: the LB's active NIC failed: 8 long-lived connections, $broken broken; $new new connections, $failed failed; longest wait between answered new connections ${gap} s (one every 100 ms when all is well)"
+for t in $(seq 1 10); do
+    nc -w 2 198.18.210.2 9998 < /dev/null > /tmp/lb-failover 2>/dev/null
+    [ -s /tmp/lb-failover ] && break
+    sleep 1
+done
+read was now took < /tmp/lb-failover
+echo "XDPLB-VM: the LB's bond lost its active NIC ${was:-?}; ${now:-nothing} active ${took:-?} s later"
+[ -n "$was" ] && [ -n "$now" ] && [ "$now" != "$was" ] || fail "the LB's bond did not fail over (${was:-?} -> ${now:-?})"
+[ "$broken" = 0 ] || fail "$broken long-lived connections broke when the LB lost a NIC"
+[ "$failed" = 0 ] || fail "$failed new connections failed when the LB lost a NIC"
+
 # Failover: b1's server stops. Connections hashed to b1 fail until the
 # LB's check takes it out; then 20 in a row must reach b2 (at most 300
 # tries), and none may reach b1.

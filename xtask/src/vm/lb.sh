@@ -1,11 +1,45 @@
-# Role "lb": xdplb on eth0 (native XDP on a multiqueue virtio NIC), a
-# port-less TCP VIP over IPv4 (ipip) and one over IPv6 (ip6ip6), two
-# backends behind the segment's router.
-ip link set eth0 mtu 1600
-ip addr add 198.18.210.2/24 dev eth0
-ip -6 addr add 2001:db8:d2::2/64 dev eth0 nodad
+# Role "lb": xdplb on bond0, an active-backup bond of two multiqueue
+# virtio NICs on the segment (native XDP on bonding), a port-less TCP VIP
+# over IPv4 (ipip) and one over IPv6 (ip6ip6), two backends behind the
+# segment's router. Connecting to port 9999 takes the bond's active NIC
+# down, as a dead NIC or switch port would (the client's failover step).
+# (Loading the bonding module made a bond0 in its default mode.)
+ip link del bond0 2>/dev/null
+ip link add bond0 type bond mode active-backup miimon 100 num_grat_arp 3 num_unsol_na 3
+for nic in eth0 eth1; do
+    ip link set "$nic" down
+    ip link set "$nic" master bond0
+done
+ip link set bond0 mtu 1600 up
+ip addr add 198.18.210.2/24 dev bond0
+ip -6 addr add 2001:db8:d2::2/64 dev bond0 nodad
+# The client's segment, for its requests to this host (ports 9999, 9998).
+ip route add 198.18.211.0/24 via 198.18.210.254
+active_nic() {
+    sed -n 's/^Currently Active Slave: //p' /proc/net/bonding/bond0
+}
+for i in $(seq 1 50); do
+    [ -n "$(active_nic)" ] && [ "$(active_nic)" != None ] && break
+    sleep 0.1
+done
+echo "XDPLB-VM: bond0 (active-backup) of eth0 and eth1, active $(active_nic)"
+cat > /fail-nic.sh <<'SH'
+active=$(sed -n 's/^Currently Active Slave: //p' /proc/net/bonding/bond0)
+read t0 _ < /proc/uptime
+ip link set "$active" down
+for i in $(seq 1 500); do
+    now=$(sed -n 's/^Currently Active Slave: //p' /proc/net/bonding/bond0)
+    [ -n "$now" ] && [ "$now" != "$active" ] && [ "$now" != None ] && break
+    sleep 0.01
+done
+read t1 _ < /proc/uptime
+echo "$active $now $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')" > /tmp/failover
+SH
+# The client's request (port 9999) is acted on by the loop below, which
+# then tells what the failover did on port 9998.
+nc -l -p 9999 > /tmp/fail-request 2>&1 &
 cat > /etc/xdplb/xdplb.toml <<'CONF'
-interface = "eth0"
+interface = "bond0"
 xdp_mode = "native"
 
 [tables]
@@ -89,6 +123,10 @@ for i in $(seq 1 60); do
     sleep 1
 done
 xdplb status > /dev/null 2>&1 || { sed 's/^/XDPLB-VM: run: /' /tmp/run.log; fail "xdplb run did not start"; }
+# Native XDP on a bond: the kernel puts the program on every slave (which
+# netlink reports on the bond only).
+ip -d link show bond0 | grep -q "xdp" || fail "no XDP program on bond0: $(ip -d link show bond0)"
+echo "XDPLB-VM: xdplb attached natively to bond0"
 reported=""
 for i in $(seq 1 600); do
     sleep 1
@@ -108,6 +146,13 @@ for i in $(seq 1 600); do
     if [ "$counts" != "$last_counts" ]; then
         echo "XDPLB-VM: counted $counts"
         last_counts=$counts
+    fi
+    # The NIC failover, once the client asks for it.
+    if [ -s /tmp/fail-request ] && [ -z "$told_failover" ]; then
+        sh /fail-nic.sh
+        echo "XDPLB-VM: bond0 failover (NIC down, NIC active, seconds): $(cat /tmp/failover)"
+        nc -l -p 9998 < /tmp/failover > /dev/null 2>&1 &
+        told_failover=1
     fi
     # What the balancer saw, every 20 s.
     if [ $((i % 20)) = 0 ]; then
