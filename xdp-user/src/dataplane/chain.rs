@@ -37,8 +37,7 @@ impl Dataplane {
         let Some(path) = pinned else {
             // The flag first: no packet tries the slot once it is cleared.
             self.set_chained(false)?;
-            let mut slot: ProgramArray<_> =
-                ProgramArray::try_from(self.map_mut(names::PASS_TO)?)?;
+            let mut slot: ProgramArray<_> = ProgramArray::try_from(self.map_mut(names::PASS_TO)?)?;
             return match slot.clear_index(&0) {
                 Ok(()) => Ok(()),
                 // Nothing chained: nothing to clear.
