@@ -7,6 +7,7 @@ mod file;
 mod fleet;
 mod problem;
 pub mod reference;
+mod routing;
 mod validate;
 mod vip;
 
