@@ -203,3 +203,25 @@ impl Drop for Scratch {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Hand `ctl` one health check result of `backend` of VIP `vip`: passed
+/// (1 ms) or refused.
+pub fn check_result(
+    ctl: &mut xdp_user::controller::Controller,
+    vip: &str,
+    backend: std::net::IpAddr,
+    ok: bool,
+) {
+    ctl.on_check(xdp_user::health::CheckResult {
+        key: xdp_user::health::CheckKey {
+            vip: vip.into(),
+            backend,
+        }
+        .into(),
+        result: if ok {
+            Ok(std::time::Duration::from_millis(1))
+        } else {
+            Err("connect: refused".into())
+        },
+    });
+}

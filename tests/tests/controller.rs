@@ -112,18 +112,7 @@ fn active_half(ctl: &Controller, vip: &str) -> u32 {
 }
 
 fn check(ctl: &mut Controller, vip: &str, backend: &str, ok: bool) {
-    ctl.on_check(CheckResult {
-        key: CheckKey {
-            vip: vip.into(),
-            backend: backend.parse().unwrap(),
-        }
-        .into(),
-        result: if ok {
-            Ok(Duration::from_millis(1))
-        } else {
-            Err("connect: refused".into())
-        },
-    });
+    integration_tests::check_result(ctl, vip, backend.parse().unwrap(), ok);
 }
 
 fn state_of(ctl: &mut Controller, vip: &str, backend: &str) -> &'static str {

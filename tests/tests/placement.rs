@@ -20,17 +20,15 @@
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr},
-    time::Duration,
 };
 
-use integration_tests::{packet, pin_to_cpu0, require_root, run};
+use integration_tests::{check_result, packet, pin_to_cpu0, require_root, run};
 use xdp_common::{flow_hash, FlowKey, NO_BACKEND, XDP_DROP, XDP_PASS, XDP_TX};
 use xdp_user::{
     config::{BackendConfig, Change, CheckKind, Config, InitialState, Vip},
     controller::{state_name, Controller},
     dataplane::addr_bytes,
     dataplane::Dataplane,
-    health::{CheckKey, CheckResult},
     maglev::{self, RingBackend},
 };
 
@@ -249,21 +247,6 @@ fn send(ctl: &Controller, flow: &Flow) -> Result<Option<IpAddr>, ()> {
         XDP_PASS => Err(()),
         other => panic!("unexpected action {other}"),
     }
-}
-
-fn check_result(ctl: &mut Controller, vip: &str, backend: IpAddr, ok: bool) {
-    ctl.on_check(CheckResult {
-        key: CheckKey {
-            vip: vip.into(),
-            backend,
-        }
-        .into(),
-        result: if ok {
-            Ok(Duration::from_millis(1))
-        } else {
-            Err("connect: refused".into())
-        },
-    });
 }
 
 /// Configured state, health and the dataplane agree for every backend.

@@ -7,12 +7,7 @@ use std::{collections::BTreeSet, net::Ipv4Addr};
 
 use integration_tests::{packet, require_root, run};
 use xdp_common::{XDP_DROP, XDP_TX};
-use xdp_user::{
-    config::Config,
-    controller::Controller,
-    dataplane::Dataplane,
-    health::{CheckKey, CheckResult},
-};
+use xdp_user::{config::Config, controller::Controller, dataplane::Dataplane};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 10);
 
@@ -86,18 +81,7 @@ fn set(v: &[Option<u8>]) -> BTreeSet<Option<u8>> {
 }
 
 fn check(ctl: &mut Controller, backend: &str, ok: bool) {
-    ctl.on_check(CheckResult {
-        key: CheckKey {
-            vip: "web".into(),
-            backend: backend.parse().unwrap(),
-        }
-        .into(),
-        result: if ok {
-            Ok(std::time::Duration::from_millis(1))
-        } else {
-            Err("refused".into())
-        },
-    });
+    integration_tests::check_result(ctl, "web", backend.parse().unwrap(), ok);
     ctl.reconcile().unwrap();
 }
 
