@@ -223,14 +223,10 @@ fn decide(
         };
         (vip, choice)
     } else {
-        let Some(mut vip) = vip_lookup_of(kinds, l3.dst, l4.dport, l3.proto, l3.family) else {
+        let Some(vip) = vip_lookup_of(kinds, l3.dst, l4.dport, l3.proto, l3.family) else {
             return pass(reason::PASS_NOT_VIP);
         };
-        if vip.flags & xdp_common::VIP_F_SOURCE_ROUTES != 0 {
-            if let Some(subset) = maps::source_route(vip.vip_id, l3.src, l3.family) {
-                vip = subset;
-            }
-        }
+        let vip = maps::routed(vip, l3.src, l3.family);
         d.vip_id = vip.vip_id;
         let routed = if vip.flags & xdp_common::VIP_F_QUIC != 0 {
             quic::route(ctx, l3, &vip, xdp_common::flow_hash(&flow.0, false))
@@ -328,15 +324,10 @@ fn icmp_error(ctx: &XdpContext, cfg: &Config, l3_off: usize, l3: &L3) -> Result<
         return pass(reason::PASS_NOT_VIP);
     };
     let fold = xdp_common::vip_filter_fold(&quoted.vip);
-    let Some(mut vip) = vip_lookup(quoted.vip, fold, quoted.vip_port, quoted.proto, l3.family)
-    else {
+    let Some(vip) = vip_lookup(quoted.vip, fold, quoted.vip_port, quoted.proto, l3.family) else {
         return pass(reason::PASS_NOT_VIP);
     };
-    if vip.flags & xdp_common::VIP_F_SOURCE_ROUTES != 0 {
-        if let Some(subset) = maps::source_route(vip.vip_id, quoted.client, l3.family) {
-            vip = subset;
-        }
-    }
+    let vip = maps::routed(vip, quoted.client, l3.family);
     let flow = flow_cache::Aligned(FlowKey {
         src: quoted.client,
         dst: quoted.vip,

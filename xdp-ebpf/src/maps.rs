@@ -204,10 +204,21 @@ pub fn ring_size() -> u32 {
     unsafe { core::ptr::read_volatile(&RING_SIZE) }
 }
 
+/// What places a client at `addr` (of `family`) of `vip`: the backend
+/// subset its longest matching source route names, if the VIP has source
+/// routes and one matches; else the VIP itself.
+#[inline(always)]
+pub fn routed(vip: VipMeta, addr: [u8; 16], family: u8) -> VipMeta {
+    if vip.flags & xdp_common::VIP_F_SOURCE_ROUTES == 0 {
+        return vip;
+    }
+    source_route(vip.vip_id, addr, family).unwrap_or(vip)
+}
+
 /// The backend subset a client of the VIP `vip_id` at `addr` (of
 /// `family`) goes to, by its longest matching source route.
 #[inline(always)]
-pub fn source_route(vip_id: u32, addr: [u8; 16], family: u8) -> Option<VipMeta> {
+fn source_route(vip_id: u32, addr: [u8; 16], family: u8) -> Option<VipMeta> {
     let bits = if family == xdp_common::FAMILY_V4 {
         32
     } else {

@@ -51,18 +51,16 @@ pub fn report(pin_dir: &Path, config: Option<&Config>, why: &str) -> Result<Stri
     let mut vips = pinned.vips()?;
     vips.sort_by_key(|(_, id)| *id);
     let backends = pinned.backends()?;
+    let configured = |key: &VipKey| config.and_then(|c| c.vips.iter().find(|v| vip_key(v) == *key));
     let name_of = |key: &VipKey| {
-        config
-            .and_then(|c| c.vips.iter().find(|v| vip_key(v) == *key))
-            .map_or_else(|| "(not in the config)".to_owned(), |v| v.name.clone())
+        configured(key).map_or_else(|| "(not in the config)".to_owned(), |v| v.name.clone())
     };
     let n = vips.iter().filter(|(k, _)| k.subset_of().is_none()).count();
     out += &format!("{n} VIP{}\n", if n == 1 { "" } else { "s" });
     for (key, id) in &vips {
         match key.subset_of() {
             Some((vip, n)) => {
-                let subset = config
-                    .and_then(|c| c.vips.iter().find(|v| vip_key(v) == vip))
+                let subset = configured(&vip)
                     .and_then(|v| v.subsets.get(n))
                     .map_or_else(|| format!("{}", n + 1), |s| s.name.clone());
                 out += &format!(

@@ -269,7 +269,12 @@ impl Controller {
     /// The checks the config asks for.
     pub fn wanted_checks(&self) -> std::collections::HashMap<CheckKey, CheckSpec> {
         let mut out = std::collections::HashMap::new();
-        let path = self.tunnel_path();
+        let tunnels = self.config.vips.iter().any(|v| v.health.tunnel);
+        let path = if tunnels {
+            self.tunnel_path()
+        } else {
+            (0, xdp_common::Config::default())
+        };
         for vip in &self.config.vips {
             if vip.health.kind == CheckKind::None {
                 continue;

@@ -9,6 +9,7 @@ use xdp_common::{backend_state, reason, Counters};
 use super::{vip_key, Controller};
 use crate::{
     config::{CheckKind, ForwardingMode, InitialState},
+    dataplane::{add_counters, add_drops},
     health::{CheckKey, Health},
 };
 
@@ -41,7 +42,9 @@ impl Controller {
                 let dataplane_state = id
                     .and_then(|id| self.dp.backend(id).ok())
                     .map_or("absent", |e| state_name(e.state));
-                let counters = sum(entries.filter_map(|id| self.dp.backend_stats(id).ok()));
+                let counters = entries
+                    .filter_map(|id| self.dp.backend_stats(id).ok())
+                    .fold(Counters::default(), add_counters);
                 backends.push(BackendStatus {
                     address: b.address,
                     weight: b.weight,
@@ -61,16 +64,14 @@ impl Controller {
                     counters: counters.into(),
                 });
             }
-            let counters = sum(all_ids.iter().filter_map(|&id| self.dp.vip_stats(id).ok()));
+            let counters = all_ids
+                .iter()
+                .filter_map(|&id| self.dp.vip_stats(id).ok())
+                .fold(Counters::default(), add_counters);
             let drops = all_ids
                 .iter()
                 .filter_map(|&id| self.dp.vip_drops(id).ok())
-                .fold(xdp_common::VipDrops::default(), |a, d| {
-                    xdp_common::VipDrops {
-                        no_backend: a.no_backend + d.no_backend,
-                        encap_failed: a.encap_failed + d.encap_failed,
-                    }
-                });
+                .fold(xdp_common::VipDrops::default(), add_drops);
             let subsets = vip
                 .subsets
                 .iter()
@@ -227,16 +228,6 @@ pub struct SubsetStatus {
     pub sources: Vec<String>,
     pub backends: Vec<IpAddr>,
     pub counters: Traffic,
-}
-
-/// Counters of several entries (a VIP and its subsets, or a backend's
-/// entries in them) added up.
-fn sum(all: impl Iterator<Item = Counters>) -> Counters {
-    all.fold(Counters::default(), |a, c| Counters {
-        packets: a.packets + c.packets,
-        bytes: a.bytes + c.bytes,
-        new_flows: a.new_flows + c.new_flows,
-    })
 }
 
 #[derive(Debug, Serialize)]

@@ -37,15 +37,7 @@ impl Dataplane {
     pub fn vip_drops(&self, vip_id: u32) -> Result<VipDrops> {
         self.check_vip_id(vip_id)?;
         let map: PerCpuArray<_, VipDrops> = PerCpuArray::try_from(self.map(names::VIP_DROPS)?)?;
-        sum_per_cpu(
-            &map,
-            vip_id,
-            |a, b| VipDrops {
-                no_backend: a.no_backend + b.no_backend,
-                encap_failed: a.encap_failed + b.encap_failed,
-            },
-            VipDrops::default(),
-        )
+        sum_per_cpu(&map, vip_id, add_drops, VipDrops::default())
     }
 
     /// The conntrack entry of a flow, if tracked.
@@ -112,5 +104,13 @@ impl Dataplane {
         self.check_backend_id(backend_id)?;
         let map: PerCpuArray<_, Counters> = PerCpuArray::try_from(self.map(names::BACKEND_STATS)?)?;
         sum_per_cpu(&map, backend_id, add_counters, Counters::default())
+    }
+}
+
+/// Two drop counters of a VIP added up (CPUs, or a VIP's subsets).
+pub fn add_drops(a: VipDrops, b: VipDrops) -> VipDrops {
+    VipDrops {
+        no_backend: a.no_backend + b.no_backend,
+        encap_failed: a.encap_failed + b.encap_failed,
     }
 }

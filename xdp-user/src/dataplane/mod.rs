@@ -37,6 +37,7 @@ pub use aux::*;
 use bpffs::*;
 pub use bpffs::{detach, detach_pinned_link};
 pub use chain::pinned_xdp_program;
+pub use counters::add_drops;
 pub use decap::Decap;
 use decap::DECAP_MAPS;
 pub use entries::generation_after;
@@ -248,12 +249,43 @@ fn sum_per_cpu<T: aya::Pod + Copy>(
     Ok(values.iter().copied().fold(zero, add))
 }
 
-fn add_counters(a: Counters, b: Counters) -> Counters {
+/// Two counters of a VIP or backend added up (CPUs, or a VIP's subsets).
+pub fn add_counters(a: Counters, b: Counters) -> Counters {
     Counters {
         packets: a.packets + b.packets,
         bytes: a.bytes + b.bytes,
         new_flows: a.new_flows + b.new_flows,
     }
+}
+
+/// Bring `map`, which holds the entries `have`, to `want`: first remove
+/// what `want` lacks or maps elsewhere, then (unless `removals_only`)
+/// write what `want` has and `have` does not. A caller removes before the
+/// entries its map's values name go away, and writes once they exist.
+fn sync_entries<M, K: Ord, V: PartialEq>(
+    map: &mut M,
+    (have, want): (
+        &std::collections::BTreeMap<K, V>,
+        &std::collections::BTreeMap<K, V>,
+    ),
+    removals_only: bool,
+    remove: impl Fn(&mut M, &K) -> Result<()>,
+    write: impl Fn(&mut M, &K, &V) -> Result<()>,
+) -> Result<()> {
+    for (key, value) in have {
+        if want.get(key) != Some(value) {
+            remove(map, key)?;
+        }
+    }
+    if removals_only {
+        return Ok(());
+    }
+    for (key, value) in want {
+        if have.get(key) != Some(value) {
+            write(map, key, value)?;
+        }
+    }
+    Ok(())
 }
 
 /// Maps of the balancer, all pinned by a daemon.

@@ -29,29 +29,21 @@ impl Dataplane {
         let have = self.quic_servers()?;
         let mut map: HashMap<_, QuicServerKey, u32> =
             HashMap::try_from(self.map_mut(names::QUIC_SERVERS)?)?;
-        for (key, id) in &have {
-            if want.get(key) != Some(id) {
-                map.remove(key).with_context(|| {
-                    format!(
-                        "removing QUIC server id {} of VIP id {}",
-                        key.server_id, key.vip_id
-                    )
-                })?;
-            }
-        }
-        if removals_only {
-            return Ok(());
-        }
-        for (key, &id) in want {
-            if have.get(key) != Some(&id) {
-                map.insert(key, id, 0).with_context(|| {
-                    format!(
-                        "writing QUIC server id {} of VIP id {}",
-                        key.server_id, key.vip_id
-                    )
-                })?;
-            }
-        }
-        Ok(())
+        let what = |key: &QuicServerKey| {
+            format!("QUIC server id {} of VIP id {}", key.server_id, key.vip_id)
+        };
+        super::sync_entries(
+            &mut map,
+            (&have, want),
+            removals_only,
+            |map, key| {
+                map.remove(key)
+                    .with_context(|| format!("removing {}", what(key)))
+            },
+            |map, key, id| {
+                map.insert(key, id, 0)
+                    .with_context(|| format!("writing {}", what(key)))
+            },
+        )
     }
 }

@@ -51,21 +51,18 @@ impl Dataplane {
             .collect();
         let mut trie: LpmTrie<_, SourcePrefix, VipKey> =
             LpmTrie::try_from(self.map_mut(names::SOURCE_ROUTES)?)?;
-        for (&route, subset) in &have {
-            if want.get(&route) != Some(subset) {
+        super::sync_entries(
+            &mut trie,
+            (&have, &want),
+            removals_only,
+            |trie, &route| {
                 trie.remove(&trie_key(route))
-                    .with_context(|| format!("removing a source route of VIP id {}", route.0))?;
-            }
-        }
-        if removals_only {
-            return Ok(());
-        }
-        for (&route, subset) in &want {
-            if have.get(&route) != Some(subset) {
+                    .with_context(|| format!("removing a source route of VIP id {}", route.0))
+            },
+            |trie, &route, subset| {
                 trie.insert(&trie_key(route), subset, 0)
-                    .with_context(|| format!("writing a source route of VIP id {}", route.0))?;
-            }
-        }
-        Ok(())
+                    .with_context(|| format!("writing a source route of VIP id {}", route.0))
+            },
+        )
     }
 }

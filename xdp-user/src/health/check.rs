@@ -369,14 +369,12 @@ async fn udp(spec: &CheckSpec) -> Result<(), CheckError> {
 
 /// Whether a UDP check's `reply` is the one expected.
 fn expect_reply(spec: &CheckSpec, reply: &[u8]) -> Result<(), CheckError> {
-    let n = reply.len();
-    let buf = reply;
-    if buf.starts_with(&spec.expect) {
+    if reply.starts_with(&spec.expect) {
         Ok(())
     } else {
         Err(format!(
             "reply {:?} does not start with {:?}",
-            String::from_utf8_lossy(&buf[..n.min(64)]),
+            String::from_utf8_lossy(&reply[..reply.len().min(64)]),
             String::from_utf8_lossy(&spec.expect)
         )
         .into())

@@ -36,13 +36,9 @@ pub struct Tunnel {
     pub vip: SocketAddr,
 }
 
+/// An address's 16 bytes as the maps hold it (IPv4 in the first four).
 fn addr_bytes(a: IpAddr) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    match a {
-        IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
-        IpAddr::V6(v6) => out = v6.octets(),
-    }
-    out
+    crate::dataplane::addr_bytes(a).0
 }
 
 /// The pseudo-header words of a TCP or UDP checksum.
