@@ -111,7 +111,22 @@ fn trace_names_each_decision_it_was_asked_for_and_turns_itself_off() {
         "off after --count"
     );
 
-    // Asked for other clients only: nothing, until SIGTERM ends it.
+    // A trace that died unread (SIGKILL) leaves its events in the ring;
+    // those of one more exchange are left there on purpose.
+    pinned
+        .set_trace_filter(&xdp_common::TraceFilter {
+            enabled: 1,
+            vip_id: xdp_common::TRACE_ANY_VIP,
+            ..Default::default()
+        })
+        .unwrap();
+    sys.from_client(0, || http_get(VIP4)).unwrap().unwrap();
+    pinned
+        .set_trace_filter(&xdp_common::TraceFilter::default())
+        .unwrap();
+
+    // Asked for other clients only: nothing (neither this exchange nor the
+    // one left unread), until SIGTERM ends it.
     let child = trace(&sys, &["--client", "198.18.99.0/24"]);
     sys.from_client(0, || http_get(VIP4)).unwrap().unwrap();
     std::thread::sleep(Duration::from_millis(300));

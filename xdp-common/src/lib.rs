@@ -594,7 +594,9 @@ pub struct TraceFilter {
     pub client_len: u32,
     /// The tracing process, so a second one can tell whether it is alive.
     pub owner_pid: u32,
-    pub _pad: u32,
+    /// Tags each event, so a trace prints only the events of its own
+    /// filter, never those an earlier trace left unread in the ring.
+    pub session: u32,
 }
 
 /// [`TraceFilter::vip_id`]: any packet.

@@ -66,7 +66,8 @@ pub fn maybe(ctx: &XdpContext, flow: &FlowKey, action: u32, d: &Decision) {
     // form, IPv4 in the first 4 bytes; `xdplb trace` reads them by family.
     info!(
         ctx,
-        "vip={} family={} src={:i} sport={} dst={:i} dport={} proto={} action={} reason={} conntrack={} backend={}",
+        "session={} vip={} family={} src={:i} sport={} dst={:i} dport={} proto={} action={} reason={} conntrack={} backend={}",
+        f.session,
         d.vip_id,
         flow.family,
         flow.src,

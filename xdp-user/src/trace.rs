@@ -67,21 +67,44 @@ struct Names {
     backends: BTreeMap<u32, IpAddr>,
 }
 
-/// Prints each event as one line and counts them, up to `limit`.
+/// Prints each event of its session as one line and counts them, up to
+/// `limit`.
 struct Printer {
     names: Names,
+    /// The filter's [`TraceFilter::session`]: events tagged otherwise were
+    /// left in the ring by an earlier trace and are not printed.
+    session: u32,
     printed: Arc<AtomicU64>,
     limit: Option<u64>,
 }
 
+/// The value of `key=` in an event; "?" when it has none.
+fn field<'a>(message: &'a str, key: &str) -> &'a str {
+    message
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or("?")
+}
+
+/// A tag no recent trace used: the process id and the clock.
+fn new_session() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    (std::process::id().rotate_left(16) ^ nanos).max(1)
+}
+
 impl Printer {
+    /// Whether `message` belongs to this trace. An event without a tag
+    /// comes from a program older than tags, which only this trace turned on.
+    fn ours(&self, message: &str) -> bool {
+        field(message, "session")
+            .parse::<u32>()
+            .map_or(true, |s| s == self.session)
+    }
+
     fn line(&self, message: &str) -> String {
-        let field = |key: &str| {
-            message
-                .split_whitespace()
-                .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
-                .unwrap_or("?")
-        };
+        let field = |key: &str| field(message, key);
         let number = |key: &str| field(key).parse::<u32>().ok();
         let vip = match number("vip") {
             Some(TRACE_ANY_VIP) => "(no VIP)".to_owned(),
@@ -152,7 +175,11 @@ impl log::Log for Printer {
         {
             return;
         }
-        let line = self.line(&record.args().to_string());
+        let message = record.args().to_string();
+        if !self.ours(&message) {
+            return;
+        }
+        let line = self.line(&message);
         let mut out = std::io::stdout().lock();
         if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
             // The reader went away (`| head`): stop as on a signal.
@@ -187,6 +214,7 @@ pub fn run(req: &Request<'_>) -> Result<()> {
         enabled: 1,
         vip_id: TRACE_ANY_VIP,
         owner_pid: std::process::id(),
+        session: new_session(),
         ..TraceFilter::default()
     };
     if let Some(name) = req.vip {
@@ -214,6 +242,7 @@ pub fn run(req: &Request<'_>) -> Result<()> {
         program,
         Printer {
             names,
+            session: filter.session,
             printed: printed.clone(),
             limit: req.count,
         },
@@ -279,6 +308,7 @@ mod tests {
                 vips: [(0, "web".to_owned())].into(),
                 backends: [(3, "198.18.64.2".parse().unwrap())].into(),
             },
+            session: 7,
             printed: Arc::default(),
             limit: None,
         };
@@ -300,15 +330,22 @@ mod tests {
                 vips: BTreeMap::new(),
                 backends: BTreeMap::new(),
             },
+            session: 7,
             printed: Arc::default(),
             limit: Some(2),
         };
-        for _ in 0..5 {
+        let log = |message: &str| {
             p.log(
                 &log::Record::builder()
-                    .args(format_args!("vip=0 family=4 proto=6"))
+                    .args(format_args!("{message}"))
                     .build(),
-            );
+            )
+        };
+        // Left in the ring by an earlier trace: not this one's.
+        log("session=6 vip=0 family=4 proto=6");
+        assert_eq!(p.printed.load(Ordering::Relaxed), 0);
+        for _ in 0..5 {
+            log("session=7 vip=0 family=4 proto=6");
         }
         assert_eq!(p.printed.load(Ordering::Relaxed), 2);
     }
