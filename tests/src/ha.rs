@@ -786,3 +786,55 @@ impl Vrrp {
         (0..self.sys.topo.lbs.len()).find(|j| self.holds(*j))
     }
 }
+
+/// One fault's outcome, printed as a table row.
+pub struct Row {
+    pub fault: &'static str,
+    pub withdrawn_after: Option<Duration>,
+    pub back_after: Option<Duration>,
+    pub tally: Tally,
+}
+
+/// Print the rows as a Markdown table on the real stderr (not captured by
+/// the test harness: `cargo xtask test` shows the figures).
+fn print_rows(title: &str, rows: &[Row]) {
+    use std::io::Write as _;
+    let ms = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{} ms", d.as_millis()));
+    let mut out = format!(
+        "\n{title}\n\
+         | fault | fault -> withdrawn | restore -> back | established broken | new ok | new failed | longest stall |\n\
+         |---|---:|---:|---:|---:|---:|---:|\n"
+    );
+    for r in rows {
+        out += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} ms |\n",
+            r.fault,
+            ms(r.withdrawn_after),
+            ms(r.back_after),
+            r.tally.broken.len(),
+            r.tally.new_ok,
+            r.tally.new_failed,
+            r.tally.longest_stall.as_millis()
+        );
+    }
+    let _ = std::io::stderr().write_all(out.as_bytes());
+}
+
+/// Print the rows, then require of each fault: no established connection
+/// broke, and traffic kept flowing.
+pub fn report(title: &str, rows: &[Row]) {
+    print_rows(title, rows);
+    for r in rows {
+        assert!(
+            r.tally.broken.is_empty(),
+            "{}: established connections broke: {:?}",
+            r.fault,
+            r.tally.broken
+        );
+        assert!(
+            r.tally.new_ok > 0 && r.tally.answered > 0,
+            "{}: no traffic",
+            r.fault
+        );
+    }
+}

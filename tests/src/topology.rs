@@ -77,7 +77,8 @@ pub struct Topology {
     pub router: Netns,
 }
 
-fn mac_of(ns: &Netns, dev: &str) -> Result<[u8; 6]> {
+/// The MAC of `dev` in `ns`.
+pub fn mac_of(ns: &Netns, dev: &str) -> Result<[u8; 6]> {
     let out = ns.ip(&["-j", "link", "show", "dev", dev])?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
     let text = v[0]["address"].as_str().context("no MAC in ip -j output")?;

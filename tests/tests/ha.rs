@@ -11,62 +11,13 @@ use std::{
 use integration_tests::{
     daemon::{run_in, xdplb},
     e2e::System,
-    ha::{self, birdc, lb_addr, Broken, Ecmp, RouteWatch, Speaker, Tally, Traffic, Vrrp, VIP},
+    ha::{
+        self, birdc, lb_addr, report, Broken, Ecmp, RouteWatch, Row, Speaker, Tally, Traffic, Vrrp,
+        VIP,
+    },
     ops::{ok, status},
     require_root,
 };
-
-/// One fault's outcome, printed as a table row.
-struct Row {
-    fault: &'static str,
-    withdrawn_after: Option<Duration>,
-    back_after: Option<Duration>,
-    tally: Tally,
-}
-
-/// Print the rows as a Markdown table on the real stderr (not captured by
-/// the test harness: `cargo xtask test` shows the figures).
-fn print_rows(title: &str, rows: &[Row]) {
-    use std::io::Write as _;
-    let ms = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{} ms", d.as_millis()));
-    let mut out = format!(
-        "\n{title}\n\
-         | fault | fault -> withdrawn | restore -> back | established broken | new ok | new failed | longest stall |\n\
-         |---|---:|---:|---:|---:|---:|---:|\n"
-    );
-    for r in rows {
-        out += &format!(
-            "| {} | {} | {} | {} | {} | {} | {} ms |\n",
-            r.fault,
-            ms(r.withdrawn_after),
-            ms(r.back_after),
-            r.tally.broken.len(),
-            r.tally.new_ok,
-            r.tally.new_failed,
-            r.tally.longest_stall.as_millis()
-        );
-    }
-    let _ = std::io::stderr().write_all(out.as_bytes());
-}
-
-/// Print the rows, then require of each fault: no established connection
-/// broke, and traffic kept flowing.
-fn report(title: &str, rows: &[Row]) {
-    print_rows(title, rows);
-    for r in rows {
-        assert!(
-            r.tally.broken.is_empty(),
-            "{}: established connections broke: {:?}",
-            r.fault,
-            r.tally.broken
-        );
-        assert!(
-            r.tally.new_ok > 0 && r.tally.answered > 0,
-            "{}: no traffic",
-            r.fault
-        );
-    }
-}
 
 fn without(j: usize, lbs: usize) -> BTreeSet<Ipv4Addr> {
     (0..lbs).filter(|k| *k != j).map(lb_addr).collect()

@@ -93,6 +93,21 @@ pub struct QuicServerKey {
     pub server_id: u32,
 }
 
+/// An extra interface the balancer serves (UPLINKS, keyed by interface
+/// index): frames that arrived on it leave through it to its own next hop.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Uplink {
+    /// Destination MAC of encapsulated packets: this uplink's router.
+    pub gateway_mac: [u8; 6],
+    /// Source MAC of every frame sent through it: the interface's own.
+    pub source_mac: [u8; 6],
+}
+
+/// Entries of UPLINKS: extra interfaces, and the ports of those that are
+/// bonds (a bond's frames arrive with its port's index).
+pub const UPLINKS_MAX: u32 = 64;
+
 /// `VipMeta::flags` bit: the VIP has source routes (SOURCE_ROUTES): a
 /// client in one of its prefixes goes to the subset of backends the
 /// longest matching prefix names.
@@ -476,7 +491,12 @@ pub struct Config {
     /// what it passes is handed on by a tail call. (Was padding: a CONFIG
     /// written by an older build reads as "not chained".)
     pub chained: u8,
-    pub _pad: [u8; 3],
+    /// Non-zero: the balancer serves more interfaces than the one whose
+    /// MACs are above; a frame that arrived on one of them (UPLINKS, by
+    /// ingress interface index) leaves with that uplink's MACs. (Was
+    /// padding: an older CONFIG reads as "one interface".)
+    pub uplinks: u8,
+    pub _pad: [u8; 2],
     /// Outer IPv4 source: these bits, with the host bits from the flow hash.
     pub source_v4: [u8; 4],
     /// Host-bit mask (host byte order) applied to the flow hash for IPv4.
@@ -528,7 +548,8 @@ impl Default for Config {
             gateway_mac: [0; 6],
             source_mac: [0; 6],
             chained: 0,
-            _pad: [0; 3],
+            uplinks: 0,
+            _pad: [0; 2],
             source_v4: [0; 4],
             source_v4_host_mask: 0,
             source_v6: [0; 16],
@@ -656,6 +677,7 @@ pub mod map_names {
     pub const QUIC_SERVERS: &str = "QUIC_SERVERS";
     pub const PASS_TO: &str = "PASS_TO";
     pub const SOURCE_ROUTES: &str = "SOURCE_ROUTES";
+    pub const UPLINKS: &str = "UPLINKS";
     pub const FLOW_CACHE_GEN: &str = "FLOW_CACHE_GEN";
     /// Read-only global: the benchmark harness's frame length.
     pub const BENCH_FRAME_LEN_GLOBAL: &str = "BENCH_FRAME_LEN";
@@ -682,6 +704,7 @@ mod user {
     unsafe impl aya::Pod for DecapKey {}
     unsafe impl aya::Pod for QuicServerKey {}
     unsafe impl aya::Pod for SourcePrefix {}
+    unsafe impl aya::Pod for Uplink {}
     unsafe impl aya::Pod for TraceFilter {}
 }
 

@@ -4,6 +4,7 @@
 use aya_ebpf::{helpers::bpf_xdp_adjust_head, programs::XdpContext};
 use xdp_common::{Backend, Config, FAMILY_V4};
 
+use crate::maps::UPLINKS;
 use crate::parse::{
     ptr_at_mut, read, Malformed, ETH_HDR_LEN, ETH_P_IP, ETH_P_IPV6, IPPROTO_IPIP, IPPROTO_IPV6,
     IPV4_HDR_LEN, IPV6_HDR_LEN, VLAN_HDR_LEN,
@@ -88,26 +89,45 @@ pub fn write_l2(
     Ok(())
 }
 
-/// The source MAC of frames the balancer sends: the interface's own (set
-/// at attach), else the arriving frame's destination.
+/// The MACs of a frame the balancer sends back out of the interface it
+/// arrived on: (next hop, source). An extra uplink (UPLINKS) has its own;
+/// otherwise CONFIG's: the main interface's next hop, and its MAC (set at
+/// attach), else the arriving frame's destination.
 #[inline(always)]
-pub fn source_mac(cfg: &Config, arrived_to: &[u8; 6]) -> [u8; 6] {
+pub fn macs(ctx: &XdpContext, cfg: &Config, arrived_to: &[u8; 6]) -> ([u8; 6], [u8; 6]) {
+    if cfg.uplinks != 0 {
+        // SAFETY: reads the context's ingress interface only.
+        let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+        // SAFETY: a read-only lookup; the value is copied out at once.
+        if let Some(u) = unsafe { UPLINKS.get(ifindex) } {
+            // SAFETY: a plain read of the map value (see below).
+            let u = unsafe { core::ptr::read_volatile(u) };
+            return (u.gateway_mac, u.source_mac);
+        }
+    }
     // Loaded out of the map value first: copied straight from it into the
     // packet, the compiler calls memmove (it cannot rule out overlap), a
     // subprogram that costs stack on older verifiers.
-    // SAFETY: a plain read of the map value the caller holds.
-    let own = unsafe { core::ptr::read_volatile(&cfg.source_mac) };
-    if own == [0; 6] {
-        *arrived_to
-    } else {
-        own
-    }
+    // SAFETY: plain reads of the map value the caller holds.
+    let (gateway, own) = unsafe {
+        (
+            core::ptr::read_volatile(&cfg.gateway_mac),
+            core::ptr::read_volatile(&cfg.source_mac),
+        )
+    };
+    (gateway, if own == [0; 6] { *arrived_to } else { own })
+}
+
+/// The source MAC of a frame the balancer sends (see [`macs`]).
+#[inline(always)]
+pub fn source_mac(ctx: &XdpContext, cfg: &Config, arrived_to: &[u8; 6]) -> [u8; 6] {
+    macs(ctx, cfg, arrived_to).1
 }
 
 /// L2 direct server return: the packet goes out unchanged but for its MACs.
 #[inline(always)]
 pub fn l2_dsr(ctx: &XdpContext, backend: &Backend, cfg: &Config) -> Result<(), Malformed> {
-    let src = source_mac(cfg, &read(ctx, 0)?);
+    let src = source_mac(ctx, cfg, &read(ctx, 0)?);
     // SAFETY: a plain read of the caller's value (see `source_mac`).
     let dst = unsafe { core::ptr::read_volatile(&backend.mac) };
     // SAFETY: bounds checked by ptr_at_mut.
@@ -191,9 +211,9 @@ pub fn encapsulate(
     }
     let l3_off = l2.len();
     let ttl = cfg.outer_ttl as u8;
-    let src_mac = source_mac(cfg, &l2.dst);
+    let (gateway, src_mac) = macs(ctx, cfg, &l2.dst);
     if outer_v4 {
-        write_l2(ctx, l2, &cfg.gateway_mac, &src_mac, ETH_P_IP)?;
+        write_l2(ctx, l2, &gateway, &src_mac, ETH_P_IP)?;
         let tot_len = ((outer_len + inner.ip_len) as u16).to_be_bytes();
         let src = cfg.outer_source_v4(inner.hash);
         let mut hdr = [0u8; IPV4_HDR_LEN];
@@ -220,7 +240,7 @@ pub fn encapsulate(
         // SAFETY: bounds checked by ptr_at_mut.
         unsafe { *ptr_at_mut::<[u8; IPV4_HDR_LEN]>(ctx, l3_off)? = hdr };
     } else {
-        write_l2(ctx, l2, &cfg.gateway_mac, &src_mac, ETH_P_IPV6)?;
+        write_l2(ctx, l2, &gateway, &src_mac, ETH_P_IPV6)?;
         let payload_len = (inner.ip_len as u16).to_be_bytes();
         let first = (6u32 << 28) | (u32::from(inner.tos) << 20) | (inner.hash & 0x000f_ffff);
         let mut hdr = [0u8; IPV6_HDR_LEN];

@@ -156,6 +156,13 @@ pub static GEN_TEMPLATE: Array<[u8; xdp_common::GEN_HEADER_LEN]> = Array::with_m
 pub static SOURCE_ROUTES: LpmTrie<xdp_common::SourcePrefix, VipKey> =
     LpmTrie::with_max_entries(xdp_common::SOURCE_ROUTES_MAX, 0);
 
+/// Extra interfaces the balancer serves, by interface index: the MACs of
+/// frames that arrived on one (CONFIG's are the main interface's). Read
+/// only when CONFIG's `uplinks` is set.
+#[map]
+pub static UPLINKS: HashMap<u32, xdp_common::Uplink> =
+    HashMap::with_max_entries(xdp_common::UPLINKS_MAX, 0);
+
 /// The program every packet `xdp_lb` passes goes to (`chain.pass_to`), at
 /// index 0; empty: the kernel's stack. Pinned, so the chain survives a
 /// restart.

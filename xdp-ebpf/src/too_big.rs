@@ -74,7 +74,7 @@ pub fn answer(
     if unsafe { bpf_xdp_adjust_tail(ctx.ctx, (keep as i64 - have) as i32) } != 0 {
         return Err(Malformed);
     }
-    let src = source_mac(cfg, &l2.dst);
+    let src = source_mac(ctx, cfg, &l2.dst);
     let l3_off = l2.len();
     let icmp_off = l3_off + hdr_len;
     if v4 {

@@ -146,6 +146,7 @@ pub struct RunOptions {
 struct Claimed {
     _pin_lock: lock::Lock,
     _iface_lock: lock::Lock,
+    _uplink_locks: Vec<lock::Lock>,
     socket: socket::SocketFile,
 }
 
@@ -185,9 +186,21 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let metrics = TcpListener::bind(config.api.metrics)
         .await
         .with_context(|| format!("binding the metrics listener {}", config.api.metrics))?;
+    let uplink_locks = config
+        .uplinks
+        .iter()
+        .map(|u| {
+            let i = iface::require(&u.interface)?;
+            lock::acquire(
+                &lock::interface_lock(i.index)?,
+                &format!("uplink {} (index {})", u.interface, i.index),
+            )
+        })
+        .collect::<Result<Vec<_>>>()?;
     let mut claimed = Claimed {
         _pin_lock: pin_lock,
         _iface_lock: iface_lock,
+        _uplink_locks: uplink_locks,
         socket: socket_file,
     };
     let health_runtime =
@@ -198,9 +211,15 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let adopted_maps = dp.adopted();
     // The policy goes in before the program: after an upgrade that reshaped
     // CONFIG, the map the new program reads starts out empty.
-    let adopted = match crate::controller::dataplane_config(&config)
+    let adopted = match dp
+        .set_uplinks(&config.uplink_hops())
+        .and_then(|()| crate::controller::dataplane_config(&config))
         .and_then(|policy| dp.set_config(&policy))
         .and_then(|()| dp.attach_pinned(&config.interface, config.xdp_mode.into(), options.replace))
+        .and_then(|adopted| {
+            dp.attach_uplinks(config.xdp_mode.into(), options.replace)?;
+            Ok(adopted)
+        })
         .and_then(|link| Ok((link, Adopted::read(&dp)?)))
     {
         Ok(a) => a,
@@ -222,6 +241,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
         config.xdp_mode,
         pin_dir.display()
     );
+    for (name, _) in config.uplink_hops() {
+        info!(uplink = %name, "serving the uplink {name} too");
+    }
     if let Some(warning) = iface::tx_loss_warning(&interface) {
         warn!("{warning}");
     }

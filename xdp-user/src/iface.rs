@@ -57,6 +57,8 @@ pub struct Interface {
     pub tx_packets: u64,
     /// The hardware address, for an Ethernet-like interface.
     pub mac: Option<[u8; 6]>,
+    /// The bond or bridge this interface is a port of.
+    pub master: Option<u32>,
 }
 
 impl Interface {
@@ -165,6 +167,7 @@ fn parse(message: &LinkMessage) -> Interface {
             LinkAttribute::IfName(n) => iface.name = n.clone(),
             LinkAttribute::Address(a) => iface.mac = <[u8; 6]>::try_from(a.as_slice()).ok(),
             LinkAttribute::Link(peer) => iface.peer_here = Some(*peer),
+            LinkAttribute::Controller(m) => iface.master = Some(*m),
             LinkAttribute::LinkNetNsId(_) => iface.peer_elsewhere = true,
             LinkAttribute::Stats64(s) => {
                 iface.rx_packets = s.rx_packets;
@@ -216,6 +219,25 @@ pub fn by_name(name: &str) -> Result<Option<Interface>> {
         .attributes
         .push(LinkAttribute::IfName(name.to_owned()));
     get(message).with_context(|| format!("asking the kernel about interface {name}"))
+}
+
+/// The indexes of the ports of bond (or bridge) `index`: XDP on a bond
+/// runs on its ports, so their frames arrive with the port's index.
+pub fn ports_of(index: u32) -> Result<Vec<u32>> {
+    let replies = transact(
+        RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        netlink_packet_core::NLM_F_DUMP,
+    )
+    .context("listing interfaces")?;
+    Ok(replies
+        .iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewLink(link) => Some(parse(link)),
+            _ => None,
+        })
+        .filter(|i| i.master == Some(index))
+        .map(|i| i.index)
+        .collect())
 }
 
 /// The interface with index `index`, or None.

@@ -29,8 +29,13 @@ pub(super) fn human_bytes(n: f64) -> String {
 pub(super) fn print_status(s: &serde_json::Value) -> Result<()> {
     let status: StatusView = serde_json::from_value(s.clone()).context("unexpected status")?;
     println!(
-        "xdplb on {}: dataplane {}, {}{}; conntrack {}/{} entries; changed ring slots {} ({} taking over)",
+        "xdplb on {}{}: dataplane {}, {}{}; conntrack {}/{} entries; changed ring slots {} ({} taking over)",
         status.interface,
+        if status.uplinks.is_empty() {
+            String::new()
+        } else {
+            format!(" and {}", status.uplinks.join(", "))
+        },
         if status.attached {
             "attached"
         } else {
@@ -166,6 +171,8 @@ pub(super) fn print_status(s: &serde_json::Value) -> Result<()> {
 #[derive(serde::Deserialize)]
 pub(super) struct StatusView {
     interface: String,
+    #[serde(default)]
+    uplinks: Vec<String>,
     adopted: bool,
     attached: bool,
     dataplane_problems: Vec<String>,

@@ -8,6 +8,7 @@ mod fleet;
 mod problem;
 pub mod reference;
 mod routing;
+mod uplink;
 mod validate;
 mod vip;
 
@@ -24,6 +25,7 @@ pub use fleet::{Fleet, HealthRule};
 use problem::type_errors;
 pub use problem::{Invalid, Problem};
 use serde::{Deserialize, Serialize};
+pub use uplink::{Uplink, MAX_UPLINKS};
 pub use vip::{
     endpoint, BackendConfig, CheckKind, ForwardingMode, HashFields, HealthCheck, InitState,
     InitialState, Protocol, Quic, Subset, Vip,
@@ -57,6 +59,10 @@ pub struct Config {
     /// then the VIPs live there, not in this file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet: Option<Fleet>,
+    /// More interfaces served by the same program and maps, each with its
+    /// own next hop.
+    #[serde(default, rename = "uplink", skip_serializing_if = "Vec::is_empty")]
+    pub uplinks: Vec<Uplink>,
     #[serde(default, rename = "vip", skip_serializing_if = "Vec::is_empty")]
     pub vips: Vec<Vip>,
 }

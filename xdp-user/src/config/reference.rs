@@ -58,6 +58,8 @@ pub const KEYS: &[Key] = &[
     key("announce", "protocol", "0..=255", "The routes' protocol (`ip route ... proto N`)."),
     key("announce", "hold_down_ms", "0..=600000", "After a dataplane loss, announce again only after this long in sync."),
     key("chain", "pass_to", "path of a pinned XDP program", "Another XDP program on the interface (a DDoS filter, a firewall), loaded and pinned by its owner as `xdp.frags`: every packet the balancer passes (not for a VIP, or passed by policy) goes to it by a tail call, as Katran's root program chains programs. For kernels that refuse extension programs, where libxdp's dispatcher cannot share the interface. Changes by reload; unset: the kernel's stack."),
+    key("uplink", "interface", "interface name", "Another interface served by the same program and maps, as a second uplink to its own router (with its own BGP session). A flow keeps its backend whichever uplink brings it; a frame leaves by the interface it arrived on. A bond may be an uplink (native XDP runs on its ports). Up to 8; changing them takes a restart (hitless)."),
+    key("uplink", "gateway_mac", "MAC address", "The router behind this uplink: the next hop of encapsulated packets that arrived on it (required for encapsulation, like `forwarding.gateway_mac` for `interface`)."),
     key("fleet", "endpoints", "list of `http://` or `https://` URLs", "The etcd members' client URLs. With `[fleet]` the file has no `[[vip]]`: the VIPs are the store's (see Fleet), and `[fleet]` cannot change by reload."),
     key("fleet", "prefix", "key prefix", "Where the fleet's keys live: starts with `/`, no trailing `/`."),
     key("fleet", "host", "name", "This host's name in the fleet, unique in it (default: the host name)."),
@@ -184,7 +186,7 @@ impl serde::Serialize for TopLevel<'_> {
 fn table_heading(table: &str) -> String {
     match table {
         "" => "Top level".into(),
-        "vip" | "vip.backend" | "vip.subset" => format!("`[[{table}]]`"),
+        "vip" | "vip.backend" | "vip.subset" | "uplink" => format!("`[[{table}]]`"),
         t => format!("`[{t}]`"),
     }
 }
@@ -295,6 +297,7 @@ mod tests {
         let mut used: Vec<(String, String)> = [
             include_str!("../../../examples/xdplb.toml"),
             include_str!("../../../examples/fleet/xdplb.toml"),
+            include_str!("../../../examples/uplinks/xdplb.toml"),
         ]
         .iter()
         .flat_map(|t| example_keys(t))

@@ -226,6 +226,24 @@ fn every_validation_error_kind() {
             "required",
         ),
         (
+            "[forwarding]",
+            "[[uplink]]\ninterface = \"eth0\"\ngateway_mac = \"02:00:00:00:00:fd\"\n[forwarding]",
+            "uplink[0].interface",
+            "served already",
+        ),
+        (
+            "[forwarding]",
+            "[[uplink]]\ninterface = \"eth1\"\n[forwarding]",
+            "uplink[0].gateway_mac",
+            "required",
+        ),
+        (
+            "[forwarding]",
+            "[[uplink]]\ninterface = \"eth1\"\ngateway_mac = \"02:00\"\n[forwarding]",
+            "uplink[0].gateway_mac",
+            "not a MAC",
+        ),
+        (
             "gateway_mac = \"02:00:00:00:00:fe\"",
             "gateway_mac = \"02:00:00:00:00:fe\"\nsource_v6 = \"2001:db8::/64\"",
             "forwarding.source_v6",

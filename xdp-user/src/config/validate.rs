@@ -122,6 +122,7 @@ impl Config {
             );
         }
 
+        self.uplink_problems(&mut problem);
         let f = &self.forwarding;
         let encapsulating = self
             .vips

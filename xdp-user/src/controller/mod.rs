@@ -388,6 +388,9 @@ impl Controller {
         if new.interface != old.interface || new.xdp_mode != old.xdp_mode {
             bail!("interface and xdp_mode cannot change while running; restart with `xdplb detach` first");
         }
+        if new.uplinks != old.uplinks {
+            bail!("uplinks cannot change while running; restart the daemon (the restart keeps every flow)");
+        }
         if new.tables != old.tables {
             bail!("table sizes cannot change under a running dataplane; `xdplb detach` and restart (drops conntrack)");
         }

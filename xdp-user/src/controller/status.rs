@@ -121,6 +121,12 @@ impl Controller {
             .collect();
         Status {
             interface: self.config.interface.clone(),
+            uplinks: self
+                .dp
+                .uplinks()
+                .into_iter()
+                .map(|(name, _)| name)
+                .collect(),
             adopted: self.dp.adopted(),
             attached: self.self_check.problems.is_empty(),
             dataplane_problems: self.self_check.problems.clone(),
@@ -233,6 +239,8 @@ pub struct SubsetStatus {
 #[derive(Debug, Serialize)]
 pub struct Status {
     pub interface: String,
+    /// The extra uplinks served with the same maps (`[[uplink]]`).
+    pub uplinks: Vec<String>,
     pub adopted: bool,
     /// The self-check passes: the program is attached to the interface
     /// through the daemon's pinned link and the pins are its maps.

@@ -64,7 +64,17 @@ pub fn detach(pin_dir: &Path) -> Result<bool> {
         return Ok(false);
     }
     let mut removed = false;
-    for name in std::iter::once(LINK_PIN).chain(LB_MAPS).chain(DECAP_MAPS) {
+    // The extra uplinks' links (`link-<name>`).
+    let uplinks: Vec<String> = std::fs::read_dir(pin_dir)
+        .with_context(|| format!("listing {}", pin_dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|f| super::link::uplink_of_pin(f).is_some())
+        .collect();
+    let names = std::iter::once(LINK_PIN)
+        .chain(uplinks.iter().map(String::as_str))
+        .chain(LB_MAPS)
+        .chain(DECAP_MAPS);
+    for name in names {
         let path = pin_dir.join(name);
         match std::fs::remove_file(&path) {
             Ok(()) => removed = true,
@@ -83,6 +93,12 @@ pub fn detach(pin_dir: &Path) -> Result<bool> {
 /// the fault the daemon's self-check repairs; the HA tests inject it.
 pub fn detach_pinned_link(pin_dir: &Path) -> Result<()> {
     let facts = sys::pinned_link_facts(&pin_dir.join(LINK_PIN))?;
+    sys::detach_link_by_id(facts.id)
+}
+
+/// [`detach_pinned_link`] for the link of the extra uplink `iface`.
+pub fn detach_pinned_uplink(pin_dir: &Path, iface: &str) -> Result<()> {
+    let facts = sys::pinned_link_facts(&pin_dir.join(super::link::uplink_pin(iface)))?;
     sys::detach_link_by_id(facts.id)
 }
 

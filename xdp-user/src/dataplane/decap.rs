@@ -55,7 +55,15 @@ impl Decap {
     /// Attach through a pinned link, so it stays after this process exits.
     pub fn attach_pinned(&mut self, iface: &str, mode: AttachMode, pin_dir: &Path) -> Result<bool> {
         let program = xdp_program_mut(&mut self.ebpf, DECAP_PROGRAM)?;
-        Ok(Attachment::attach(program, DECAP_PROGRAM, iface, mode, pin_dir, false)?.adopted)
+        Ok(Attachment::attach(
+            program,
+            DECAP_PROGRAM,
+            iface,
+            mode,
+            &pin_dir.join(super::LINK_PIN),
+            false,
+        )?
+        .adopted)
     }
 
     pub fn attach(&mut self, iface: &str, mode: AttachMode) -> Result<()> {

@@ -1,12 +1,13 @@
-//! The balancer's (or decapsulator's) attachment to its interface: a bpf_link
-//! pinned at `<pin_dir>/link` and held open by this process. Adopting one a
+//! The balancer's (or decapsulator's) attachment to an interface: a bpf_link
+//! pinned at `<pin_dir>/link` (an extra uplink's at `<pin_dir>/link-<name>`)
+//! and held open by this process. Adopting one a
 //! previous run left swaps the program atomically; a foreign XDP program is
 //! never replaced unless asked; the self-check compares the link, its pin and
 //! the interface with what the kernel reports, and repairs what it can.
 
 use std::{
     os::fd::{AsFd as _, OwnedFd},
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use anyhow::{anyhow, bail, Context as _, Result};
@@ -25,6 +26,19 @@ use crate::iface;
 
 /// File name of the pinned XDP link in the pin directory.
 pub const LINK_PIN: &str = "link";
+
+/// File name of the pinned XDP link of the extra uplink `iface`. bpffs
+/// refuses dots in names, and interface names (`eth0.100`) may have them;
+/// they may not have colons, so a dot becomes one.
+pub fn uplink_pin(iface: &str) -> String {
+    format!("{LINK_PIN}-{}", iface.replace('.', ":"))
+}
+
+/// The interface an extra uplink's link pin is for (None: not one).
+pub fn uplink_of_pin(file_name: &str) -> Option<String> {
+    let name = file_name.strip_prefix(LINK_PIN)?.strip_prefix('-')?;
+    Some(name.replace(':', "."))
+}
 
 /// Attach `program` (named `name`) to `iface` with a plain link (not pinned:
 /// tests and helper programs), explaining a refusal.
@@ -58,6 +72,8 @@ pub struct Attachment {
     /// Our own descriptor of the link (aya's FdLink does not lend its
     /// own), which keeps it alive while its pin is missing.
     link: Option<OwnedFd>,
+    /// Where the link is pinned.
+    pin: PathBuf,
     /// The link was pinned by an earlier run and adopted.
     pub adopted: bool,
 }
@@ -86,20 +102,20 @@ fn remove_foreign(iface: &iface::Interface, prog_id: u32, mode: iface::XdpMode) 
 }
 
 impl Attachment {
-    /// Attach through `pin_dir/link`: a link a previous run pinned there gets
-    /// this program swapped in atomically (no packet sees no program);
-    /// otherwise a new link is created and pinned. Another XDP program on
-    /// the interface is refused unless `replace`.
+    /// Attach through the link pinned at `link_path`: a link a previous
+    /// run pinned there gets this program swapped in atomically (no packet
+    /// sees no program); otherwise a new link is created and pinned.
+    /// Another XDP program on the interface is refused unless `replace`.
     pub fn attach(
         program: &mut Xdp,
         name: &str,
         iface_name: &str,
         mode: AttachMode,
-        pin_dir: &Path,
+        link_path: &Path,
         replace: bool,
     ) -> Result<Self> {
         let iface = iface::require(iface_name)?;
-        let link_path = pin_dir.join(LINK_PIN);
+        let link_path = link_path.to_owned();
         if link_path.exists() {
             let facts = sys::pinned_link_facts(&link_path)?;
             if facts.link_type != BPF_LINK_TYPE_XDP {
@@ -117,7 +133,7 @@ impl Attachment {
                 bail!(
                     "the program pinned at {} is attached to interface index {}, \
                      not to {iface_name} (index {}): detach it first to move it",
-                    pin_dir.display(),
+                    link_path.display(),
                     facts.ifindex,
                     iface.index
                 );
@@ -135,6 +151,7 @@ impl Attachment {
                 drop(program.take_link(id)?);
                 return Ok(Self {
                     link: Some(link),
+                    pin: link_path,
                     adopted: true,
                 });
             }
@@ -146,7 +163,7 @@ impl Attachment {
                      mode) that {} does not hold; it is never replaced silently: remove it \
                      (`ip link set dev {iface_name} xdp off`, or `bpftool link detach` when a \
                      bpf_link holds it) or start with --replace",
-                    pin_dir.display()
+                    link_path.display()
                 );
             }
             remove_foreign(&iface, prog_id, xdp_mode)?;
@@ -154,6 +171,7 @@ impl Attachment {
         let link = new_pinned_link(program, name, iface_name, mode, &link_path)?;
         Ok(Self {
             link: Some(link),
+            pin: link_path,
             adopted: false,
         })
     }
@@ -165,7 +183,7 @@ impl Attachment {
     /// What is wrong with the attachment now: the link detached, the
     /// interface gone, re-created or running another program, the pin
     /// missing or naming another link. Empty when all is well.
-    pub fn problems(&self, prog_id: u32, iface_name: &str, pin_dir: &Path) -> Vec<String> {
+    pub fn problems(&self, prog_id: u32, iface_name: &str) -> Vec<String> {
         let mut out = Vec::new();
         let facts = self.facts();
         match &facts {
@@ -194,8 +212,8 @@ impl Attachment {
             }
             Err(e) => out.push(format!("cannot ask the kernel about {iface_name}: {e:#}")),
         }
-        let link_path = pin_dir.join(LINK_PIN);
-        match sys::pinned_link_facts(&link_path) {
+        let link_path = &self.pin;
+        match sys::pinned_link_facts(link_path) {
             Ok(p) if facts.is_some_and(|f| f.id == p.id) => {}
             Ok(p) => out.push(format!(
                 "{} pins link {}, not the daemon's",
@@ -216,10 +234,9 @@ impl Attachment {
         name: &str,
         iface_name: &str,
         mode: AttachMode,
-        pin_dir: &Path,
     ) -> Result<String> {
         let iface = iface::require(iface_name)?;
-        let link_path = pin_dir.join(LINK_PIN);
+        let link_path = self.pin.clone();
         let attached = self
             .facts()
             .is_some_and(|f| f.ifindex != 0 && f.ifindex == iface.index);
@@ -259,13 +276,13 @@ impl Attachment {
 
     /// Unpin the link (a refused start that created it): the program
     /// detaches once this process lets go of it.
-    pub fn unpin(mut self, pin_dir: &Path) {
-        let link_path = pin_dir.join(LINK_PIN);
+    pub fn unpin(mut self) {
+        let link_path = &self.pin;
         if let Some(link) = self.link.take() {
-            if remove_other_pin(&link_path, &link).is_ok()
-                && sys::pinned_link_facts(&link_path).is_ok()
+            if remove_other_pin(link_path, &link).is_ok()
+                && sys::pinned_link_facts(link_path).is_ok()
             {
-                let _ = std::fs::remove_file(&link_path);
+                let _ = std::fs::remove_file(link_path);
             }
         }
     }

@@ -31,11 +31,12 @@ mod sweep;
 mod sys;
 pub mod trace;
 mod upgrade;
+mod uplinks;
 mod vip_filter;
 
 pub use aux::*;
 use bpffs::*;
-pub use bpffs::{detach, detach_pinned_link};
+pub use bpffs::{detach, detach_pinned_link, detach_pinned_uplink};
 pub use chain::pinned_xdp_program;
 pub use counters::add_drops;
 pub use decap::Decap;
@@ -289,7 +290,7 @@ fn sync_entries<M, K: Ord, V: PartialEq>(
 }
 
 /// Maps of the balancer, all pinned by a daemon.
-const LB_MAPS: [&str; 18] = [
+const LB_MAPS: [&str; 19] = [
     names::VIPS,
     names::VIP_SERIALS,
     names::RINGS,
@@ -308,6 +309,7 @@ const LB_MAPS: [&str; 18] = [
     names::QUIC_SERVERS,
     names::PASS_TO,
     names::SOURCE_ROUTES,
+    names::UPLINKS,
 ];
 
 /// Key and value size of every balancer map: the ABI a pinned map must
@@ -350,6 +352,7 @@ fn map_layouts() -> [(&'static str, u32, u32); LB_MAPS.len()] {
             sz(4 + size_of::<xdp_common::SourcePrefix>()),
             sz(size_of::<VipKey>()),
         ),
+        (names::UPLINKS, 4, sz(size_of::<xdp_common::Uplink>())),
     ]
 }
 
@@ -381,6 +384,10 @@ pub struct Dataplane {
     pin_dir: Option<PathBuf>,
     /// The pinned attachment, once attached with [`Dataplane::attach_pinned`].
     attached: Option<Attached>,
+    /// The extra uplinks' attachments ([`Dataplane::attach_uplinks`]).
+    uplinks: Vec<Attached>,
+    /// The extra uplinks and their next hops, as UPLINKS should hold them.
+    uplink_hops: Vec<(String, [u8; 6])>,
     /// The MAC of the interface attached to: the source of every frame the
     /// balancer sends, written into CONFIG with the rest of the policy.
     source_mac: [u8; 6],
@@ -463,6 +470,8 @@ impl Dataplane {
             adopted,
             pin_dir: pin_dir.map(Path::to_owned),
             attached: None,
+            uplinks: Vec::new(),
+            uplink_hops: Vec::new(),
             source_mac: [0; 6],
             chained: false,
             seen_turned: None,
@@ -531,6 +540,7 @@ impl Dataplane {
         let config = Config {
             source_mac: self.source_mac,
             chained: u8::from(self.chained),
+            uplinks: u8::from(!self.uplink_hops.is_empty()),
             ..*config
         };
         let mut map: Array<_, Config> = Array::try_from(self.map_mut(names::CONFIG)?)?;

@@ -18,9 +18,14 @@ impl Dataplane {
         let Some(dir) = self.pin_dir.take() else {
             return;
         };
-        if let Some(a) = self.attached.take() {
+        for a in self
+            .attached
+            .take()
+            .into_iter()
+            .chain(self.uplinks.drain(..))
+        {
             if !a.link.adopted {
-                a.link.unpin(&dir);
+                a.link.unpin();
             }
         }
         if !self.adopted {
@@ -41,7 +46,14 @@ impl Dataplane {
             .ok_or_else(|| anyhow!("a dataplane with private maps has no pin directory"))?;
         self.take_source_mac(iface)?;
         let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
-        let link = Attachment::attach(program, LB_PROGRAM, iface, mode, &dir, replace)?;
+        let link = Attachment::attach(
+            program,
+            LB_PROGRAM,
+            iface,
+            mode,
+            &dir.join(super::LINK_PIN),
+            replace,
+        )?;
         let adopted = link.adopted;
         self.attached = Some(Attached {
             link,
@@ -59,9 +71,13 @@ impl Dataplane {
             return Vec::new();
         };
         let mut out = match self.program().and_then(|p| Ok(p.info()?.id())) {
-            Ok(prog_id) => a.link.problems(prog_id, &a.iface, dir),
+            Ok(prog_id) => std::iter::once(a)
+                .chain(&self.uplinks)
+                .flat_map(|a| a.link.problems(prog_id, &a.iface))
+                .collect(),
             Err(e) => vec![format!("cannot read the program's id: {e:#}")],
         };
+        out.extend(self.uplink_problems());
         for name in LB_MAPS {
             let path = dir.join(name);
             let ours = self
@@ -118,9 +134,13 @@ impl Dataplane {
         if let Some(iface) = self.attached.as_ref().map(|a| a.iface.clone()) {
             self.take_source_mac(&iface)?;
         }
+        if !self.uplink_problems().is_empty() {
+            self.write_uplinks()?;
+            done.push("rewrote UPLINKS from the uplinks' interfaces".to_owned());
+        }
         let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
-        if let Some(a) = &mut self.attached {
-            let what = a.link.repair(program, LB_PROGRAM, &a.iface, a.mode, &dir)?;
+        for a in self.attached.iter_mut().chain(self.uplinks.iter_mut()) {
+            let what = a.link.repair(program, LB_PROGRAM, &a.iface, a.mode)?;
             if what != "nothing to repair" {
                 done.push(what);
             }
