@@ -155,6 +155,9 @@ struct Path {
     /// lets through, so they are placed and tracked, not waved through
     /// as a flood.
     paced: bool,
+    /// The interface the frames arrive on (xdp_md's ingress_ifindex); 0:
+    /// none.
+    ingress: u32,
 }
 
 /// Calls per round of a paced path (each waits for a new second).
@@ -178,6 +181,7 @@ struct Harnessed {
     frame: Vec<u8>,
     action: u32,
     paced: bool,
+    ingress: u32,
 }
 
 impl Harnessed {
@@ -192,6 +196,7 @@ impl Harnessed {
             frame: path.frame.clone(),
             action: path.action,
             paced: path.paced,
+            ingress: path.ingress,
         })
     }
 
@@ -199,6 +204,9 @@ impl Harnessed {
     fn calls(&self, calls: usize) -> Result<Vec<f64>> {
         let prog = self.bench.program()?;
         let mut out = vec![0u8; self.frame.len() + 256];
+        // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index.
+        let mut ctx = [0u8; 24];
+        ctx[12..16].copy_from_slice(&self.ingress.to_ne_bytes());
         let mut samples = Vec::with_capacity(calls);
         for _ in 0..calls {
             if self.paced {
@@ -207,6 +215,7 @@ impl Harnessed {
             let r = prog.test_run(TestRunOptions {
                 data_in: Some(&self.frame),
                 data_out: Some(&mut out),
+                ctx_in: (self.ingress != 0).then_some(&ctx[..]),
                 repeat: HARNESS_REPEAT,
                 ..TestRunOptions::default()
             })?;
@@ -243,6 +252,7 @@ fn own_ns(empty: &Xdp, subjects: &[(&Xdp, bool)], path: &Path) -> Result<Vec<f64
         &Path {
             action: xdp_common::XDP_PASS,
             paced: false,
+            ingress: 0,
             ..path.clone()
         },
     )?;
@@ -352,6 +362,7 @@ fn dataplane(path_filter: Option<&str>, peer_dir: Option<&std::path::Path>) -> R
         action,
         peer,
         paced: false,
+        ingress: 0,
     };
     let paced = |p: Path| Path { paced: true, ..p };
     let mut paths = vec![
@@ -550,7 +561,7 @@ fn dataplane(path_filter: Option<&str>, peer_dir: Option<&std::path::Path>) -> R
 fn features(lab: &mut Lab, empty: &Xdp, established: &[u8]) -> Result<()> {
     println!("\nxdp_lb on VIPs that use a feature:\n");
     println!("| path | xdp_lb ns |\n|---|---:|");
-    let row = |lab: &Lab, name: &'static str, frame: Vec<u8>, action: u32| -> Result<()> {
+    let row_on = |lab: &Lab, name: &'static str, frame: Vec<u8>, action: u32, ingress: u32| {
         let p = Path {
             name,
             frame,
@@ -558,10 +569,14 @@ fn features(lab: &mut Lab, empty: &Xdp, established: &[u8]) -> Result<()> {
             action,
             peer: false,
             paced: false,
+            ingress,
         };
         let ns = own_ns(empty, &[(lab.dp.program()?, false)], &p)?;
         println!("| {name} | {:.0} |", ns[0]);
-        Ok(())
+        Ok::<_, anyhow::Error>(())
+    };
+    let row = |lab: &Lab, name: &'static str, frame: Vec<u8>, action: u32| {
+        row_on(lab, name, frame, action, 0)
     };
     let payload = [b'x'; 64];
     let (tx, pass) = (xdp_common::XDP_TX, xdp_common::XDP_PASS);
@@ -641,6 +656,19 @@ fn features(lab: &mut Lab, empty: &Xdp, established: &[u8]) -> Result<()> {
     )?;
     lab.dp.set_pass_to(None)?;
     let _ = std::fs::remove_dir_all(&pins.0);
+    // Two uplinks: the frames arrive on an extra one (loopback stands in),
+    // whose next hop and MAC come from UPLINKS.
+    let lo = xdp_user::iface::require("lo")?.index;
+    lab.dp
+        .set_uplinks(&[("lo".to_owned(), [2, 0, 0, 0, 0x30, 1])])?;
+    row_on(
+        lab,
+        "IPv4 TCP established, arrived on an extra uplink",
+        established.to_vec(),
+        tx,
+        lo,
+    )?;
+    lab.dp.set_uplinks(&[])?;
     Ok(())
 }
 

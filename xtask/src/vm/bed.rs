@@ -71,8 +71,30 @@ impl Bed {
             "br1",
             "nodad",
         ])?;
-        // The VIPs live behind the LB.
-        ip(&["route", "add", "198.18.0.10/32", "via", "198.18.210.2"])?;
+        // A second segment for the LB's second uplink, behind a router
+        // port of its own (another MAC the LB's config names).
+        ip(&[
+            "link",
+            "add",
+            "br2",
+            "address",
+            "52:54:00:00:02:fe",
+            "mtu",
+            "1600",
+            "type",
+            "bridge",
+        ])?;
+        ip(&["addr", "add", "198.18.212.254/24", "dev", "br2"])?;
+        ip(&["link", "set", "br2", "up"])?;
+        // The IPv4 VIP lives behind both of the LB's uplinks (the 5-tuple
+        // picks one, so each carries flows); the IPv6 one behind the bond.
+        sh(Command::new("ip")
+            .args(["netns", "exec", &bed.netns, "sysctl", "-q", "-w"])
+            .args([
+                "net.ipv4.fib_multipath_hash_policy=1",
+                "net.ipv4.conf.br2.rp_filter=0",
+                "net.ipv4.conf.br2.send_redirects=0",
+            ]))?;
         ip(&[
             "-6",
             "route",
@@ -84,6 +106,8 @@ impl Bed {
         for tap in taps {
             let (bridge, mtu) = if tap.contains("client") {
                 ("br1", "1500")
+            } else if tap.contains("uplink") {
+                ("br2", "1600")
             } else {
                 ("br0", "1600")
             };
@@ -91,6 +115,17 @@ impl Bed {
             ip(&["link", "set", tap, "mtu", mtu, "master", bridge, "up"])?;
         }
         ip(&["link", "set", "br1", "mtu", "1400", "up"])?;
+        ip(&[
+            "route",
+            "add",
+            "198.18.0.10/32",
+            "nexthop",
+            "via",
+            "198.18.210.2",
+            "nexthop",
+            "via",
+            "198.18.212.2",
+        ])?;
         Ok(bed)
     }
 }
@@ -111,17 +146,20 @@ pub(super) fn run_bed(vmlinuz: &Path, initrd: &Path) -> Result<Vec<(&'static str
         "tap-client",
         "tap-lb",
         "tap-lb2",
+        "tap-uplink",
         "tap-b1",
         "tap-b2",
         "tap-gen",
     ])?;
-    // The LB has two NICs on the segment, bonded.
+    // The LB has two NICs on the segment, bonded, and a third on a
+    // segment of its own: two uplinks.
     let guests: [(&str, &[(&str, &str)]); 5] = [
         (
             "lb",
             &[
                 ("52:54:00:00:01:02", "tap-lb"),
                 ("52:54:00:00:01:12", "tap-lb2"),
+                ("52:54:00:00:01:22", "tap-uplink"),
             ],
         ),
         ("backend", &[("52:54:00:00:01:03", "tap-b1")]),

@@ -103,8 +103,9 @@ for t in $(seq 1 10); do
     [ -s /tmp/lb-failover ] && break
     sleep 1
 done
-read was now took < /tmp/lb-failover
-echo "XDPLB-VM: the LB's bond lost its active NIC ${was:-?}; ${now:-nothing} active ${took:-?} s later"
+read was now took uplink_rx < /tmp/lb-failover
+echo "XDPLB-VM: the LB's bond lost its active NIC ${was:-?}; ${now:-nothing} active ${took:-?} s later; its other uplink (eth2) had received ${uplink_rx:-?} packets"
+[ "${uplink_rx:-0}" -gt 100 ] || fail "the router sent (almost) nothing through the LB's second uplink: ${uplink_rx:-?} packets"
 [ -n "$was" ] && [ -n "$now" ] && [ "$now" != "$was" ] || fail "the LB's bond did not fail over (${was:-?} -> ${now:-?})"
 [ "$broken" = 0 ] || fail "$broken long-lived connections broke when the LB lost a NIC"
 [ "$failed" = 0 ] || fail "$failed new connections failed when the LB lost a NIC"

@@ -1,5 +1,8 @@
-# Role "lb": xdplb on bond0, an active-backup bond of two multiqueue
-# virtio NICs on the segment (native XDP on bonding), a port-less TCP VIP
+# Role "lb": xdplb on two uplinks: eth2, a NIC on a segment of its own,
+# and bond0, an active-backup bond of two multiqueue virtio NICs on the
+# backends' segment (native XDP on bonding; its frames arrive with its
+# ports' indexes, which must find the bond's next hop). The router sends
+# the IPv4 VIP's flows through both (ECMP). A port-less TCP VIP
 # over IPv4 (ipip) and one over IPv6 (ip6ip6), two backends behind the
 # segment's router. Connecting to port 9999 takes the bond's active NIC
 # down, as a dead NIC or switch port would (the client's failover step).
@@ -13,6 +16,8 @@ done
 ip link set bond0 mtu 1600 up
 ip addr add 198.18.210.2/24 dev bond0
 ip -6 addr add 2001:db8:d2::2/64 dev bond0 nodad
+ip link set eth2 mtu 1600 up
+ip addr add 198.18.212.2/24 dev eth2
 # The client's segment, for its requests to this host (ports 9999, 9998).
 ip route add 198.18.211.0/24 via 198.18.210.254
 active_nic() {
@@ -33,14 +38,19 @@ for i in $(seq 1 500); do
     sleep 0.01
 done
 read t1 _ < /proc/uptime
-echo "$active $now $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }')" > /tmp/failover
+echo "$active $now $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') $(cat /sys/class/net/eth2/statistics/rx_packets)" > /tmp/failover
 SH
 # The client's request (port 9999) is acted on by the loop below, which
 # then tells what the failover did on port 9998.
 nc -l -p 9999 > /tmp/fail-request 2>&1 &
 cat > /etc/xdplb/xdplb.toml <<'CONF'
-interface = "bond0"
+interface = "eth2"
 xdp_mode = "native"
+
+# The second uplink: the bond, to the backends' segment's router.
+[[uplink]]
+interface = "bond0"
+gateway_mac = "52:54:00:00:01:fe"
 
 [tables]
 max_vips = 8
@@ -49,9 +59,9 @@ ring_size = 13
 max_flows = 4096
 
 [forwarding]
-# The segment's router (the bed's namespace, routing on its bridge): it
-# sends each tunnel packet on to its backend.
-gateway_mac = "52:54:00:00:01:fe"
+# eth2's router (the bed's namespace, on its second segment): it sends
+# each tunnel packet on to its backend.
+gateway_mac = "52:54:00:00:02:fe"
 
 [[vip]]
 name = "web"
@@ -126,7 +136,9 @@ xdplb status > /dev/null 2>&1 || { sed 's/^/XDPLB-VM: run: /' /tmp/run.log; fail
 # Native XDP on a bond: the kernel puts the program on every slave (which
 # netlink reports on the bond only).
 ip -d link show bond0 | grep -q "xdp" || fail "no XDP program on bond0: $(ip -d link show bond0)"
-echo "XDPLB-VM: xdplb attached natively to bond0"
+ip -d link show eth2 | grep -q "xdp" || fail "no XDP program on eth2: $(ip -d link show eth2)"
+echo "XDPLB-VM: xdplb attached natively to eth2 and bond0: $(xdplb status | head -1)"
+rx() { cat "/sys/class/net/$1/statistics/rx_packets"; }
 reported=""
 for i in $(seq 1 600); do
     sleep 1
@@ -150,12 +162,13 @@ for i in $(seq 1 600); do
     # The NIC failover, once the client asks for it.
     if [ -s /tmp/fail-request ] && [ -z "$told_failover" ]; then
         sh /fail-nic.sh
-        echo "XDPLB-VM: bond0 failover (NIC down, NIC active, seconds): $(cat /tmp/failover)"
+        echo "XDPLB-VM: bond0 failover (NIC down, NIC active, seconds, packets eth2 received): $(cat /tmp/failover)"
         nc -l -p 9998 < /tmp/failover > /dev/null 2>&1 &
         told_failover=1
     fi
     # What the balancer saw, every 20 s.
     if [ $((i % 20)) = 0 ]; then
+        echo "XDPLB-VM: received: eth2 $(rx eth2), eth0 $(rx eth0), eth1 $(rx eth1)"
         sed 's/^/XDPLB-VM: status: /' /tmp/status
         xdplb stats | grep -v " 0$" | sed 's/^/XDPLB-VM: stats: /'
     fi
