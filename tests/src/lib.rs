@@ -27,11 +27,23 @@ pub struct Run {
 
 /// Run `program` once on `packet`.
 pub fn run(program: &Xdp, packet: &[u8]) -> Result<Run> {
+    run_on(program, packet, 0)
+}
+
+/// Run `program` once on `packet` arriving on interface `ingress` (its
+/// index; 0: none).
+pub fn run_on(program: &Xdp, packet: &[u8], ingress: u32) -> Result<Run> {
     let mut out = vec![0u8; packet.len() + HEADROOM_GROWTH];
+    // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
+    // rx_queue_index, egress_ifindex.
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ingress.to_ne_bytes());
     let result = program
         .test_run(TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
+            ctx_in: (ingress != 0).then_some(&ctx[..]),
             ..TestRunOptions::default()
         })
         .context("BPF_PROG_TEST_RUN")?;

@@ -8,7 +8,7 @@ use integration_tests::{
     check_all,
     lab::{self, *},
     packet::{self, L3},
-    require_root, run, Case,
+    require_root, run, run_on, Case,
 };
 use xdp_common::{
     backend_state, reason::*, FlowKey, PROTO_TCP, PROTO_UDP, XDP_DROP, XDP_PASS, XDP_TX,
@@ -1183,4 +1183,51 @@ fn a_flow_that_changes_lb_host_keeps_its_backend() {
     for (i, h) in hosts.iter().enumerate().rev() {
         assert_eq!(sent_to(h, &WEB4, &f, &k), 1, "host {i} after the drain");
     }
+}
+
+#[test]
+fn frames_that_arrive_on_an_extra_uplink_leave_to_its_router() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = Lab::new().unwrap();
+    let (frame, key) = client_tcp4(&WEB4, 40000);
+    let b = predicted_backend(&WEB4, &ring_of(WEB4.backends), &key);
+    let main = expected_forward(&WEB4, &frame, L3, &key, b);
+    // Two interfaces of a namespace of the test's own: u0 the main one,
+    // u1 the extra uplink.
+    let ns = integration_tests::netns::Netns::new("uplink-frames").unwrap();
+    ns.ip(&["link", "add", "u0", "type", "veth", "peer", "name", "u1"])
+        .unwrap();
+    let router: [u8; 6] = [2, 0, 0, 0, 0x30, 1];
+    integration_tests::topology::in_ns(&ns, || {
+        let index = |name| xdp_user::iface::require(name).unwrap();
+        let (u0, u1) = (index("u0").index, index("u1"));
+        let on =
+            |lab: &Lab, ingress: u32| run_on(lab.dp.program().unwrap(), &frame, ingress).unwrap();
+        // One interface: CONFIG's next hop, whatever the frame arrived on.
+        let r = on(&lab, u1.index);
+        assert_eq!((r.action, &r.output), (XDP_TX, &main));
+
+        lab.dp.set_uplinks(&[("u1".to_owned(), router)]).unwrap();
+        assert_eq!(lab.dp.config().unwrap().uplinks, 1);
+        let r = on(&lab, u1.index);
+        assert_eq!(r.action, XDP_TX);
+        assert_eq!(&r.output[..6], &router, "to the uplink's router");
+        assert_eq!(
+            &r.output[6..12],
+            &u1.mac.unwrap(),
+            "from the uplink's own MAC"
+        );
+        assert_eq!(&r.output[12..], &main[12..], "the rest as through u0");
+        // Arriving on the main interface: CONFIG's next hop.
+        let r = on(&lab, u0);
+        assert_eq!((r.action, &r.output), (XDP_TX, &main));
+
+        lab.dp.set_uplinks(&[]).unwrap();
+        assert_eq!(lab.dp.config().unwrap().uplinks, 0);
+        let r = on(&lab, u1.index);
+        assert_eq!((r.action, &r.output), (XDP_TX, &main), "the uplink removed");
+    })
+    .unwrap();
 }

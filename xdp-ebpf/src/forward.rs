@@ -102,7 +102,12 @@ pub fn macs(ctx: &XdpContext, cfg: &Config, arrived_to: &[u8; 6]) -> ([u8; 6], [
         if let Some(u) = unsafe { UPLINKS.get(ifindex) } {
             // SAFETY: a plain read of the map value (see below).
             let u = unsafe { core::ptr::read_volatile(u) };
-            return (u.gateway_mac, u.source_mac);
+            let own = if u.source_mac == [0; 6] {
+                *arrived_to
+            } else {
+                u.source_mac
+            };
+            return (u.gateway_mac, own);
         }
     }
     // Loaded out of the map value first: copied straight from it into the

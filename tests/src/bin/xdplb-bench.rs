@@ -206,6 +206,7 @@ impl Harnessed {
         let mut out = vec![0u8; self.frame.len() + 256];
         // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index.
         let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(self.frame.len() as u32).to_ne_bytes());
         ctx[12..16].copy_from_slice(&self.ingress.to_ne_bytes());
         let mut samples = Vec::with_capacity(calls);
         for _ in 0..calls {
