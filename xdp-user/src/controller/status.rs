@@ -121,12 +121,7 @@ impl Controller {
             .collect();
         Status {
             interface: self.config.interface.clone(),
-            uplinks: self
-                .dp
-                .uplinks()
-                .into_iter()
-                .map(|(name, _)| name)
-                .collect(),
+            uplinks: self.dp.uplinks(),
             adopted: self.dp.adopted(),
             attached: self.self_check.problems.is_empty(),
             dataplane_problems: self.self_check.problems.clone(),

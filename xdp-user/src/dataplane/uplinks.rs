@@ -69,12 +69,9 @@ impl Dataplane {
         Ok(())
     }
 
-    /// The extra uplinks, as served: (interface, whether its link was adopted).
-    pub fn uplinks(&self) -> Vec<(String, bool)> {
-        self.uplinks
-            .iter()
-            .map(|a| (a.iface.clone(), a.link.adopted))
-            .collect()
+    /// The extra uplinks served.
+    pub fn uplinks(&self) -> Vec<String> {
+        self.uplinks.iter().map(|a| a.iface.clone()).collect()
     }
 
     /// UPLINKS as the uplinks' interfaces are now: index (and each bond
