@@ -2,7 +2,7 @@
 //! link, the self-check of attachment and pins, their repair, and undoing a
 //! start that failed.
 
-use anyhow::{anyhow, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::MapData;
 
 use super::{
@@ -134,16 +134,25 @@ impl Dataplane {
         if let Some(iface) = self.attached.as_ref().map(|a| a.iface.clone()) {
             self.take_source_mac(&iface)?;
         }
-        if !self.uplink_problems().is_empty() {
-            self.write_uplinks()?;
-            done.push("rewrote UPLINKS from the uplinks' interfaces".to_owned());
-        }
+        // Each link on its own: an uplink that cannot be repaired (its NIC
+        // gone) must not keep the others down.
+        let mut failed = Vec::new();
         let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
         for a in self.attached.iter_mut().chain(self.uplinks.iter_mut()) {
-            let what = a.link.repair(program, LB_PROGRAM, &a.iface, a.mode)?;
-            if what != "nothing to repair" {
-                done.push(what);
+            match a.link.repair(program, LB_PROGRAM, &a.iface, a.mode) {
+                Ok(what) if what == "nothing to repair" => {}
+                Ok(what) => done.push(what),
+                Err(e) => failed.push(format!("{}: {e:#}", a.iface)),
             }
+        }
+        if !self.uplink_problems().is_empty() {
+            match self.write_uplinks() {
+                Ok(()) => done.push("rewrote UPLINKS from the uplinks' interfaces".to_owned()),
+                Err(e) => failed.push(format!("UPLINKS: {e:#}")),
+            }
+        }
+        if done.is_empty() && !failed.is_empty() {
+            bail!("{}", failed.join("; "));
         }
         Ok(done)
     }
