@@ -40,27 +40,33 @@ impl Dataplane {
     /// when this process exits. Another XDP program on the interface is
     /// refused unless `replace`. Returns whether a pinned link was adopted.
     pub fn attach_pinned(&mut self, iface: &str, mode: AttachMode, replace: bool) -> Result<bool> {
+        self.take_source_mac(iface)?;
+        let attached = self.attach_through(iface, mode, super::LINK_PIN, replace)?;
+        let adopted = attached.link.adopted;
+        self.attached = Some(attached);
+        Ok(adopted)
+    }
+
+    /// Attach to `iface` through the link pinned as `pin` in the pin
+    /// directory (see [`Dataplane::attach_pinned`]).
+    pub(super) fn attach_through(
+        &mut self,
+        iface: &str,
+        mode: AttachMode,
+        pin: &str,
+        replace: bool,
+    ) -> Result<Attached> {
         let dir = self
             .pin_dir
             .clone()
             .ok_or_else(|| anyhow!("a dataplane with private maps has no pin directory"))?;
-        self.take_source_mac(iface)?;
         let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
-        let link = Attachment::attach(
-            program,
-            LB_PROGRAM,
-            iface,
-            mode,
-            &dir.join(super::LINK_PIN),
-            replace,
-        )?;
-        let adopted = link.adopted;
-        self.attached = Some(Attached {
+        let link = Attachment::attach(program, LB_PROGRAM, iface, mode, &dir.join(pin), replace)?;
+        Ok(Attached {
             link,
             iface: iface.to_owned(),
             mode,
-        });
-        Ok(adopted)
+        })
     }
 
     /// The self-check: what is wrong now with the attachment (program on

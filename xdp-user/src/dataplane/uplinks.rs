@@ -12,7 +12,7 @@ use xdp_common::{map_names as names, Uplink};
 
 use super::{
     link::{uplink_of_pin, uplink_pin},
-    xdp_program_mut, AttachMode, Attached, Attachment, Dataplane, LB_PROGRAM,
+    AttachMode, Dataplane,
 };
 use crate::iface;
 
@@ -50,21 +50,10 @@ impl Dataplane {
             }
         }
         for (iface, _) in &hops {
-            let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
-            let link = Attachment::attach(
-                program,
-                LB_PROGRAM,
-                iface,
-                mode,
-                &dir.join(uplink_pin(iface)),
-                replace,
-            )
-            .with_context(|| format!("serving the uplink {iface}"))?;
-            self.uplinks.push(Attached {
-                link,
-                iface: iface.clone(),
-                mode,
-            });
+            let attached = self
+                .attach_through(iface, mode, &uplink_pin(iface), replace)
+                .with_context(|| format!("serving the uplink {iface}"))?;
+            self.uplinks.push(attached);
         }
         Ok(())
     }
