@@ -87,7 +87,8 @@ impl Bed {
         ip(&["addr", "add", "198.18.212.254/24", "dev", "br2"])?;
         ip(&["link", "set", "br2", "up"])?;
         // The IPv4 VIP lives behind both of the LB's uplinks (the 5-tuple
-        // picks one, so each carries flows); the IPv6 one behind the bond.
+        // picks one, so each carries flows; its route is added below); the
+        // IPv6 one behind the bond.
         sh(Command::new("ip")
             .args(["netns", "exec", &bed.netns, "sysctl", "-q", "-w"])
             .args([
@@ -115,17 +116,23 @@ impl Bed {
             ip(&["link", "set", tap, "mtu", mtu, "master", bridge, "up"])?;
         }
         ip(&["link", "set", "br1", "mtu", "1400", "up"])?;
-        ip(&[
-            "route",
-            "add",
-            "198.18.0.10/32",
-            "nexthop",
-            "via",
-            "198.18.210.2",
-            "nexthop",
-            "via",
-            "198.18.212.2",
-        ])?;
+        // With the LB's second uplink in the bed, the IPv4 VIP goes through
+        // both; otherwise (the operator's host) through the segment only.
+        if taps.iter().any(|t| t.contains("uplink")) {
+            ip(&[
+                "route",
+                "add",
+                "198.18.0.10/32",
+                "nexthop",
+                "via",
+                "198.18.210.2",
+                "nexthop",
+                "via",
+                "198.18.212.2",
+            ])?;
+        } else {
+            ip(&["route", "add", "198.18.0.10/32", "via", "198.18.210.2"])?;
+        }
         Ok(bed)
     }
 }
