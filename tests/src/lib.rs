@@ -34,11 +34,7 @@ pub fn run(program: &Xdp, packet: &[u8]) -> Result<Run> {
 /// index; 0: none).
 pub fn run_on(program: &Xdp, packet: &[u8], ingress: u32) -> Result<Run> {
     let mut out = vec![0u8; packet.len() + HEADROOM_GROWTH];
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
-    // rx_queue_index, egress_ifindex.
-    let mut ctx = [0u8; 24];
-    ctx[4..8].copy_from_slice(&(packet.len() as u32).to_ne_bytes());
-    ctx[12..16].copy_from_slice(&ingress.to_ne_bytes());
+    let ctx = xdp_user::dataplane::test_run_ctx(packet.len(), ingress);
     let result = program
         .test_run(TestRunOptions {
             data_in: Some(packet),

@@ -189,11 +189,10 @@ impl Generator {
             bail!("batch {} out of range 1..=256", spec.batch);
         }
         let frame = template(spec)?;
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex,
-        // rx_queue_index, egress_ifindex.
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&crate::iface::require(&spec.interface)?.index.to_ne_bytes());
+        let ctx = crate::dataplane::test_run_ctx(
+            frame.len(),
+            crate::iface::require(&spec.interface)?.index,
+        );
         Ok(Self {
             program: AuxProgram::generator(spec.flows, &frame)?,
             frame,

@@ -204,10 +204,7 @@ impl Harnessed {
     fn calls(&self, calls: usize) -> Result<Vec<f64>> {
         let prog = self.bench.program()?;
         let mut out = vec![0u8; self.frame.len() + 256];
-        // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index.
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(self.frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&self.ingress.to_ne_bytes());
+        let ctx = xdp_user::dataplane::test_run_ctx(self.frame.len(), self.ingress);
         let mut samples = Vec::with_capacity(calls);
         for _ in 0..calls {
             if self.paced {

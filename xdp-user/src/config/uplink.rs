@@ -7,7 +7,7 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use super::{parse_mac, Config, ForwardingMode};
+use super::{parse_mac, Config};
 
 /// Extra interfaces at most (the main `interface` not counted).
 pub const MAX_UPLINKS: usize = 8;
@@ -35,10 +35,6 @@ impl Config {
                 ),
             );
         }
-        let encapsulating = self
-            .vips
-            .iter()
-            .any(|v| v.forwarding != ForwardingMode::L2dsr);
         let mut seen = HashSet::from([self.interface.as_str()]);
         for (i, u) in self.uplinks.iter().enumerate() {
             let at = format!("uplink[{i}]");
@@ -53,20 +49,12 @@ impl Config {
                     ),
                 );
             }
-            match &u.gateway_mac {
-                Some(mac) if parse_mac(mac).is_none() => problem(
-                    format!("{at}.gateway_mac"),
-                    format!("{mac:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"),
-                ),
-                None if encapsulating => problem(
-                    format!("{at}.gateway_mac"),
-                    format!(
-                        "required: encapsulated packets that arrive on {} go back out of it to \
-                         this next hop",
-                        u.interface
-                    ),
-                ),
-                _ => {}
+            let what_for = format!(
+                "encapsulated packets that arrive on {} go back out of it to this next hop",
+                u.interface
+            );
+            if let Some(why) = self.next_hop_problem(u.gateway_mac.as_deref(), &what_for) {
+                problem(format!("{at}.gateway_mac"), why);
             }
         }
     }

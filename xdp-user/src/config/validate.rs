@@ -10,6 +10,25 @@ use super::*;
 use crate::maglev::is_prime;
 
 impl Config {
+    /// Whether some VIP's packets are encapsulated (sent to a next hop).
+    fn encapsulates(&self) -> bool {
+        self.vips
+            .iter()
+            .any(|v| v.forwarding != ForwardingMode::L2dsr)
+    }
+
+    /// What is wrong with a next hop's MAC, if anything: not a MAC, or
+    /// missing while some VIP encapsulates (`what_for`: why it is needed).
+    pub(super) fn next_hop_problem(&self, mac: Option<&str>, what_for: &str) -> Option<String> {
+        match mac {
+            Some(mac) if parse_mac(mac).is_none() => {
+                Some(format!("{mac:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"))
+            }
+            None if self.encapsulates() => Some(format!("required: {what_for}")),
+            _ => None,
+        }
+    }
+
     /// Every problem, each with its location.
     pub fn problems(&self) -> Vec<Problem> {
         let mut out = Vec::new();
@@ -124,20 +143,11 @@ impl Config {
 
         self.uplink_problems(&mut problem);
         let f = &self.forwarding;
-        let encapsulating = self
-            .vips
-            .iter()
-            .any(|v| v.forwarding != ForwardingMode::L2dsr);
-        match &f.gateway_mac {
-            Some(mac) if parse_mac(mac).is_none() => problem(
-                "forwarding.gateway_mac".into(),
-                format!("{mac:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"),
-            ),
-            None if encapsulating => problem(
-                "forwarding.gateway_mac".into(),
-                "required: encapsulated packets are sent to this next hop".into(),
-            ),
-            _ => {}
+        if let Some(why) = self.next_hop_problem(
+            f.gateway_mac.as_deref(),
+            "encapsulated packets are sent to this next hop",
+        ) {
+            problem("forwarding.gateway_mac".into(), why);
         }
         match parse_prefix(&f.source_v4) {
             Some((IpAddr::V4(_), _)) => {}

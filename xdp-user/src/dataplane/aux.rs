@@ -25,6 +25,17 @@ pub const BENCH_PROGRAM: &str = "xdp_bench";
 /// The harness for programs under test that are not `xdp.frags`.
 pub const BENCH_PLAIN_PROGRAM: &str = "xdp_bench_plain";
 
+/// The context of a `BPF_PROG_TEST_RUN` of a frame of `frame_len` bytes
+/// arriving on interface `ingress` (struct xdp_md: data, data_end,
+/// data_meta, ingress_ifindex, rx_queue_index, egress_ifindex). Without a
+/// context the kernel runs the frame as if from loopback.
+pub fn test_run_ctx(frame_len: usize, ingress: u32) -> [u8; 24] {
+    let mut ctx = [0u8; 24];
+    ctx[4..8].copy_from_slice(&(frame_len as u32).to_ne_bytes());
+    ctx[12..16].copy_from_slice(&ingress.to_ne_bytes());
+    ctx
+}
+
 /// Load every program of the object into the running kernel (maps at
 /// small sizes, nothing attached): what the verifier says of each, by name.
 pub fn verify_all() -> Vec<(&'static str, Result<()>)> {

@@ -65,13 +65,9 @@ pub fn detach(pin_dir: &Path) -> Result<bool> {
     }
     let mut removed = false;
     // The extra uplinks' links (`link-<name>`).
-    let uplinks: Vec<String> = std::fs::read_dir(pin_dir)
-        .with_context(|| format!("listing {}", pin_dir.display()))?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter(|f| super::link::uplink_of_pin(f).is_some())
-        .collect();
+    let uplinks = super::link::uplink_pins(pin_dir)?;
     let names = std::iter::once(LINK_PIN)
-        .chain(uplinks.iter().map(String::as_str))
+        .chain(uplinks.iter().map(|(file, _)| file.as_str()))
         .chain(LB_MAPS)
         .chain(DECAP_MAPS);
     for name in names {

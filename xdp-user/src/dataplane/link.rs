@@ -35,9 +35,21 @@ pub fn uplink_pin(iface: &str) -> String {
 }
 
 /// The interface an extra uplink's link pin is for (None: not one).
-pub fn uplink_of_pin(file_name: &str) -> Option<String> {
+fn uplink_of_pin(file_name: &str) -> Option<String> {
     let name = file_name.strip_prefix(LINK_PIN)?.strip_prefix('-')?;
     Some(name.replace(':', "."))
+}
+
+/// The extra uplinks' link pins in `pin_dir`: (file name, interface).
+pub fn uplink_pins(pin_dir: &Path) -> Result<Vec<(String, String)>> {
+    Ok(std::fs::read_dir(pin_dir)
+        .with_context(|| format!("listing {}", pin_dir.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|file| {
+            let iface = uplink_of_pin(&file)?;
+            Some((file, iface))
+        })
+        .collect())
 }
 
 /// Attach `program` (named `name`) to `iface` with a plain link (not pinned:

@@ -11,7 +11,7 @@ use tracing::warn;
 use xdp_common::{map_names as names, Uplink};
 
 use super::{
-    link::{uplink_of_pin, uplink_pin},
+    link::{uplink_pin, uplink_pins},
     AttachMode, Dataplane,
 };
 use crate::iface;
@@ -36,17 +36,15 @@ impl Dataplane {
             .clone()
             .ok_or_else(|| anyhow!("a dataplane with private maps has no pin directory"))?;
         let hops = self.uplink_hops.clone();
-        let listed = std::fs::read_dir(&dir)
-            .with_context(|| format!("listing {}", dir.display()))?
-            .filter_map(|e| e.ok()?.file_name().into_string().ok());
-        for file in listed {
-            if let Some(name) = uplink_of_pin(&file) {
-                if !hops.iter().any(|(i, _)| *i == name) {
-                    let path = dir.join(&file);
-                    std::fs::remove_file(&path)
-                        .with_context(|| format!("removing {}", path.display()))?;
-                    warn!(interface = name, "{name} is no longer an uplink: its link is unpinned and the program leaves it");
-                }
+        for (file, name) in uplink_pins(&dir)? {
+            if !hops.iter().any(|(i, _)| *i == name) {
+                let path = dir.join(&file);
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+                warn!(
+                    interface = name,
+                    "{name} is no longer an uplink: its link is unpinned and the program leaves it"
+                );
             }
         }
         for (iface, _) in &hops {
