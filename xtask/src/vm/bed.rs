@@ -21,21 +21,18 @@ impl Bed {
         let bed = Self { netns };
         let ip = |args: &[&str]| sh(Command::new("ip").args(["-n", &bed.netns]).args(args));
         ip(&["link", "set", "lo", "up"])?;
-        // The bridge is also the segment's router (198.18.210.254, a
-        // fixed MAC the LB's gateway_mac names): tunnel packets to each
-        // backend go through it, as through a real router.
-        ip(&[
-            "link",
-            "add",
-            "br0",
-            "address",
-            "52:54:00:00:01:fe",
-            "mtu",
-            "1600",
-            "type",
-            "bridge",
-        ])?;
-        ip(&["addr", "add", "198.18.210.254/24", "dev", "br0"])?;
+        // A router port: a bridge with a fixed MAC (the LB's config names
+        // it) and MTU 1600 (tunnels of full-size packets fit), its address
+        // the segment's router: tunnel packets to each backend go through
+        // it, as through a real router.
+        let router_port = |name: &str, mac: &str, v4: &str| -> Result<()> {
+            ip(&[
+                "link", "add", name, "address", mac, "mtu", "1600", "type", "bridge",
+            ])?;
+            ip(&["addr", "add", v4, "dev", name])?;
+            ip(&["link", "set", name, "up"]).map(drop)
+        };
+        router_port("br0", "52:54:00:00:01:fe", "198.18.210.254/24")?;
         ip(&[
             "-6",
             "addr",
@@ -45,17 +42,27 @@ impl Bed {
             "br0",
             "nodad",
         ])?;
-        ip(&["link", "set", "br0", "up"])?;
+        // A second segment for the LB's second uplink, behind a router
+        // port of its own.
+        router_port("br2", "52:54:00:00:02:fe", "198.18.212.254/24")?;
+        // The IPv4 VIP lives behind both of the LB's uplinks where the bed
+        // has the second (the 5-tuple picks one, so each carries flows;
+        // its route is added below); the IPv6 one behind the bond.
         sh(Command::new("ip")
             .args(["netns", "exec", &bed.netns, "sysctl", "-q", "-w"])
             .args([
                 "net.ipv4.ip_forward=1",
                 "net.ipv6.conf.all.forwarding=1",
                 "net.ipv4.conf.all.send_redirects=0",
-                "net.ipv4.conf.br0.send_redirects=0",
                 "net.ipv4.conf.all.rp_filter=0",
-                "net.ipv4.conf.br0.rp_filter=0",
-            ]))?;
+                "net.ipv4.fib_multipath_hash_policy=1",
+            ])
+            .args(["br0", "br2"].iter().flat_map(|b| {
+                [
+                    format!("net.ipv4.conf.{b}.send_redirects=0"),
+                    format!("net.ipv4.conf.{b}.rp_filter=0"),
+                ]
+            })))?;
         // The clients' segment, behind the router, with a narrower link
         // (MTU 1400) than the client's own (1500): a backend's full-size
         // replies get "fragmentation needed" from the router, sent to the
@@ -71,31 +78,6 @@ impl Bed {
             "br1",
             "nodad",
         ])?;
-        // A second segment for the LB's second uplink, behind a router
-        // port of its own (another MAC the LB's config names).
-        ip(&[
-            "link",
-            "add",
-            "br2",
-            "address",
-            "52:54:00:00:02:fe",
-            "mtu",
-            "1600",
-            "type",
-            "bridge",
-        ])?;
-        ip(&["addr", "add", "198.18.212.254/24", "dev", "br2"])?;
-        ip(&["link", "set", "br2", "up"])?;
-        // The IPv4 VIP lives behind both of the LB's uplinks (the 5-tuple
-        // picks one, so each carries flows; its route is added below); the
-        // IPv6 one behind the bond.
-        sh(Command::new("ip")
-            .args(["netns", "exec", &bed.netns, "sysctl", "-q", "-w"])
-            .args([
-                "net.ipv4.fib_multipath_hash_policy=1",
-                "net.ipv4.conf.br2.rp_filter=0",
-                "net.ipv4.conf.br2.send_redirects=0",
-            ]))?;
         ip(&[
             "-6",
             "route",
