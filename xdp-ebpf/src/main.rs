@@ -43,31 +43,56 @@ use crate::{
     stats::{count, count_decap},
 };
 
-/// The balancer. Inlined into the entry point the macro makes: a frame
-/// fewer, which Debian 12's 6.1 verifier counts against the 512-byte stack.
+/// The balancer: [`lb`], then what it passes goes on to the program the
+/// operator chained after it (`chain.pass_to`), if any; the kernel's stack
+/// if the slot is empty (a tail call into it returns). Unchained, not even
+/// the attempt is made. The tail call stays in the entry point: the
+/// kernel refuses one in a subprogram whose caller's frames are 256 bytes
+/// or more.
 #[xdp(frags)]
-#[inline(always)]
 pub fn xdp_lb(ctx: XdpContext) -> u32 {
+    let action = lb(ctx.ctx);
+    if action == XDP_PASS && CONFIG.get(0).is_some_and(|c| c.chained != 0) {
+        // SAFETY: a tail call with the context this program was given.
+        unsafe { maps::PASS_TO.tail_call(&ctx, 0) };
+    }
+    action
+}
+
+/// The balancer as one program of libxdp's multi-program dispatcher: it
+/// replaces (`freplace`) one of the dispatcher's slots, `int progN(struct
+/// xdp_md *ctx)`, whose signature its own must match. The dispatcher runs
+/// the next program on what this one passes, so it never tail-calls
+/// PASS_TO (an extension, loaded without the frags flag, may not use a
+/// program array the frags-aware `xdp_lb` owns).
+///
+/// # Safety
+/// Called by the kernel with a valid `xdp_md` context.
+#[no_mangle]
+#[link_section = "freplace/xdp_lb_libxdp"]
+pub unsafe extern "C" fn xdp_lb_libxdp(ctx: *mut aya_ebpf::bindings::xdp_md) -> u32 {
+    lb(ctx)
+}
+
+/// The balancer's verdict on one frame, counted. One function both entry
+/// points call, never inlined into them: inlined twice, the code it
+/// inlines itself (aya-log's closure in `trace::maybe`) would be outlined
+/// into a frame of its own, beyond the 512 bytes of stack the verifier
+/// allows a call chain.
+#[inline(never)]
+fn lb(ctx: *mut aya_ebpf::bindings::xdp_md) -> u32 {
+    let ctx = XdpContext::new(ctx);
     let Some(cfg) = CONFIG.get(0) else {
         // Unreachable for an array map with one entry; pass rather than guess.
         return XDP_PASS;
     };
-    let action = match try_lb(&ctx, cfg) {
+    match try_lb(&ctx, cfg) {
         Ok(action) => action,
         Err(Malformed) => {
             count(reason::MALFORMED);
             action_or_pass(cfg.malformed_action)
         }
-    };
-    if action == XDP_PASS && cfg.chained != 0 {
-        // What the balancer leaves alone goes to the program the operator
-        // chained after it (`chain.pass_to`); the kernel's stack if the
-        // slot is empty (a tail call into it returns). Unchained, not even
-        // the attempt is made.
-        // SAFETY: a tail call with the context this program was given.
-        unsafe { maps::PASS_TO.tail_call(&ctx, 0) };
     }
-    action
 }
 
 /// The configured action, if it is one the policy allows.
@@ -233,7 +258,14 @@ fn decide(
         } else {
             None
         };
-        let Some(choice) = routed.or_else(|| flow::select(&flow.0, &vip, cfg, l4)) else {
+        // A match, not `or_else`: a closure called from both entry points
+        // (`xdp_lb`, `xdp_lb_libxdp`) is outlined, and its `Option` return
+        // type's BTF is one the kernel refuses.
+        let selected = match routed {
+            Some(choice) => Some(choice),
+            None => flow::select(&flow.0, &vip, cfg, l4),
+        };
+        let Some(choice) = selected else {
             stats::count_vip_drop(vip.vip_id, reason::NO_BACKEND);
             d.reason = reason::NO_BACKEND;
             return Ok(XDP_DROP);

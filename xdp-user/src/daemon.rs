@@ -211,8 +211,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let adopted_maps = dp.adopted();
     // The policy goes in before the program: after an upgrade that reshaped
     // CONFIG, the map the new program reads starts out empty.
-    let adopted = match dp
-        .set_uplinks(&config.uplink_hops())
+    let sharing = match &config.libxdp {
+        Some(l) => dp.share_through_libxdp(l.dispatcher.as_deref(), l.run_priority),
+        None => Ok(()),
+    };
+    let adopted = match sharing
+        .and_then(|()| dp.set_uplinks(&config.uplink_hops()))
         .and_then(|()| crate::controller::dataplane_config(&config))
         .and_then(|policy| dp.set_config(&policy))
         .and_then(|()| dp.attach_pinned(&config.interface, config.xdp_mode.into(), options.replace))

@@ -4,7 +4,7 @@
 //! Nothing here touches aya: these are the facts the dataplane self-check
 //! and the loss warnings compare against.
 
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use netlink_packet_core::{
@@ -261,24 +261,49 @@ fn get(message: LinkMessage) -> Result<Option<Interface>> {
 /// Remove the XDP program attached through netlink (not through a bpf_link:
 /// the kernel refuses that) in `mode`.
 pub fn detach_netlink_xdp(index: u32, mode: XdpMode) -> Result<()> {
+    set_netlink_xdp(index, None, None, mode)
+        .with_context(|| format!("removing the XDP program of interface index {index}"))
+}
+
+/// Attach `prog` (None: nothing) to the interface `index` through netlink,
+/// in `mode`. With `expected`, only in place of that program, atomically
+/// (`XDP_FLAGS_REPLACE`: the kernel answers EEXIST if another program
+/// took its place); without, attaching `prog` needs a bare interface.
+pub fn set_netlink_xdp(
+    index: u32,
+    prog: Option<BorrowedFd<'_>>,
+    expected: Option<BorrowedFd<'_>>,
+    mode: XdpMode,
+) -> std::io::Result<()> {
+    const XDP_FLAGS_UPDATE_IF_NOEXIST: u32 = 1;
     const XDP_FLAGS_SKB_MODE: u32 = 1 << 1;
     const XDP_FLAGS_DRV_MODE: u32 = 1 << 2;
     const XDP_FLAGS_HW_MODE: u32 = 1 << 3;
-    let flags = match mode {
+    const XDP_FLAGS_REPLACE: u32 = 1 << 4;
+    let mut flags = match mode {
         XdpMode::Driver => XDP_FLAGS_DRV_MODE,
         XdpMode::Generic => XDP_FLAGS_SKB_MODE,
         XdpMode::Offload => XDP_FLAGS_HW_MODE,
-        XdpMode::Multiple => bail!("several XDP programs are attached; remove them by hand"),
+        XdpMode::Multiple => {
+            return Err(std::io::Error::other(
+                "several XDP programs are attached; remove them by hand",
+            ))
+        }
     };
+    let mut xdp = vec![LinkXdp::Fd(prog.map_or(-1, |p| p.as_raw_fd()))];
+    match expected {
+        Some(old) => {
+            flags |= XDP_FLAGS_REPLACE;
+            xdp.push(LinkXdp::ExpectedFd(old.as_raw_fd() as u32));
+        }
+        None if prog.is_some() => flags |= XDP_FLAGS_UPDATE_IF_NOEXIST,
+        None => {}
+    }
+    xdp.push(LinkXdp::Flags(flags));
     let mut message = LinkMessage::default();
     message.header.index = index;
-    message.attributes.push(LinkAttribute::Xdp(vec![
-        LinkXdp::Fd(-1),
-        LinkXdp::Flags(flags),
-    ]));
-    transact(RouteNetlinkMessage::SetLink(message), NLM_F_ACK)
-        .map(drop)
-        .with_context(|| format!("removing the XDP program of interface index {index}"))
+    message.attributes.push(LinkAttribute::Xdp(xdp));
+    transact(RouteNetlinkMessage::SetLink(message), NLM_F_ACK).map(drop)
 }
 
 /// `SIOCETHTOOL` and the commands used here (linux/ethtool.h).

@@ -34,6 +34,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("qemu-system-x86", "qemu-system-x86_64"),
     ("busybox-static", "busybox"),
     ("socat", "socat"),
+    // The VM bed's LB shares its NIC with xdp-filter (libxdp's dispatcher).
+    ("xdp-tools", "xdp-filter"),
     // The operator's host in the VM bed: a Debian root with systemd.
     ("mmdebstrap", "mmdebstrap"),
     // The packaging tests: alert rules, dashboard queries, the unit.

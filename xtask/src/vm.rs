@@ -61,7 +61,15 @@ const HOST_TOOLS: &[(&str, &str)] = &[
     ("/bin/dash", "usr/bin/dash"),
     ("/usr/bin/socat", "usr/bin/socat"),
     ("/usr/sbin/ethtool", "usr/sbin/ethtool"),
+    // Debian's xdp-tools: the program the LB's NIC is shared with
+    // through libxdp's dispatcher, and its status.
+    ("/usr/sbin/xdp-filter", "usr/sbin/xdp-filter"),
+    ("/usr/sbin/xdp-loader", "usr/sbin/xdp-loader"),
 ];
+
+/// Where libxdp (and so xdp-filter, and xdplb's `[libxdp]`) finds its BPF
+/// objects: the dispatcher and the filter's programs, copied as they are.
+const LIBXDP_OBJECTS: &str = "/usr/lib/x86_64-linux-gnu/bpf";
 
 /// Longest a guest may run before it is killed.
 const GUEST_LIMIT: Duration = Duration::from_secs(300);

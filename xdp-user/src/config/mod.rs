@@ -55,6 +55,10 @@ pub struct Config {
     pub announce: Announce,
     #[serde(default)]
     pub chain: Chain,
+    /// Share the interfaces with other XDP programs through libxdp's
+    /// multi-program dispatcher (present: on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub libxdp: Option<Libxdp>,
     /// Desired state and health shared with other LB hosts through etcd;
     /// then the VIPs live there, not in this file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -277,6 +281,27 @@ pub struct Chain {
     /// balancer passes (not for a VIP, or left alone by policy).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pass_to: Option<PathBuf>,
+}
+
+/// `[libxdp]`: the balancer as one program of libxdp's multi-program
+/// dispatcher, beside programs `xdp-loader` and `xdp-filter` load.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Libxdp {
+    /// Its run priority in the dispatcher: lower runs first.
+    pub run_priority: u32,
+    /// libxdp's `xdp-dispatcher.o` (unset: where libxdp looks for it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dispatcher: Option<PathBuf>,
+}
+
+impl Default for Libxdp {
+    fn default() -> Self {
+        Self {
+            run_priority: crate::dataplane::libxdp::DEFAULT_RUN_PRIO,
+            dispatcher: None,
+        }
+    }
 }
 
 /// Announcing VIP addresses to routers: while a VIP address may receive

@@ -69,7 +69,12 @@ impl Config {
         ]
         .into_iter()
         .chain(self.chain.pass_to.iter().map(|p| ("chain.pass_to", p)))
-        {
+        .chain(
+            self.libxdp
+                .iter()
+                .flat_map(|l| l.dispatcher.as_ref())
+                .map(|p| ("libxdp.dispatcher", p)),
+        ) {
             if let Some(why) = path_problem(path) {
                 problem(location.into(), why);
             }
@@ -142,6 +147,23 @@ impl Config {
         }
 
         self.uplink_problems(&mut problem);
+        if self.libxdp.is_some() {
+            if self.chain.pass_to.is_some() {
+                problem(
+                    "chain.pass_to".into(),
+                    "is for kernels without extension programs; with [libxdp], load the other \
+                     program into the dispatcher (xdp-loader, xdp-filter) instead"
+                        .into(),
+                );
+            }
+            if self.xdp_mode == super::XdpModeName::Offload {
+                problem(
+                    "libxdp".into(),
+                    "libxdp's dispatcher does not run offloaded; use xdp_mode native or generic"
+                        .into(),
+                );
+            }
+        }
         let f = &self.forwarding;
         if let Some(why) = self.next_hop_problem(
             f.gateway_mac.as_deref(),

@@ -388,6 +388,9 @@ impl Controller {
         if new.interface != old.interface || new.xdp_mode != old.xdp_mode {
             bail!("interface and xdp_mode cannot change while running; restart with `xdplb detach` first");
         }
+        if new.libxdp != old.libxdp {
+            bail!("[libxdp] cannot change while running; restart the daemon (the restart keeps every flow)");
+        }
         if new.uplinks != old.uplinks {
             bail!("uplinks cannot change while running; restart the daemon (the restart keeps every flow)");
         }

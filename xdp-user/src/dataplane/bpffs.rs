@@ -63,7 +63,8 @@ pub fn detach(pin_dir: &Path) -> Result<bool> {
     if !pin_dir.exists() {
         return Ok(false);
     }
-    let mut removed = false;
+    // A member of libxdp's dispatchers leaves them first.
+    let mut removed = super::sharing::leave_dispatchers(pin_dir)?;
     // The extra uplinks' links (`link-<name>`).
     let uplinks = super::link::uplink_pins(pin_dir)?;
     let names = std::iter::once(LINK_PIN)

@@ -92,7 +92,11 @@ pub struct Attachment {
 
 /// Remove whatever XDP program `iface` runs (for `--replace`): a bpf_link is
 /// detached, a netlink attachment removed.
-fn remove_foreign(iface: &iface::Interface, prog_id: u32, mode: iface::XdpMode) -> Result<()> {
+pub(super) fn remove_foreign(
+    iface: &iface::Interface,
+    prog_id: u32,
+    mode: iface::XdpMode,
+) -> Result<()> {
     let links: Vec<u32> = aya::programs::loaded_links()
         .filter_map(Result::ok)
         .filter(|l| l.program_id() == prog_id)

@@ -21,10 +21,12 @@ mod counters;
 mod decap;
 mod entries;
 mod flow_cache;
+pub mod libxdp;
 mod link;
 pub mod marks;
 mod pins;
 mod quic;
+mod sharing;
 mod slots;
 mod source_routes;
 mod sweep;
@@ -45,6 +47,7 @@ pub use entries::generation_after;
 use entries::{backends_in, vips_in};
 use link::attach_xdp;
 pub use link::{Attachment, LINK_PIN};
+pub use sharing::find_dispatcher;
 pub use source_routes::SourceRoute;
 pub use sweep::{monotonic_secs, FlowSweeper, Swept};
 use sys::update_batch;
@@ -386,6 +389,8 @@ pub struct Dataplane {
     attached: Option<Attached>,
     /// The extra uplinks' attachments ([`Dataplane::attach_uplinks`]).
     uplinks: Vec<Attached>,
+    /// Attach as a member of libxdp's dispatcher (`[libxdp]`), not alone.
+    sharing: Option<sharing::Sharing>,
     /// The extra uplinks and their next hops, as UPLINKS should hold them.
     uplink_hops: Vec<(String, [u8; 6])>,
     /// The MAC of the interface attached to: the source of every frame the
@@ -403,9 +408,28 @@ pub struct Dataplane {
 
 /// Where and how the balancer is attached.
 struct Attached {
-    link: Attachment,
+    hold: Hold,
     iface: String,
     mode: AttachMode,
+}
+
+/// How the balancer holds an interface.
+enum Hold {
+    /// Alone, through its own pinned bpf_link.
+    Link(Attachment),
+    /// As a member of libxdp's dispatcher there; `adopted`: in place of
+    /// the member an earlier run left.
+    Dispatcher { adopted: bool },
+}
+
+impl Attached {
+    /// It took over what an earlier run left (link or member).
+    fn adopted(&self) -> bool {
+        match &self.hold {
+            Hold::Link(l) => l.adopted,
+            Hold::Dispatcher { adopted } => *adopted,
+        }
+    }
 }
 
 impl Dataplane {
@@ -471,6 +495,7 @@ impl Dataplane {
             pin_dir: pin_dir.map(Path::to_owned),
             attached: None,
             uplinks: Vec::new(),
+            sharing: None,
             uplink_hops: Vec::new(),
             source_mac: [0; 6],
             chained: false,

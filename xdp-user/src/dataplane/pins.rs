@@ -7,7 +7,7 @@ use aya::maps::MapData;
 
 use super::{
     ensure_bpffs, map_data, remove_own_pins, xdp_program_mut, AttachMode, Attached, Attachment,
-    Dataplane, LB_MAPS, LB_PROGRAM,
+    Dataplane, Hold, LB_MAPS, LB_PROGRAM,
 };
 
 impl Dataplane {
@@ -18,14 +18,17 @@ impl Dataplane {
         let Some(dir) = self.pin_dir.take() else {
             return;
         };
-        for a in self
+        let attached: Vec<Attached> = self
             .attached
             .take()
             .into_iter()
             .chain(self.uplinks.drain(..))
-        {
-            if !a.link.adopted {
-                a.link.unpin();
+            .collect();
+        for a in attached {
+            match a.hold {
+                Hold::Link(l) if !l.adopted => l.unpin(),
+                Hold::Dispatcher { adopted: false } => self.leave_dispatcher(&a.iface),
+                _ => {}
             }
         }
         if !self.adopted {
@@ -42,7 +45,7 @@ impl Dataplane {
     pub fn attach_pinned(&mut self, iface: &str, mode: AttachMode, replace: bool) -> Result<bool> {
         self.take_source_mac(iface)?;
         let attached = self.attach_through(iface, mode, super::LINK_PIN, replace)?;
-        let adopted = attached.link.adopted;
+        let adopted = attached.adopted();
         self.attached = Some(attached);
         Ok(adopted)
     }
@@ -60,10 +63,22 @@ impl Dataplane {
             .pin_dir
             .clone()
             .ok_or_else(|| anyhow!("a dataplane with private maps has no pin directory"))?;
-        let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
-        let link = Attachment::attach(program, LB_PROGRAM, iface, mode, &dir.join(pin), replace)?;
+        let hold = if self.sharing.is_some() {
+            let adopted = self.join_dispatcher(iface, mode, &dir.join(pin), replace)?;
+            Hold::Dispatcher { adopted }
+        } else {
+            let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
+            Hold::Link(Attachment::attach(
+                program,
+                LB_PROGRAM,
+                iface,
+                mode,
+                &dir.join(pin),
+                replace,
+            )?)
+        };
         Ok(Attached {
-            link,
+            hold,
             iface: iface.to_owned(),
             mode,
         })
@@ -79,7 +94,10 @@ impl Dataplane {
         let mut out = match self.program().and_then(|p| Ok(p.info()?.id())) {
             Ok(prog_id) => std::iter::once(a)
                 .chain(&self.uplinks)
-                .flat_map(|a| a.link.problems(prog_id, &a.iface))
+                .flat_map(|a| match &a.hold {
+                    Hold::Link(l) => l.problems(prog_id, &a.iface),
+                    Hold::Dispatcher { .. } => self.dispatcher_problems(&a.iface),
+                })
                 .collect(),
             Err(e) => vec![format!("cannot read the program's id: {e:#}")],
         };
@@ -143,12 +161,32 @@ impl Dataplane {
         // Each link on its own: an uplink that cannot be repaired (its NIC
         // gone) must not keep the others down.
         let mut failed = Vec::new();
+        let mut members = Vec::new();
         let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
         for a in self.attached.iter_mut().chain(self.uplinks.iter_mut()) {
-            match a.link.repair(program, LB_PROGRAM, &a.iface, a.mode) {
+            let outcome = match &mut a.hold {
+                Hold::Link(l) => l.repair(program, LB_PROGRAM, &a.iface, a.mode),
+                Hold::Dispatcher { .. } => {
+                    members.push((a.iface.clone(), a.mode));
+                    continue;
+                }
+            };
+            match outcome {
                 Ok(what) if what == "nothing to repair" => {}
                 Ok(what) => done.push(what),
                 Err(e) => failed.push(format!("{}: {e:#}", a.iface)),
+            }
+        }
+        for (iface, mode) in members {
+            let pin = if self.attached.as_ref().is_some_and(|a| a.iface == iface) {
+                dir.join(super::LINK_PIN)
+            } else {
+                dir.join(super::link::uplink_pin(&iface))
+            };
+            match self.repair_dispatcher(&iface, mode, &pin) {
+                Ok(what) if what == "nothing to repair" => {}
+                Ok(what) => done.push(what),
+                Err(e) => failed.push(format!("{iface}: {e:#}")),
             }
         }
         if !self.uplink_problems().is_empty() {

@@ -11,10 +11,15 @@ use anyhow::{bail, Context as _, Result};
 use aya::maps::MapData;
 
 const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
+const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
@@ -176,24 +181,11 @@ pub struct LinkFacts {
 
 /// The facts of the link behind `fd`.
 pub fn link_facts(fd: BorrowedFd<'_>) -> Result<LinkFacts> {
-    /// `union bpf_attr`, the `info` member.
-    #[repr(C)]
-    struct InfoAttr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
     // struct bpf_link_info: type, id, prog_id, then a union aligned to 8
     // whose `xdp` member starts with the ifindex.
     let mut info = [0u8; 64];
-    let mut attr = InfoAttr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: info.len() as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).context("reading a link's info")?;
-    let word =
-        |off: usize| u32::from_ne_bytes([info[off], info[off + 1], info[off + 2], info[off + 3]]);
+    obj_info(fd, &mut info).context("reading a link's info")?;
+    let word = |off: usize| u32_at(&info, off);
     Ok(LinkFacts {
         link_type: word(0),
         id: word(4),
@@ -228,23 +220,10 @@ pub fn pinned_link_facts(path: &Path) -> Result<LinkFacts> {
 /// becomes defunct for whoever holds it.
 pub fn detach_link_by_id(id: u32) -> Result<()> {
     #[repr(C)]
-    struct IdAttr {
-        id: u32,
-        next_id: u32,
-        open_flags: u32,
-    }
-    #[repr(C)]
     struct DetachAttr {
         link_fd: u32,
     }
-    let mut get = IdAttr {
-        id,
-        next_id: 0,
-        open_flags: 0,
-    };
-    let fd = owned_fd(
-        bpf(BPF_LINK_GET_FD_BY_ID, &mut get).with_context(|| format!("opening link {id}"))?,
-    );
+    let fd = fd_by_id(BPF_LINK_GET_FD_BY_ID, id).with_context(|| format!("opening link {id}"))?;
     let mut detach = DetachAttr {
         link_fd: fd.as_raw_fd() as u32,
     };
@@ -356,4 +335,151 @@ pub fn read_batches(
             Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH"),
         }
     }
+}
+
+/// `union bpf_attr`, the `info` member (BPF_OBJ_GET_INFO_BY_FD).
+#[repr(C)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` into `info` (the kernel fills what it knows).
+fn obj_info(fd: BorrowedFd<'_>, info: &mut [u8]) -> std::io::Result<()> {
+    let mut attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: info.len() as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
+}
+
+fn u32_at(buf: &[u8], off: usize) -> u32 {
+    u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]])
+}
+
+/// `BPF_{PROG,MAP,BTF}_GET_FD_BY_ID`: a descriptor of the object `id`.
+fn fd_by_id(cmd: libc::c_long, id: u32) -> std::io::Result<OwnedFd> {
+    #[repr(C)]
+    struct IdAttr {
+        id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+    let mut attr = IdAttr {
+        id,
+        next_id: 0,
+        open_flags: 0,
+    };
+    bpf(cmd, &mut attr).map(owned_fd)
+}
+
+/// A descriptor of the loaded program `id`.
+pub fn prog_by_id(id: u32) -> std::io::Result<OwnedFd> {
+    fd_by_id(BPF_PROG_GET_FD_BY_ID, id)
+}
+
+/// What the kernel says of a loaded program.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProgFacts {
+    pub id: u32,
+    /// Its name, as the kernel keeps it (15 bytes at most).
+    pub name: String,
+    /// The id of its BTF (0: none).
+    pub btf_id: u32,
+    /// The maps it uses (the first 8).
+    pub map_ids: Vec<u32>,
+}
+
+/// The facts of the program behind `fd`.
+pub fn prog_facts(fd: BorrowedFd<'_>) -> Result<ProgFacts> {
+    // struct bpf_prog_info: id at 4, nr_map_ids at 52, map_ids at 56, name
+    // at 64 (16 bytes), btf_id at 128.
+    let mut maps = [0u32; 8];
+    let mut info = [0u8; 232];
+    info[52..56].copy_from_slice(&(maps.len() as u32).to_ne_bytes());
+    info[56..64].copy_from_slice(&(maps.as_mut_ptr() as u64).to_ne_bytes());
+    obj_info(fd, &mut info).context("reading a program's info")?;
+    let name = &info[64..80];
+    let len = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+    let nr = (u32_at(&info, 52) as usize).min(maps.len());
+    Ok(ProgFacts {
+        id: u32_at(&info, 4),
+        name: String::from_utf8_lossy(&name[..len]).into_owned(),
+        btf_id: u32_at(&info, 128),
+        map_ids: maps[..nr].to_vec(),
+    })
+}
+
+/// The raw BTF (header, types, strings) with id `id`.
+pub fn btf_bytes(id: u32) -> Result<Vec<u8>> {
+    let fd = fd_by_id(BPF_BTF_GET_FD_BY_ID, id).with_context(|| format!("opening BTF {id}"))?;
+    // struct bpf_btf_info: btf (pointer), btf_size, id, ...
+    let mut size = 1 << 16;
+    loop {
+        let mut data = vec![0u8; size];
+        let mut info = [0u8; 32];
+        info[0..8].copy_from_slice(&(data.as_mut_ptr() as u64).to_ne_bytes());
+        info[8..12].copy_from_slice(&(size as u32).to_ne_bytes());
+        obj_info(fd.as_fd(), &mut info).with_context(|| format!("reading BTF {id}"))?;
+        let need = u32_at(&info, 8) as usize;
+        if need <= size {
+            data.truncate(need);
+            return Ok(data);
+        }
+        size = need;
+    }
+}
+
+/// The value of key 0 of the array map `id` (a program's `.rodata`), with
+/// the map's flags.
+pub fn first_value(id: u32) -> Result<(Vec<u8>, u32)> {
+    let fd = fd_by_id(BPF_MAP_GET_FD_BY_ID, id).with_context(|| format!("opening map {id}"))?;
+    // struct bpf_map_info: type, id, key_size, value_size, max_entries,
+    // map_flags.
+    let mut info = [0u8; 80];
+    obj_info(fd.as_fd(), &mut info).with_context(|| format!("reading map {id}'s info"))?;
+    let (key_size, value_size, flags) = (u32_at(&info, 8), u32_at(&info, 12), u32_at(&info, 20));
+    if key_size != 4 || u32_at(&info, 16) != 1 {
+        bail!("map {id} is not an array of one entry");
+    }
+    let key = 0u32;
+    let mut value = vec![0u8; value_size as usize];
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        key: &key as *const u32 as u64,
+        value: value.as_mut_ptr() as u64,
+        ..ElemAttr::default()
+    };
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr).with_context(|| format!("reading map {id}"))?;
+    Ok((value, flags))
+}
+
+/// `BPF_LINK_CREATE` of the extension `prog` on the function `btf_id` of
+/// the program `target` (re-attaching an extension loaded for another
+/// target is allowed since Linux 5.10).
+pub fn link_extension(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    btf_id: u32,
+) -> std::io::Result<OwnedFd> {
+    #[repr(C)]
+    struct LinkCreateAttr {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+        target_btf_id: u32,
+        _pad: [u32; 7],
+    }
+    let mut attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: target.as_raw_fd() as u32,
+        attach_type: 0,
+        flags: 0,
+        target_btf_id: btf_id,
+        _pad: [0; 7],
+    };
+    bpf(BPF_LINK_CREATE, &mut attr).map(owned_fd)
 }

@@ -233,6 +233,14 @@ pub(super) fn initramfs(
     for (host, guest) in HOST_TOOLS {
         files.push((guest.to_string(), std::fs::read(host)?, 0o755));
     }
+    for object in std::fs::read_dir(LIBXDP_OBJECTS)
+        .with_context(|| format!("{LIBXDP_OBJECTS} (xdp-tools)"))?
+        .flatten()
+    {
+        let path = object.path();
+        let guest = path.to_string_lossy().trim_start_matches('/').to_owned();
+        files.push((guest, std::fs::read(&path)?, 0o644));
+    }
     // The libraries the binaries link, at the paths the loader looks in.
     let mut libs = BTreeSet::new();
     for binary in std::iter::once(xdplb).chain(HOST_TOOLS.iter().map(|(h, _)| Path::new(*h))) {

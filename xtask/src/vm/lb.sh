@@ -43,9 +43,27 @@ SH
 # The client's request (port 9999) is acted on by the loop below, which
 # then tells what the failover did on port 9998.
 nc -l -p 9999 > /tmp/fail-request 2>&1 &
+# eth2 is shared with Debian's xdp-filter through libxdp's dispatcher:
+# the filter first (a dispatcher of its own, which xdplb then joins; on
+# bond0 xdplb makes one). Its rule drops TCP and UDP to port 9996 here,
+# before the balancer runs; port 9997 is not filtered. Connecting to port
+# 9995 restarts both under the client's traffic (the client's sharing step).
+filter_on() {
+    xdp-filter load eth2 && xdp-filter port 9996
+}
+filter_on > /tmp/filter.log 2>&1 || { sed 's/^/XDPLB-VM: xdp-filter: /' /tmp/filter.log; fail "xdp-filter did not load on eth2"; }
+for port in 9996 9997; do
+    ( for i in $(seq 1 100); do echo open | nc -l -p "$port"; done ) > /dev/null 2>&1 &
+done
+nc -l -p 9995 > /tmp/restart-request 2>&1 &
 cat > /etc/xdplb/xdplb.toml <<'CONF'
 interface = "eth2"
 xdp_mode = "native"
+
+# A member of libxdp's dispatcher on each interface, after xdp-filter
+# (whose priority is lower).
+[libxdp]
+run_priority = 60
 
 # The second uplink: the bond, to the backends' segment's router.
 [[uplink]]
@@ -138,6 +156,33 @@ xdplb status > /dev/null 2>&1 || { sed 's/^/XDPLB-VM: run: /' /tmp/run.log; fail
 ip -d link show bond0 | grep -q "xdp" || fail "no XDP program on bond0: $(ip -d link show bond0)"
 ip -d link show eth2 | grep -q "xdp" || fail "no XDP program on eth2: $(ip -d link show eth2)"
 echo "XDPLB-VM: xdplb attached natively to eth2 and bond0: $(xdplb status | head -1)"
+members() {
+    xdp-loader status "$1" 2>&1 | awk -v i="$1" '$1 == i || $1 == "=>" { printf "%s%s", sep, $0; sep = " | " }' | tr -s ' '
+}
+echo "XDPLB-VM: libxdp's dispatcher on eth2: $(members eth2)"
+echo "XDPLB-VM: libxdp's dispatcher on bond0: $(members bond0)"
+members eth2 | grep -q xdpfilt || fail "xdp-filter left eth2's dispatcher when xdplb joined"
+members eth2 | grep -q xdp_lb_libxdp || fail "xdplb is not in eth2's dispatcher"
+# Both restarted under the client's traffic: xdplb killed and started
+# again (it replaces its member, keeping the filter's), then xdp-filter
+# unloaded and loaded again (libxdp re-links xdplb's member each time).
+cat > /restart.sh <<'SH'
+read t0 _ < /proc/uptime
+kill -9 $(pidof xdplb)
+xdplb run --config /etc/xdplb/xdplb.toml >> /tmp/run.log 2>&1 &
+for i in $(seq 1 100); do
+    xdplb status > /dev/null 2>&1 && break
+    sleep 0.2
+done
+read t1 _ < /proc/uptime
+after_lb=$(members eth2)
+xdp-filter unload eth2 > /tmp/filter.log 2>&1
+filter_on >> /tmp/filter.log 2>&1 || echo "xdp-filter did not load again: $(cat /tmp/filter.log)" > /tmp/restart-error
+read t2 _ < /proc/uptime
+sleep 2
+checks=$(grep -c "self-check failed" /tmp/run.log)
+echo "self-check failures $checks; xdplb $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s, xdp-filter $(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.2f", b - a }') s; after xdplb's restart: $after_lb; after xdp-filter's: $(members eth2); $(cat /tmp/restart-error 2>/dev/null)" > /tmp/restarted
+SH
 rx() { cat "/sys/class/net/$1/statistics/rx_packets"; }
 reported=""
 for i in $(seq 1 600); do
@@ -158,6 +203,13 @@ for i in $(seq 1 600); do
     if [ "$counts" != "$last_counts" ]; then
         echo "XDPLB-VM: counted $counts"
         last_counts=$counts
+    fi
+    # Both programs on eth2 restarted, once the client asks for it.
+    if [ -s /tmp/restart-request ] && [ -z "$told_restart" ]; then
+        . /restart.sh
+        echo "XDPLB-VM: restarted on eth2: $(cat /tmp/restarted)"
+        nc -l -p 9994 < /tmp/restarted > /dev/null 2>&1 &
+        told_restart=1
     fi
     # The NIC failover, once the client asks for it.
     if [ -s /tmp/fail-request ] && [ -z "$told_failover" ]; then
