@@ -143,6 +143,7 @@ fn the_debian_package_installs_verifies_and_removes_keeping_the_config() {
         "usr/share/fish/vendor_completions.d/xdplb.fish",
         "usr/share/doc/xdplb/examples/ha/bird-lb.conf",
         "usr/share/doc/xdplb/examples/uplinks/bird-lb.conf",
+        "usr/share/doc/xdplb/examples/libxdp/xdplb.toml",
         "usr/share/doc/xdplb/grafana-dashboard.json",
         "usr/share/doc/xdplb/xdplb-alerts.yml",
     ] {

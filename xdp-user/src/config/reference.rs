@@ -58,6 +58,8 @@ pub const KEYS: &[Key] = &[
     key("announce", "protocol", "0..=255", "The routes' protocol (`ip route ... proto N`)."),
     key("announce", "hold_down_ms", "0..=600000", "After a dataplane loss, announce again only after this long in sync."),
     key("chain", "pass_to", "path of a pinned XDP program", "Another XDP program on the interface (a DDoS filter, a firewall), loaded and pinned by its owner as `xdp.frags`: every packet the balancer passes (not for a VIP, or passed by policy) goes to it by a tail call, as Katran's root program chains programs. For kernels that refuse extension programs, where libxdp's dispatcher cannot share the interface. Changes by reload; unset: the kernel's stack."),
+    key("libxdp", "run_priority", "0..=2^32-1", "The section turns sharing on: the balancer attaches as one program of libxdp's multi-program dispatcher on each interface it serves, beside programs `xdp-loader` and `xdp-filter` load there, which it keeps. This is its run priority: lower runs first; 50 (libxdp's default) when unset. What the balancer passes (not for a VIP) goes on to the next program. Needs extension programs (Linux 5.10 and later); changing it takes a restart (hitless)."),
+    key("libxdp", "dispatcher", "path", "libxdp's `xdp-dispatcher.o` (package libxdp1). Unset: where libxdp looks for it (`$LIBXDP_OBJECT_PATH`, `/usr/lib/<arch>-linux-gnu/bpf`, `/usr/lib/bpf`, ...)."),
     key("uplink", "interface", "interface name", "Another interface served by the same program and maps, as a second uplink to its own router (with its own BGP session). A flow keeps its backend whichever uplink brings it; a frame leaves by the interface it arrived on. A bond may be an uplink (native XDP runs on its ports). Up to 8; changing them takes a restart (hitless)."),
     key("uplink", "gateway_mac", "MAC address", "The router behind this uplink: the next hop of encapsulated packets that arrived on it (required for encapsulation, like `forwarding.gateway_mac` for `interface`)."),
     key("fleet", "endpoints", "list of `http://` or `https://` URLs", "The etcd members' client URLs. With `[fleet]` the file has no `[[vip]]`: the VIPs are the store's (see Fleet), and `[fleet]` cannot change by reload."),
@@ -298,6 +300,7 @@ mod tests {
             include_str!("../../../examples/xdplb.toml"),
             include_str!("../../../examples/fleet/xdplb.toml"),
             include_str!("../../../examples/uplinks/xdplb.toml"),
+            include_str!("../../../examples/libxdp/xdplb.toml"),
         ]
         .iter()
         .flat_map(|t| example_keys(t))

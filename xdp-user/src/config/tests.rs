@@ -536,3 +536,41 @@ fn checks_through_the_tunnel_are_syn_or_udp() {
         "it needs half_open = true",
     );
 }
+
+#[test]
+fn libxdp_sharing_parses_and_refuses_what_it_cannot_do() {
+    let c = Config::parse(&with("[forwarding]", "[libxdp]\n[forwarding]")).unwrap();
+    let l = c.libxdp.expect("[libxdp] present turns sharing on");
+    assert_eq!(l.run_priority, 50, "libxdp's default priority");
+    assert_eq!(l.dispatcher, None);
+    assert!(Config::parse(GOOD).unwrap().libxdp.is_none());
+    assert_problem(
+        &with(
+            "[forwarding]",
+            "[libxdp]\n[chain]\npass_to = \"/sys/fs/bpf/f\"\n[forwarding]",
+        ),
+        "chain.pass_to",
+        "with [libxdp]",
+    );
+    assert_problem(
+        &with(
+            "interface = \"eth0\"",
+            "interface = \"eth0\"\nxdp_mode = \"offload\"\n[libxdp]",
+        ),
+        "libxdp",
+        "offloaded",
+    );
+    assert_problem(
+        &with(
+            "[forwarding]",
+            "[libxdp]\ndispatcher = \"relative.o\"\n[forwarding]",
+        ),
+        "libxdp.dispatcher",
+        "",
+    );
+    assert_problem(
+        &with("[forwarding]", "[libxdp]\npriority = 3\n[forwarding]"),
+        "",
+        "priority",
+    );
+}
