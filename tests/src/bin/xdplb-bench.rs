@@ -1321,7 +1321,7 @@ fn lt_cell(
 
 /// What keeps a forwarder attached on the LB's eth0 (dropped: detached).
 enum LtSetup {
-    Xdplb { _attached: Dataplane },
+    Xdplb { _attached: Box<Dataplane> },
     Swap { _attached: AuxProgram },
     Dnat,
 }
@@ -1369,7 +1369,9 @@ fn lt_setup(lb: &Netns, fwd: Forwarder, gen_mac: [u8; 6]) -> Result<LtSetup> {
             dp.add_vip(&key, 0, 0, xdp_common::fwd::ENCAP)?;
             dp.write_ring(&key, &populate(&ids, sizes.ring_size))?;
             dp.attach("eth0", AttachMode::Native)?;
-            LtSetup::Xdplb { _attached: dp }
+            LtSetup::Xdplb {
+                _attached: Box::new(dp),
+            }
         }
         Forwarder::MacSwap => {
             let mut s = AuxProgram::load(SWAP_PROGRAM)?;

@@ -7,6 +7,8 @@
 # `$failed` of them unanswered. Answer times are in /tmp/answered
 # (seconds of uptime). Each may run in a process of its own.
 traffic_start() {
+    # A fresh round: nothing an earlier one left counts.
+    rm -f /tmp/echo.* /tmp/end.* /tmp/size.* /tmp/new /tmp/answered
     touch /tmp/run
     for i in $(seq 1 "$1"); do
         # A connection reset ends socat early, noted in /tmp/end.$i.
