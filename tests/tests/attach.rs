@@ -228,3 +228,104 @@ fn jumbo_mtu_interfaces_carry_the_programs_and_frames_leave_from_their_mac() {
         "attaching takes the interface's MAC as the frames' source"
     );
 }
+
+/// `[libxdp]` where the kernel refuses extension programs (this host's
+/// 6.18: EPERM), so libxdp's dispatcher cannot share the interface: the
+/// start is refused naming the cause and the alternative, and leaves
+/// nothing behind (no program, no dispatcher pins, no xdplb pins). Where
+/// the kernel allows them, the balancer is in a dispatcher there instead
+/// (the VM bed tests that beside xdp-filter).
+#[test]
+fn libxdp_sharing_where_extensions_are_refused_says_why_and_leaves_nothing() {
+    if !require_root() {
+        return;
+    }
+    let dispatcher = std::path::Path::new("/usr/lib/x86_64-linux-gnu/bpf/xdp-dispatcher.o");
+    assert!(
+        dispatcher.is_file(),
+        "libxdp1's xdp-dispatcher.o is missing (cargo xtask setup installs xdp-tools)"
+    );
+    let ns = Netns::new("libxdp").unwrap();
+    ns.ip(&["link", "add", "lb0", "type", "veth", "peer", "name", "lb1"])
+        .unwrap();
+    ns.ip(&["link", "set", "lb0", "up"]).unwrap();
+    ns.ip(&["link", "set", "lb1", "up"]).unwrap();
+    let dir = tempfile_dir("libxdp");
+    let pin_dir = format!("/sys/fs/bpf/xdplb-test-libxdp-{}", std::process::id());
+    let config = dir.join("xdplb.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "interface = \"lb0\"\n\
+             [daemon]\npin_dir = \"{pin_dir}\"\n\
+             [api]\nsocket = \"{}\"\n\
+             [libxdp]\nrun_priority = 60\ndispatcher = \"{}\"\n\
+             [forwarding]\ngateway_mac = \"02:00:00:00:00:fe\"\n\
+             [[vip]]\nname = \"web\"\naddress = \"198.18.0.10\"\nprotocol = \"tcp\"\n\
+             forwarding = \"ipip\"\nhealth = {{ kind = \"none\" }}\n\
+             [[vip.backend]]\naddress = \"198.18.210.3\"\n",
+            dir.join("api.sock").display(),
+            dispatcher.display()
+        ),
+    )
+    .unwrap();
+    let out = integration_tests::daemon::run_in(
+        &ns,
+        &["run", "--config", config.to_str().unwrap()],
+        std::time::Duration::from_secs(60),
+    );
+    let index = ns.ip(&["-o", "link", "show", "lb0"]).unwrap();
+    let index = index.split(':').next().unwrap().trim().to_owned();
+    let dispatcher_pins = std::fs::read_dir("/sys/fs/bpf/xdp")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("dispatch-{index}-"))
+        })
+        .count();
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => {
+            // Extension programs allowed: the daemon runs, in a dispatcher.
+            let prog = xdp_prog_on(&ns, "lb0");
+            let _ = std::fs::remove_dir_all(&pin_dir);
+            panic!(
+                "the daemon kept running ({e:#}); lb0: {prog}, dispatcher pins {dispatcher_pins}"
+            );
+        }
+    };
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the start must be refused: {stderr}");
+    assert!(
+        stderr.contains("refuses extension programs") && stderr.contains("[chain] pass_to"),
+        "the refusal names the cause and the alternative: {stderr}"
+    );
+    assert_eq!(
+        xdp_prog_on(&ns, "lb0"),
+        "",
+        "lb0 runs nothing after the refusal"
+    );
+    assert_eq!(dispatcher_pins, 0, "no dispatcher pinned for lb0");
+    let left: Vec<_> = std::fs::read_dir(&pin_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let _ = std::fs::remove_dir(&pin_dir);
+    assert!(
+        left.is_empty(),
+        "the refused start left pins in {pin_dir}: {left:?}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A directory of the test's own under /tmp.
+fn tempfile_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("xdplb-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
