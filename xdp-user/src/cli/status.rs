@@ -29,13 +29,17 @@ pub(super) fn human_bytes(n: f64) -> String {
 pub(super) fn print_status(s: &serde_json::Value) -> Result<()> {
     let status: StatusView = serde_json::from_value(s.clone()).context("unexpected status")?;
     println!(
-        "xdplb on {}{}: dataplane {}, {}{}; conntrack {}/{} entries; changed ring slots {} ({} taking over)",
+        "xdplb on {}{}{}: dataplane {}, {}{}; conntrack {}/{} entries; changed ring slots {} ({} taking over)",
         status.interface,
         if status.uplinks.is_empty() {
             String::new()
         } else {
             format!(" and {}", status.uplinks.join(", "))
         },
+        status
+            .libxdp_priority
+            .map(|p| format!(" (in libxdp's dispatcher, priority {p})"))
+            .unwrap_or_default(),
         if status.attached {
             "attached"
         } else {
@@ -173,6 +177,8 @@ pub(super) struct StatusView {
     interface: String,
     #[serde(default)]
     uplinks: Vec<String>,
+    #[serde(default)]
+    libxdp_priority: Option<u32>,
     adopted: bool,
     attached: bool,
     dataplane_problems: Vec<String>,

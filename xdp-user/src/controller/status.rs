@@ -122,6 +122,7 @@ impl Controller {
         Status {
             interface: self.config.interface.clone(),
             uplinks: self.dp.uplinks(),
+            libxdp_priority: self.config.libxdp.as_ref().map(|l| l.run_priority),
             adopted: self.dp.adopted(),
             attached: self.self_check.problems.is_empty(),
             dataplane_problems: self.self_check.problems.clone(),
@@ -236,6 +237,9 @@ pub struct Status {
     pub interface: String,
     /// The extra uplinks served with the same maps (`[[uplink]]`).
     pub uplinks: Vec<String>,
+    /// A member of libxdp's dispatcher on each, with this run priority
+    /// (`[libxdp]`); None: alone, through its own links.
+    pub libxdp_priority: Option<u32>,
     pub adopted: bool,
     /// The self-check passes: the program is attached to the interface
     /// through the daemon's pinned link and the pins are its maps.

@@ -163,11 +163,45 @@ echo "XDPLB-VM: libxdp's dispatcher on eth2: $(members eth2)"
 echo "XDPLB-VM: libxdp's dispatcher on bond0: $(members bond0)"
 members eth2 | grep -q xdpfilt || fail "xdp-filter left eth2's dispatcher when xdplb joined"
 members eth2 | grep -q xdp_lb_libxdp || fail "xdplb is not in eth2's dispatcher"
+since() { awk -v a="$1" -v b="$(cut -d' ' -f1 /proc/uptime)" 'BEGIN { printf "%.2f", b - a }'; }
+# The self-check: a foreign tool takes xdplb's member out of eth2's
+# dispatcher (libxdp rebuilds it with the filter alone); xdplb joins again.
+ours=$(xdp-loader status eth2 | awk '$1 == "=>" && $3 == "xdp_lb_libxdp" { print $4 }')
+read t0 _ < /proc/uptime
+xdp-loader unload --id "$ours" eth2 > /tmp/unload.log 2>&1 || { sed 's/^/XDPLB-VM: xdp-loader: /' /tmp/unload.log; fail "xdp-loader could not unload xdplb's member (id $ours)"; }
+members eth2 | grep -q xdp_lb_libxdp && fail "xdp-loader left xdplb's member in eth2's dispatcher: $(members eth2)"
+for i in $(seq 1 100); do
+    members eth2 | grep -q xdp_lb_libxdp && break
+    sleep 0.1
+done
+members eth2 | grep -q "xdpfilt.*xdp_lb_libxdp" || fail "xdplb did not join eth2's dispatcher again after xdp-loader took it out: $(members eth2)"
+echo "XDPLB-VM: xdp-loader took xdplb (id $ours) out of eth2's dispatcher; xdplb joined again after $(since "$t0") s, beside the filter: $(members eth2)"
+# `xdplb detach` takes xdplb out of both dispatchers, the filter kept on
+# eth2 (bond0, where xdplb was alone, runs nothing after); then xdplb
+# starts again and joins both.
+kill -TERM $(pidof xdplb)
+for i in $(seq 1 100); do
+    pidof xdplb > /dev/null || break
+    sleep 0.1
+done
+xdplb detach --config /etc/xdplb/xdplb.toml > /tmp/detach.log 2>&1 || { sed 's/^/XDPLB-VM: detach: /' /tmp/detach.log; fail "xdplb detach failed"; }
+members eth2 | grep -q xdpfilt || fail "xdplb detach took xdp-filter off eth2: $(members eth2)"
+members eth2 | grep -q xdp_lb_libxdp && fail "xdplb detach left xdplb in eth2's dispatcher: $(members eth2)"
+ip -d link show bond0 | grep -q "prog/xdp" && fail "xdplb detach left a program on bond0: $(members bond0)"
+echo "XDPLB-VM: xdplb detach: eth2 keeps $(members eth2); bond0: $(members bond0)"
+xdplb run --config /etc/xdplb/xdplb.toml >> /tmp/run.log 2>&1 &
+for i in $(seq 1 100); do
+    xdplb status > /dev/null 2>&1 && break
+    sleep 0.2
+done
+members eth2 | grep -q "xdpfilt.*xdp_lb_libxdp" || fail "xdplb did not join eth2's dispatcher again after detach: $(members eth2)"
+echo "XDPLB-VM: started again: $(xdplb status | head -1)"
 # Both restarted under the client's traffic: xdplb killed and started
 # again (it replaces its member, keeping the filter's), then xdp-filter
 # unloaded and loaded again (libxdp re-links xdplb's member each time).
 cat > /restart.sh <<'SH'
 read t0 _ < /proc/uptime
+seen=$(grep -c "self-check failed" /tmp/run.log)
 kill -9 $(pidof xdplb)
 xdplb run --config /etc/xdplb/xdplb.toml >> /tmp/run.log 2>&1 &
 for i in $(seq 1 100); do
@@ -180,7 +214,7 @@ xdp-filter unload eth2 > /tmp/filter.log 2>&1
 filter_on >> /tmp/filter.log 2>&1 || echo "xdp-filter did not load again: $(cat /tmp/filter.log)" > /tmp/restart-error
 read t2 _ < /proc/uptime
 sleep 2
-checks=$(grep -c "self-check failed" /tmp/run.log)
+checks=$(($(grep -c "self-check failed" /tmp/run.log) - seen))
 echo "self-check failures $checks; xdplb $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s, xdp-filter $(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.2f", b - a }') s; after xdplb's restart: $after_lb; after xdp-filter's: $(members eth2); $(cat /tmp/restart-error 2>/dev/null)" > /tmp/restarted
 SH
 rx() { cat "/sys/class/net/$1/statistics/rx_packets"; }
