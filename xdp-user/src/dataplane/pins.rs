@@ -32,6 +32,7 @@ impl Dataplane {
             }
         }
         if !self.adopted {
+            let _ = std::fs::remove_file(dir.join(super::sharing::COMPONENT_PIN));
             remove_own_pins(&self.ebpf, &dir);
         }
     }
