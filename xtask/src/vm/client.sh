@@ -35,6 +35,19 @@ tally() {
         esac
     done
 }
+# A probe of the LB's eth2 address: what port $1 answers.
+probe() {
+    echo probe | nc -w 2 198.18.212.2 "$1" 2>/dev/null
+}
+# The LB is set up once its port 9997 answers (its sharing steps restart
+# xdplb): up to 3 minutes.
+start=$(date +%s)
+while :; do
+    eth2=$(probe 9997)
+    [ -n "$eth2" ] && break
+    [ $(($(date +%s) - start)) -ge 180 ] && fail "the LB did not finish setting up within 3 minutes"
+    sleep 1
+done
 # Wait until both backends answer (TCG boots are slow), for 2 minutes by
 # the clock: a request that times out takes 3 s, and the guest itself is
 # killed after 5 minutes, before it could say why.
@@ -116,11 +129,7 @@ shared_step() {
     [ -z "$(probe 9996)" ] || fail "port 9996 is no longer dropped after the restarts"
     [ "$(probe 9997)" = "open shared" ] || fail "port 9997 no longer answers after the restarts"
 }
-probe() {
-    echo probe | nc -w 2 198.18.212.2 "$1" 2>/dev/null
-}
 . /traffic.sh
-eth2=$(probe 9997)
 case "$eth2" in
     "open shared") shared_step ;;
     "open alone") echo "XDPLB-VM: the LB runs alone on eth2 (libxdp's dispatcher refused on this kernel): no sharing step" ;;

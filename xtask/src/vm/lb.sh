@@ -163,14 +163,6 @@ if ! start_xdplb; then
     sed -i '/^\[libxdp\]/,/^run_priority/d' /etc/xdplb/xdplb.toml
     start_xdplb || { sed 's/^/XDPLB-VM: run: /' /tmp/run.log; fail "xdplb run did not start alone"; }
 fi
-# Port 9997 tells the client whether eth2 is shared; 9996 is filtered
-# where it is.
-eth2_mode=alone
-[ -n "$shared" ] && eth2_mode=shared
-for port in 9996 9997; do
-    ( for i in $(seq 1 100); do echo "open $eth2_mode" | nc -l -p "$port"; done ) > /dev/null 2>&1 &
-done
-nc -l -p 9995 > /tmp/restart-request 2>&1 &
 # Native XDP on a bond: the kernel puts the program on every slave (which
 # netlink reports on the bond only).
 ip -d link show bond0 | grep -q "xdp" || fail "no XDP program on bond0: $(ip -d link show bond0)"
@@ -239,6 +231,14 @@ checks=$(($(grep -c "self-check failed" /tmp/run.log) - seen))
 echo "self-check failures $checks; xdplb $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s, xdp-filter $(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.2f", b - a }') s; after xdplb's restart: $after_lb; after xdp-filter's: $(members eth2); $(cat /tmp/restart-error 2>/dev/null)" > /tmp/restarted
 SH
 fi
+# Set up: port 9997 tells the client so (the client waits for it), and
+# whether eth2 is shared; 9996 is filtered where it is.
+eth2_mode=alone
+[ -n "$shared" ] && eth2_mode=shared
+for port in 9996 9997; do
+    ( for i in $(seq 1 100); do echo "open $eth2_mode" | nc -l -p "$port"; done ) > /dev/null 2>&1 &
+done
+nc -l -p 9995 > /tmp/restart-request 2>&1 &
 rx() { cat "/sys/class/net/$1/statistics/rx_packets"; }
 reported=""
 for i in $(seq 1 600); do
