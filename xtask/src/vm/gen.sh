@@ -7,11 +7,13 @@ ip addr add 198.18.210.5/24 dev eth0
 # XDP queues); decap passes everything that is not a tunnel to its VIPs.
 xdplb decap attach --interface eth0 --vip 198.18.99.99 --mode native > /tmp/decap 2>&1 \
     || { cat /tmp/decap; fail "no XDP program on the generator's NIC"; }
-# Let the LB come up first: it answers pings, then its daemon attaches.
+# Let the LB come up first: its port 9997 answers once it is set up (its
+# sharing steps detach and restart the dataplane, counters with it).
 for i in $(seq 1 120); do
-    ping -c 1 -W 1 198.18.210.2 > /dev/null 2>&1 && break
+    [ -n "$(echo probe | nc -w 2 198.18.210.2 9997 2>/dev/null)" ] && break
+    sleep 1
 done
-sleep 8
+sleep 2
 xdplb loadgen --interface eth0 --dst-mac 52:54:00:00:01:02 --src 198.18.210.5 \
     --dst 198.18.0.10 --dport 55 --flows 100 --count 10000 --rate 5000 --duration 20 > /tmp/gen 2>&1 \
     || { cat /tmp/gen; fail "loadgen"; }
