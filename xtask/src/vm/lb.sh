@@ -46,8 +46,8 @@ nc -l -p 9999 > /tmp/fail-request 2>&1 &
 # eth2 is shared with Debian's xdp-filter through libxdp's dispatcher:
 # the filter first (a dispatcher of its own, which xdplb then joins; on
 # bond0 xdplb makes one). Its rule drops TCP and UDP to port 9996 here,
-# before the balancer runs; port 9997 is not filtered. Connecting to port
-# 9995 restarts both under the client's traffic (the client's sharing step).
+# before the balancer runs; port 9997 is not filtered. The client's
+# sharing step has each restarted under its traffic (port 9995).
 filter_on() {
     xdp-filter load eth2 && xdp-filter port 9996
 }
@@ -209,27 +209,40 @@ for i in $(seq 1 100); do
 done
 members eth2 | grep -q "xdpfilt.*xdp_lb_libxdp" || fail "xdplb did not join eth2's dispatcher again after detach: $(members eth2)"
 echo "XDPLB-VM: started again: $(xdplb status | head -1)"
-# Both restarted under the client's traffic: xdplb killed and started
-# again (it replaces its member, keeping the filter's), then xdp-filter
-# unloaded and loaded again (libxdp re-links xdplb's member each time).
+# Each restarted under the client's traffic, on its request (port 9995,
+# "lb" or "filter"): xdplb killed and started again (it replaces its
+# member, keeping the filter's), or xdp-filter unloaded and loaded again
+# with its maps kept (libxdp re-links xdplb's member). The report goes
+# back on port 9994.
 cat > /restart.sh <<'SH'
 read t0 _ < /proc/uptime
 seen=$(grep -c "self-check failed" /tmp/run.log)
-kill -9 $(pidof xdplb)
-xdplb run --config /etc/xdplb/xdplb.toml >> /tmp/run.log 2>&1 &
-for i in $(seq 1 100); do
-    xdplb status > /dev/null 2>&1 && break
-    sleep 0.2
-done
+rm -f /tmp/restart-error
+case "$(cat /tmp/restart-request)" in
+    lb*)
+        what=xdplb
+        kill -9 $(pidof xdplb)
+        xdplb run --config /etc/xdplb/xdplb.toml >> /tmp/run.log 2>&1 &
+        for i in $(seq 1 100); do
+            xdplb status > /dev/null 2>&1 && break
+            sleep 0.2
+        done ;;
+    *)
+        what=xdp-filter
+        xdp-filter unload --keep-maps eth2 > /tmp/filter.log 2>&1
+        filter_on >> /tmp/filter.log 2>&1 || echo "xdp-filter did not load again: $(cat /tmp/filter.log)" > /tmp/restart-error ;;
+esac
 read t1 _ < /proc/uptime
-after_lb=$(members eth2)
-xdp-filter unload eth2 > /tmp/filter.log 2>&1
-filter_on >> /tmp/filter.log 2>&1 || echo "xdp-filter did not load again: $(cat /tmp/filter.log)" > /tmp/restart-error
-read t2 _ < /proc/uptime
 sleep 2
 checks=$(($(grep -c "self-check failed" /tmp/run.log) - seen))
-echo "self-check failures $checks; xdplb $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s, xdp-filter $(awk -v a="$t1" -v b="$t2" 'BEGIN { printf "%.2f", b - a }') s; after xdplb's restart: $after_lb; after xdp-filter's: $(members eth2); $(cat /tmp/restart-error 2>/dev/null)" > /tmp/restarted
+echo "self-check failures $checks; $what restarted in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s; eth2 then: $(members eth2); $(cat /tmp/restart-error 2>/dev/null)" > /tmp/restarted
 SH
+# What the client's datagrams were counted as, on its request (port 9993,
+# answered on 9992): the gen VIP's packets (xdplb) and the filter's hits
+# on port 9996.
+counts() {
+    echo "$(xdplb stats | sed -n 's/^VIP gen *\([0-9]*\) packets.*/\1/p') $(xdp-filter status | awk '$1 == 9996 { print $3 }')"
+}
 fi
 # Set up: port 9997 tells the client so (the client waits for it), and
 # whether eth2 is shared; 9996 is filtered where it is.
@@ -239,6 +252,7 @@ for port in 9996 9997; do
     ( for i in $(seq 1 100); do echo "open $eth2_mode" | nc -l -p "$port"; done ) > /dev/null 2>&1 &
 done
 nc -l -p 9995 > /tmp/restart-request 2>&1 &
+nc -l -p 9993 > /tmp/count-request 2>&1 &
 rx() { cat "/sys/class/net/$1/statistics/rx_packets"; }
 reported=""
 for i in $(seq 1 600); do
@@ -260,12 +274,21 @@ for i in $(seq 1 600); do
         echo "XDPLB-VM: counted $counts"
         last_counts=$counts
     fi
-    # Both programs on eth2 restarted, once the client asks for it.
-    if [ -s /tmp/restart-request ] && [ -z "$told_restart" ]; then
+    # A program on eth2 restarted, whenever the client asks.
+    if [ -s /tmp/restart-request ]; then
         . /restart.sh
         echo "XDPLB-VM: restarted on eth2: $(cat /tmp/restarted)"
-        nc -l -p 9994 < /tmp/restarted > /dev/null 2>&1 &
-        told_restart=1
+        served=$((served + 1))
+        cp /tmp/restarted /tmp/restarted.$served
+        nc -l -p 9994 < /tmp/restarted.$served > /dev/null 2>&1 &
+        nc -l -p 9995 > /tmp/restart-request 2>&1 &
+    fi
+    # The counts, whenever the client asks.
+    if [ -s /tmp/count-request ]; then
+        served=$((served + 1))
+        counts > /tmp/counts.$served
+        nc -l -p 9992 < /tmp/counts.$served > /dev/null 2>&1 &
+        nc -l -p 9993 > /tmp/count-request 2>&1 &
     fi
     # The NIC failover, once the client asks for it.
     if [ -s /tmp/fail-request ] && [ -z "$told_failover" ]; then
