@@ -102,7 +102,7 @@ done
 # Debian 12's libxdp cannot take xdplb, which the LB checked): the
 # filter's rule drops port 9996 on the LB's eth2 address; 9997 answers.
 # Then each is restarted under traffic: 8 long-lived connections, a new
-# one every 100 ms, and a stream of datagrams, each counted: to the gen
+# one every 100 ms, and a stream of datagrams, each counted: to the UDP
 # VIP (xdplb counts every one, whichever uplink brings it) and to port
 # 9996 (the filter drops and counts every one). Restarting xdplb, neither
 # may lose one; restarting the filter, xdplb may not (the filter is away
@@ -122,7 +122,7 @@ stream() {
     n=0
     end=$(($(date +%s) + $1))
     while [ "$(date +%s)" -lt "$end" ]; do
-        echo x | socat -u - UDP4:198.18.0.10:55 2>/dev/null
+        echo x | socat -u - UDP4:198.18.0.10:53 2>/dev/null
         echo x | socat -u - UDP4:198.18.212.2:9996 2>/dev/null
         n=$((n + 1))
         sleep 0.05

@@ -238,10 +238,10 @@ checks=$(($(grep -c "self-check failed" /tmp/run.log) - seen))
 echo "self-check failures $checks; $what restarted in $(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.2f", b - a }') s; eth2 then: $(members eth2); $(cat /tmp/restart-error 2>/dev/null)" > /tmp/restarted
 SH
 # What the client's datagrams were counted as, on its request (port 9993,
-# answered on 9992): the gen VIP's packets (xdplb) and the filter's hits
+# answered on 9992): the dns VIP's packets (xdplb) and the filter's hits
 # on port 9996.
 counts() {
-    echo "$(xdplb stats | sed -n 's/^VIP gen *\([0-9]*\) packets.*/\1/p') $(xdp-filter status | awk '$1 == 9996 { print $3 }')"
+    echo "$(xdplb stats | sed -n 's/^VIP dns *\([0-9]*\) packets.*/\1/p') $(xdp-filter status | awk '$1 == 9996 { print $3 }')"
 }
 fi
 # Set up: port 9997 tells the client so (the client waits for it), and
