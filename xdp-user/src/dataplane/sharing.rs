@@ -332,22 +332,46 @@ pub fn leave_dispatchers(pin_dir: &Path) -> Result<bool> {
         return Ok(false);
     };
     let ours = sys::prog_facts(fd.as_fd())?.id;
-    let indexes: Vec<u32> = std::fs::read_dir(libxdp::state_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let name = e.file_name().into_string().ok()?;
-            name.strip_prefix("dispatch-")?
-                .split('-')
-                .next()?
-                .parse()
-                .ok()
-        })
-        .collect();
-    for index in indexes {
+    for index in member_of(ours) {
+        if iface::by_index(index)?.is_none() {
+            bail!(
+                "xdplb's program ({ours}) is a member of libxdp's dispatcher on interface index \
+                 {index}, which is not in this network namespace: run `xdplb detach` in that \
+                 namespace"
+            );
+        }
         leave(ours, index, None)?;
     }
     std::fs::remove_file(&pin).with_context(|| format!("removing {}", pin.display()))?;
     Ok(true)
+}
+
+/// The interfaces (by index) whose pinned dispatcher has the program
+/// `ours` among its members. bpffs is shared by every network namespace,
+/// so some may be elsewhere.
+fn member_of(ours: u32) -> Vec<u32> {
+    let entries = std::fs::read_dir(libxdp::state_dir())
+        .into_iter()
+        .flatten()
+        .flatten();
+    entries
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let index = name
+                .strip_prefix("dispatch-")?
+                .split('-')
+                .next()?
+                .parse()
+                .ok()?;
+            let pins = std::fs::read_dir(e.path()).ok()?;
+            let ours_there = pins.flatten().any(|p| {
+                p.file_name().to_string_lossy().ends_with("-prog")
+                    && sys::obj_get(&p.path())
+                        .ok()
+                        .and_then(|fd| sys::prog_facts(fd.as_fd()).ok())
+                        .is_some_and(|f| f.id == ours)
+            });
+            ours_there.then_some(index)
+        })
+        .collect()
 }

@@ -15,7 +15,7 @@
 //! and actions are found again, by libxdp and by this module.
 
 use std::{
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd},
     path::{Path, PathBuf},
 };
 
@@ -174,19 +174,10 @@ pub struct Ours<'a> {
     pub slot: Slot,
 }
 
-/// What the interface runs after [`change`].
-#[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// A new dispatcher, its id.
-    Dispatcher(u32),
-    /// Nothing: the last member left.
-    Bare,
-}
-
 /// Replace what `ifindex` runs (`old`, None: nothing) by a dispatcher with
-/// `others` and, if given, the balancer. The balancer's extension is
-/// loaded now if it is not yet. Under libxdp's lock, which the caller
-/// must not hold.
+/// `others` and, if given, the balancer; by nothing when neither is left.
+/// The balancer's extension is loaded now if it is not yet. Under
+/// libxdp's lock, which the caller must not hold.
 pub fn change(
     ifindex: u32,
     mode: XdpMode,
@@ -194,7 +185,7 @@ pub fn change(
     old: Option<&Dispatcher>,
     others: Vec<&Member>,
     ours: Option<Ours<'_>>,
-) -> Result<Outcome> {
+) -> Result<()> {
     let _lock = Lock::acquire()?;
     // The members in run order: priority, then name (libxdp's order).
     let mut order: Vec<(u32, &str, Option<&Member>)> = others
@@ -217,7 +208,7 @@ pub fn change(
         iface::set_netlink_xdp(ifindex, None, Some(old.prog.as_fd()), mode)
             .context("removing the dispatcher from the interface")?;
         unpin_dir(&pin_dir(ifindex, old.id));
-        return Ok(Outcome::Bare);
+        return Ok(());
     }
     let conf = Conf {
         slots: order
@@ -289,7 +280,7 @@ pub fn change(
     if let Some(old) = old {
         unpin_dir(&pin_dir(ifindex, old.id));
     }
-    Ok(Outcome::Dispatcher(facts.id))
+    Ok(())
 }
 
 /// What [`change`] found: another loader replaced the interface's program
@@ -362,13 +353,6 @@ fn unpin_dir(dir: &Path) {
         if e.kind() != std::io::ErrorKind::NotFound {
             warn!(dir = %dir.display(), "could not remove {}: {e}", dir.display());
         }
-    }
-}
-
-/// The dispatcher's `BorrowedFd` (for the self-check's comparisons).
-impl Dispatcher {
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.prog.as_fd()
     }
 }
 
