@@ -12,8 +12,9 @@ use std::{
 
 use integration_tests::{
     daemon::{wait_for, xdplb_bin},
-    e2e::{http_get, System},
+    e2e::{http_get, System, HEALTH},
     require_root,
+    topology::Spec,
 };
 use xdp_user::dataplane::trace::Pinned;
 
@@ -67,11 +68,24 @@ fn trace_names_each_decision_it_was_asked_for_and_turns_itself_off() {
     if !require_root() {
         return;
     }
-    let sys = System::start_with("trace", 1, 2, vec![VIP4], &[], false).unwrap();
+    // A short idle bound: backends whose first checks pass in different
+    // windows change the ring in between, and its changed slots consult
+    // conntrack (a SYN there is placed `flow_new`) until they settle, two
+    // idle bounds later (600 s at the default), and a sweep clears them.
+    let spec = Spec {
+        tag: "trace".into(),
+        lbs: 1,
+        backends: 2,
+        clients: 1,
+        vips: vec![VIP4],
+        lb_segment: false,
+    };
+    let sys = System::start_spec(&spec, |topo, j, pins, socket| {
+        topo.lb_config(j, pins, socket, HEALTH, &[], false)
+            .replacen("[forwarding]\n", "[forwarding]\nflow_idle_timeout = 3\n", 1)
+    })
+    .unwrap();
     sys.wait_checked(Duration::from_secs(10)).unwrap();
-    // Backends whose first checks pass in different windows change the
-    // ring in between: its changed slots consult conntrack (a SYN there is
-    // placed `flow_new`) until the sweeper settles them.
     let settled = wait_for(Duration::from_secs(30), || {
         let s = sys.status(0).ok()?;
         (s["changed_slots"] == serde_json::json!([0, 0])).then_some(())
