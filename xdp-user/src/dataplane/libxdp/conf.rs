@@ -62,12 +62,12 @@ impl Conf {
     /// Read a dispatcher's `conf`; other versions are named in the error.
     pub fn parse(b: &[u8]) -> Result<Self> {
         if b.first() != Some(&MAGIC) {
-            bail!("its configuration has no dispatcher magic (a libxdp older than 1.2?)");
+            bail!("its configuration has no dispatcher magic (a libxdp older than 1.3?)");
         }
         if b.get(1) != Some(&VERSION) || b.len() != CONF_LEN {
             bail!(
                 "its configuration is version {} ({} bytes); xdplb speaks version {VERSION} \
-                 ({CONF_LEN} bytes), as libxdp 1.2 to 1.5 do",
+                 ({CONF_LEN} bytes), as libxdp 1.3 to 1.5 do",
                 b.get(1).copied().unwrap_or(0),
                 b.len()
             );
