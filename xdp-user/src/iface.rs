@@ -345,7 +345,9 @@ fn ethtool(socket: &OwnedFd, iface: &str, data: &mut [u8]) -> std::io::Result<()
     Ok(())
 }
 
-fn u32_at(buf: &[u8], off: usize) -> u32 {
+/// The native-endian `u32` at byte `off` of a buffer the kernel filled
+/// (ethtool's, bpf(2)'s info structures, a map value).
+pub(crate) fn u32_at(buf: &[u8], off: usize) -> u32 {
     u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]])
 }
 

@@ -10,6 +10,8 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use aya::maps::MapData;
 
+use crate::iface::u32_at;
+
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
@@ -353,10 +355,6 @@ fn obj_info(fd: BorrowedFd<'_>, info: &mut [u8]) -> std::io::Result<()> {
         info: info.as_mut_ptr() as u64,
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(drop)
-}
-
-fn u32_at(buf: &[u8], off: usize) -> u32 {
-    u32::from_ne_bytes([buf[off], buf[off + 1], buf[off + 2], buf[off + 3]])
 }
 
 /// `BPF_{PROG,MAP,BTF}_GET_FD_BY_ID`: a descriptor of the object `id`.

@@ -4,6 +4,8 @@
 
 use anyhow::{bail, Result};
 
+use crate::iface::u32_at;
+
 /// Slots of a dispatcher (`MAX_DISPATCHER_ACTIONS`).
 pub const SLOTS: usize = 10;
 /// `XDP_DISPATCHER_MAGIC`, `XDP_DISPATCHER_VERSION`.
@@ -14,11 +16,18 @@ const RETVAL_BIT: u32 = 1 << 31;
 /// `BPF_F_XDP_HAS_FRAGS`, as a member's `program_flags`.
 const HAS_FRAGS: u32 = 1 << 5;
 /// `struct xdp_dispatcher_config` (version 2).
-const CONF_LEN: usize = 4 + 3 * 4 * SLOTS;
+const CONF_LEN: usize = offset(3, 0);
 /// libxdp's default run priority.
 pub const DEFAULT_RUN_PRIO: u32 = 50;
 /// `XDP_PASS`: what xdplb leaves alone goes on to the next member.
 pub const XDP_PASS: u32 = 2;
+
+/// Where slot `i`'s word of table `table` (0: chain-call actions, 1: run
+/// priorities, 2: program flags) sits in the configuration, after its
+/// four header bytes.
+const fn offset(table: usize, i: usize) -> usize {
+    4 + table * 4 * SLOTS + 4 * i
+}
 
 /// One member's line of the dispatcher's configuration.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -49,7 +58,7 @@ impl Conf {
         out[3] = u8::from(self.frags);
         for (i, s) in self.slots.iter().enumerate() {
             let mut put = |table: usize, v: u32| {
-                let off = 4 + table * 4 * SLOTS + 4 * i;
+                let off = offset(table, i);
                 out[off..off + 4].copy_from_slice(&v.to_ne_bytes());
             };
             put(0, s.chain_actions | RETVAL_BIT);
@@ -76,10 +85,7 @@ impl Conf {
         if n > SLOTS {
             bail!("its configuration enables {n} slots of {SLOTS}");
         }
-        let word = |table: usize, i: usize| {
-            let off = 4 + table * 4 * SLOTS + 4 * i;
-            u32::from_ne_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
-        };
+        let word = |table: usize, i: usize| u32_at(b, offset(table, i));
         Ok(Self {
             slots: (0..n)
                 .map(|i| Slot {
