@@ -418,8 +418,10 @@ enum Hold {
     /// Alone, through its own pinned bpf_link.
     Link(Attachment),
     /// As a member of libxdp's dispatcher there; `adopted`: in place of
-    /// the member an earlier run left.
-    Dispatcher { adopted: bool },
+    /// the member an earlier run left. `link_pin`: where the link of this
+    /// interface would be pinned in link mode (one an earlier run left
+    /// there is detached when joining).
+    Dispatcher { adopted: bool, link_pin: PathBuf },
 }
 
 impl Attached {
@@ -427,7 +429,7 @@ impl Attached {
     fn adopted(&self) -> bool {
         match &self.hold {
             Hold::Link(l) => l.adopted,
-            Hold::Dispatcher { adopted } => *adopted,
+            Hold::Dispatcher { adopted, .. } => *adopted,
         }
     }
 }

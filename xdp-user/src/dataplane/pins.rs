@@ -27,7 +27,7 @@ impl Dataplane {
         for a in attached {
             match a.hold {
                 Hold::Link(l) if !l.adopted => l.unpin(),
-                Hold::Dispatcher { adopted: false } => self.leave_dispatcher(&a.iface),
+                Hold::Dispatcher { adopted: false, .. } => self.leave_dispatcher(&a.iface),
                 _ => {}
             }
         }
@@ -65,8 +65,9 @@ impl Dataplane {
             .clone()
             .ok_or_else(|| anyhow!("a dataplane with private maps has no pin directory"))?;
         let hold = if self.sharing.is_some() {
-            let adopted = self.join_dispatcher(iface, mode, &dir.join(pin), replace)?;
-            Hold::Dispatcher { adopted }
+            let link_pin = dir.join(pin);
+            let adopted = self.join_dispatcher(iface, mode, &link_pin, replace)?;
+            Hold::Dispatcher { adopted, link_pin }
         } else {
             let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
             Hold::Link(Attachment::attach(
@@ -162,29 +163,26 @@ impl Dataplane {
         // Each link on its own: an uplink that cannot be repaired (its NIC
         // gone) must not keep the others down.
         let mut failed = Vec::new();
+        let mut outcomes = Vec::new();
         let mut members = Vec::new();
         let program = xdp_program_mut(&mut self.ebpf, LB_PROGRAM)?;
         for a in self.attached.iter_mut().chain(self.uplinks.iter_mut()) {
-            let outcome = match &mut a.hold {
-                Hold::Link(l) => l.repair(program, LB_PROGRAM, &a.iface, a.mode),
-                Hold::Dispatcher { .. } => {
-                    members.push((a.iface.clone(), a.mode));
-                    continue;
+            match &mut a.hold {
+                Hold::Link(l) => outcomes.push((
+                    a.iface.clone(),
+                    l.repair(program, LB_PROGRAM, &a.iface, a.mode),
+                )),
+                Hold::Dispatcher { link_pin, .. } => {
+                    members.push((a.iface.clone(), a.mode, link_pin.clone()))
                 }
-            };
-            match outcome {
-                Ok(what) if what == "nothing to repair" => {}
-                Ok(what) => done.push(what),
-                Err(e) => failed.push(format!("{}: {e:#}", a.iface)),
             }
         }
-        for (iface, mode) in members {
-            let pin = if self.attached.as_ref().is_some_and(|a| a.iface == iface) {
-                dir.join(super::LINK_PIN)
-            } else {
-                dir.join(super::link::uplink_pin(&iface))
-            };
-            match self.repair_dispatcher(&iface, mode, &pin) {
+        for (iface, mode, link_pin) in members {
+            let outcome = self.repair_dispatcher(&iface, mode, &link_pin);
+            outcomes.push((iface, outcome));
+        }
+        for (iface, outcome) in outcomes {
+            match outcome {
                 Ok(what) if what == "nothing to repair" => {}
                 Ok(what) => done.push(what),
                 Err(e) => failed.push(format!("{iface}: {e:#}")),
