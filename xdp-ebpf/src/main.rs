@@ -258,14 +258,7 @@ fn decide(
         } else {
             None
         };
-        // A match, not `or_else`: a closure called from both entry points
-        // (`xdp_lb`, `xdp_lb_libxdp`) is outlined, and its `Option` return
-        // type's BTF is one the kernel refuses.
-        let selected = match routed {
-            Some(choice) => Some(choice),
-            None => flow::select(&flow.0, &vip, cfg, l4),
-        };
-        let Some(choice) = selected else {
+        let Some(choice) = routed.or_else(|| flow::select(&flow.0, &vip, cfg, l4)) else {
             stats::count_vip_drop(vip.vip_id, reason::NO_BACKEND);
             d.reason = reason::NO_BACKEND;
             return Ok(XDP_DROP);
