@@ -1,7 +1,7 @@
 //! Attaching the programs to real interfaces (veth, inside a namespace of
 //! the test's own), in each XDP mode.
 
-use integration_tests::{netns::Netns, require_root};
+use integration_tests::{netns::Netns, require_root, PinDir, Scratch};
 use xdp_user::dataplane::{AttachMode, Dataplane, Decap, Sizes};
 
 const SMALL: Sizes = Sizes {
@@ -250,9 +250,10 @@ fn libxdp_sharing_where_extensions_are_refused_says_why_and_leaves_nothing() {
         .unwrap();
     ns.ip(&["link", "set", "lb0", "up"]).unwrap();
     ns.ip(&["link", "set", "lb1", "up"]).unwrap();
-    let dir = tempfile_dir("libxdp");
-    let pin_dir = format!("/sys/fs/bpf/xdplb-test-libxdp-{}", std::process::id());
-    let config = dir.join("xdplb.toml");
+    let scratch = Scratch::new("libxdp");
+    let pins = PinDir::new("libxdp");
+    let pin_dir = pins.0.display().to_string();
+    let config = scratch.0.join("xdplb.toml");
     std::fs::write(
         &config,
         format!(
@@ -264,7 +265,7 @@ fn libxdp_sharing_where_extensions_are_refused_says_why_and_leaves_nothing() {
              [[vip]]\nname = \"web\"\naddress = \"198.18.0.10\"\nprotocol = \"tcp\"\n\
              forwarding = \"ipip\"\nhealth = {{ kind = \"none\" }}\n\
              [[vip.backend]]\naddress = \"198.18.210.3\"\n",
-            dir.join("api.sock").display(),
+            scratch.0.join("api.sock").display(),
             dispatcher.display()
         ),
     )
@@ -291,7 +292,6 @@ fn libxdp_sharing_where_extensions_are_refused_says_why_and_leaves_nothing() {
         Err(e) => {
             // Extension programs allowed: the daemon runs, in a dispatcher.
             let prog = xdp_prog_on(&ns, "lb0");
-            let _ = std::fs::remove_dir_all(&pin_dir);
             panic!(
                 "the daemon kept running ({e:#}); lb0: {prog}, dispatcher pins {dispatcher_pins}"
             );
@@ -315,17 +315,8 @@ fn libxdp_sharing_where_extensions_are_refused_says_why_and_leaves_nothing() {
         .flatten()
         .map(|e| e.file_name())
         .collect();
-    let _ = std::fs::remove_dir(&pin_dir);
     assert!(
         left.is_empty(),
         "the refused start left pins in {pin_dir}: {left:?}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// A directory of the test's own under /tmp.
-fn tempfile_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("xdplb-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
