@@ -154,7 +154,7 @@ EOF
     echo "XDPLB-VM: $report"
     echo "XDPLB-VM: through the restart ($1): 8 long-lived connections, $broken broken; $new new connections, $failed failed; $sent datagrams to the VIP, $vip counted by xdplb; $sent to port 9996, $hits dropped by the filter"
     [ -n "$report" ] || fail "the LB did not report the restart of $1"
-    case "$report" in *"did not load"*) fail "the restart failed: $report" ;; esac
+    case "$report" in *"did not load"*|*"did not start"*) fail "the restart failed: $report" ;; esac
     case "$report" in "self-check failures 0;"*) ;; *) fail "xdplb's self-check saw its dispatcher wrong during the restart: $report" ;; esac
     case "$report" in *xdpfilt*xdp_lb_libxdp*) ;; *) fail "the restart of $1 left a program out of eth2's dispatcher: $report" ;; esac
     [ "$broken" = 0 ] || fail "$broken long-lived connections broke when $1 restarted"
