@@ -110,7 +110,12 @@ done
 #
 # Ask the LB for a number: "$1" to port $2, the answer from port $3.
 ask() {
-    echo "$1" | nc -w 1 198.18.210.2 "$2"
+    # The request is retried while it cannot connect (TCG under this
+    # traffic can take longer than nc's second); the LB listens for one.
+    for t in 1 2 3; do
+        echo "$1" | nc -w 2 198.18.210.2 "$2" && break
+        sleep 0.5
+    done
     for t in $(seq 1 60); do
         answer=$(nc -w 2 198.18.210.2 "$3" < /dev/null 2>/dev/null)
         [ -n "$answer" ] && break
