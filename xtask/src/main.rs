@@ -397,10 +397,32 @@ fn vmtest() -> Result<()> {
             println!("         {line}");
         }
     }
-    match outcomes.iter().find(|o| !o.passed) {
-        Some(o) => Err(anyhow!("the guest with kernel {} failed", o.package)),
-        None => Ok(()),
+    // The failures once more, last: a log cut to its tail keeps them.
+    let failed: Vec<String> = outcomes
+        .iter()
+        .filter(|o| !o.passed)
+        .map(|o| {
+            let why: Vec<&str> = o
+                .lines
+                .iter()
+                .map(String::as_str)
+                .filter(|l| l.contains("FAIL"))
+                .collect();
+            format!(
+                "the guest with kernel {} failed: {}",
+                o.package,
+                if why.is_empty() {
+                    "no role said why".to_string()
+                } else {
+                    why.join("; ")
+                }
+            )
+        })
+        .collect();
+    if failed.is_empty() {
+        return Ok(());
     }
+    Err(anyhow!("{}", failed.join("\n")))
 }
 
 fn ensure_cargo_deb(report: &mut Report) -> Result<()> {

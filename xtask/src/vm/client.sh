@@ -48,6 +48,14 @@ while :; do
     [ $(($(date +%s) - start)) -ge 180 ] && fail "the LB did not finish setting up within 3 minutes"
     sleep 1
 done
+# The generator's traffic crowds the LB's TCG guest: the checks begin
+# once it is done (its port 9989 answers), up to 2 minutes.
+start=$(date +%s)
+until [ -n "$(nc -w 2 198.18.210.5 9989 < /dev/null 2>/dev/null)" ]; do
+    [ $(($(date +%s) - start)) -ge 120 ] && fail "the generator did not finish within 2 minutes"
+    sleep 1
+done
+echo "XDPLB-VM: the generator is done after $(($(date +%s) - start)) s"
 # Wait until both backends answer (TCG boots are slow), for 2 minutes by
 # the clock: a request that times out takes 3 s, and the guest itself is
 # killed after 5 minutes, before it could say why.
@@ -108,25 +116,30 @@ done
 # may lose one; restarting the filter, xdplb may not (the filter is away
 # for a moment by design).
 #
-# Ask the LB for a number: "$1" to port $2, the answer from port $3.
-ask() {
-    # The request is retried while it cannot connect (TCG under this
-    # traffic can take longer than nc's second); the LB listens for one.
-    for t in 1 2 3; do
-        echo "$1" | nc -w 2 198.18.210.2 "$2" && break
+# Tell host $3 (the LB unless given) "$1" on port $2: retried while it
+# cannot connect (TCG under the rounds' traffic can take longer than a
+# second); the host listens for one.
+tell() {
+    for t in 1 2 3 4 5; do
+        echo "$1" | nc -w 2 "${3:-198.18.210.2}" "$2" && return
         sleep 0.5
     done
+    echo "XDPLB-VM: could not tell ${3:-the LB} $1 on port $2"
+}
+# Ask the LB for a number: "$1" to port $2, the answer from port $3.
+ask() {
+    tell "$1" "$2"
     for t in $(seq 1 60); do
         answer=$(nc -w 2 198.18.210.2 "$3" < /dev/null 2>/dev/null)
         [ -n "$answer" ] && break
         sleep 1
     done
 }
-# Datagrams for $1 seconds, a pair at a time; $sent pairs.
+# Datagrams while /tmp/streaming exists, a pair at a time; the pairs
+# sent in /tmp/sent.
 stream() {
     n=0
-    end=$(($(date +%s) + $1))
-    while [ "$(date +%s)" -lt "$end" ]; do
+    while [ -e /tmp/streaming ]; do
         echo x | socat -u - UDP4:198.18.0.10:53 2>/dev/null
         echo x | socat -u - UDP4:198.18.212.2:9996 2>/dev/null
         n=$((n + 1))
@@ -141,11 +154,16 @@ $answer
 EOF
     traffic_start 8
     [ "$ready" = 8 ] || fail "only $ready of 8 long-lived connections echo before $1 restarts"
-    stream 20 &
+    # The stream spans the restart: from 3 s before the request until 3 s
+    # after the answer (which comes 2 s after the restart).
+    touch /tmp/streaming
+    stream &
     streaming=$!
-    sleep 2
+    sleep 3
     ask "$1" 9995 9994
     report=$answer
+    sleep 3
+    rm -f /tmp/streaming
     wait "$streaming"
     sleep 1
     traffic_stop 8
@@ -164,7 +182,7 @@ EOF
     case "$report" in *xdpfilt*xdp_lb_libxdp*) ;; *) fail "the restart of $1 left a program out of eth2's dispatcher: $report" ;; esac
     [ "$broken" = 0 ] || fail "$broken long-lived connections broke when $1 restarted"
     [ "$failed" = 0 ] || fail "$failed new connections failed when $1 restarted"
-    [ "$sent" -gt 20 ] || fail "only $sent datagrams were sent"
+    [ "$sent" -ge 5 ] || fail "only $sent datagrams were sent"
     [ "$vip" = "$sent" ] || fail "xdplb counted $vip of $sent datagrams to the VIP while $1 restarted"
     if [ "$1" = lb ]; then
         [ "$hits" = "$sent" ] || fail "the filter dropped $hits of $sent datagrams to port 9996 while xdplb restarted"
@@ -193,10 +211,7 @@ traffic_start 8
 [ "$ready" = 8 ] || fail "only $ready of 8 long-lived connections echo before the NIC failover"
 sleep 2
 read failed_at _ < /proc/uptime
-for t in 1 2 3; do
-    echo fail | nc -w 1 198.18.210.2 9999 && break
-    sleep 0.5
-done
+tell fail 9999
 sleep 6
 traffic_stop 8
 gap=$(awk -v t="$failed_at" '$1 >= t - 1 { if (last != "" && $1 - last > max) max = $1 - last; last = $1 } END { printf "%.2f", max }' /tmp/answered)
@@ -216,7 +231,7 @@ echo "XDPLB-VM: the LB's bond lost its active NIC ${was:-?}; ${now:-nothing} act
 # Failover: b1's server stops. Connections hashed to b1 fail until the
 # LB's check takes it out; then 20 in a row must reach b2 (at most 300
 # tries), and none may reach b1.
-echo | nc -w 1 198.18.210.3 9999
+tell die 9999 198.18.210.3
 b1=0; b2=0; bad=0; run=0; tries=0
 while [ "$run" -lt 20 ] && [ "$tries" -lt 300 ]; do
     tries=$((tries + 1))

@@ -3,6 +3,8 @@
 # prints what it counted for each, and vmtest compares.
 ip link set eth0 mtu 1600
 ip addr add 198.18.210.5/24 dev eth0
+# The client (behind the router) asks when the generators are done.
+ip route add 198.18.211.0/24 via 198.18.210.254
 # virtio_net transmits XDP frames only with an XDP program attached (its
 # XDP queues); decap passes everything that is not a tunnel to its VIPs.
 xdplb decap attach --interface eth0 --vip 198.18.99.99 --mode native > /tmp/decap 2>&1 \
@@ -38,5 +40,9 @@ echo start > /proc/net/pktgen/pgctrl
 sent=$(sed -n 's/.*Result: OK: .* \([0-9]*\) (.*/\1/p;s/^ *Current:$//' /proc/net/pktgen/eth0 | head -1)
 sed -n 's/^\(Result:.*\)/XDPLB-VM: pktgen: \1/p' /proc/net/pktgen/eth0
 sed -n 's/^ *pkts-sofar: \([0-9]*\).*/XDPLB-VM: pktgen sent \1/p' /proc/net/pktgen/eth0
+# The client begins its checks once the generators are done (5000 frames
+# a second crowd the LB's TCG guest: a UDP query was lost under them):
+# port 9989 tells it, for up to 3 minutes.
+echo done | timeout 180 nc -l -p 9989 > /dev/null 2>&1
 # Let the LB report its counts before this guest powers off.
 sleep 5
