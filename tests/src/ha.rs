@@ -309,6 +309,8 @@ pub struct Tally {
     pub new_ok: u64,
     /// New connections that failed (connect timeout, reset).
     pub new_failed: u64,
+    /// When each of them failed, and why (the first error in the chain).
+    pub new_errors: Vec<(Instant, String)>,
     /// Established connections that broke (reset or closed), by the backend
     /// they were on.
     pub broken: Vec<Broken>,
@@ -323,6 +325,7 @@ impl Tally {
         Tally {
             new_ok: self.new_ok - before.new_ok,
             new_failed: self.new_failed - before.new_failed,
+            new_errors: self.new_errors[before.new_errors.len()..].to_vec(),
             broken: self.broken[before.broken.len()..].to_vec(),
             answered: self.answered - before.answered,
             longest_stall: self.longest_stall,
@@ -408,12 +411,14 @@ impl Traffic {
                 return;
             };
             while !flag.load(Ordering::Relaxed) && Instant::now() < deadline {
-                let ok = http_get(IpAddr::V4(VIP)).is_ok();
+                let got = http_get(IpAddr::V4(VIP));
                 let mut t = t.lock().expect("tally");
-                if ok {
-                    t.new_ok += 1;
-                } else {
-                    t.new_failed += 1;
+                match got {
+                    Ok(_) => t.new_ok += 1,
+                    Err(e) => {
+                        t.new_failed += 1;
+                        t.new_errors.push((Instant::now(), format!("{e:#}")));
+                    }
                 }
                 drop(t);
                 std::thread::sleep(Duration::from_millis(5));

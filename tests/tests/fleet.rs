@@ -389,7 +389,17 @@ fn fresh_host_joins(bed: &mut Ecmp, traffic: &Traffic) {
         Duration::from_secs(20),
     )
     .expect("detach");
+    // The detach withdrew LB 2 and kept forwarding until the router had
+    // stopped sending it VIP packets (here within milliseconds: BGP on one
+    // segment); detached at once, what was in flight at the route change
+    // met no balancer.
     ok(&o);
+    let said = String::from_utf8_lossy(&o.stdout);
+    let drained = said
+        .lines()
+        .find_map(|l| l.strip_prefix("drained: "))
+        .unwrap_or_else(|| panic!("detach did not wait for the router: {said}"));
+    out(&format!("LB 2 detached under ECMP traffic: {drained}\n"));
     let _ = std::fs::remove_file(xdp_user::controller::fleet_state_file(&bed.sys.pins[2].0));
     watch
         .wait(Instant::now(), Duration::from_secs(10), |h| {
@@ -417,6 +427,12 @@ fn fresh_host_joins(bed: &mut Ecmp, traffic: &Traffic) {
         t.new_ok,
         t.new_failed
     ));
+    for (at, e) in &t.new_errors {
+        out(&format!(
+            "  failed {} ms after start: {e}\n",
+            at.duration_since(t0).as_millis()
+        ));
+    }
     assert!(t.broken.is_empty(), "{:?}", t.broken);
 }
 

@@ -89,6 +89,11 @@ enum Command {
         /// Pin directory (default /sys/fs/bpf/xdplb).
         #[arg(long)]
         pin_dir: Option<PathBuf>,
+        /// After withdrawing the announcements, keep forwarding until the
+        /// dataplane has seen no VIP packet for a second (the routers have
+        /// heard), for at most this many seconds; 0: detach at once.
+        #[arg(long, default_value_t = 10, value_name = "SECS")]
+        drain_wait: u64,
     },
     /// Re-read the config file (same as SIGHUP).
     Reload {
@@ -244,7 +249,11 @@ fn execute(cli: Cli) -> Result<()> {
         Command::Run { config, replace } => run(config, replace),
         Command::CheckConfig { file } => check_config(&file),
         Command::Verify => verify(),
-        Command::Detach { config, pin_dir } => detach(config, pin_dir),
+        Command::Detach {
+            config,
+            pin_dir,
+            drain_wait,
+        } => detach(config, pin_dir, std::time::Duration::from_secs(drain_wait)),
         Command::Reload { client } => {
             request(&socket(client), &Request::Reload {}).map(|_| println!("reloaded"))
         }

@@ -3,7 +3,7 @@
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Result};
@@ -106,7 +106,13 @@ pub(super) fn verify() -> Result<()> {
 
 /// Remove the pinned dataplane, unless a daemon runs on it: it holds the
 /// maps and would re-attach within a second, so it must be stopped first.
-pub(super) fn detach(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Result<()> {
+/// Announcements are withdrawn first, and the dataplane forwards until the
+/// routers have stopped sending (at most `drain_wait`).
+pub(super) fn detach(
+    config: Option<PathBuf>,
+    pin_dir: Option<PathBuf>,
+    drain_wait: Duration,
+) -> Result<()> {
     // The announcements go with the dataplane: the config named, else the
     // default config when it describes this pin directory.
     let (dir, announce) = match (config, pin_dir) {
@@ -134,6 +140,11 @@ pub(super) fn detach(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Resul
         if !gone.is_empty() {
             let list: Vec<String> = gone.iter().map(ToString::to_string).collect();
             println!("withdrew the announcements of {}", list.join(", "));
+            let pinned = crate::dataplane::trace::Pinned::new(&dir);
+            // Without pinned counters there is no dataplane to drain.
+            if let (false, Ok(first)) = (drain_wait.is_zero(), pinned.vip_packets()) {
+                println!("{}", drain(&pinned, first, drain_wait)?);
+            }
         }
     }
     if crate::dataplane::detach(&dir)? {
@@ -145,6 +156,43 @@ pub(super) fn detach(config: Option<PathBuf>, pin_dir: Option<PathBuf>) -> Resul
         println!("nothing pinned at {}", dir.display());
     }
     Ok(())
+}
+
+/// A withdrawal reaches the routers after their BGP update (and BFD, and
+/// ECMP rehash): until then they send this host VIP packets, which a
+/// detached dataplane would black-hole. Wait until the pinned dataplane
+/// (which had counted `first` VIP packets) has counted none for [`QUIET`],
+/// at most `limit`; what it saw meanwhile.
+fn drain(pinned: &crate::dataplane::trace::Pinned, first: u64, limit: Duration) -> Result<String> {
+    const QUIET: Duration = Duration::from_secs(1);
+    const POLL: Duration = Duration::from_millis(50);
+    let start = Instant::now();
+    let (mut last, mut changed) = (first, start);
+    loop {
+        std::thread::sleep(POLL);
+        let now = pinned.vip_packets()?;
+        if now != last {
+            (last, changed) = (now, Instant::now());
+        }
+        let late = last - first;
+        if changed.elapsed() >= QUIET {
+            let quiet = QUIET.as_secs();
+            return Ok(if late == 0 {
+                format!("drained: no VIP packet arrived after the withdrawal ({quiet} s)")
+            } else {
+                format!(
+                    "drained: {late} VIP packets arrived after the withdrawal, the last {} ms after it; none for {quiet} s since",
+                    changed.duration_since(start).as_millis()
+                )
+            });
+        }
+        if start.elapsed() >= limit {
+            return Ok(format!(
+                "still receiving VIP packets {} s after the withdrawal ({late} since; is this host announced another way?): detaching anyway",
+                limit.as_secs()
+            ));
+        }
+    }
 }
 
 pub(super) fn decap(cmd: DecapCommand) -> Result<()> {

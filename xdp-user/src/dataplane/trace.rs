@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, Context as _, Result};
-use aya::maps::{Array, Map, MapData};
-use xdp_common::{map_names as names, Backend, TraceFilter, VipKey};
+use aya::maps::{Array, Map, MapData, PerCpuArray};
+use xdp_common::{map_names as names, Backend, Counters, TraceFilter, VipKey};
 
-use super::{backends_in, sys, vips_in, LINK_PIN};
+use super::{add_counters, backends_in, sys, vips_in, LINK_PIN};
 
 /// A pinned dataplane's maps, opened through their pins.
 pub struct Pinned {
@@ -58,6 +58,15 @@ impl Pinned {
     /// Every backend entry in use, by id.
     pub fn backends(&self) -> Result<Vec<(u32, Backend)>> {
         backends_in(&Map::Array(open(&self.dir, names::BACKENDS)?))
+    }
+
+    /// Packets the balancer has counted for every VIP, summed over CPUs.
+    pub fn vip_packets(&self) -> Result<u64> {
+        let map = Map::PerCpuArray(open(&self.dir, names::VIP_STATS)?);
+        let stats: PerCpuArray<&MapData, Counters> = PerCpuArray::try_from(&map)?;
+        self.vips()?.into_iter().try_fold(0, |sum, (_, id)| {
+            Ok(sum + super::sum_per_cpu(&stats, id, add_counters, Counters::default())?.packets)
+        })
     }
 
     fn filter_map(&self) -> Result<Array<MapData, TraceFilter>> {
