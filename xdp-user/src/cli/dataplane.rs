@@ -174,7 +174,7 @@ fn drain(pinned: &crate::dataplane::trace::Pinned, first: u64, limit: Duration) 
         if now != last {
             (last, changed) = (now, Instant::now());
         }
-        let late = last - first;
+        let late = last.saturating_sub(first);
         if changed.elapsed() >= QUIET {
             let quiet = QUIET.as_secs();
             return Ok(if late == 0 {
