@@ -142,7 +142,8 @@ pub(super) fn detach(
             println!("withdrew the announcements of {}", list.join(", "));
             let pinned = crate::dataplane::trace::Pinned::new(&dir);
             // Without pinned counters there is no dataplane to drain.
-            if let (false, Ok(first)) = (drain_wait.is_zero(), pinned.vip_packets()) {
+            let first = (!drain_wait.is_zero()).then(|| pinned.vip_packets().ok());
+            if let Some(Some(first)) = first {
                 println!("{}", drain(&pinned, first, drain_wait)?);
             }
         }
